@@ -1,0 +1,169 @@
+"""The generic dense decoder: Llama, Mistral, Qwen2 and Qwen3 are this one model with config flags.
+
+    attention_bias      q/k/v projections carry a bias (Qwen2)
+    qk_norm             RMSNorm on each head of q and k before RoPE (Qwen3)
+    sliding_window      every layer attends to the last `sliding_window` tokens (Mistral)
+    head_dim            explicit head size (Qwen3, some Mistral) instead of hidden / heads
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .base import BaseArgs
+from .layers import RoPE
+
+
+@dataclass
+class DecoderArgs(BaseArgs):
+    model_type: str = "llama"
+    hidden_size: int = 4096
+    num_hidden_layers: int = 32
+    intermediate_size: int = 11008
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    vocab_size: int = 32000
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    rope_traditional: bool = False
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    sliding_window: int | None = None
+    use_sliding_window: bool = True
+    hidden_act: str = "silu"
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+
+
+class Attention(nn.Module):
+    def __init__(self, args: DecoderArgs, layer: int, window: int | None):
+        super().__init__()
+        self.layer, self.window = layer, window
+        self.n_heads, self.n_kv, self.hd = args.num_attention_heads, args.num_key_value_heads, args.head_dim
+        self.scale = self.hd**-0.5
+        b = args.attention_bias
+        self.q_proj = nn.Linear(args.hidden_size, self.n_heads * self.hd, bias=b)
+        self.k_proj = nn.Linear(args.hidden_size, self.n_kv * self.hd, bias=b)
+        self.v_proj = nn.Linear(args.hidden_size, self.n_kv * self.hd, bias=b)
+        self.o_proj = nn.Linear(self.n_heads * self.hd, args.hidden_size, bias=False)
+        if args.qk_norm:
+            self.q_norm = nn.RMSNorm(self.hd, eps=args.rms_norm_eps)
+            self.k_norm = nn.RMSNorm(self.hd, eps=args.rms_norm_eps)
+        self.rope = RoPE(self.hd, args.rope_theta, args.rope_traditional, args.rope_scaling,
+                         args.max_position_embeddings)
+
+    def __call__(self, x, positions, attn):
+        t = x.shape[0]
+        q = self.q_proj(x).reshape(t, self.n_heads, self.hd)
+        k = self.k_proj(x).reshape(t, self.n_kv, self.hd)
+        v = self.v_proj(x).reshape(t, self.n_kv, self.hd)
+        if "q_norm" in self:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rope(q, positions), self.rope(k, positions)
+        o = attn.attend(self.layer, q, k, v, scale=self.scale, window=self.window)
+        return self.o_proj(o.reshape(t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int, bias: bool = False, act: str = "silu"):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+        self.act = ACTIVATIONS[act]
+
+    def __call__(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _gelu_tanh(x):
+    return nn.gelu_approx(x)
+
+
+ACTIVATIONS = {"silu": nn.silu, "gelu": nn.gelu, "gelu_pytorch_tanh": _gelu_tanh, "gelu_new": _gelu_tanh}
+
+
+class Block(nn.Module):
+    def __init__(self, args: DecoderArgs, layer: int, window: int | None):
+        super().__init__()
+        self.self_attn = Attention(args, layer, window)
+        self.mlp = MLP(args.hidden_size, args.intermediate_size, args.mlp_bias, args.hidden_act)
+        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(self, x, positions, attn):
+        h = x + self.self_attn(self.input_layernorm(x), positions, attn)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Inner(nn.Module):
+    def __init__(self, args: DecoderArgs, windows: list[int | None]):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [Block(args, i, w) for i, w in enumerate(windows)]
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+
+class DecoderModel(nn.Module):
+    """Top-level model; HF parameter names (model.layers.N..., lm_head)."""
+
+    def __init__(self, args: DecoderArgs):
+        super().__init__()
+        self.args = args
+        self.layer_windows = self._windows(args)
+        self.model = Inner(args, self.layer_windows)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    @staticmethod
+    def _windows(args: DecoderArgs) -> list[int | None]:
+        w = args.sliding_window if (args.sliding_window and args.use_sliding_window) else None
+        return [w] * args.num_hidden_layers
+
+    @property
+    def num_layers(self) -> int:
+        return self.args.num_hidden_layers
+
+    @property
+    def kv_heads(self) -> int:
+        return self.args.num_key_value_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.args.head_dim
+
+    def embed(self, tokens):
+        return self.model.embed_tokens(tokens)
+
+    def head(self, h):
+        if self.args.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(h)
+        return self.lm_head(h)
+
+    def __call__(self, tokens, positions, attn, logits_rows=None):
+        h = self.embed(tokens)
+        for block in self.model.layers:
+            h = block(h, positions, attn)
+        if logits_rows is not None:
+            h = h[logits_rows]
+        return self.head(self.model.norm(h))
+
+    def sanitize(self, weights: dict) -> dict:
+        weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
+        if self.args.tie_word_embeddings:
+            weights.pop("lm_head.weight", None)
+            for suffix in ("scales", "biases"):
+                weights.pop(f"lm_head.{suffix}", None)
+        return weights

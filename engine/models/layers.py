@@ -1,0 +1,137 @@
+"""Building blocks shared by the model families: RoPE over per-token positions, the quantized
+linear that routes through `kernels.qmm`, and the function that quantizes a float model in place."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from jang_serve.kernels import qmm
+
+
+class RoPE(nn.Module):
+    """Rotary embedding applied to a flat batch: x [T, H, D], positions [T] (absolute per token).
+
+    Supports HF `rope_scaling` types: none/default, linear, llama3, and yarn-free dynamic-less configs.
+    """
+
+    def __init__(self, dims: int, base: float = 10000.0, traditional: bool = False, scaling: dict | None = None,
+                 max_position_embeddings: int = 2048):
+        super().__init__()
+        self.dims = dims
+        self.traditional = traditional
+        self.base = base
+        self.scale = 1.0
+        self._freqs = None
+        kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default")) if scaling else "default"
+        if kind == "linear":
+            self.scale = 1.0 / float(scaling["factor"])
+        elif kind == "llama3":
+            self._freqs = _llama3_freqs(dims, base, scaling)
+        elif kind not in ("default", None):
+            raise ValueError(f"unsupported rope_scaling type {kind!r}")
+
+    def __call__(self, x: mx.array, positions: mx.array) -> mx.array:
+        x4 = x[:, :, None, :]
+        if self._freqs is not None:
+            out = mx.fast.rope(x4, self.dims, traditional=self.traditional, base=None, scale=self.scale,
+                               offset=positions, freqs=self._freqs)
+        else:
+            out = mx.fast.rope(x4, self.dims, traditional=self.traditional, base=self.base, scale=self.scale,
+                               offset=positions)
+        return out[:, :, 0, :]
+
+
+def _llama3_freqs(dims: int, base: float, cfg: dict) -> mx.array:
+    factor = float(cfg.get("factor", 8.0))
+    low = float(cfg.get("low_freq_factor", 1.0))
+    high = float(cfg.get("high_freq_factor", 4.0))
+    old_ctx = float(cfg.get("original_max_position_embeddings", 8192))
+    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+    freqs = base ** (mx.arange(0, dims, 2, dtype=mx.float32) / dims)  # "periods" as mx.fast.rope expects
+    wavelens = 2 * math.pi * freqs
+    freqs = mx.where(wavelens > low_wavelen, freqs * factor, freqs)
+    medium = (wavelens > high_wavelen) & (wavelens < low_wavelen)
+    smooth = (old_ctx / wavelens - low) / (high - low)
+    smoothed = freqs / ((1 - smooth) / factor + smooth)
+    return mx.where(medium, smoothed, freqs)
+
+
+class QLinear(nn.Module):
+    """A linear layer on MLX affine-quantized weights (weight/scales/biases, same names as mlx-lm),
+    computed through `kernels.qmm` so the fast kernels apply to every quantized linear."""
+
+    def __init__(self, input_dims: int, output_dims: int, bias: bool, bits: int, group_size: int):
+        super().__init__()
+        self.bits, self.group_size = bits, group_size
+        self.input_dims, self.output_dims = input_dims, output_dims
+        self.weight = mx.zeros((output_dims, input_dims * bits // 32), dtype=mx.uint32)
+        self.scales = mx.zeros((output_dims, input_dims // group_size))
+        self.biases = mx.zeros((output_dims, input_dims // group_size))
+        if bias:
+            self.bias = mx.zeros((output_dims,))
+        self.freeze()
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear, bits: int, group_size: int) -> "QLinear":
+        out_d, in_d = lin.weight.shape
+        q = cls(in_d, out_d, "bias" in lin, bits, group_size)
+        q.weight, q.scales, q.biases = mx.quantize(lin.weight, group_size=group_size, bits=bits)
+        if "bias" in lin:
+            q.bias = lin.bias
+        return q
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = qmm(x, self.weight, self.scales, self.biases, self.bits, self.group_size)
+        if "bias" in self:
+            y = y + self.bias
+        return y
+
+
+QuantSpec = Callable[[str, nn.Module], "tuple[int, int] | None"]
+
+
+def quantize_model(model: nn.Module, spec: QuantSpec) -> None:
+    """Replace nn.Linear / nn.Embedding leaves in place by quantized ones.
+
+    `spec(path, module)` returns (bits, group_size) or None to keep the module in float. Weights
+    are quantized from the current values (load real quantized weights afterwards to overwrite them).
+    """
+
+    def swap(path: str, m: nn.Module):
+        if isinstance(m, nn.Linear) and not isinstance(m, QLinear):
+            s = spec(path, m)
+            return QLinear.from_linear(m, *s) if s else m
+        if isinstance(m, nn.Embedding) and not isinstance(m, nn.QuantizedEmbedding):
+            s = spec(path, m)
+            return nn.QuantizedEmbedding.from_embedding(m, group_size=s[1], bits=s[0]) if s else m
+        return m
+
+    leaves = model.leaf_modules()
+    flat = _flatten_modules(leaves)
+    new = {path: swap(path, m) for path, m in flat}
+    changed = [(p, m) for p, m in new.items() if m is not dict(flat)[p]]
+    if changed:
+        model.update_modules(_unflatten(changed))
+
+
+def _flatten_modules(tree, prefix=""):
+    out = []
+    if isinstance(tree, nn.Module):
+        return [(prefix, tree)]
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            out += _flatten_modules(v, f"{prefix}.{k}" if prefix else k)
+    elif isinstance(tree, (list, tuple)):
+        for i, v in enumerate(tree):
+            out += _flatten_modules(v, f"{prefix}.{i}" if prefix else str(i))
+    return out
+
+
+def _unflatten(items):
+    from mlx.utils import tree_unflatten
+
+    return tree_unflatten(items)

@@ -1,0 +1,12 @@
+"""Custom kernels with one Python entry point each.
+
+Every op picks its implementation by the default device: CUDA source through `mx.fast.cuda_kernel`,
+Metal source through `mx.fast.metal_kernel`, or the pure-MLX reference (the specification, and the
+CPU path). Set JANG_KERNELS=reference to force the reference everywhere.
+
+This package imports nothing else of jang-serve.
+"""
+
+from .qmm import qmm
+
+__all__ = ["qmm"]
