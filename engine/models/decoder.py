@@ -4,6 +4,13 @@
     qk_norm             RMSNorm on each head of q and k before RoPE (Qwen3)
     sliding_window      every layer attends to the last `sliding_window` tokens (Mistral)
     head_dim            explicit head size (Qwen3, some Mistral) instead of hidden / heads
+    partial_rotary_factor  RoPE on the first part of each head only (Phi-3.5/Phi-4-mini)
+
+transformers 5 writes `rope_parameters` ({"rope_theta", "rope_type", ...}) instead of the older
+top-level `rope_theta` / `rope_scaling`; both spellings are read.
+
+Families that differ only in a piece subclass the parts: `Block.attention_class`,
+`Block.make_mlp()`, `DecoderModel.block_class`, `Attention.project()` (see phi3, qwen3_moe, mixtral).
 """
 
 from __future__ import annotations
@@ -39,8 +46,16 @@ class DecoderArgs(BaseArgs):
     sliding_window: int | None = None
     use_sliding_window: bool = True
     hidden_act: str = "silu"
+    rope_parameters: dict | None = None
+    partial_rotary_factor: float = 1.0
 
     def __post_init__(self):
+        rp = self.rope_parameters
+        if isinstance(rp, dict) and "rope_theta" in rp:  # transformers 5 layout (flat)
+            self.rope_theta = float(rp["rope_theta"])
+            self.partial_rotary_factor = float(rp.get("partial_rotary_factor", self.partial_rotary_factor))
+            if rp.get("rope_type", "default") != "default":
+                self.rope_scaling = rp
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
@@ -61,14 +76,20 @@ class Attention(nn.Module):
         if args.qk_norm:
             self.q_norm = nn.RMSNorm(self.hd, eps=args.rms_norm_eps)
             self.k_norm = nn.RMSNorm(self.hd, eps=args.rms_norm_eps)
-        self.rope = RoPE(self.hd, args.rope_theta, args.rope_traditional, args.rope_scaling,
+        rot = int(self.hd * args.partial_rotary_factor)
+        self.rope = RoPE(rot, args.rope_theta, args.rope_traditional, args.rope_scaling,
                          args.max_position_embeddings)
+
+    def project(self, x):
+        """q, k, v as [T, heads * head_dim] rows (phi3 overrides this for its fused qkv_proj)."""
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def __call__(self, x, positions, attn):
         t = x.shape[0]
-        q = self.q_proj(x).reshape(t, self.n_heads, self.hd)
-        k = self.k_proj(x).reshape(t, self.n_kv, self.hd)
-        v = self.v_proj(x).reshape(t, self.n_kv, self.hd)
+        q, k, v = self.project(x)
+        q = q.reshape(t, self.n_heads, self.hd)
+        k = k.reshape(t, self.n_kv, self.hd)
+        v = v.reshape(t, self.n_kv, self.hd)
         if "q_norm" in self:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rope(q, positions), self.rope(k, positions)
@@ -96,34 +117,42 @@ ACTIVATIONS = {"silu": nn.silu, "gelu": nn.gelu, "gelu_pytorch_tanh": _gelu_tanh
 
 
 class Block(nn.Module):
+    attention_class = Attention
+    mlp_name = "mlp"  # the feed-forward's parameter prefix (Mixtral: block_sparse_moe)
+
     def __init__(self, args: DecoderArgs, layer: int, window: int | None):
         super().__init__()
-        self.self_attn = Attention(args, layer, window)
-        self.mlp = MLP(args.hidden_size, args.intermediate_size, args.mlp_bias, args.hidden_act)
+        self.self_attn = self.attention_class(args, layer, window)
+        setattr(self, self.mlp_name, self.make_mlp(args, layer))
         self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
     def __call__(self, x, positions, attn):
         h = x + self.self_attn(self.input_layernorm(x), positions, attn)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        return h + getattr(self, self.mlp_name)(self.post_attention_layernorm(h))
+
+    def make_mlp(self, args: DecoderArgs, layer: int) -> nn.Module:
+        return MLP(args.hidden_size, args.intermediate_size, args.mlp_bias, args.hidden_act)
 
 
 class Inner(nn.Module):
-    def __init__(self, args: DecoderArgs, windows: list[int | None]):
+    def __init__(self, args: DecoderArgs, windows: list[int | None], block_class=Block):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = [Block(args, i, w) for i, w in enumerate(windows)]
+        self.layers = [block_class(args, i, w) for i, w in enumerate(windows)]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
 
 class DecoderModel(nn.Module):
     """Top-level model; HF parameter names (model.layers.N..., lm_head)."""
 
+    block_class = Block
+
     def __init__(self, args: DecoderArgs):
         super().__init__()
         self.args = args
         self.layer_windows = self._windows(args)
-        self.model = Inner(args, self.layer_windows)
+        self.model = Inner(args, self.layer_windows, self.block_class)
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 

@@ -11,6 +11,8 @@ import mlx.nn as nn
 
 from jang_serve.kernels import qmm
 
+from .switch import QSwitchLinear, SwitchLinear
+
 
 class RoPE(nn.Module):
     """Rotary embedding applied to a flat batch: x [T, H, D], positions [T] (absolute per token).
@@ -95,7 +97,8 @@ QuantSpec = Callable[[str, nn.Module], "tuple[int, int] | None"]
 
 
 def quantize_model(model: nn.Module, spec: QuantSpec) -> None:
-    """Replace nn.Linear / nn.Embedding leaves in place by quantized ones.
+    """Replace nn.Linear / nn.Embedding / SwitchLinear (stacked MoE experts) leaves in place by
+    quantized ones (QLinear / nn.QuantizedEmbedding / QSwitchLinear).
 
     `spec(path, module)` returns (bits, group_size) or None to keep the module in float. Weights
     are quantized from the current values (load real quantized weights afterwards to overwrite them).
@@ -105,6 +108,9 @@ def quantize_model(model: nn.Module, spec: QuantSpec) -> None:
         if isinstance(m, nn.Linear) and not isinstance(m, QLinear):
             s = spec(path, m)
             return QLinear.from_linear(m, *s) if s else m
+        if isinstance(m, SwitchLinear):
+            s = spec(path, m)
+            return QSwitchLinear.from_switch(m, *s) if s else m
         if isinstance(m, nn.Embedding) and not isinstance(m, nn.QuantizedEmbedding):
             s = spec(path, m)
             return nn.QuantizedEmbedding.from_embedding(m, group_size=s[1], bits=s[0]) if s else m
