@@ -138,3 +138,27 @@ def test_parity(family, tmp_path):
     print(f"\n[parity] {family}: max |logit diff| = {diff:.2e} (logit range {span:.1f})")
     assert span > 5.0, f"{family}: logits too flat ({span}) for a meaningful comparison"
     assert diff < TOL, f"{family}: max |logit diff| {diff:.3e} >= {TOL}"
+
+
+def test_parity_gemma3_multimodal_text_part(tmp_path):
+    """model_type "gemma3" (Gemma3ForConditionalGeneration): text_config nested, weights under
+    language_model.*, vision tower present in the checkpoint and dropped; text logits match."""
+    t = transformers
+    torch.manual_seed(1)
+    text = {**BASE, **family_configs()["gemma3_text"][2]}
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  image_size=28, patch_size=14)
+    cfg = t.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                         boi_token_index=125, eoi_token_index=126, image_token_index=127)
+    cfg._attn_implementation = "eager"
+    hf = t.Gemma3ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for _, p in hf.named_parameters():
+            p.normal_(0.0, 0.15) if p.ndim >= 2 else p.add_(torch.randn_like(p) * 0.1)
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    model = load_ours(tmp_path)
+    assert model.layer_windows == [6, None]
+    diff, span = compare(hf, model)
+    print(f"\n[parity] gemma3 (multimodal checkpoint, text part): max |logit diff| = {diff:.2e} (range {span:.1f})")
+    assert span > 5.0
+    assert diff < TOL, f"gemma3: max |logit diff| {diff:.3e} >= {TOL}"
