@@ -1,0 +1,38 @@
+"""Engine settings (the server's --kv-memory, --max-num-seqs, ... flags land here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class EngineConfig:
+    block_size: int = 16
+    kv_memory_gb: float | None = None  # absolute KV budget in GB; wins over kv_memory_fraction
+    kv_memory_fraction: float = 0.25  # of the machine's available memory, when kv_memory_gb is None
+    num_blocks: int | None = None  # exact pool size (tests); wins over both budgets
+    kv_dtype: str = "auto"  # auto (model dtype) | q8 | q4
+    kv_group_size: int = 64  # 32 or 64, for q8/q4
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None  # defaults to the model's max_position_embeddings
+    enable_prefix_caching: bool = True
+    seed: int = 0  # seeds the PRNG of requests without their own seed
+
+    def __post_init__(self):
+        if self.kv_dtype not in ("auto", "q8", "q4"):
+            raise ValueError(f"kv_dtype must be auto, q8 or q4, got {self.kv_dtype!r}")
+        if self.kv_group_size not in (32, 64):
+            raise ValueError(f"kv_group_size must be 32 or 64, got {self.kv_group_size}")
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        if self.kv_memory_gb is not None and self.kv_memory_gb <= 0:
+            raise ValueError(f"kv_memory_gb must be > 0, got {self.kv_memory_gb}")
+        if not 0 < self.kv_memory_fraction <= 1:
+            raise ValueError(f"kv_memory_fraction must be in (0, 1], got {self.kv_memory_fraction}")
+
+    @property
+    def kv_bits(self) -> int | None:
+        return {"q8": 8, "q4": 4}.get(self.kv_dtype)

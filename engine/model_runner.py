@@ -1,0 +1,57 @@
+"""Turns a scheduled batch into one flat model call over the paged KV pool.
+
+Flat batch: the new tokens of every scheduled sequence end to end, with absolute positions, the
+pool slot of each token, padded block tables and context lengths. Only the rows of sequences that
+finish their pending tokens this step (decodes and last prefill chunks) go through lm_head.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from .kv_pool import KVPool
+from .paged_attention import PagedBackend
+from .sequence import Sequence
+
+
+class ModelRunner:
+    def __init__(self, model, pool: KVPool):
+        self.model, self.pool = model, pool
+
+    def prepare(self, seqs: list[Sequence], num_new: list[int]):
+        bs = self.pool.block_size
+        tokens, positions, slots, query_lens, context_lens, rows, sample_idx = [], [], [], [], [], [], []
+        for i, (seq, n) in enumerate(zip(seqs, num_new)):
+            start = seq.num_computed
+            tokens.extend(seq.token_ids[start:start + n])
+            positions.extend(range(start, start + n))
+            bt = seq.block_table
+            slots.extend(bt[p // bs] * bs + p % bs for p in range(start, start + n))
+            query_lens.append(n)
+            context_lens.append(start + n)
+            if start + n == seq.num_tokens:
+                rows.append(len(tokens) - 1)
+                sample_idx.append(i)
+        width = max(len(s.block_table) for s in seqs)
+        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
+        return (mx.array(tokens, dtype=mx.int32), mx.array(positions, dtype=mx.int32),
+                mx.array(slots, dtype=mx.int32), mx.array(tables, dtype=mx.int32),
+                query_lens, context_lens, rows, sample_idx)
+
+    def run(self, seqs: list[Sequence], num_new: list[int]) -> tuple[mx.array | None, list[int]]:
+        """Compute the step. Returns (logits [S, V] float32 for the sampled sequences, their indices
+        into `seqs`). Decode sequences are placed first so the attention batches them together."""
+        order = sorted(range(len(seqs)), key=lambda i: num_new[i] != 1)
+        seqs_o = [seqs[i] for i in order]
+        new_o = [num_new[i] for i in order]
+        tokens, positions, slots, tables, qlens, clens, rows, sample_idx = self.prepare(seqs_o, new_o)
+        backend = PagedBackend(self.pool, slots, tables, qlens, clens)
+        logits = None
+        if rows:
+            logits = self.model(tokens, positions, backend, logits_rows=mx.array(rows, dtype=mx.int32))
+            logits = logits.astype(mx.float32)
+            mx.eval(logits, self.pool.arrays())
+        else:
+            self.model(tokens, positions, backend, logits_rows=mx.array([0], dtype=mx.int32))
+            mx.eval(self.pool.arrays())
+        return logits, [order[i] for i in sample_idx]

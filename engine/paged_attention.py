@@ -1,0 +1,118 @@
+"""Reference paged attention in MLX ops: the specification the CUDA/Metal kernels must match.
+
+    write_kv(k_pool, v_pool, k, v, slot_mapping, kv_quant) -> (k_pool, v_pool)
+    paged_attention(q, k_pool, v_pool, block_tables, context_lens, query_lens, scale, window, kv_quant)
+
+Pools follow engine/kv_pool.py: a plain array [num_blocks, block_size, Hkv, D], or for quantized
+KV a tuple (packed uint32, scales, biases) quantized along D. `kv_quant` is None or (bits, group).
+The flat batch holds sequence i's `query_lens[i]` new tokens; its KV holds `context_lens[i]` tokens
+(new ones included, already written), found through `block_tables[i]` (int32 [B, max_blocks],
+unused entries may hold any valid block id). Query j of sequence i sits at absolute position
+context_lens[i] - query_lens[i] + j and sees keys at positions <= its own (and > pos - window).
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from .attention import StepLayout, attend_one
+
+
+def write_kv(k_pool, v_pool, k: mx.array, v: mx.array, slot_mapping: mx.array, kv_quant=None):
+    """Store new keys/values [T, Hkv, D] at their slots (block * block_size + offset).
+
+    The scatter updates the pool in place when the pool array has no other reference, so callers
+    should drop their old handle (assign the returned pools back)."""
+    return _write(k_pool, k, slot_mapping, kv_quant), _write(v_pool, v, slot_mapping, kv_quant)
+
+
+def _write(pool, x, slots, kv_quant):
+    if kv_quant is None:
+        nb, bs = pool.shape[:2]
+        flat = pool.reshape(nb * bs, *pool.shape[2:])
+        flat[slots] = x.astype(pool.dtype)
+        return flat.reshape(pool.shape)
+    bits, group = kv_quant
+    parts = mx.quantize(x, group_size=group, bits=bits)
+    out = []
+    for p, new in zip(pool, parts):
+        nb, bs = p.shape[:2]
+        flat = p.reshape(nb * bs, *p.shape[2:])
+        flat[slots] = new.astype(p.dtype)
+        out.append(flat.reshape(p.shape))
+    return tuple(out)
+
+
+def gather_kv(pool, blocks: mx.array, kv_quant, dtype) -> mx.array:
+    """Dense KV of the given blocks: blocks [..., n] -> [..., n * block_size, Hkv, D] in `dtype`."""
+    if kv_quant is None:
+        g = pool[blocks]
+    else:
+        bits, group = kv_quant
+        packed, scales, biases = (p[blocks] for p in pool)
+        g = mx.dequantize(packed, scales, biases, group_size=group, bits=bits)
+    shape = g.shape
+    return g.reshape(*shape[:-4], shape[-4] * shape[-3], *shape[-2:]).astype(dtype)
+
+
+def paged_attention(q: mx.array, k_pool, v_pool, block_tables: mx.array, context_lens: list[int],
+                    query_lens: list[int], scale: float, window: int | None = None, kv_quant=None) -> mx.array:
+    """q [T, Hq, D] -> [T, Hq, D]. Runs of single-token (decode) sequences are batched into one
+    masked attention; sequences with several new tokens attend one at a time with a causal mask."""
+    bs = (k_pool[0] if isinstance(k_pool, tuple) else k_pool).shape[1]
+    outs, start, i, n = [], 0, 0, len(query_lens)
+    while i < n:
+        if query_lens[i] == 0:
+            i += 1
+            continue
+        if query_lens[i] == 1:
+            j = i
+            while j < n and query_lens[j] == 1:
+                j += 1
+            outs.append(_decode(q[start:start + j - i], k_pool, v_pool, block_tables[i:j], context_lens[i:j],
+                                bs, scale, window, kv_quant))
+            start += j - i
+            i = j
+            continue
+        t, ctx = query_lens[i], context_lens[i]
+        nblk = -(-ctx // bs)
+        k = gather_kv(k_pool, block_tables[i, :nblk], kv_quant, q.dtype)[:ctx]
+        v = gather_kv(v_pool, block_tables[i, :nblk], kv_quant, q.dtype)[:ctx]
+        outs.append(attend_one(q[start:start + t], k, v, scale, window))
+        start += t
+        i += 1
+    return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=0)
+
+
+def _decode(q, k_pool, v_pool, block_tables, context_lens, bs, scale, window, kv_quant):
+    b = q.shape[0]
+    nblk = -(-max(context_lens) // bs)
+    bt = block_tables[:, :nblk]
+    k = gather_kv(k_pool, bt, kv_quant, q.dtype).transpose(0, 2, 1, 3)  # [B, Hkv, L, D]
+    v = gather_kv(v_pool, bt, kv_quant, q.dtype).transpose(0, 2, 1, 3)
+    ctx = mx.array(context_lens)[:, None]
+    kpos = mx.arange(nblk * bs)[None, :]
+    mask = kpos < ctx
+    if window is not None:
+        mask = mask & (kpos >= ctx - window)
+    qh = q[:, :, None, :]  # [B, Hq, 1, D]
+    out = mx.fast.scaled_dot_product_attention(qh, k, v, scale=scale, mask=mask.reshape(b, 1, 1, -1))
+    return out[:, :, 0, :]
+
+
+class PagedBackend:
+    """AttentionBackend over a KVPool for one step: writes each layer's new K/V at `slot_mapping`,
+    then attends through the block tables."""
+
+    def __init__(self, pool, slot_mapping: mx.array, block_tables: mx.array, query_lens: list[int],
+                 context_lens: list[int]):
+        self.pool = pool
+        self.layout = StepLayout(list(query_lens), list(context_lens))
+        self.slot_mapping, self.block_tables = slot_mapping, block_tables
+
+    def attend(self, layer, q, k, v, *, scale, window=None):
+        pool = self.pool
+        pool.k[layer], pool.v[layer] = write_kv(pool.k[layer], pool.v[layer], k, v, self.slot_mapping,
+                                                pool.kv_quant)
+        return paged_attention(q, pool.k[layer], pool.v[layer], self.block_tables, self.layout.context_lens,
+                               self.layout.query_lens, scale, window, pool.kv_quant)

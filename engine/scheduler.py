@@ -1,0 +1,107 @@
+"""Continuous-batching scheduler: waiting and running queues under a per-step token budget.
+
+Each step, running sequences go first (decodes take 1 token, unfinished prefills take what is
+left of the budget: chunked prefill), then waiting sequences are admitted in arrival order while
+the budget, `max_num_seqs` and free blocks allow. When a running sequence cannot get a block, the
+most recently admitted running sequence is preempted by recompute: its blocks are freed and it
+goes back to the front of the waiting queue, to be prefilled again (prompt + output so far).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from .block_manager import BlockManager
+from .sequence import Sequence, Status
+
+
+@dataclass
+class ScheduledBatch:
+    seqs: list[Sequence] = field(default_factory=list)
+    num_new: list[int] = field(default_factory=list)  # tokens to compute per sequence this step
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not self.seqs
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new)
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.blocks = blocks
+        self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = Status.WAITING
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def remove(self, seq: Sequence) -> None:
+        """Take a sequence out of the queues and free its blocks (finish or abort)."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free_seq(seq)
+
+    def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
+        self.running.remove(seq)
+        self.blocks.free_seq(seq)
+        seq.num_computed = 0
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+        batch.preempted.append(seq)
+        self.num_preemptions += 1
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.max_num_batched_tokens
+        scheduled: set[int] = set()
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            while not self.blocks.ensure(seq, seq.num_computed + n):
+                victim = self.running[-1]
+                self._preempt(victim, batch)
+                if victim is seq:
+                    break
+            else:
+                batch.seqs.append(seq)
+                batch.num_new.append(n)
+                scheduled.add(seq.seq_id)
+                budget -= n
+                i += 1
+                continue
+            break  # seq itself was preempted: nothing after it is left to schedule
+        if batch.preempted:
+            return batch
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            hit = self.blocks.match_prefix(seq)
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            if not self.blocks.ensure(seq, seq.num_computed + n):
+                self.blocks.free_seq(seq)  # hold nothing while waiting
+                seq.num_computed = 0
+                break
+            self.blocks.count_lookup(seq.num_tokens, hit)
+            if not seq.admitted:
+                seq.cached_tokens = hit
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            seq.admitted = True
+            self.running.append(seq)
+            batch.seqs.append(seq)
+            batch.num_new.append(n)
+            budget -= n
+        return batch
