@@ -43,6 +43,13 @@ def family_configs() -> dict:
                              rope_local_base_freq=100.0, rope_scaling={"rope_type": "linear", "factor": 2.0})),
         "phi3": (t.Phi3Config, t.Phi3ForCausalLM,
                  dict(partial_rotary_factor=0.5, rope_theta=7000.0, tie_word_embeddings=False)),
+        # LongRoPE: original context 10, so prompts of 11 and 16 tokens take the long factors
+        # and the 5-token one the short factors, as transformers chooses per forward.
+        "phi3_longrope": (t.Phi3Config, t.Phi3ForCausalLM,
+                          dict(partial_rotary_factor=0.5, max_position_embeddings=40,
+                               original_max_position_embeddings=10, tie_word_embeddings=False,
+                               rope_scaling={"rope_type": "longrope", "short_factor": [1.0, 1.5, 2.0, 3.0],
+                                             "long_factor": [2.0, 4.0, 8.0, 16.0]})),
         "qwen3_moe": (t.Qwen3MoeConfig, t.Qwen3MoeForCausalLM,
                       dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
                            mlp_only_layers=[1], head_dim=16, tie_word_embeddings=False)),
