@@ -169,3 +169,58 @@ def test_parity_gemma3_multimodal_text_part(tmp_path):
     print(f"\n[parity] gemma3 (multimodal checkpoint, text part): max |logit diff| = {diff:.2e} (range {span:.1f})")
     assert span > 5.0
     assert diff < TOL, f"gemma3: max |logit diff| {diff:.3e} >= {TOL}"
+
+
+def _old_llama(c):
+    c["rope_theta"] = c.pop("rope_parameters")["rope_theta"]
+
+
+def _old_gemma3(c):
+    rp = c.pop("rope_parameters")
+    c.pop("layer_types")
+    c["rope_theta"] = rp["full_attention"]["rope_theta"]
+    c["rope_local_base_freq"] = rp["sliding_attention"]["rope_theta"]
+    c["rope_scaling"] = {"rope_type": "linear", "factor": rp["full_attention"]["factor"]}
+    c["sliding_window_pattern"] = 2  # layer 0 sliding, layer 1 global, as layer_types said
+
+
+def _old_phi3(c):
+    rp = c.pop("rope_parameters")
+    c["rope_theta"], c["partial_rotary_factor"] = rp["rope_theta"], rp["partial_rotary_factor"]
+    c["rope_scaling"] = {"type": "longrope", "short_factor": rp["short_factor"], "long_factor": rp["long_factor"]}
+
+
+def _old_qwen3_moe(c):
+    c["num_experts"] = c.pop("num_local_experts")
+
+
+@pytest.mark.parametrize("family,rewrite", [("llama", _old_llama), ("gemma3_text", _old_gemma3),
+                                            ("phi3_longrope", _old_phi3), ("qwen3_moe", _old_qwen3_moe)])
+def test_parity_pre_transformers5_config(family, rewrite, tmp_path):
+    """Configs as older transformers (and most hub checkpoints) write them: top-level rope_theta /
+    rope_scaling / rope_local_base_freq / sliding_window_pattern, num_experts."""
+    import json
+
+    hf = make_tiny_checkpoint(family, tmp_path)
+    cfg_path = tmp_path / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    rewrite(cfg)
+    cfg_path.write_text(json.dumps(cfg))
+    diff, span = compare(hf, load_ours(tmp_path))
+    print(f"\n[parity] {family} (old-style config): max |logit diff| = {diff:.2e}")
+    assert diff < TOL, f"{family} old-style config: max |logit diff| {diff:.3e}"
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_moe_fused_expert_layout(family, tmp_path):
+    """transformers 5 keeps experts fused in memory (experts.gate_up_proj [E, 2I, D],
+    experts.down_proj [E, D, I]); sanitize() splits that layout into switch_mlp too."""
+    from jang_serve.engine.models import build_model
+
+    hf = make_tiny_checkpoint(family, tmp_path)
+    sd = {k: mx.array(v.detach().float().numpy()) for k, v in hf.state_dict().items()}
+    assert any(k.endswith("experts.gate_up_proj") for k in sd)
+    model = build_model(hf.config.to_dict())
+    model.load_weights(list(model.sanitize(sd).items()), strict=True)
+    diff, _ = compare(hf, model)
+    assert diff < TOL, f"{family} fused layout: max |logit diff| {diff:.3e}"

@@ -2,6 +2,7 @@
 softmax over all experts, top-k, renormalized over the k (= softmax of the top-k logits).
 HF expert names w1/w3/w2 become switch_mlp gate_proj/up_proj/down_proj."""
 
+import re
 from dataclasses import dataclass
 
 from .decoder import ACTIVATIONS, Block as DenseBlock, DecoderModel
@@ -31,6 +32,8 @@ class Model(DecoderModel):
 
     def sanitize(self, weights: dict) -> dict:
         weights = super().sanitize(weights)
+        # transformers 5 names the MoE `mlp` (fused experts) in memory; checkpoints use block_sparse_moe.
+        weights = {re.sub(r"^(model\.layers\.\d+)\.mlp\.", r"\1.block_sparse_moe.", k): v for k, v in weights.items()}
         names = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
         for i in range(self.args.num_hidden_layers):
             prefix = f"model.layers.{i}.block_sparse_moe"
