@@ -7,6 +7,7 @@ CPU path). Set JANG_KERNELS=reference to force the reference everywhere.
 This package imports nothing else of jang-serve.
 """
 
-from .qmm import qmm
+from .paged import paged_attention_decode, paged_decode_reference, write_kv
+from .qmm import qmm, qmm_reference
 
-__all__ = ["qmm"]
+__all__ = ["qmm", "qmm_reference", "paged_attention_decode", "paged_decode_reference", "write_kv"]

@@ -1,11 +1,73 @@
-"""Quantized matmul entry point: y = x @ dequant(w).T for MLX's affine packed weights."""
+"""Quantized matmul entry point: y = x @ dequant(w).T for MLX's affine packed weights.
+
+  x [..., K] (bf16 / fp16 / fp32), w uint32 [N, K*bits/32], scales / biases [N, K/group_size]
+  bits 2, 3, 4, 5, 6, 8; group_size 32, 64, 128.
+
+Paths by backend (kernels/backend.py) and by activation rows M = prod(x.shape[:-1]):
+  reference    mx.quantized_matmul (the specification; the CPU path)
+  cuda, M<=8   fused dequant + GEMV kernel (kernels/qmm_cuda.py)
+  cuda, M>8    mx.quantized_matmul below DEQUANT_ROWS rows, else dequantize once to the activation
+               dtype and run the dense matmul (faster for large batches on CUDA, measured in
+               bench/results/kernels-h100.json)
+  metal, M<=8  the Metal port of the GEMV kernel (kernels/qmm_metal.py), self-tested at first use
+"""
+
+from __future__ import annotations
 
 import mlx.core as mx
+
+from . import backend
+
+# Rows at which dequantize + dense matmul beats mx.quantized_matmul on CUDA (set from the H100 run).
+DEQUANT_ROWS = 32
+
+
+def qmm_reference(x, w, scales, biases, bits, group_size):
+    return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits)
+
+
+def _check(x, w, scales, biases, bits, group_size):
+    if bits not in (2, 3, 4, 5, 6, 8):
+        raise ValueError(f"qmm: bits must be 2, 3, 4, 5, 6 or 8, got {bits}")
+    if group_size not in (32, 64, 128):
+        raise ValueError(f"qmm: group_size must be 32, 64 or 128, got {group_size}")
+    if w.ndim != 2 or w.dtype != mx.uint32:
+        raise ValueError(f"qmm: w must be a 2-D uint32 array, got {w.dtype} {tuple(w.shape)}")
+    k = w.shape[1] * 32 // bits
+    if x.shape[-1] != k:
+        raise ValueError(f"qmm: x has {x.shape[-1]} input features but w packs {k} at {bits} bits")
+    if scales.shape != (w.shape[0], k // group_size) or biases.shape != scales.shape:
+        raise ValueError(f"qmm: scales/biases must be {(w.shape[0], k // group_size)}, got "
+                         f"{tuple(scales.shape)} / {tuple(biases.shape)}")
 
 
 def qmm(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: int, group_size: int) -> mx.array:
     """x: [..., K] activations; w: [N, K*bits/32] uint32 packed; scales/biases: [N, K/group_size].
 
-    Returns [..., N]. The reference is `mx.quantized_matmul` (transpose=True).
-    """
-    return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits)
+    Returns [..., N] in x's dtype."""
+    _check(x, w, scales, biases, bits, group_size)
+    b = backend.for_op("qmm")
+    if b == "reference":
+        return qmm_reference(x, w, scales, biases, bits, group_size)
+    lead = x.shape[:-1]
+    m = 1
+    for d in lead:
+        m *= d
+    k = x.shape[-1]
+    if b == "cuda":
+        from . import qmm_cuda
+
+        if m <= qmm_cuda.MAX_ROWS and qmm_cuda.supports(x, w, bits, group_size):
+            y = qmm_cuda.qgemv(x.reshape(m, k), w, scales, biases, bits, group_size)
+            return y.reshape(*lead, w.shape[0])
+        if m >= DEQUANT_ROWS and x.dtype in (mx.bfloat16, mx.float16):
+            wd = mx.dequantize(w, scales, biases, group_size=group_size, bits=bits).astype(x.dtype)
+            return x @ wd.T
+        return qmm_reference(x, w, scales, biases, bits, group_size)
+    if b == "metal":
+        from . import qmm_metal
+
+        if m <= qmm_metal.MAX_ROWS and qmm_metal.supports(x, w, bits, group_size) and qmm_metal.ready():
+            y = qmm_metal.qgemv(x.reshape(m, k), w, scales, biases, bits, group_size)
+            return y.reshape(*lead, w.shape[0])
+    return qmm_reference(x, w, scales, biases, bits, group_size)

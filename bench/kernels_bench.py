@@ -1,0 +1,213 @@
+"""Kernel timings on the device machine, every ratio measured in the same run (BENCHMARKING.md).
+
+    python3 bench/kernels_bench.py OUT.json [quick]
+
+Method: each op is run once per input set to compile and warm up; then 100 calls are built
+(rotating through enough distinct weight / KV sets to exceed the L2 cache several times), queued
+with one mx.eval, and timed to the end of that eval; repeated REPS times, median reported
+(with min and max). Bandwidth = bytes that must move per call / time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import subprocess
+import sys
+import time
+
+import mlx.core as mx
+import numpy as np
+
+from jang_serve.kernels import paged, paged_cuda, qmm_cuda
+from jang_serve.kernels import qmm as qmm_mod
+
+CALLS = 100
+REPS = 5
+ROTATE_BYTES = 400e6      # > 8x the H100's 50 MB L2
+
+
+def timed(make_calls):
+    """make_calls() -> list of CALLS lazy arrays. Returns (median, min, max) seconds per call."""
+    mx.eval(make_calls())   # warm-up / compile
+    ts = []
+    for _ in range(REPS):
+        outs = make_calls()
+        mx.synchronize()
+        t0 = time.perf_counter()
+        mx.eval(outs)
+        mx.synchronize()
+        ts.append((time.perf_counter() - t0) / len(outs))
+    return statistics.median(ts), min(ts), max(ts)
+
+
+def rec(name, t, nbytes=None, bw=None, **kw):
+    d = dict(name=name, us=t[0] * 1e6, us_min=t[1] * 1e6, us_max=t[2] * 1e6, **kw)
+    if nbytes:
+        d["bytes"] = nbytes
+        d["GBps"] = nbytes / t[0] / 1e9
+        if bw:
+            d["pct_copy_bw"] = 100 * nbytes / t[0] / bw
+    return d
+
+
+def copy_bandwidth():
+    """Device copy bandwidth (bytes read + written per second), MLX elementwise copy of 2 GB."""
+    a = mx.random.uniform(shape=(256, 1024, 1024)).astype(mx.bfloat16)   # 512 MB
+    mx.eval(a)
+
+    def calls():
+        return [mx.contiguous(a[::-1]) for _ in range(10)]
+    t = timed(calls)
+    return 2 * a.nbytes / t[0], rec("copy_512MB", t, 2 * a.nbytes)
+
+
+def qweights(n, k, bits, gs):
+    w = (mx.random.normal((n, k)) * 0.05).astype(mx.bfloat16)
+    return mx.quantize(w, group_size=gs, bits=bits)
+
+
+def gemv_section(bw, quick):
+    out = []
+    shapes = [(14336, 4096), (4096, 14336)]
+    bits_list = (4,) if quick else (2, 3, 4, 8)
+    for (n, k) in shapes:
+        # bf16 dense baseline (same shapes, rotated)
+        nsets = max(2, math.ceil(ROTATE_BYTES / (n * k * 2)))
+        wb = [(mx.random.normal((n, k)) * 0.05).astype(mx.bfloat16) for _ in range(nsets)]
+        mx.eval(wb)
+        for m in (1,):
+            x = mx.random.normal((m, k)).astype(mx.bfloat16)
+            t = timed(lambda: [x @ wb[i % nsets].T for i in range(CALLS)])
+            out.append(rec("bf16_matmul", t, n * k * 2 + 2 * (m * k + m * n), bw, n=n, k=k, m=m, bits=16))
+        del wb
+        for bits in bits_list:
+            gs = 64
+            qbytes = n * k * bits // 8 + 2 * 2 * n * (k // gs)
+            nsets = max(2, math.ceil(ROTATE_BYTES / qbytes))
+            ws = [qweights(n, k, bits, gs) for _ in range(nsets)]
+            mx.eval(ws)
+            for m in (1, 2, 4, 8):
+                x = mx.random.normal((m, k)).astype(mx.bfloat16)
+                nbytes = qbytes + 2 * (m * k + m * n)
+                t = timed(lambda: [mx.quantized_matmul(x, *ws[i % nsets], transpose=True, group_size=gs, bits=bits)
+                                   for i in range(CALLS)])
+                out.append(rec("mx.quantized_matmul", t, nbytes, bw, n=n, k=k, m=m, bits=bits))
+                t = timed(lambda: [qmm_mod.qmm(x, *ws[i % nsets], bits, gs) for i in range(CALLS)])
+                out.append(rec("kernels.qmm", t, nbytes, bw, n=n, k=k, m=m, bits=bits,
+                               cfg=qmm_cuda.default_config(m, n, k, bits)))
+                if m == 1:
+                    for R, W, F in ((4, 1, True), (4, 1, False), (2, 4, True), (8, 1, True), (4, 2, True),
+                                    (1, 4, True)):
+                        t = timed(lambda: [qmm_cuda.qgemv(x, *ws[i % nsets], bits, gs, R=R, W=W, FAST=F)
+                                           for i in range(CALLS)])
+                        out.append(rec("qgemv_variant", t, nbytes, bw, n=n, k=k, m=m, bits=bits,
+                                       cfg=dict(R=R, W=W, FAST=F)))
+            del ws
+    return out
+
+
+def gemm_section(bw, quick):
+    out = []
+    for (n, k) in [(14336, 4096), (4096, 14336)]:
+        nsets = 3
+        wb = [(mx.random.normal((n, k)) * 0.05).astype(mx.bfloat16) for _ in range(nsets)]
+        for bits in ((4,) if quick else (4, 2, 8)):
+            ws = [qweights(n, k, bits, 64) for _ in range(nsets)]
+            mx.eval(wb, ws)
+            for m in (16, 32, 64, 128, 256):
+                x = mx.random.normal((m, k)).astype(mx.bfloat16)
+                if bits == 4:
+                    t = timed(lambda: [x @ wb[i % nsets].T for i in range(CALLS)])
+                    out.append(rec("bf16_matmul", t, n=n, k=k, m=m, bits=16))
+                t = timed(lambda: [mx.quantized_matmul(x, *ws[i % nsets], transpose=True, group_size=64, bits=bits)
+                                   for i in range(CALLS)])
+                out.append(rec("mx.quantized_matmul", t, n=n, k=k, m=m, bits=bits))
+                t = timed(lambda: [x @ mx.dequantize(*ws[i % nsets], group_size=64, bits=bits).astype(mx.bfloat16).T
+                                   for i in range(CALLS)])
+                out.append(rec("dequantize+matmul", t, n=n, k=k, m=m, bits=bits))
+                t = timed(lambda: [qmm_mod.qmm(x, *ws[i % nsets], bits, 64) for i in range(CALLS)])
+                out.append(rec("kernels.qmm", t, n=n, k=k, m=m, bits=bits))
+            del ws
+        del wb
+    return out
+
+
+def paged_section(bw, quick):
+    out = []
+    B, HQ, HKV, D, BS, L = 64, 32, 8, 128, 16, 2048
+    nblk = L // BS
+    rng = np.random.default_rng(0)
+    nb = B * nblk + 16
+    tables = mx.array(rng.permutation(nb)[: B * nblk].reshape(B, nblk).astype(np.int32))
+    lens = mx.array([L] * B, dtype=mx.int32)
+    q = mx.random.normal((B, HQ, D)).astype(mx.bfloat16)
+    scale = D ** -0.5
+    # contiguous baseline: SDPA over [B, Hkv, L, D]
+    kc = mx.random.normal((B, HKV, L, D)).astype(mx.bfloat16)
+    vc = mx.random.normal((B, HKV, L, D)).astype(mx.bfloat16)
+    mx.eval(kc, vc)
+    q4 = q[:, :, None, :]
+    kv_bytes_bf16 = 2 * kc.nbytes
+    t = timed(lambda: [mx.fast.scaled_dot_product_attention(q4, kc, vc, scale=scale) for _ in range(CALLS // 4)])
+    sdpa = rec("sdpa_contiguous_bf16", t, kv_bytes_bf16, bw, B=B, L=L)
+    out.append(sdpa)
+    del kc, vc
+    for kvq in (None, (8, 64), (4, 64)):
+        k = mx.random.normal((nb, BS, HKV, D)).astype(mx.bfloat16)
+        v = mx.random.normal((nb, BS, HKV, D)).astype(mx.bfloat16)
+        if kvq:
+            k = tuple(mx.quantize(k, group_size=kvq[1], bits=kvq[0]))
+            v = tuple(mx.quantize(v, group_size=kvq[1], bits=kvq[0]))
+        mx.eval(k, v)
+        used = B * L / (nb * BS)
+        nbytes = int(used * (sum(a.nbytes for a in k) + sum(a.nbytes for a in v) if kvq else k.nbytes + v.nbytes))
+        name = "bf16" if kvq is None else f"q{kvq[0]}"
+        t = timed(lambda: [paged.paged_attention_decode(q, k, v, tables, lens, scale, None, kvq)
+                           for _ in range(CALLS // 4)])
+        r = rec(f"paged_decode_{name}", t, nbytes, bw, B=B, L=L, kv=str(kvq))
+        r["ratio_vs_sdpa_contiguous_bf16"] = r["us"] / sdpa["us"]
+        out.append(r)
+        if not quick:
+            t = timed(lambda: [paged.paged_decode_reference(q, k, v, tables, lens, scale, None, kvq)
+                               for _ in range(8)])
+            out.append(rec(f"paged_reference_{name}", t, nbytes, bw, B=B, L=L, kv=str(kvq)))
+        del k, v
+    return out
+
+
+def main(path, quick=False):
+    t_start = time.time()
+    try:
+        gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem",
+                              "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        gpu = "?"
+    bw, copy = copy_bandwidth()
+    res = dict(device=gpu, mlx=mx.__version__, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+               method=f"{CALLS} calls queued, one mx.eval, median of {REPS}; weights rotated over >= "
+                      f"{ROTATE_BYTES / 1e6:.0f} MB", copy_bandwidth_GBps=bw / 1e9, copy=copy)
+    for name, fn in (("gemv", gemv_section), ("paged", paged_section), ("gemm", gemm_section)):
+        t0 = time.time()
+        try:
+            res[name] = fn(bw, quick)
+        except Exception as e:  # keep what was measured so far
+            res[name + "_error"] = repr(e)
+            print(f"{name} failed: {e!r}")
+        res[name + "_seconds"] = round(time.time() - t0, 1)
+        with open(path, "w") as f:
+            json.dump(res, f, indent=1)
+    res["seconds"] = round(time.time() - t_start, 1)
+    with open(path, "w") as f:
+        json.dump(res, f, indent=1)
+    print(f"device {gpu}; copy bandwidth {bw / 1e9:.0f} GB/s")
+    for sec in ("gemv", "paged", "gemm"):
+        for r in res.get(sec, []):
+            extra = " ".join(f"{k}={r[k]}" for k in ("n", "k", "m", "bits", "kv", "cfg") if k in r)
+            pct = f"{r['pct_copy_bw']:.0f}%" if "pct_copy_bw" in r else ""
+            print(f"{sec:5s} {r['name']:22s} {extra:55s} {r['us']:9.1f} us {pct}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "kernels-bench.json", quick="quick" in sys.argv[2:])

@@ -1,0 +1,115 @@
+"""Compile the CUDA kernel sources with the local nvcc (no GPU needed) the way mx.fast.cuda_kernel
+wraps them, for a set of template arguments; print registers / spills from ptxas.
+
+    .venv/bin/python bench/kernels_compile_check.py [qmm|paged|all]
+
+A stand-in for MLX's device header (Shape) is used; everything else is the real source.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+from jang_serve.kernels import cuda_common, paged_cuda, qmm_cuda
+
+STUB = """
+#include <cstdint>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cooperative_groups.h>
+#define inf cuda::std::numeric_limits<float>::infinity()
+struct Shape { int32_t d[10]; __device__ int32_t operator[](int i) const { return d[i]; } };
+"""
+
+CTYPE = {"bfloat16": "__nv_bfloat16", "float16": "__half", "float32": "float", "uint32": "uint32_t",
+         "int32": "int32_t"}
+
+
+def build(name, source, header, inputs, outputs, template):
+    """inputs: list of (name, dtype); outputs: list of (name, dtype); template: list of (k, v)."""
+    s = STUB + header + "namespace mlx::core::cu {\nnamespace cg = cooperative_groups;\n"
+    s += f'extern "C" __global__ void {name}(\n'
+    args = []
+    for n, dt in inputs:
+        args.append(f"const {CTYPE[dt]}* {n}")
+        if f"{n}_shape" in source:
+            args.append(f"const __grid_constant__ Shape {n}_shape")
+    for n, dt in outputs:
+        args.append(f"{CTYPE[dt]}* {n}")
+    s += ",\n".join(args) + ") {\n"
+    for k, v in template:
+        if isinstance(v, bool):
+            s += f"  constexpr bool {k} = {'true' if v else 'false'};\n"
+        elif isinstance(v, int):
+            s += f"  constexpr int {k} = {v};\n"
+        else:
+            s += f"  using {k} = {CTYPE[v]};\n"
+    s += source + "\n}\n}\n"
+    return s
+
+
+def compile_one(label, src):
+    with tempfile.TemporaryDirectory() as d:
+        f = os.path.join(d, "k.cu")
+        open(f, "w").write(src)
+        r = subprocess.run(["nvcc", "-arch=sm_90", "-std=c++17", "-c", "-o", os.path.join(d, "k.o"),
+                            "--ptxas-options=-v", f], capture_output=True, text=True)
+    if r.returncode != 0:
+        print(f"FAIL {label}\n{r.stderr[:4000]}")
+        return False
+    regs = re.findall(r"Used (\d+) registers", r.stderr)
+    spill = re.findall(r"(\d+) bytes spill stores", r.stderr)
+    smem = re.findall(r"(\d+) bytes smem", r.stderr)
+    print(f"ok   {label}: regs={regs} spill_stores={spill} smem={smem}")
+    return True
+
+
+def check_qmm():
+    ok = True
+    for bits in (2, 3, 4, 5, 6, 8):
+        for m, r, w, fast in ((1, 4, 1, True), (1, 4, 4, False), (8, 2, 2, True)):
+            tmpl = [("T", "bfloat16"), ("S", "bfloat16"), ("BITS", bits), ("GS", 32 if bits == 2 else 64),
+                    ("M", m), ("R", r), ("W", w), ("FAST", fast)]
+            src = build("qgemv", qmm_cuda.SOURCE, cuda_common.HEADER,
+                        [("x", "bfloat16"), ("w", "uint32"), ("scales", "bfloat16"), ("biases", "bfloat16")],
+                        [("y", "bfloat16")], tmpl)
+            ok &= compile_one(f"qgemv bits={bits} M={m} R={r} W={w} fast={fast}", src)
+    return ok
+
+
+def check_paged():
+    ok = True
+    hdr = cuda_common.HEADER + paged_cuda.HEADER
+    for bits in (16, 8, 4):
+        tmpl = [("T", "bfloat16"), ("BITS", bits), ("KG", 64), ("D", 128), ("G", 4), ("PART", 512),
+                ("WINDOW", 0)]
+        if bits == 16:
+            ins = [("q", "bfloat16"), ("k", "bfloat16"), ("v", "bfloat16"), ("tables", "int32"),
+                   ("lens", "int32"), ("scale", "float32")]
+            src_body = paged_cuda.SOURCE_F
+        else:
+            ins = [("q", "bfloat16"), ("kq", "uint32"), ("ks", "bfloat16"), ("kb", "bfloat16"),
+                   ("vq", "uint32"), ("vs", "bfloat16"), ("vb", "bfloat16"), ("tables", "int32"),
+                   ("lens", "int32"), ("scale", "float32")]
+            src_body = paged_cuda.SOURCE_Q
+        outs = [("po", "float32"), ("pm", "float32"), ("pl", "float32")]
+        ok &= compile_one(f"paged bits={bits}", build("paged", src_body, hdr, ins, outs, tmpl))
+    src = build("combine", paged_cuda.SOURCE_COMBINE, hdr,
+                [("po", "float32"), ("pm", "float32"), ("pl", "float32")], [("out", "bfloat16")],
+                [("T", "bfloat16"), ("D", 128)])
+    ok &= compile_one("combine", src)
+    return ok
+
+
+if __name__ == "__main__":
+    what = sys.argv[1] if len(sys.argv) > 1 else "all"
+    ok = True
+    if what in ("qmm", "all"):
+        ok &= check_qmm()
+    if what in ("paged", "all"):
+        ok &= check_paged()
+    sys.exit(0 if ok else 1)

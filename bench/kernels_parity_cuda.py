@@ -1,0 +1,157 @@
+"""CUDA parity of every kernel against the pure-MLX reference, run on the device machine.
+
+    python3 bench/kernels_parity_cuda.py OUT.json
+
+Error metric: ||out - ref|| / ||ref|| with ref computed in float32 from the same (dequantized)
+inputs. Fresh random inputs for every case. A case passes when the kernel's error is below
+max(2e-2, 3 x the error of mx.quantized_matmul / the MLX reference against the same ref) and
+every output is finite. Exits non-zero if any case fails.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import mlx.core as mx
+import numpy as np
+
+from jang_serve.kernels import paged, paged_cuda, qmm_cuda
+from jang_serve.kernels import qmm as qmm_mod
+
+
+def relerr(a, b):
+    a = np.array(a.astype(mx.float32)).astype(np.float64)
+    b = np.array(b.astype(mx.float32)).astype(np.float64)
+    if not np.isfinite(a).all():
+        return float("inf")
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def qweights(n, k, bits, gs, dtype):
+    w = mx.random.normal((n, k)).astype(dtype) * 0.05
+    return mx.quantize(w, group_size=gs, bits=bits)
+
+
+VARIANTS = ((4, 1, True), (4, 1, False), (2, 4, True), (8, 1, True), (4, 2, True), (1, 4, True))
+
+
+def _qmm_case(out, op, dtype, bits, gs, n, k, m, **cfg):
+    wq, s, b = qweights(n, k, bits, gs, dtype)
+    x = mx.random.normal((m, k)).astype(dtype)
+    ref = x.astype(mx.float32) @ mx.dequantize(wq, s, b, group_size=gs, bits=bits).astype(mx.float32).T
+    base = relerr(mx.quantized_matmul(x, wq, s, b, transpose=True, group_size=gs, bits=bits), ref)
+    if op == "qmm":
+        y = qmm_mod.qmm(x, wq, s, b, bits, gs)
+    else:
+        y = qmm_cuda.qgemv(x, wq, s, b, bits, gs, **cfg)
+    out.append(dict(op=op, dtype=str(dtype), bits=bits, gs=gs, n=n, k=k, m=m, **cfg,
+                    err=relerr(y, ref), ref_err=base))
+
+
+def qmm_cases():
+    # Each distinct template (dtype, bits, gs, rows, R, W, FAST) is one NVRTC compile: keep them few.
+    out = []
+    for bits in (2, 3, 4, 5, 6, 8):
+        for gs in (32, 64, 128):
+            for m in (1, 3, 8):
+                _qmm_case(out, "qgemv", mx.bfloat16, bits, gs, 1000, 512, m)
+        _qmm_case(out, "qgemv", mx.bfloat16, bits, 64, 4096, 1024, 1)
+        _qmm_case(out, "qgemv", mx.bfloat16, bits, 64, 300, 2048, 3)
+    for bits in (3, 4, 8):
+        for m in (1, 5):
+            _qmm_case(out, "qgemv", mx.float16, bits, 64, 1000, 1024, m)
+    # every (R, W, FAST) variant the bench sweeps, on the bench shapes
+    for bits in (2, 3, 4, 8):
+        for (n, k) in ((14336, 4096), (4096, 14336)):
+            for R, W, F in VARIANTS:
+                _qmm_case(out, "qgemv_variant", mx.bfloat16, bits, 64, n, k, 1, R=R, W=W, FAST=F)
+            _qmm_case(out, "qgemv", mx.bfloat16, bits, 64, n, k, 8)
+    # the public entry point on every row-count path (GEMV, quantized_matmul, dequant + matmul)
+    for m in (1, 7, 16, 40, 130):
+        _qmm_case(out, "qmm", mx.bfloat16, 4, 64, 512, 1024, m)
+    return out
+
+
+def make_pool(nb, bs, hkv, d, dtype, kv_quant):
+    k = mx.random.normal((nb, bs, hkv, d)).astype(dtype)
+    v = mx.random.normal((nb, bs, hkv, d)).astype(dtype)
+    if kv_quant is None:
+        return k, v
+    bits, g = kv_quant
+    return tuple(mx.quantize(k, group_size=g, bits=bits)), tuple(mx.quantize(v, group_size=g, bits=bits))
+
+
+def paged_cases():
+    out = []
+    rng = np.random.default_rng(0)
+    combos = [(mx.bfloat16, kvq, heads, None) for kvq in (None, (8, 64), (8, 32), (4, 64), (4, 32))
+              for heads in ((32, 8, 128), (8, 8, 64), (16, 2, 128), (4, 1, 256))]
+    combos += [(mx.bfloat16, kvq, (32, 8, 128), 100) for kvq in (None, (8, 64), (8, 32), (4, 64), (4, 32))]
+    combos += [(mx.float16, kvq, (32, 8, 128), None) for kvq in (None, (8, 64), (4, 64))]
+    for dtype, kv_quant, (hq, hkv, d), window in combos:
+            if True:
+                if True:
+                    bs, nb = 16, 300
+                    lens = [0, 1, 17, 600, 1500, 333]
+                    maxb = -(-max(lens) // bs)
+                    tables = mx.array(rng.permutation(nb)[: len(lens) * maxb].reshape(len(lens), maxb)
+                                      .astype(np.int32) % nb)
+                    kp, vp = make_pool(nb, bs, hkv, d, dtype, kv_quant)
+                    q = mx.random.normal((len(lens), hq, d)).astype(dtype)
+                    scale = d ** -0.5
+                    ref = paged.paged_decode_reference(q.astype(mx.float32),
+                                                       _f32(kp), _f32(vp), tables, lens, scale, window, kv_quant)
+                    lower = paged.paged_decode_reference(q, kp, vp, tables, lens, scale, window, kv_quant)
+                    bits = 16 if kv_quant is None else kv_quant[0]
+                    grp = 32 if kv_quant is None else kv_quant[1]
+                    y = paged_cuda.paged_decode(q, kp, vp, tables, mx.array(lens), scale, window, bits, grp)
+                    out.append(dict(op="paged_decode", dtype=str(dtype), kv=str(kv_quant), hq=hq, hkv=hkv, d=d,
+                                    window=window, err=relerr(y, ref), ref_err=relerr(lower, ref)))
+    # the public entry point
+    kp, vp = make_pool(64, 16, 8, 128, mx.bfloat16, (4, 64))
+    tables = mx.array(rng.permutation(64)[:60].reshape(4, 15).astype(np.int32))
+    q = mx.random.normal((4, 32, 128)).astype(mx.bfloat16)
+    lens = [5, 240, 100, 17]
+    ref = paged.paged_decode_reference(q.astype(mx.float32), _f32(kp), _f32(vp), tables, lens, 0.088, None, (4, 64))
+    y = paged.paged_attention_decode(q, kp, vp, tables, lens, 0.088, None, (4, 64))
+    out.append(dict(op="paged_attention_decode", dtype="bfloat16", kv="(4, 64)", hq=32, hkv=8, d=128,
+                    window=None, err=relerr(y, ref), ref_err=relerr(
+                        paged.paged_decode_reference(q, kp, vp, tables, lens, 0.088, None, (4, 64)), ref)))
+    return out
+
+
+def _f32(pool):
+    if isinstance(pool, tuple):
+        return (pool[0], pool[1].astype(mx.float32), pool[2].astype(mx.float32))
+    return pool.astype(mx.float32)
+
+
+def main(path):
+    t0 = time.time()
+    cases = []
+    res = dict(device=mx.device_info().get("device_name", "?"), mlx=mx.__version__,
+               date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    for name, fn in (("qmm", qmm_cases), ("paged", paged_cases)):
+        t1 = time.time()
+        cases += fn()
+        res[name + "_seconds"] = round(time.time() - t1, 1)
+        print(f"{name}: {len(cases)} cases so far, {time.time() - t1:.0f} s", flush=True)
+        for c in cases:
+            c["pass"] = bool(c["err"] <= max(2e-2, 3 * c["ref_err"]))
+        bad = [c for c in cases if not c["pass"]]
+        res.update(cases=len(cases), failed=len(bad), seconds=round(time.time() - t0, 1), results=cases)
+        with open(path, "w") as f:
+            json.dump(res, f, indent=1)
+    worst = {}
+    for c in cases:
+        worst[c["op"]] = max(worst.get(c["op"], 0.0), c["err"])
+    print(f"parity: {len(cases)} cases, {len(bad)} failed, worst rel err by op: {worst}")
+    for c in bad[:30]:
+        print("FAIL", c)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else "kernels-parity-cuda.json"))

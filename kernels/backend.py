@@ -1,0 +1,57 @@
+"""Which implementation runs: "cuda", "metal" or "reference" (the pure-MLX specification).
+
+Chosen by the default device: CPU -> reference; GPU -> CUDA or Metal, whichever backend MLX has.
+JANG_KERNELS=reference forces the reference everywhere (JANG_KERNELS=cuda/metal is accepted too,
+but still falls back where that backend does not exist). A Metal op whose start-up self-test
+failed is marked off and runs the reference (see `disable`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import mlx.core as mx
+
+log = logging.getLogger("jang_serve.kernels")
+
+_disabled: set[tuple[str, str]] = set()    # (backend, op) pairs that failed their self-test
+
+
+def _gpu_backend() -> str | None:
+    if hasattr(mx, "cuda") and mx.cuda.is_available():
+        return "cuda"
+    if mx.metal.is_available():
+        return "metal"
+    return None
+
+
+def current() -> str:
+    """The backend for the default device right now."""
+    forced = os.environ.get("JANG_KERNELS", "").strip().lower()
+    if forced == "reference":
+        return "reference"
+    if forced and forced not in ("cuda", "metal", "auto"):
+        raise ValueError(f"JANG_KERNELS must be reference, cuda, metal or auto, got {forced!r}")
+    if mx.default_device().type == mx.DeviceType.cpu:
+        return "reference"
+    gpu = _gpu_backend()
+    return gpu or "reference"
+
+
+def for_op(op: str) -> str:
+    """Backend for one op, honouring a failed self-test."""
+    b = current()
+    if (b, op) in _disabled:
+        return "reference"
+    return b
+
+
+def disable(backend: str, op: str, reason: str) -> None:
+    if (backend, op) not in _disabled:
+        log.warning("kernels: %s %s kernel disabled, using the MLX reference (%s)", backend, op, reason)
+    _disabled.add((backend, op))
+
+
+def disabled() -> set[tuple[str, str]]:
+    return set(_disabled)

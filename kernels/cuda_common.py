@@ -1,0 +1,76 @@
+"""CUDA helpers shared by the kernels: dtype conversions and vector loads (a header string)."""
+
+HEADER = r"""
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace jang {
+
+__device__ __forceinline__ float to_f(float v) { return v; }
+__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+
+template <typename T> __device__ __forceinline__ T from_f(float v);
+template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
+template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half(v); }
+
+// Eight 16-bit floats (one 16-byte load) to floats.
+template <typename T>
+__device__ __forceinline__ void load8(const T* p, float* f) {
+  uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
+  const T* h = reinterpret_cast<const T*>(&v);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) f[i] = to_f(h[i]);
+}
+
+// N consecutive 16-bit floats (N in 2, 4, 8, 16, 32; p aligned to N*2 bytes) to floats.
+template <typename T, int N>
+__device__ __forceinline__ void loadn(const T* p, float* f) {
+  if constexpr (N >= 8) {
+#pragma unroll
+    for (int i = 0; i < N; i += 8) load8<T>(p + i, f + i);
+  } else if constexpr (N == 4) {
+    uint2 v = __ldg(reinterpret_cast<const uint2*>(p));
+    const T* h = reinterpret_cast<const T*>(&v);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) f[i] = to_f(h[i]);
+  } else {
+    uint32_t v = __ldg(reinterpret_cast<const unsigned int*>(p));
+    const T* h = reinterpret_cast<const T*>(&v);
+#pragma unroll
+    for (int i = 0; i < N; ++i) f[i] = to_f(h[i]);
+  }
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Value j (0-based) of a little-endian bit stream of BITS-bit fields held in registers w[].
+// j is a compile-time constant after unrolling, so this folds to a shift/funnel-shift and a mask.
+template <int BITS>
+__device__ __forceinline__ uint32_t field(const uint32_t* w, int j) {
+  constexpr uint32_t MASK = (1u << BITS) - 1u;
+  const int bit = j * BITS;
+  const int wi = bit >> 5;
+  const int sh = bit & 31;
+  if (sh + BITS <= 32) return (w[wi] >> sh) & MASK;
+  return __funnelshift_r(w[wi], w[wi + 1], sh) & MASK;
+}
+
+// An integer below 2^23 to float with one logic op and one add (no slow I2F).
+__device__ __forceinline__ float u2f(uint32_t v) {
+  return __uint_as_float(v | 0x4B000000u) - 8388608.0f;
+}
+
+}  // namespace jang
+"""

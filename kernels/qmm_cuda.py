@@ -1,0 +1,250 @@
+"""Fused dequant + GEMV for MLX's affine packed weights on CUDA (1-8 activation rows).
+
+Layout: w [N, K*bits/32] uint32, each row a little-endian bit stream of `bits`-bit fields;
+scales / biases [N, K/group_size]; w_hat[n, k] = scale[n, k/gs] * q[n, k] + bias[n, k/gs].
+
+Work split: a block of 128 threads holds 4/W "teams" of W warps; a team owns R output rows and
+its 32*W threads stride over K in *units* (one unit = 16 bytes of packed weights at 2/4/8 bits,
+32 values = 12/20/24 bytes at 3/5/6 bits; a unit never crosses a quantization group unless the
+group is smaller than the unit). Each thread loads the unit of all R rows first (R independent
+16-byte loads in flight), then the matching activations once, and reuses them for the R rows.
+Per group it accumulates p = sum(x*q) and sum(x); the group adds scale*p + bias*sum(x).
+At the end: warp-shuffle reduction, then shared memory across the W warps of a team.
+
+FAST (2/4/8 bits): instead of shifting every field down, mask it in place inside a 16-bit half
+word and turn it into a float with one OR and one add (2^23 magic); the activation is pre-scaled
+by 2^-(bits*j) to undo the field's position j. Saves one shift per weight.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+
+from .cuda_common import HEADER
+
+SOURCE = r"""
+  constexpr int NW = 4;
+  constexpr bool POW2 = (BITS == 2 || BITS == 4 || BITS == 8);
+  constexpr int VALS = POW2 ? 128 / BITS : 32;          // values per unit
+  constexpr int WORDS = VALS * BITS / 32;               // packed words per unit
+  constexpr int NG = VALS > GS ? VALS / GS : 1;         // groups per unit
+  constexpr int GV = VALS / NG;                         // values per group chunk
+  constexpr int VPW = 32 / BITS;                        // values per word (POW2)
+  constexpr int VPH = VPW / 2;                          // values per half word (POW2)
+  constexpr uint32_t MASK = (1u << BITS) - 1u;
+  constexpr int TEAMS = NW / W;
+  constexpr int TPT = 32 * W;
+
+  const int N = w_shape[0];
+  const int KW = w_shape[1];
+  const int K = KW * 32 / BITS;
+  const int units = K / VALS;
+  const int NGR = K / GS;
+
+  const int tid = threadIdx.x;
+  const int team = tid / TPT;
+  const int t = tid % TPT;
+  const int row0 = (blockIdx.x * TEAMS + team) * R;
+
+  const uint32_t* wrow[R];
+  const S* srow[R];
+  const S* brow[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    int n = min(row0 + r, N - 1);
+    wrow[r] = w + (size_t)n * KW;
+    srow[r] = scales + (size_t)n * NGR;
+    brow[r] = biases + (size_t)n * NGR;
+  }
+
+  float acc[M][R];
+#pragma unroll
+  for (int m = 0; m < M; ++m)
+#pragma unroll
+    for (int r = 0; r < R; ++r) acc[m][r] = 0.f;
+
+  for (int u = t; u < units; u += TPT) {
+    // 1. packed weights of R rows, then their scales and biases: all loads issued up front.
+    uint32_t wv[R][WORDS];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const uint32_t* p = wrow[r] + (size_t)u * WORDS;
+      if constexpr (WORDS == 4) {
+        uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
+        wv[r][0] = v.x; wv[r][1] = v.y; wv[r][2] = v.z; wv[r][3] = v.w;
+      } else if constexpr (WORDS == 6) {
+#pragma unroll
+        for (int i = 0; i < 3; ++i) {
+          uint2 v = __ldg(reinterpret_cast<const uint2*>(p) + i);
+          wv[r][2 * i] = v.x; wv[r][2 * i + 1] = v.y;
+        }
+      } else {
+#pragma unroll
+        for (int i = 0; i < WORDS; ++i) wv[r][i] = __ldg(p + i);
+      }
+    }
+    const int g0 = (u * VALS) / GS;
+    float sc[R][NG], bi[R][NG];
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int gi = 0; gi < NG; ++gi) {
+        sc[r][gi] = jang::to_f(srow[r][g0 + gi]);
+        bi[r][gi] = jang::to_f(brow[r][g0 + gi]);
+      }
+
+    // 2. per group chunk: activations in slices of 8, reused for the R rows.
+#pragma unroll
+    for (int gi = 0; gi < NG; ++gi) {
+      float p[M][R];
+      float xs[M];
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+        xs[m] = 0.f;
+#pragma unroll
+        for (int r = 0; r < R; ++r) p[m][r] = 0.f;
+      }
+#pragma unroll
+      for (int c = 0; c < GV / 8; ++c) {
+        const int v0 = gi * GV + c * 8;            // first value of this slice within the unit
+        float xf[M][8];
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+          jang::load8<T>(x + (size_t)m * K + (size_t)u * VALS + v0, xf[m]);
+#pragma unroll
+          for (int i = 0; i < 8; ++i) xs[m] += xf[m][i];
+          if constexpr (FAST && POW2) {
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+              const int jh = ((v0 + i) % VPW) % VPH;
+              xf[m][i] *= __uint_as_float((uint32_t)(127 - BITS * jh) << 23);
+            }
+          }
+        }
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+#pragma unroll
+          for (int i = 0; i < 8; ++i) {
+            const int v = v0 + i;
+            float q;
+            if constexpr (FAST && POW2) {
+              const uint32_t word = wv[r][v / VPW];
+              const int pw = v % VPW;
+              const uint32_t hw = (pw >= VPH) ? (word >> 16) : word;
+              q = jang::u2f(hw & (MASK << (BITS * (pw % VPH))));
+            } else {
+              q = jang::u2f(jang::field<BITS>(wv[r], v));
+            }
+#pragma unroll
+            for (int m = 0; m < M; ++m) p[m][r] = fmaf(xf[m][i], q, p[m][r]);
+          }
+        }
+      }
+#pragma unroll
+      for (int m = 0; m < M; ++m)
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+          acc[m][r] = fmaf(sc[r][gi], p[m][r], fmaf(bi[r][gi], xs[m], acc[m][r]));
+    }
+  }
+
+  // 3. reduce: across the warp, then across the W warps of the team.
+#pragma unroll
+  for (int m = 0; m < M; ++m)
+#pragma unroll
+    for (int r = 0; r < R; ++r) acc[m][r] = jang::warp_sum(acc[m][r]);
+
+  const int lane = tid & 31;
+  if constexpr (W == 1) {
+    if (lane == 0) {
+#pragma unroll
+      for (int m = 0; m < M; ++m)
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+          if (row0 + r < N) y[(size_t)m * N + row0 + r] = jang::from_f<T>(acc[m][r]);
+    }
+  } else {
+    __shared__ float red[NW][M * R];
+    const int warp = tid >> 5;
+    if (lane == 0) {
+#pragma unroll
+      for (int m = 0; m < M; ++m)
+#pragma unroll
+        for (int r = 0; r < R; ++r) red[warp][m * R + r] = acc[m][r];
+    }
+    __syncthreads();
+    for (int i = t; i < M * R; i += TPT) {
+      float s = 0.f;
+#pragma unroll
+      for (int k = 0; k < W; ++k) s += red[team * W + k][i];
+      const int m = i / R, r = i % R;
+      if (row0 + r < N) y[(size_t)m * N + row0 + r] = jang::from_f<T>(s);
+    }
+  }
+"""
+
+MAX_ROWS = 8          # the GEMV path serves 1..8 activation rows
+THREADS = 128
+
+_kernel = None
+
+
+def kernel():
+    global _kernel
+    if _kernel is None:
+        _kernel = mx.fast.cuda_kernel(
+            name="jang_qgemv",
+            input_names=["x", "w", "scales", "biases"],
+            output_names=["y"],
+            source=SOURCE,
+            header=HEADER,
+        )
+    return _kernel
+
+
+def default_config(m: int, n: int, k: int, bits: int) -> dict:
+    """Rows per team R and warps per team W: the fewest warps per row that still give
+    ~800+ blocks (132 SMs, several blocks each), so short and long rows both fill the GPU."""
+    r = 4 if m <= 2 else 2
+    w = 4
+    for cand in (1, 2, 4):
+        if n / (r * (4 // cand)) >= 800:
+            w = cand
+            break
+    return {"R": r, "W": w, "FAST": True}
+
+
+def supports(x: mx.array, w: mx.array, bits: int, group_size: int) -> bool:
+    k = x.shape[-1]
+    return (
+        x.dtype in (mx.bfloat16, mx.float16, mx.float32)
+        and bits in (2, 3, 4, 5, 6, 8)
+        and group_size in (32, 64, 128)
+        and k % 128 == 0
+        and w.dtype == mx.uint32
+        and w.shape[-1] * 32 == k * bits
+    )
+
+
+def qgemv(x2d: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: int,
+          group_size: int, R: int | None = None, W: int | None = None, FAST: bool | None = None) -> mx.array:
+    """x2d: [M<=8, K]; returns [M, N] in x's dtype."""
+    m, k = x2d.shape
+    n = w.shape[0]
+    cfg = default_config(m, n, k, bits)
+    R = cfg["R"] if R is None else R
+    W = cfg["W"] if W is None else W
+    FAST = cfg["FAST"] if FAST is None else FAST
+    teams = 4 // W
+    blocks = math.ceil(n / (R * teams))
+    return kernel()(
+        inputs=[x2d, w, scales, biases],
+        template=[("T", x2d.dtype), ("S", scales.dtype), ("BITS", bits), ("GS", group_size),
+                  ("M", m), ("R", R), ("W", W), ("FAST", bool(FAST))],
+        grid=(blocks * THREADS, 1, 1),
+        threadgroup=(THREADS, 1, 1),
+        output_shapes=[(m, n)],
+        output_dtypes=[x2d.dtype],
+    )[0]
