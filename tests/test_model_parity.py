@@ -104,7 +104,7 @@ def run_ours(model, prompts, steps: int):
     caches = [ContiguousKV(model.num_layers) for _ in prompts]
     toks = mx.array(sum(prompts, []), dtype=mx.int32)
     pos = mx.array(sum([list(range(len(p))) for p in prompts], []), dtype=mx.int32)
-    logits = model(toks, pos, ContiguousBackend(caches, [len(p) for p in prompts]))
+    logits = model(toks, pos, ContiguousBackend(caches, [len(p) for p in prompts])).astype(mx.float32)
     out, off = [], 0
     for p in prompts:
         out.append(np.array(logits[off:off + len(p)]))
@@ -117,7 +117,7 @@ def run_ours(model, prompts, steps: int):
         for s, t in zip(seqs, nxt):
             s.append(t)
         pos = mx.array([len(s) - 1 for s in seqs], dtype=mx.int32)
-        last = np.array(model(mx.array(nxt, dtype=mx.int32), pos, ContiguousBackend(caches, [1] * len(seqs))))
+        last = np.array(model(mx.array(nxt, dtype=mx.int32), pos, ContiguousBackend(caches, [1] * len(seqs))).astype(mx.float32))
         decode.append(last)
     return out, decode, seqs
 
@@ -142,9 +142,16 @@ def test_parity(family, tmp_path):
     hf = make_tiny_checkpoint(family, tmp_path)
     model = load_ours(tmp_path)
     diff, span = compare(hf, model)
-    print(f"\n[parity] {family}: max |logit diff| = {diff:.2e} (logit range {span:.1f})")
+    # bfloat16 (the GPU default) runs every family's kernels too and stays near float32
+    ref = np.concatenate(run_ours(model, PROMPTS, 0)[0])
+    model.set_dtype(mx.bfloat16)
+    bf16 = np.concatenate(run_ours(model, PROMPTS, 0)[0])
+    bf16_mean = float(np.abs(bf16 - ref).mean())
+    print(f"\n[parity] {family}: max |logit diff| = {diff:.2e} (logit range {span:.1f}); "
+          f"bf16 vs f32 mean |diff| {bf16_mean:.4f}")
     assert span > 5.0, f"{family}: logits too flat ({span}) for a meaningful comparison"
     assert diff < TOL, f"{family}: max |logit diff| {diff:.3e} >= {TOL}"
+    assert bf16_mean < 0.005 * span, f"{family}: bfloat16 drifts {bf16_mean:.4f} from float32"
 
 
 def test_parity_gemma3_multimodal_text_part(tmp_path):

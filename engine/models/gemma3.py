@@ -81,7 +81,8 @@ class ModelArgs(DecoderArgs):
 
 
 class RMSNorm(nn.Module):
-    """Gemma's RMSNorm: x / rms(x) * (1 + weight)."""
+    """Gemma's RMSNorm: x / rms(x) * (1 + weight), computed in float32 like transformers (1 + w
+    in bfloat16 would round the scale to 1/128)."""
 
     def __init__(self, dims: int, eps: float = 1e-6):
         super().__init__()
@@ -89,7 +90,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def __call__(self, x):
-        return mx.fast.rms_norm(x, 1.0 + self.weight, self.eps)
+        if x.dtype == mx.float32:
+            return mx.fast.rms_norm(x, 1.0 + self.weight.astype(mx.float32), self.eps)
+        return mx.fast.rms_norm(x.astype(mx.float32), 1.0 + self.weight.astype(mx.float32), self.eps).astype(x.dtype)
 
 
 class Attention(BaseAttention):

@@ -35,7 +35,13 @@ class SwitchLinear(nn.Module):
 
     def __call__(self, x, indices, sorted_indices: bool = False):
         # x: [..., 1, in]; indices: [...] -> [..., 1, out]
-        y = mx.gather_mm(x, self.weight.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
+        w = self.weight
+        if w.dtype == mx.bfloat16 and mx.default_device() == mx.cpu:
+            # MLX's CPU gather_mm has no bfloat16 kernel: compute in float32 (slow, but correct).
+            y = mx.gather_mm(x.astype(mx.float32), w.astype(mx.float32).swapaxes(-1, -2), rhs_indices=indices,
+                             sorted_indices=sorted_indices).astype(x.dtype)
+        else:
+            y = mx.gather_mm(x, w.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
         if "bias" in self:
             y = y + mx.expand_dims(self.bias[indices], -2)
         return y
