@@ -59,9 +59,11 @@ def make_hf(d: Path, family: str = "llama", dtype: str = "fp32", shard: bool = F
     torch.manual_seed(seed)
     kw = dict(vocab_size=256, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-              tie_word_embeddings=tie, rms_norm_eps=1e-5)
-    cfg = tf.LlamaConfig(**kw) if family == "llama" else tf.Qwen2Config(**kw)
-    model = (tf.LlamaForCausalLM if family == "llama" else tf.Qwen2ForCausalLM)(cfg)
+              tie_word_embeddings=tie, rms_norm_eps=1e-5, head_dim=hidden // 4)
+    cfg_cls, model_cls = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
+                          "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
+                          "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM)}[family]
+    model = model_cls(cfg_cls(**kw))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
