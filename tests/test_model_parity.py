@@ -11,15 +11,13 @@ make any tolerance meaningless): matrices ~ N(0, 0.15^2), norms/biases = init + 
 
 from __future__ import annotations
 
+import mlx.core as mx
 import numpy as np
 import pytest
+import torch
+import transformers
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-import mlx.core as mx  # noqa: E402
-
-from jang_serve.engine.attention import ContiguousBackend, ContiguousKV  # noqa: E402
+from jang_serve.engine.attention import ContiguousBackend, ContiguousKV
 
 TOL = 1e-3
 PROMPTS = [[5, 17, 99, 3, 42, 8, 77, 12, 64, 31, 2], [9, 100, 4, 55, 23], list(range(20, 36))]

@@ -15,7 +15,6 @@ from jang_serve.engine.models.switch import QSwitchLinear, SwitchGLU, SwitchLine
 
 from test_model_parity import PROMPTS, load_ours, make_tiny_checkpoint, run_ours
 
-pytest.importorskip("transformers")
 
 
 def spec_for(bits: int):

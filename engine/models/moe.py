@@ -4,7 +4,6 @@ experts stacked in a SwitchGLU (`switch_mlp`)."""
 
 from __future__ import annotations
 
-import mlx.core as mx
 import mlx.nn as nn
 
 from .switch import SwitchGLU, route_topk
