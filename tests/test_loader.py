@@ -294,7 +294,16 @@ def _case_not_a_model(d):
     return f, "notes.txt", "not a model"
 
 
-BAD = [_case_missing_path, _case_missing_config, _case_bad_json, _case_unknown_model_type, _case_truncated,
+def _case_truncated_gguf(d):
+    from realdata import smollm2_gguf
+
+    f = d / "small.gguf"
+    with open(smollm2_gguf(), "rb") as src:
+        f.write_bytes(src.read(5000))
+    return f, "small.gguf", "truncated or corrupt GGUF"
+
+
+BAD = [_case_truncated_gguf, _case_missing_path, _case_missing_config, _case_bad_json, _case_unknown_model_type, _case_truncated,
        _case_corrupt_header, _case_tiny_file, _case_no_weights, _case_shape_mismatch, _case_missing_param,
        _case_unexpected_tensor, _case_unsupported_quant, _case_not_a_model]
 
@@ -356,3 +365,52 @@ def test_bad_input_names_file_and_problem(case, good_single, tmp_path):
 @pytest.mark.parametrize("case", BAD_SHARDED, ids=[c.__name__[6:] for c in BAD_SHARDED])
 def test_bad_sharded_input_names_file_and_problem(case, good_sharded, tmp_path):
     _check_bad(case, good_sharded, tmp_path)
+
+
+def test_mlx_lm_quantized_moe_matches_mlx_lm(tmp_path):
+    """Stacked experts (switch_mlp) load as QSwitchLinear with their own bits; router kept 8-bit."""
+    import torch
+    import transformers as tf
+    from mlx_lm import load as mlx_lm_load
+    from mlx_lm.convert import convert
+
+    torch.manual_seed(0)
+    src, dst = tmp_path / "hf", tmp_path / "mlx"
+    cfg = tf.Qwen3MoeConfig(vocab_size=256, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
+                            num_experts=4, num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, head_dim=32, decoder_sparse_step=1, mlp_only_layers=[],
+                            norm_topk_prob=True)
+    model = tf.Qwen3MoeForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1 + 0.2 * torch.randn_like(p) if "norm" in name else torch.randn_like(p) * 1.5 / p.shape[-1] ** 0.5)
+    model.save_pretrained(str(src))
+    write_byte_tokenizer(src)
+    # mlx-lm 0.32 reads the pre-transformers-5 key names
+    c = json.loads((src / "config.json").read_text())
+    c.update(num_experts=4, rope_theta=10000.0)
+    (src / "config.json").write_text(json.dumps(c))
+    convert(str(src), str(dst), quantize=True, q_group_size=64, q_bits=4,
+            quant_predicate=lambda p, m, *a: {"bits": 8, "group_size": 32} if "gate_proj" in p or p.endswith("mlp.gate") else True)
+    lm = load_model(dst)
+    mods = lm.quantization["modules"]
+    assert (mods["model.layers.0.mlp.switch_mlp.gate_proj"]["bits"], mods["model.layers.0.mlp.switch_mlp.gate_proj"]["group_size"]) == (8, 32)
+    assert (mods["model.layers.1.mlp.switch_mlp.down_proj"]["bits"], mods["model.layers.1.mlp.switch_mlp.down_proj"]["group_size"]) == (4, 64)
+    assert type(lm.model.model.layers[0].mlp.switch_mlp.up_proj).__name__ == "QSwitchLinear"
+    ref, _ = mlx_lm_load(str(dst))
+    ref.set_dtype(mx.float32)
+    for p, ours in zip(PROMPTS, our_logits(lm.model)):
+        theirs = np.array(ref(mx.array([p]))[0])
+        assert np.abs(theirs).max() > 0.5
+        np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_gguf_paths_are_detected_and_read(tmp_path):
+    from realdata import smollm2_gguf
+
+    g = smollm2_gguf()
+    assert detect_format(g) == "gguf"
+    cfg = read_config(g)  # metadata only, no weights read
+    assert cfg["model_type"] == "llama" and cfg["num_hidden_layers"] == 30 and cfg["hidden_size"] == 576
+    (tmp_path / "m.gguf").symlink_to(g)
+    assert detect_format(tmp_path) == "gguf"  # a folder holding one .gguf and no config.json

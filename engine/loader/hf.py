@@ -59,7 +59,9 @@ def weight_files(path) -> list[Path]:
         return [p / "model.safetensors"]
     files = sorted(f for f in p.glob("*.safetensors") if f.name not in _NOT_WEIGHTS)
     if not files:
-        raise LoadError(p, "no weight files: expected model.safetensors or shards with " + INDEX)
+        other = sorted(f.name for f in p.iterdir() if f.suffix in (".bin", ".pt", ".pth", ".gguf"))
+        hint = f" (found {', '.join(other[:3])}; only safetensors are read from a folder)" if other else ""
+        raise LoadError(p, "no weight files: expected model.safetensors or shards with " + INDEX + hint)
     for f in files:
         m = _SHARD_RE.search(f.name)
         if m:

@@ -21,7 +21,8 @@ from mlx.utils import tree_flatten
 
 from .dtype import cast_floats, resolve_dtype
 from .errors import LoadError
-from .hf import load_weights, model_dir, read_config, tensor_infos
+from . import hf
+from .hf import load_weights, model_dir, tensor_infos
 from .jang import JANG_CONFIG, drop_runtime_ignored, jang_declared, jang_default, read_jang_config
 from .mlx_quant import config_default, config_override, plan_quantization, quant_config
 
@@ -54,8 +55,25 @@ def detect_format(path) -> str:
         ggufs = sorted(p.glob("*.gguf"))
         if len(ggufs) == 1:
             return "gguf"
-    cfg = read_config(p)
+    cfg = hf.read_config(p)
     return "mlx" if quant_config(cfg, p / "config.json") else "hf"
+
+
+def read_config(path) -> dict:
+    """The HF-style config of a model folder (config.json) or of a .gguf file (from its metadata)."""
+    p = Path(path)
+    if p.is_file() and p.suffix.lower() == ".gguf":
+        from .gguf import read_gguf
+
+        try:
+            return read_gguf(p, with_weights=False).config
+        except ValueError as e:
+            raise LoadError(p, _strip_path(str(e), p)) from None
+    return hf.read_config(p)
+
+
+def _strip_path(msg: str, p: Path) -> str:
+    return msg[len(str(p)) + 2:] if msg.startswith(f"{p}: ") else msg
 
 
 def load_model(path, dtype="auto") -> LoadedModel:
@@ -156,6 +174,5 @@ def _load_gguf(f: Path, dt) -> LoadedModel:
     except LoadError:
         raise
     except ValueError as e:  # GGUFError and friends already name the file
-        msg = str(e)
-        raise LoadError(f, msg[len(str(f)) + 2:] if msg.startswith(str(f)) else msg) from None
+        raise LoadError(f, _strip_path(str(e), f)) from None
     return LoadedModel(model, config, tok, None, f, "gguf", dt)
