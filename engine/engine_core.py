@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import random
+import threading
 
 import mlx.core as mx
 import numpy as np
@@ -54,6 +55,7 @@ class EngineCore:
         self.requests: dict[str, list[Sequence]] = {}
         self._rng = random.Random(self.config.seed)
         self._grammar = None
+        self._grammar_lock = threading.Lock()
         self.num_steps = 0
         self.generated_tokens = 0
         self.num_requests = 0
@@ -80,8 +82,10 @@ class EngineCore:
                 raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary (size {self.vocab_size})")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this engine has none")
-        if params.needs_grammar and self.tokenizer is None:
-            raise ValueError("response_format json needs a tokenizer; this engine has none")
+        if params.needs_grammar:
+            if self.tokenizer is None:
+                raise ValueError("response_format json needs a tokenizer; this engine has none")
+            self.grammar.grammar(params.response_format)  # compile now: a bad schema fails here
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         if request_id in self.requests:
@@ -108,10 +112,11 @@ class EngineCore:
 
     @property
     def grammar(self):
-        if self._grammar is None:
-            from .grammar import GrammarFactory
+        with self._grammar_lock:
+            if self._grammar is None:
+                from .grammar import GrammarFactory
 
-            self._grammar = GrammarFactory(self.tokenizer, self.vocab_size, self.eos_ids)
+                self._grammar = GrammarFactory(self.tokenizer, self.vocab_size, self.eos_ids)
         return self._grammar
 
     def abort(self, request_id: str) -> list[Delta]:
