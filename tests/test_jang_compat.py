@@ -130,3 +130,25 @@ def test_shape_inference_breaks_ties_with_input_dim():
     assert infer_from_shapes(128, 16, 2) == (4, 64)
     assert infer_from_shapes(256, 64, 2) == (8, 128)
     assert infer_from_shapes(128, 7, 2) is None
+
+
+@pytest.mark.parametrize("change, problem", [
+    (lambda jc: jc.update(format_version="1.1"), "JANG format_version 1.1 is not supported"),
+    (lambda jc: jc["quantization"].update(hadamard_rotation=True), "Hadamard-rotated bundles are not supported"),
+    (None, "bad JSON"),
+], ids=["v1", "hadamard", "bad-json"])
+def test_unsupported_bundles_say_why(bundles, tmp_path, change, problem):
+    from jang_serve.engine.loader import LoadError
+
+    d = tmp_path / "b"
+    shutil.copytree(bundles["llama"][0], d)
+    f = d / "jang_config.json"
+    if change is None:
+        f.write_text("{oops")
+    else:
+        jc = json.loads(f.read_text())
+        change(jc)
+        f.write_text(json.dumps(jc))
+    with pytest.raises(LoadError) as e:
+        load_model(d)
+    assert str(f) in str(e.value) and problem in str(e.value), str(e.value)

@@ -288,6 +288,11 @@ def _case_unsupported_quant(d):
     return d, "config.json", "unsupported quantization mode 'mxfp4'"
 
 
+def _case_gptq_checkpoint(d):
+    _edit_config(d, quantization_config={"quant_method": "gptq", "bits": 4, "group_size": 128})
+    return d, "config.json", "unsupported quantization method 'gptq'"
+
+
 def _case_not_a_model(d):
     f = d / "notes.txt"
     f.write_text("hello")
@@ -305,7 +310,7 @@ def _case_truncated_gguf(d):
 
 BAD = [_case_truncated_gguf, _case_missing_path, _case_missing_config, _case_bad_json, _case_unknown_model_type, _case_truncated,
        _case_corrupt_header, _case_tiny_file, _case_no_weights, _case_shape_mismatch, _case_missing_param,
-       _case_unexpected_tensor, _case_unsupported_quant, _case_not_a_model]
+       _case_unexpected_tensor, _case_unsupported_quant, _case_gptq_checkpoint, _case_not_a_model]
 
 
 def _case_missing_shard(d):

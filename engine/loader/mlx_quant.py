@@ -52,8 +52,9 @@ def quant_config(config: dict, cfg_file) -> dict | None:
         return None
     if not isinstance(q, dict):
         raise LoadError(cfg_file, f"bad \"quantization\": expected an object, got {type(q).__name__}")
-    if "quant_method" in q and "bits" not in q:
-        raise LoadError(cfg_file, f"unsupported quantization method {q['quant_method']!r} "
+    method = q.get("quant_method")
+    if method is not None and str(method).lower() not in ("mlx", "affine", "jang"):
+        raise LoadError(cfg_file, f"unsupported quantization method {method!r} "
                                   f"(only MLX affine and JANG bundles are read)")
     mode = q.get("mode", "affine")
     if mode != "affine":
