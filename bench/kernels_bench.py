@@ -21,8 +21,11 @@ import mlx.core as mx
 import numpy as np
 
 from jang_serve.kernels import paged, paged_cuda, qmm_cuda
-from jang_serve.kernels import qmm as qmm_mod
+from jang_serve.kernels.qmm import qmm as kqmm
 
+# (R rows per team, W warps per team, FAST) variants swept at one row; 4-bit sweeps them all.
+VARIANTS = ((4, 1, True), (4, 1, False), (8, 1, True), (2, 4, True), (4, 2, True), (1, 4, True),
+            (2, 2, True), (8, 2, True))
 CALLS = 100
 REPS = 5
 ROTATE_BYTES = 400e6      # > 8x the H100's 50 MB L2
@@ -53,14 +56,22 @@ def rec(name, t, nbytes=None, bw=None, **kw):
 
 
 def copy_bandwidth():
-    """Device copy bandwidth (bytes read + written per second), MLX elementwise copy of 2 GB."""
+    """Device copy bandwidth (bytes read + written per second): the best of two MLX copies of
+    512 MB (a reversed-view copy and an elementwise multiply)."""
     a = mx.random.uniform(shape=(256, 1024, 1024)).astype(mx.bfloat16)   # 512 MB
     mx.eval(a)
+    t1 = timed(lambda: [mx.contiguous(a[::-1]) for _ in range(10)])
+    t2 = timed(lambda: [a * 2 for _ in range(10)])
+    r1 = rec("copy_reversed_512MB", t1, 2 * a.nbytes)
+    r2 = rec("multiply_512MB", t2, 2 * a.nbytes)
+    return max(r1["GBps"], r2["GBps"]) * 1e9, [r1, r2]
 
-    def calls():
-        return [mx.contiguous(a[::-1]) for _ in range(10)]
-    t = timed(calls)
-    return 2 * a.nbytes / t[0], rec("copy_512MB", t, 2 * a.nbytes)
+
+def check(y, ref):
+    """Relative error of a kernel output against the reference output (both computed here)."""
+    a = np.array(y.astype(mx.float32)).astype(np.float64)
+    b = np.array(ref.astype(mx.float32)).astype(np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 def qweights(n, k, bits, gs):
@@ -94,16 +105,18 @@ def gemv_section(bw, quick):
                 t = timed(lambda: [mx.quantized_matmul(x, *ws[i % nsets], transpose=True, group_size=gs, bits=bits)
                                    for i in range(CALLS)])
                 out.append(rec("mx.quantized_matmul", t, nbytes, bw, n=n, k=k, m=m, bits=bits))
-                t = timed(lambda: [qmm_mod.qmm(x, *ws[i % nsets], bits, gs) for i in range(CALLS)])
+                ref = mx.quantized_matmul(x, *ws[0], transpose=True, group_size=gs, bits=bits)
+                t = timed(lambda: [kqmm(x, *ws[i % nsets], bits, gs) for i in range(CALLS)])
                 out.append(rec("kernels.qmm", t, nbytes, bw, n=n, k=k, m=m, bits=bits,
-                               cfg=qmm_cuda.default_config(m, n, k, bits)))
+                               cfg=qmm_cuda.default_config(m, n, k, bits),
+                               err_vs_quantized_matmul=check(kqmm(x, *ws[0], bits, gs), ref)))
                 if m == 1:
-                    for R, W, F in ((4, 1, True), (4, 1, False), (2, 4, True), (8, 1, True), (4, 2, True),
-                                    (1, 4, True)):
+                    for R, W, F in VARIANTS if bits == 4 else VARIANTS[:3]:
                         t = timed(lambda: [qmm_cuda.qgemv(x, *ws[i % nsets], bits, gs, R=R, W=W, FAST=F)
                                            for i in range(CALLS)])
                         out.append(rec("qgemv_variant", t, nbytes, bw, n=n, k=k, m=m, bits=bits,
-                                       cfg=dict(R=R, W=W, FAST=F)))
+                                       cfg=dict(R=R, W=W, FAST=F), err_vs_quantized_matmul=check(
+                                           qmm_cuda.qgemv(x, *ws[0], bits, gs, R=R, W=W, FAST=F), ref)))
             del ws
     return out
 
@@ -127,7 +140,7 @@ def gemm_section(bw, quick):
                 t = timed(lambda: [x @ mx.dequantize(*ws[i % nsets], group_size=64, bits=bits).astype(mx.bfloat16).T
                                    for i in range(CALLS)])
                 out.append(rec("dequantize+matmul", t, n=n, k=k, m=m, bits=bits))
-                t = timed(lambda: [qmm_mod.qmm(x, *ws[i % nsets], bits, 64) for i in range(CALLS)])
+                t = timed(lambda: [kqmm(x, *ws[i % nsets], bits, 64) for i in range(CALLS)])
                 out.append(rec("kernels.qmm", t, n=n, k=k, m=m, bits=bits))
             del ws
         del wb
@@ -169,7 +182,7 @@ def paged_section(bw, quick):
         r = rec(f"paged_decode_{name}", t, nbytes, bw, B=B, L=L, kv=str(kvq))
         r["ratio_vs_sdpa_contiguous_bf16"] = r["us"] / sdpa["us"]
         out.append(r)
-        if not quick:
+        if not quick and kvq is None:
             t = timed(lambda: [paged.paged_decode_reference(q, k, v, tables, lens, scale, None, kvq)
                                for _ in range(8)])
             out.append(rec(f"paged_reference_{name}", t, nbytes, bw, B=B, L=L, kv=str(kvq)))
@@ -188,10 +201,10 @@ def main(path, quick=False):
     res = dict(device=gpu, mlx=mx.__version__, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                method=f"{CALLS} calls queued, one mx.eval, median of {REPS}; weights rotated over >= "
                       f"{ROTATE_BYTES / 1e6:.0f} MB", copy_bandwidth_GBps=bw / 1e9, copy=copy)
-    for name, fn in (("gemv", gemv_section), ("paged", paged_section), ("gemm", gemm_section)):
+    for name, fn in (("gemv", gemv_section), ("gemm", gemm_section), ("paged", paged_section)):
         t0 = time.time()
         try:
-            res[name] = fn(bw, quick)
+            res[name] = fn(bw, quick and name != "gemv")
         except Exception as e:  # keep what was measured so far
             res[name + "_error"] = repr(e)
             print(f"{name} failed: {e!r}")

@@ -73,7 +73,7 @@ def check_qmm():
     for bits in (2, 3, 4, 5, 6, 8):
         for m, r, w, fast in ((1, 4, 1, True), (1, 4, 4, False), (8, 2, 2, True)):
             tmpl = [("T", "bfloat16"), ("S", "bfloat16"), ("BITS", bits), ("GS", 32 if bits == 2 else 64),
-                    ("M", m), ("R", r), ("W", w), ("FAST", fast)]
+                    ("MM", m), ("R", r), ("W", w), ("FAST", fast)]
             src = build("qgemv", qmm_cuda.SOURCE, cuda_common.HEADER,
                         [("x", "bfloat16"), ("w", "uint32"), ("scales", "bfloat16"), ("biases", "bfloat16")],
                         [("y", "bfloat16")], tmpl)

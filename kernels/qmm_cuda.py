@@ -37,6 +37,7 @@ SOURCE = r"""
   constexpr int TEAMS = NW / W;
   constexpr int TPT = 32 * W;
 
+  const int M = x_shape[0];                             // rows used (<= MM, the compiled maximum)
   const int N = w_shape[0];
   const int KW = w_shape[1];
   const int K = KW * 32 / BITS;
@@ -59,9 +60,13 @@ SOURCE = r"""
     brow[r] = biases + (size_t)n * NGR;
   }
 
-  float acc[M][R];
+  const T* xrow[MM];
 #pragma unroll
-  for (int m = 0; m < M; ++m)
+  for (int m = 0; m < MM; ++m) xrow[m] = x + (size_t)min(m, M - 1) * K;
+
+  float acc[MM][R];
+#pragma unroll
+  for (int m = 0; m < MM; ++m)
 #pragma unroll
     for (int r = 0; r < R; ++r) acc[m][r] = 0.f;
 
@@ -98,10 +103,10 @@ SOURCE = r"""
     // 2. per group chunk: activations in slices of 8, reused for the R rows.
 #pragma unroll
     for (int gi = 0; gi < NG; ++gi) {
-      float p[M][R];
-      float xs[M];
+      float p[MM][R];
+      float xs[MM];
 #pragma unroll
-      for (int m = 0; m < M; ++m) {
+      for (int m = 0; m < MM; ++m) {
         xs[m] = 0.f;
 #pragma unroll
         for (int r = 0; r < R; ++r) p[m][r] = 0.f;
@@ -109,10 +114,10 @@ SOURCE = r"""
 #pragma unroll
       for (int c = 0; c < GV / 8; ++c) {
         const int v0 = gi * GV + c * 8;            // first value of this slice within the unit
-        float xf[M][8];
+        float xf[MM][8];
 #pragma unroll
-        for (int m = 0; m < M; ++m) {
-          jang::load8<T>(x + (size_t)m * K + (size_t)u * VALS + v0, xf[m]);
+        for (int m = 0; m < MM; ++m) {
+          jang::load8<T>(xrow[m] + (size_t)u * VALS + v0, xf[m]);
 #pragma unroll
           for (int i = 0; i < 8; ++i) xs[m] += xf[m][i];
           if constexpr (FAST && POW2) {
@@ -138,12 +143,12 @@ SOURCE = r"""
               q = jang::u2f(jang::field<BITS>(wv[r], v));
             }
 #pragma unroll
-            for (int m = 0; m < M; ++m) p[m][r] = fmaf(xf[m][i], q, p[m][r]);
+            for (int m = 0; m < MM; ++m) p[m][r] = fmaf(xf[m][i], q, p[m][r]);
           }
         }
       }
 #pragma unroll
-      for (int m = 0; m < M; ++m)
+      for (int m = 0; m < MM; ++m)
 #pragma unroll
         for (int r = 0; r < R; ++r)
           acc[m][r] = fmaf(sc[r][gi], p[m][r], fmaf(bi[r][gi], xs[m], acc[m][r]));
@@ -152,7 +157,7 @@ SOURCE = r"""
 
   // 3. reduce: across the warp, then across the W warps of the team.
 #pragma unroll
-  for (int m = 0; m < M; ++m)
+  for (int m = 0; m < MM; ++m)
 #pragma unroll
     for (int r = 0; r < R; ++r) acc[m][r] = jang::warp_sum(acc[m][r]);
 
@@ -160,32 +165,37 @@ SOURCE = r"""
   if constexpr (W == 1) {
     if (lane == 0) {
 #pragma unroll
-      for (int m = 0; m < M; ++m)
+      for (int m = 0; m < MM; ++m)
 #pragma unroll
         for (int r = 0; r < R; ++r)
-          if (row0 + r < N) y[(size_t)m * N + row0 + r] = jang::from_f<T>(acc[m][r]);
+          if (m < M && row0 + r < N) y[(size_t)m * N + row0 + r] = jang::from_f<T>(acc[m][r]);
     }
   } else {
-    __shared__ float red[NW][M * R];
+    __shared__ float red[NW][MM * R];
     const int warp = tid >> 5;
     if (lane == 0) {
 #pragma unroll
-      for (int m = 0; m < M; ++m)
+      for (int m = 0; m < MM; ++m)
 #pragma unroll
         for (int r = 0; r < R; ++r) red[warp][m * R + r] = acc[m][r];
     }
     __syncthreads();
-    for (int i = t; i < M * R; i += TPT) {
+    for (int i = t; i < MM * R; i += TPT) {
       float s = 0.f;
 #pragma unroll
       for (int k = 0; k < W; ++k) s += red[team * W + k][i];
       const int m = i / R, r = i % R;
-      if (row0 + r < N) y[(size_t)m * N + row0 + r] = jang::from_f<T>(s);
+      if (m < M && row0 + r < N) y[(size_t)m * N + row0 + r] = jang::from_f<T>(s);
     }
   }
 """
 
 MAX_ROWS = 8          # the GEMV path serves 1..8 activation rows
+
+
+def rows_bucket(m: int) -> int:
+    """Rows are compiled in buckets 1, 2, 4, 8 (fewer kernels to JIT; unused rows are skipped)."""
+    return 1 if m <= 1 else 2 if m <= 2 else 4 if m <= 4 else 8
 THREADS = 128
 
 _kernel = None
@@ -207,7 +217,7 @@ def kernel():
 def default_config(m: int, n: int, k: int, bits: int) -> dict:
     """Rows per team R and warps per team W: the fewest warps per row that still give
     ~800+ blocks (132 SMs, several blocks each), so short and long rows both fill the GPU."""
-    r = 4 if m <= 2 else 2
+    r = 4 if rows_bucket(m) <= 2 else 2
     w = 4
     for cand in (1, 2, 4):
         if n / (r * (4 // cand)) >= 800:
@@ -242,7 +252,7 @@ def qgemv(x2d: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: 
     return kernel()(
         inputs=[x2d, w, scales, biases],
         template=[("T", x2d.dtype), ("S", scales.dtype), ("BITS", bits), ("GS", group_size),
-                  ("M", m), ("R", R), ("W", W), ("FAST", bool(FAST))],
+                  ("MM", rows_bucket(m)), ("R", R), ("W", W), ("FAST", bool(FAST))],
         grid=(blocks * THREADS, 1, 1),
         threadgroup=(THREADS, 1, 1),
         output_shapes=[(m, n)],
