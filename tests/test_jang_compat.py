@@ -89,9 +89,14 @@ def test_half_precision_matches_reference_native_dtype(bundles):
 
 
 def _strip(bundle: Path, dst: Path, keep_manifest: bool, global_bits=(4, 64)) -> Path:
+    """Copy a bundle without config.json's per-module overrides (global_bits left as the only
+    entry, or no "quantization" key at all when None), optionally without the manifest too."""
     shutil.copytree(bundle, dst)
     cfg = json.loads((dst / "config.json").read_text())
-    cfg["quantization"] = {"group_size": global_bits[1], "bits": global_bits[0], "mode": "affine"}
+    if global_bits is None:
+        cfg.pop("quantization")
+    else:
+        cfg["quantization"] = {"group_size": global_bits[1], "bits": global_bits[0], "mode": "affine"}
     (dst / "config.json").write_text(json.dumps(cfg))
     if not keep_manifest:
         jc = json.loads((dst / "jang_config.json").read_text())
@@ -101,10 +106,12 @@ def _strip(bundle: Path, dst: Path, keep_manifest: bool, global_bits=(4, 64)) ->
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen3"])
-@pytest.mark.parametrize("keep_manifest", [True, False], ids=["from-manifest", "from-shapes"])
-def test_bits_without_config_overrides(bundles, name, keep_manifest, tmp_path):
+@pytest.mark.parametrize("keep_manifest, global_bits", [(True, (4, 64)), (False, (4, 64)), (False, None)],
+                         ids=["from-manifest", "from-shapes", "from-shapes-no-config-quantization"])
+def test_bits_without_config_overrides(bundles, name, keep_manifest, global_bits, tmp_path):
     bundle, ref, _ = bundles[name]
-    stripped = _strip(bundle, tmp_path / "b", keep_manifest)
+    stripped = _strip(bundle, tmp_path / "b", keep_manifest, global_bits)
+    assert detect_format(stripped) == "jang"
     lm = load_model(stripped)
     want = _bits_by_module(bundle)
     got = lm.quantization["modules"]
@@ -113,7 +120,7 @@ def test_bits_without_config_overrides(bundles, name, keep_manifest, tmp_path):
     if keep_manifest:
         assert "manifest" in sources and "shape" not in sources
     else:
-        # the global 4-bit/gs64 left in config.json fits some modules; the rest come from shapes
+        # a global 4-bit/gs64 left in config.json fits some modules; the rest come from shapes
         assert "shape" in sources and "manifest" not in sources
     for ours, theirs in zip(our_logits(lm.model), ref):
         np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=1e-4)
