@@ -32,6 +32,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--target-cmd", help="start this command instead ({port} is replaced by a free port)")
     t.add_argument("--serve-args", default="", help="extra arguments for jang-serve (--serve-model)")
     t.add_argument("--model", help="model name to send in requests (default: what /v1/models lists first)")
+    t.add_argument("--ready-path", default="/health", help="GET path that answers 200 once a started server is ready")
     t.add_argument("--name", default="jang-serve", help="label of the server under test in the results")
     b = p.add_argument_group("baseline")
     b.add_argument("--baseline", choices=["mlx-lm"], help="also start mlx_lm.server and run the same load on it")
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             cmd = (shlex.split(args.target_cmd) if args.target_cmd
                    else jang_serve_cmd(args.serve_model, shlex.split(args.serve_args)))
-            srv = ServerProcess(cmd, args.name, log_path=log_dir / f"{args.name}.log")
+            srv = ServerProcess(cmd, args.name, log_path=log_dir / f"{args.name}.log", ready_path=args.ready_path)
             print(f"starting {args.name}: {shlex.join(srv.cmd)}", flush=True)
             started.append(srv.start(args.start_timeout))
             targets.append(bench.Target(args.name, srv.url, args.model or _first_model(srv.url), srv.cmd))
@@ -123,7 +124,10 @@ def main(argv: list[str] | None = None) -> int:
               f"prompts {args.prompts} ({args.prompt_tokens} tok), max_tokens {args.max_tokens}, "
               f"repeat {args.repeat}, eos bias {eos}", flush=True)
         bodies = bench.Bodies(plan, tokens)
-        runs = bench.run(targets, plan, bodies)
+        try:
+            runs = bench.run(targets, plan, bodies)
+        except RuntimeError as e:
+            raise SystemExit(f"error: {e}") from None
     finally:
         for s in started:
             s.stop()

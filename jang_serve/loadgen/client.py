@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -26,6 +28,7 @@ class RequestResult:
     prompt_tokens: int | None = None  # from the server's usage, when it sends one
     completion_tokens: int | None = None
     aborted: bool = False  # the client hung up on purpose (soak tests)
+    attempts: int = 1  # > 1 when the connection failed before any response and was retried
 
     @property
     def ttft(self) -> float | None:
@@ -59,7 +62,9 @@ class RequestResult:
             "index": self.index, "ok": self.ok, "error": self.error, "status": self.status,
             "aborted": self.aborted, "ttft_s": self.ttft, "tpot_s": self.tpot, "latency_s": self.latency,
             "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-            "chunks": len(self.chunk_times), "finish_reason": self.finish_reason,
+            "chunks": len(self.chunk_times), "finish_reason": self.finish_reason, "attempts": self.attempts,
+            "text_sha1": hashlib.sha1(self.text.encode()).hexdigest()[:16] if self.ok else None,
+            "text_head": self.text[:200],
         }
 
 
@@ -79,17 +84,38 @@ def _chunk_text(obj: dict, chat: bool) -> tuple[str | None, str | None]:
     return text, c.get("finish_reason")
 
 
+# Failures of the connection itself, before the server sent a status line: a client retries these
+# (the openai SDK does, twice by default). Anything after the status line is an error, never retried.
+_RETRYABLE = (httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError, httpx.WriteError)
+
+
 async def stream_request(client: httpx.AsyncClient, url: str, body: dict, index: int = 0,
-                         abort_after: int | None = None, timeout: float = 600.0) -> RequestResult:
+                         abort_after: int | None = None, timeout: float = 600.0,
+                         retries: int = 2) -> RequestResult:
     """POST `body` with stream=True to `url` (a /v1/completions or /v1/chat/completions URL).
 
     Records the arrival time of each chunk that carries text. With `abort_after=k` the client closes
-    the connection after k text chunks (a mid-stream disconnect). Never raises: errors land in the result.
+    the connection after k text chunks (a mid-stream disconnect). A connection refused or reset before
+    the response started is retried up to `retries` times (times still count from the first try).
+    Never raises: errors land in the result.
     """
+    r = RequestResult(index=index, start=time.perf_counter())
+    while True:
+        try:
+            return await _stream_once(client, url, body, r, abort_after, timeout)
+        except _RETRYABLE as e:
+            if r.status is not None or r.attempts > retries:
+                r.error = f"{type(e).__name__}: {e}"
+                r.end = time.perf_counter()
+                return r
+            await asyncio.sleep(0.05 * 2 ** (r.attempts - 1))
+            r.attempts += 1
+
+
+async def _stream_once(client, url, body, r: RequestResult, abort_after, timeout) -> RequestResult:
     chat = url.rstrip("/").endswith("chat/completions")
     body = dict(body, stream=True)
     body.setdefault("stream_options", {"include_usage": True})
-    r = RequestResult(index=index, start=time.perf_counter())
     try:
         async with client.stream("POST", url, json=body, timeout=timeout) as resp:
             r.status = resp.status_code
@@ -133,6 +159,10 @@ async def stream_request(client: httpx.AsyncClient, url: str, body: dict, index:
                 r.error = "stream ended without [DONE]"
                 return r
             r.ok = True
+    except _RETRYABLE:
+        if r.status is None:
+            raise  # nothing was received: the caller may retry
+        r.error = "connection lost mid-stream"
     except (httpx.HTTPError, json.JSONDecodeError, OSError) as e:
         r.error = f"{type(e).__name__}: {e}"
     finally:

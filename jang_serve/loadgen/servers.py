@@ -24,7 +24,7 @@ class ServerProcess:
     """A server child process. `cmd` may contain {port}; the base URL is http://127.0.0.1:{port}."""
 
     def __init__(self, cmd: list[str] | str, name: str, port: int | None = None, log_path: str | Path | None = None,
-                 env: dict | None = None, ready_path: str = "/v1/models"):
+                 env: dict | None = None, ready_path: str = "/health"):
         self.port = port or free_port()
         if isinstance(cmd, str):
             cmd = shlex.split(cmd)

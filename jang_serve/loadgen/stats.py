@@ -46,6 +46,8 @@ def summarize(results: list[RequestResult], wall_s: float) -> dict:
         "requests": len(results),
         "completed": len(done),
         "failed": sum(errors.values()),
+        "aborted": sum(r.aborted for r in results),
+        "retried": sum(r.attempts > 1 for r in results),
         "errors": errors,
         "wall_s": wall_s,
         "request_throughput": len(done) / wall_s if wall_s > 0 else None,
