@@ -28,6 +28,7 @@ class RequestResult:
     prompt_tokens: int | None = None  # from the server's usage, when it sends one
     completion_tokens: int | None = None
     aborted: bool = False  # the client hung up on purpose (soak tests)
+    response_id: str | None = None  # the "id" of the streamed chunks
     attempts: int = 1  # > 1 when the connection failed before any response and was retried
 
     @property
@@ -62,7 +63,7 @@ class RequestResult:
             "index": self.index, "ok": self.ok, "error": self.error, "status": self.status,
             "aborted": self.aborted, "ttft_s": self.ttft, "tpot_s": self.tpot, "latency_s": self.latency,
             "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-            "chunks": len(self.chunk_times), "finish_reason": self.finish_reason, "attempts": self.attempts,
+            "chunks": len(self.chunk_times), "finish_reason": self.finish_reason, "attempts": self.attempts, "id": self.response_id,
             "text_sha1": hashlib.sha1(self.text.encode()).hexdigest()[:16] if self.ok else None,
             "text_head": self.text[:200],
         }
@@ -137,6 +138,8 @@ async def _stream_once(client, url, body, r: RequestResult, abort_after, timeout
                 if "error" in obj:
                     r.error = f"stream error: {json.dumps(obj['error'])[:500]}"
                     return r
+                if r.response_id is None:
+                    r.response_id = obj.get("id")
                 text, finish = _chunk_text(obj, chat)
                 if text:
                     parts.append(text)
