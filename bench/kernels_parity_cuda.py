@@ -55,7 +55,7 @@ def qmm_cases():
     # keep them few. The bench checks its own timed variants against mx.quantized_matmul too.
     out = []
     for bits in (2, 3, 4, 5, 6, 8):
-        for m in (1, 3, 8):
+        for m in (1, 3):
             _qmm_case(out, "qgemv", mx.bfloat16, bits, 64, 1000, 512, m)
         for gs in (32, 128):
             _qmm_case(out, "qgemv", mx.bfloat16, bits, gs, 1000, 512, 1)
@@ -82,28 +82,26 @@ def paged_cases():
     out = []
     rng = np.random.default_rng(0)
     combos = [(mx.bfloat16, kvq, heads, None) for kvq in (None, (8, 64), (8, 32), (4, 64), (4, 32))
-              for heads in ((32, 8, 128), (8, 8, 64), (16, 2, 128), (4, 1, 256))]
-    combos += [(mx.bfloat16, kvq, (32, 8, 128), 100) for kvq in (None, (8, 64), (8, 32), (4, 64), (4, 32))]
-    combos += [(mx.float16, kvq, (32, 8, 128), None) for kvq in (None, (8, 64), (4, 64))]
+              for heads in ((32, 8, 128), (8, 8, 64), (16, 2, 128))]
+    combos += [(mx.bfloat16, None, (4, 1, 256), None)]
+    combos += [(mx.bfloat16, kvq, (32, 8, 128), 100) for kvq in (None, (4, 64))]
+    combos += [(mx.float16, kvq, (32, 8, 128), None) for kvq in (None, (4, 64))]
     for dtype, kv_quant, (hq, hkv, d), window in combos:
-            if True:
-                if True:
-                    bs, nb = 16, 300
-                    lens = [0, 1, 17, 600, 1500, 333]
-                    maxb = -(-max(lens) // bs)
-                    tables = mx.array(rng.permutation(nb)[: len(lens) * maxb].reshape(len(lens), maxb)
-                                      .astype(np.int32) % nb)
-                    kp, vp = make_pool(nb, bs, hkv, d, dtype, kv_quant)
-                    q = mx.random.normal((len(lens), hq, d)).astype(dtype)
-                    scale = d ** -0.5
-                    ref = paged.paged_decode_reference(q.astype(mx.float32),
-                                                       _f32(kp), _f32(vp), tables, lens, scale, window, kv_quant)
-                    lower = paged.paged_decode_reference(q, kp, vp, tables, lens, scale, window, kv_quant)
-                    bits = 16 if kv_quant is None else kv_quant[0]
-                    grp = 32 if kv_quant is None else kv_quant[1]
-                    y = paged_cuda.paged_decode(q, kp, vp, tables, mx.array(lens), scale, window, bits, grp)
-                    out.append(dict(op="paged_decode", dtype=str(dtype), kv=str(kv_quant), hq=hq, hkv=hkv, d=d,
-                                    window=window, err=relerr(y, ref), ref_err=relerr(lower, ref)))
+        bs, nb = 16, 300
+        lens = [0, 1, 17, 600, 1500, 333]
+        maxb = -(-max(lens) // bs)
+        tables = mx.array(rng.integers(0, nb, size=(len(lens), maxb)).astype(np.int32))
+        kp, vp = make_pool(nb, bs, hkv, d, dtype, kv_quant)
+        q = mx.random.normal((len(lens), hq, d)).astype(dtype)
+        scale = d ** -0.5
+        ref = paged.paged_decode_reference(q.astype(mx.float32),
+                                           _f32(kp), _f32(vp), tables, lens, scale, window, kv_quant)
+        lower = paged.paged_decode_reference(q, kp, vp, tables, lens, scale, window, kv_quant)
+        bits = 16 if kv_quant is None else kv_quant[0]
+        grp = 32 if kv_quant is None else kv_quant[1]
+        y = paged_cuda.paged_decode(q, kp, vp, tables, mx.array(lens), scale, window, bits, grp)
+        out.append(dict(op="paged_decode", dtype=str(dtype), kv=str(kv_quant), hq=hq, hkv=hkv, d=d,
+                        window=window, err=relerr(y, ref), ref_err=relerr(lower, ref)))
     # the public entry point
     kp, vp = make_pool(64, 16, 8, 128, mx.bfloat16, (4, 64))
     tables = mx.array(rng.permutation(64)[:60].reshape(4, 15).astype(np.int32))
@@ -128,7 +126,7 @@ def main(path):
     cases = []
     res = dict(device=mx.device_info().get("device_name", "?"), mlx=mx.__version__,
                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
-    for name, fn in (("qmm", qmm_cases), ("paged", paged_cases)):
+    for name, fn in (("paged", paged_cases), ("qmm", qmm_cases)):
         t1 = time.time()
         cases += fn()
         res[name + "_seconds"] = round(time.time() - t1, 1)

@@ -5,10 +5,9 @@
 
 Paths by backend (kernels/backend.py) and by activation rows M = prod(x.shape[:-1]):
   reference    mx.quantized_matmul (the specification; the CPU path)
-  cuda, M<=8   fused dequant + GEMV kernel (kernels/qmm_cuda.py)
-  cuda, M>8    mx.quantized_matmul below DEQUANT_ROWS rows, else dequantize once to the activation
-               dtype and run the dense matmul (faster for large batches on CUDA, measured in
-               bench/results/kernels-h100.json)
+  cuda, M<=4   fused dequant + GEMV kernel (kernels/qmm_cuda.py)
+  cuda, M>4    mx.quantized_matmul below DEQUANT_ROWS rows, else dequantize once to the activation
+               dtype and run the dense (cuBLAS) matmul; thresholds from bench/results/kernels-h100.json
   metal, M<=8  the Metal port of the GEMV kernel (kernels/qmm_metal.py), self-tested at first use
 """
 
@@ -18,8 +17,10 @@ import mlx.core as mx
 
 from . import backend
 
-# Rows at which dequantize + dense matmul beats mx.quantized_matmul on CUDA (set from the H100 run).
-DEQUANT_ROWS = 32
+# From the H100 run (bench/results/kernels-h100.json): the fused GEMV wins up to 4 rows; from 5 rows
+# MLX's tensor-core quantized_matmul is faster; dequantize + dense matmul only pays for large prefills.
+GEMV_ROWS = 4
+DEQUANT_ROWS = 512
 
 
 def qmm_reference(x, w, scales, biases, bits, group_size):
@@ -57,7 +58,7 @@ def qmm(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: int,
     if b == "cuda":
         from . import qmm_cuda
 
-        if m <= qmm_cuda.MAX_ROWS and qmm_cuda.supports(x, w, bits, group_size):
+        if m <= GEMV_ROWS and qmm_cuda.supports(x, w, bits, group_size):
             y = qmm_cuda.qgemv(x.reshape(m, k), w, scales, biases, bits, group_size)
             return y.reshape(*lead, w.shape[0])
         if m >= DEQUANT_ROWS and x.dtype in (mx.bfloat16, mx.float16):

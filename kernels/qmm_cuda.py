@@ -190,7 +190,7 @@ SOURCE = r"""
   }
 """
 
-MAX_ROWS = 8          # the GEMV path serves 1..8 activation rows
+MAX_ROWS = 8          # the kernel serves 1..8 activation rows (qmm.py routes only 1..GEMV_ROWS here)
 
 
 def rows_bucket(m: int) -> int:
@@ -215,14 +215,12 @@ def kernel():
 
 
 def default_config(m: int, n: int, k: int, bits: int) -> dict:
-    """Rows per team R and warps per team W: the fewest warps per row that still give
-    ~800+ blocks (132 SMs, several blocks each), so short and long rows both fill the GPU."""
-    r = 4 if rows_bucket(m) <= 2 else 2
-    w = 4
-    for cand in (1, 2, 4):
-        if n / (r * (4 // cand)) >= 800:
-            w = cand
-            break
+    """R rows per team and W warps per team, from the H100 sweep (bench/results/kernels-h100.json):
+    8 rows per team at one row of activations (4 at two, 2 at four), one warp per row team for
+    wide outputs (N >= 8192) and two for narrow ones, where K is long."""
+    mm = rows_bucket(m)
+    r = 8 if mm == 1 else 4 if mm == 2 else 2
+    w = 1 if n >= 8192 else 2
     return {"R": r, "W": w, "FAST": True}
 
 
