@@ -17,10 +17,11 @@ from jang_serve.engine.models import build_model
 from jang_serve.engine.models.layers import quantize_model
 
 
-def load_bundle(path, dtype=mx.float32):
-    """-> (model, config). Quantized folders stay quantized; float sources are cast to `dtype`."""
+def load_bundle(path, dtype=mx.float32, dequantize: bool = False):
+    """-> (model, config). Quantized folders stay quantized (unless `dequantize`: then every weight is
+    expanded to a float Linear, the fast path for evaluation on CPU); float sources are cast to `dtype`."""
     p = Path(path)
-    if p.is_dir() and (p / "config.json").is_file():
+    if not dequantize and p.is_dir() and (p / "config.json").is_file():
         config = json.loads((p / "config.json").read_text())
         q = config.get("quantization")
         if q:

@@ -105,7 +105,8 @@ def convert(src, out, profile=None, bits=None, method="rtn", group_size=64, cali
     source = open_source(src)
     report = progress or (lambda d: None)
     calib_ids = None
-    if widths is None and plan.budget is not None:
+    allocated = widths is None and plan.budget is not None
+    if allocated:
         from .allocate import allocate
 
         calib_ids = _calib_ids(source, calib)
@@ -123,7 +124,8 @@ def convert(src, out, profile=None, bits=None, method="rtn", group_size=64, cali
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
-        result = _stream(source, plan, method, int(group_size), widths, hessians, tmp, report, t0)
+        result = _stream(source, plan, method, int(group_size), widths, hessians, tmp, report, t0,
+                         calib=calib, widths_from_allocator=allocated)
         if out.exists():
             raise FileExistsError(f"output {out} appeared while converting; not overwriting it")
         umask = os.umask(0)
@@ -145,7 +147,8 @@ def _calib_ids(source, calib) -> list[int]:
     return calibration_tokens(source, calib)
 
 
-def _stream(source, plan: Plan, method, group_size, widths, hessians, tmp: Path, report, t0) -> ConvertResult:
+def _stream(source, plan: Plan, method, group_size, widths, hessians, tmp: Path, report, t0,
+            calib=None, widths_from_allocator: bool = False) -> ConvertResult:
     writer = BundleWriter(tmp)
     counter = BitCounter()
     per_module: dict[str, tuple[int, int]] = {}
@@ -155,8 +158,10 @@ def _stream(source, plan: Plan, method, group_size, widths, hessians, tmp: Path,
     done = 0
     total_groups = n_layers + 1
     for key, tensors in source.groups():
-        if hessians is not None and key >= 0:
-            hessians.prepare_layer(key, tensors)
+        if hessians is not None:
+            hessians.see_group(key, tensors)
+            if key >= 0:
+                hessians.prepare_layer(key, tensors)
         for name in sorted(tensors):
             w = tensors[name]
             shape = tuple(w.shape)
@@ -198,6 +203,12 @@ def _stream(source, plan: Plan, method, group_size, widths, hessians, tmp: Path,
         raise SourceError(f"{source.path}: no weight matrix could be quantized")
 
     used = sorted({b for b, _ in per_module.values()})
+    calib_info = hessians.describe() if hessians is not None else None
+    if calib_info is not None or widths_from_allocator:
+        calib_info = dict(calib_info or {"method": "fisher-allocation"})
+        calib_info["text"] = str(calib) if calib is not None else "builtin"
+        if widths_from_allocator:
+            calib_info["allocator"] = "diagonal Fisher x RTN error per width, greedy under the budget"
     config = dict(source.config)
     config["quantization"] = quantization_block(min(used), group_size, per_module)
     tok_files = source.save_tokenizer(tmp)
@@ -217,7 +228,7 @@ def _stream(source, plan: Plan, method, group_size, widths, hessians, tmp: Path,
             "bit_widths_used": used,
             "quantization_scheme": "asymmetric",
             "quantization_backend": "mx.quantize-affine",
-            "calibration": hessians.describe() if hessians is not None else None,
+            "calibration": calib_info,
             "tensor_quantization_manifest_schema": 1,
             "tensor_quantization_manifest_count": len(manifest),
             "tensor_quantization_manifest": manifest,

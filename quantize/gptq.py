@@ -1,0 +1,196 @@
+"""GPTQ in MLX's per-group affine format, layer by layer on calibration activations.
+
+For each transformer layer, in order: load its float weights, run the calibration hidden states
+through it while accumulating H = X^T X for the input of every linear, quantize each linear with
+GPTQ, then run the calibration states through the *quantized* layer to get the next layer's inputs
+(so later layers see, and correct for, the error of earlier ones).
+
+GPTQ itself (Frantar et al.): columns are quantized one at a time and the rounding error of each is
+spread over the not-yet-quantized columns through the Cholesky factor of the damped inverse
+Hessian. Each group's scale and bias are fixed when the column loop reaches the group's first
+column (from the already-updated weights, with the MSE clip search), so the result is exactly
+representable as MLX affine groups. With act_order, columns go in decreasing Hessian-diagonal
+order and the group parameters are fixed up front from the original weights (static groups).
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from . import affine
+from .roles import module_path
+
+BLOCK = 128
+
+
+def single_thread_blas() -> None:
+    """numpy's OpenBLAS spins its threads against each other on a small shared CPU (a 896x896
+    Cholesky takes 1 s with threads, 0.1 s without); GPTQ's small factorizations run best on one."""
+    import ctypes
+    import glob
+    import os
+
+    for lib in glob.glob(os.path.join(os.path.dirname(np.__file__), "..", "numpy.libs", "*openblas*")):
+        try:
+            dll = ctypes.CDLL(lib)
+        except OSError:
+            continue
+        for fn in ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads", "openblas_set_num_threads"):
+            if hasattr(dll, fn):
+                getattr(dll, fn)(1)
+                return
+
+
+def gptq_quantize(w: np.ndarray, H: np.ndarray, bits: int, group_size: int, damp: float = 0.01,
+                  act_order: bool = False):
+    """w [out, in] float32, H [in, in] -> (codes uint8 [out, in], scales [out, G], biases [out, G])
+    with scales/biases already rounded to float16."""
+    W = np.array(w, dtype=np.float32, copy=True)
+    out_d, in_d = W.shape
+    n = 2**bits - 1
+    H = np.array(H, dtype=np.float64, copy=True)
+    dead = np.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    ng = in_d // group_size
+    S = np.zeros((out_d, ng), np.float32)
+    Bz = np.zeros((out_d, ng), np.float32)
+    codes = np.zeros((out_d, in_d), np.uint8)
+
+    def group_params(cols: np.ndarray):
+        q, s, b = affine.mse_groups(mx.array(cols), bits, grid=10, refit=1)
+        return np.array(s)[:, 0], np.array(b)[:, 0]
+
+    perm = np.arange(in_d)
+    if act_order:
+        for g in range(ng):  # static groups from the original weights
+            S[:, g], Bz[:, g] = group_params(W[:, g * group_size : (g + 1) * group_size])
+        perm = np.argsort(-np.diag(H), kind="stable")
+        W = W[:, perm]
+        H = H[perm][:, perm]
+    H[np.diag_indices(in_d)] += damp * np.mean(np.diag(H))
+    try:
+        L = np.linalg.cholesky(H)
+        Linv = np.linalg.inv(L)
+        Hinv = np.linalg.cholesky(Linv.T @ Linv).T  # upper Cholesky factor of H^-1
+    except np.linalg.LinAlgError:
+        H[np.diag_indices(in_d)] += np.mean(np.diag(H))
+        L = np.linalg.cholesky(H)
+        Linv = np.linalg.inv(L)
+        Hinv = np.linalg.cholesky(Linv.T @ Linv).T
+    Hinv = Hinv.astype(np.float32)
+    for i1 in range(0, in_d, BLOCK):
+        i2 = min(i1 + BLOCK, in_d)
+        W1 = W[:, i1:i2].copy()
+        Err = np.zeros_like(W1)
+        Hb = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = perm[i1 + i]
+            g = col // group_size
+            if not act_order and col % group_size == 0:
+                S[:, g], Bz[:, g] = group_params(W1[:, i : i + group_size])
+            s, b = S[:, g], Bz[:, g]
+            x = W1[:, i]
+            safe = np.where(s == 0, 1.0, s)
+            q = np.clip(np.rint((x - b) / safe), 0, n)
+            codes[:, col] = q
+            err = (x - (q * s + b)) / Hb[i, i]
+            W1[:, i:] -= np.outer(err, Hb[i, i:])
+            Err[:, i] = err
+        W[:, i2:] -= Err @ Hinv[i1:i2, i2:]
+    return codes, S, Bz
+
+
+class GPTQRunner:
+    """Feeds calibration activations layer by layer during the streaming conversion."""
+
+    def __init__(self, source, ids: list[int], seq_len: int = 512, damp: float = 0.01, act_order: bool = False):
+        single_thread_blas()
+        self.model = source.model
+        self.damp, self.act_order = damp, act_order
+        n = max(1, len(ids) // seq_len)
+        self.seqs = [ids[i * seq_len : (i + 1) * seq_len] for i in range(n)]
+        self.h = None  # calibration hidden states [T, D]
+        self.hess: dict[str, np.ndarray] = {}
+        self.tokens = n * seq_len
+        self._quantized: dict[str, mx.array] = {}
+
+    def describe(self) -> dict:
+        return {"method": "gptq", "tokens": self.tokens, "sequences": len(self.seqs), "damp": self.damp,
+                "act_order": self.act_order, "group_params": "mse clip search per group"}
+
+    def see_group(self, key: int, tensors: dict) -> None:
+        if key == -1:
+            self.model.load_weights([(k, v) for k, v in tensors.items() if "embed" in k], strict=False)
+            toks = mx.array([t for s in self.seqs for t in s], dtype=mx.int32)
+            self.h = self.model.embed(toks).astype(mx.float32)
+            mx.eval(self.h)
+
+    def _run_block(self, i: int) -> mx.array:
+        from jang_serve.engine.attention import ContiguousBackend, ContiguousKV
+
+        block = self.model.model.layers[i]
+        pos = mx.array([p for s in self.seqs for p in range(len(s))], dtype=mx.int32)
+        caches = [ContiguousKV(self.model.num_layers) for _ in self.seqs]
+        out = block(self.h, pos, ContiguousBackend(caches, [len(s) for s in self.seqs]))
+        mx.eval(out)
+        return out
+
+    def prepare_layer(self, i: int, tensors: dict) -> None:
+        if self.h is None:
+            raise RuntimeError("GPTQ needs the embeddings before the first layer")
+        prefix = f"model.layers.{i}."
+        block = self.model.model.layers[i]
+        block.load_weights([(k[len(prefix):], v) for k, v in tensors.items() if k.startswith(prefix)], strict=False)
+        self.hess = {}
+        originals = []
+        for path, m in block.named_modules():
+            if isinstance(m, nn.Linear):
+                originals.append((path, m))
+        captured = {}
+
+        class Capture(nn.Module):
+            def __init__(self, lin, key):
+                super().__init__()
+                self.lin, self.key = lin, key
+
+            def __call__(self, x):
+                x2 = x.reshape(-1, x.shape[-1]).astype(mx.float32)
+                h = x2.T @ x2
+                captured[self.key] = captured[self.key] + h if self.key in captured else h
+                return self.lin(x)
+
+        from mlx.utils import tree_unflatten
+
+        block.update_modules(tree_unflatten([(p, Capture(m, prefix + p)) for p, m in originals]))
+        try:
+            self._run_block(i)
+        finally:
+            block.update_modules(tree_unflatten(originals))
+        self.hess = {k: np.array(v) for k, v in captured.items()}
+
+    def quantize(self, name: str, w: mx.array, bits: int, group_size: int):
+        path = module_path(name)
+        H = self.hess.get(path)
+        if H is None or H.shape[0] != w.shape[1]:
+            return affine.quantize(w, bits, group_size, "mse")
+        codes, s, b = gptq_quantize(np.array(w.astype(mx.float32)), H, bits, group_size, self.damp, self.act_order)
+        wq = affine.pack(codes, bits)
+        s16, b16 = mx.array(s).astype(affine.STORE_DTYPE), mx.array(b).astype(affine.STORE_DTYPE)
+        # the next layer must see this layer's quantized output
+        self._quantized[path] = affine.dequantize(wq, s16, b16, bits, group_size)
+        return wq, s16, b16
+
+    def finish_layer(self, i: int) -> None:
+        prefix = f"model.layers.{i}."
+        block = self.model.model.layers[i]
+        q = [(k[len(prefix):] + ".weight", v) for k, v in self._quantized.items() if k.startswith(prefix)]
+        if q:
+            block.load_weights(q, strict=False)
+        self.h = self._run_block(i)
+        self._quantized = {}
+        self.hess = {}
+
+

@@ -1,0 +1,99 @@
+"""RTN / MSE / GPTQ math on arrays, and method="gptq" through convert() (recorded truthfully)."""
+
+from __future__ import annotations
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from jang_serve.quantize import affine, convert
+from jang_serve.quantize.bundle import forward_logits, load_bundle
+from jang_serve.quantize.gptq import gptq_quantize
+from test_quant_convert import make_tiny
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+def test_pack_is_mlx_layout(bits):
+    w = mx.random.normal((8, 256), key=mx.random.key(bits))
+    wq, s, b = mx.quantize(w, group_size=64, bits=bits)
+    deq = np.array(mx.dequantize(wq, s, b, group_size=64, bits=bits))
+    codes = np.rint((deq - np.repeat(np.array(b), 64, 1)) / np.repeat(np.array(s), 64, 1))
+    assert np.array_equal(np.array(affine.pack(codes, bits)), np.array(wq))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_mse_clipping_beats_min_max(bits):
+    w = mx.random.normal((64, 256), key=mx.random.key(7)) * mx.linspace(0.5, 2, 256)
+    e_rtn = float(mx.mean((affine.dequantize(*affine.rtn(w, bits, 64), bits, 64) - w) ** 2))
+    e_mse = float(mx.mean((affine.dequantize(*affine.mse(w, bits, 64), bits, 64) - w) ** 2))
+    assert e_mse < 0.95 * e_rtn
+    # importance weighting moves error away from the heavy columns
+    imp = mx.concatenate([mx.full((64,), 100.0), mx.ones((192,))])
+    wq = affine.mse(w, bits, 64, importance=imp)
+    d = affine.dequantize(*wq, bits, 64) - w
+    assert float(mx.mean(d[:, :64] ** 2)) < e_mse
+
+
+def _problem(seed=0, out=48, inp=128):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(1024, inp)).astype(np.float32) @ rng.normal(size=(inp, inp)).astype(np.float32) * 0.1
+    x[:, :4] *= 8
+    return rng.normal(size=(out, inp)).astype(np.float32), x
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_lowers_output_error(act_order):
+    w, x = _problem()
+    h = x.T @ x
+
+    def out_err(wh):
+        return float(((x @ (w - wh).T) ** 2).mean())
+
+    for bits in (2, 4):
+        e_mse = out_err(np.array(affine.dequantize(*affine.mse(mx.array(w), bits, 64), bits, 64)))
+        codes, s, b = gptq_quantize(w, h, bits, 64, act_order=act_order)
+        assert codes.max() <= 2**bits - 1 and s.shape == (48, 2)
+        # exactly representable in MLX's format: pack, dequantize, same numbers
+        wh = np.array(affine.dequantize(affine.pack(codes, bits), mx.array(s).astype(mx.float16),
+                                        mx.array(b).astype(mx.float16), bits, 64))
+        manual = codes * np.repeat(s, 64, 1) + np.repeat(b, 64, 1)
+        assert np.allclose(wh, manual, atol=1e-5)
+        assert out_err(wh) < 0.6 * e_mse, (bits, out_err(wh), e_mse)
+
+
+def test_gptq_convert_is_recorded_and_helps(tmp_path):
+    src = make_tiny(tmp_path / "src", seed=5)
+    from jang_serve.quantize.calib import calibration_tokens
+    from jang_serve.quantize.sources import open_source
+    from realdata import python_docs_text
+
+    docs = python_docs_text()
+    text = tmp_path / "calib.txt"
+    text.write_text(docs[300_000:303_000])
+    ids = calibration_tokens(open_source(src), None, n_tokens=200)[:128]  # eval text: other docs
+    fm, _ = load_bundle(src)
+    ref = forward_logits(fm, ids)
+    errs = {}
+    for m in ("rtn", "gptq"):
+        r = convert(src, tmp_path / m, profile="JANG_2S", method=m, calib=text if m == "gptq" else None)
+        jq = json.loads((r.path / "jang_config.json").read_text())["quantization"]
+        assert jq["method"] == m and r.method == m
+        if m == "gptq":
+            assert jq["calibration"]["method"] == "gptq" and jq["calibration"]["tokens"] >= 512
+            assert jq["calibration"]["text"] == str(text)
+        qm, _ = load_bundle(r.path)
+        errs[m] = float(mx.mean((forward_logits(qm, ids) - ref) ** 2))
+    assert errs["gptq"] < errs["rtn"]
+
+
+def test_short_calibration_file_is_an_error(tmp_path):
+    src = make_tiny(tmp_path / "src")
+    short = tmp_path / "c.txt"
+    short.write_text("hi")
+    with pytest.raises(ValueError, match="too short"):
+        convert(src, tmp_path / "o", profile="JANG_2S", method="gptq", calib=short)
+    with pytest.raises(FileNotFoundError, match="calibration file"):
+        convert(src, tmp_path / "o", profile="JANG_2S", method="gptq", calib=tmp_path / "nope.txt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.txt", "src"]
