@@ -20,7 +20,7 @@ from . import backend
 # From the H100 run (bench/results/kernels-h100.json): the fused GEMV wins up to 4 rows; from 5 rows
 # MLX's tensor-core quantized_matmul is faster; dequantize + dense matmul only pays for large prefills.
 GEMV_ROWS = 4
-DEQUANT_ROWS = 512
+DEQUANT_ROWS = 192
 
 
 def qmm_reference(x, w, scales, biases, bits, group_size):
