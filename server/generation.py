@@ -99,16 +99,50 @@ class Admission:
             self.entry.active -= 1
 
 
-async def generate(entry: ModelEntry, prompt_ids: list[int], params, request_id: str) -> AsyncIterator:
-    """The engine's deltas for one request; the request is aborted if the consumer stops early
-    (client disconnect, cancellation) or anything fails."""
+async def start_generation(entry: ModelEntry, prompt_ids: list[int], params, request_id: str) -> AsyncIterator:
+    """Submit a request to the engine and return its deltas as an async iterator.
+
+    The engine validates a request (prompt length, token ids, response_format schema) when its
+    stream is first advanced; that happens here, before any response is sent, so a bad request
+    is a 400 even when streaming. The request is aborted if the consumer stops early.
+    """
+    agen = entry.engine.generate(prompt_ids, params, request_id)
+    first = asyncio.ensure_future(agen.__anext__())
+    for _ in range(3):  # let the synchronous validation part of the first step run
+        if first.done():
+            break
+        await asyncio.sleep(0)
+    if first.done() and not first.cancelled() and first.exception() is not None:
+        exc = first.exception()
+        if isinstance(exc, StopAsyncIteration):
+            return _empty()
+        if isinstance(exc, ValueError):
+            raise bad_request(str(exc)) from None
+        raise exc
+    return _deltas(entry, agen, first, request_id)
+
+
+async def _empty():
+    return
+    yield
+
+
+async def _deltas(entry: ModelEntry, agen, first, request_id: str):
     finished = False
     try:
-        async for delta in entry.engine.generate(prompt_ids, params, request_id):
+        try:
+            delta = await first
+        except StopAsyncIteration:
+            finished = True
+            return
+        yield delta
+        async for delta in agen:
             yield delta
         finished = True
     finally:
         if not finished:
+            if not first.done():
+                first.cancel()
             entry.engine.abort(request_id)
 
 

@@ -86,8 +86,10 @@ class ModelRegistry:
             entry.tokenizer = loaded.tokenizer
             entry.config = dict(loaded.config)
             entry.context_length = context_length_of(entry.config, self.cfg)
-            entry.info = {"format": getattr(loaded, "format", None), "quantization": _jsonable(loaded.quantization)}
+            entry.info = {"format": getattr(loaded, "format", None), "quantization": _quant_summary(loaded.quantization)}
             entry.engine = _start_engine(loaded, self.cfg, entry.context_length)
+            entry.context_length = int(getattr(entry.engine, "max_model_len", entry.context_length))
+            entry.tokenizer = getattr(entry.engine, "tokenizer", None) or entry.tokenizer
             entry.state = "ready"
             log.info("model %s ready in %.1f s (%s)", entry.name, time.perf_counter() - t0, path)
         except Exception as e:
@@ -158,14 +160,19 @@ def _start_engine(loaded, cfg: ServerConfig, context_length: int):
         kw["kv_memory_gb"] = cfg.kv_memory
     if cfg.max_num_batched_tokens is not None:
         kw["max_num_batched_tokens"] = cfg.max_num_batched_tokens
-    return AsyncEngine(loaded, EngineConfig(**kw))
+    engine = AsyncEngine(loaded, EngineConfig(**kw))
+    engine.start()
+    return engine
 
 
-def _jsonable(x):
-    if x is None or isinstance(x, (str, int, float, bool)):
-        return x
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    return str(x)
+def _quant_summary(q) -> dict | None:
+    """Global bits / group size (and the range of per-module bits) without the per-module table."""
+    if not isinstance(q, dict):
+        return None
+    out = {k: q[k] for k in ("format", "bits", "group_size", "profile") if isinstance(q.get(k), (str, int, float))}
+    mods = q.get("modules")
+    if isinstance(mods, dict):
+        bits = sorted({m.get("bits") for m in mods.values() if isinstance(m, dict) and isinstance(m.get("bits"), int)})
+        if bits:
+            out["module_bits"] = bits
+    return out

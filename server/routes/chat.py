@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, Request
 
 from ..auth import require_api_key
 from ..errors import bad_request
-from ..generation import (Admission, chat_logprobs, generate, new_id, resolve_max_tokens, response_format_dict,
+from ..generation import (Admission, chat_logprobs, new_id, start_generation, resolve_max_tokens, response_format_dict,
                           run_until_disconnect, sampling_params, usage)
 from ..metrics import RequestTimer
 from ..schemas import ChatCompletionRequest, NamedToolChoice, text_of
@@ -93,8 +93,16 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                              response_format=rf)
     parser = app.state.config.tool_call_parser if tools_on else "none"
     make_streamer = (lambda: ToolCallStreamer(parser, mode, fn_name))
-    ctx = dict(entry=entry, ids=ids, params=params, rid=new_id("chatcmpl"), make_streamer=make_streamer,
-               timer=RequestTimer(app.state.metrics, entry.name), admission=Admission(request, entry))
+    rid = new_id("chatcmpl")
+    timer = RequestTimer(app.state.metrics, entry.name)
+    admission = Admission(request, entry)
+    try:
+        deltas = await start_generation(entry, ids, params, rid)
+    except BaseException:
+        admission.release()
+        raise
+    ctx = dict(entry=entry, ids=ids, params=params, rid=rid, make_streamer=make_streamer, timer=timer,
+               admission=admission, deltas=deltas)
     if body.stream:
         return sse_response(request, _stream(body, **ctx))
     try:
@@ -110,7 +118,7 @@ def _finish_reason(engine_reason: str | None, has_calls: bool) -> str:
     return {"length": "length"}.get(engine_reason or "", "stop")
 
 
-async def _complete(body, *, entry, ids, params, rid, make_streamer, timer, admission):
+async def _complete(body, *, entry, ids, params, rid, make_streamer, timer, admission, deltas):
     n = params.n
     streamers = [make_streamer() for _ in range(n)]
     content = [[] for _ in range(n)]
@@ -119,7 +127,7 @@ async def _complete(body, *, entry, ids, params, rid, make_streamer, timer, admi
     reasons = [None] * n
     counts = [0] * n
     prompt_tokens, cached = len(ids), 0
-    async for d in generate(entry, ids, params, rid):
+    async for d in deltas:
         if d.token_ids:
             timer.token()
         i = d.index
@@ -148,7 +156,7 @@ async def _complete(body, *, entry, ids, params, rid, make_streamer, timer, admi
             "usage": usage(prompt_tokens, sum(counts), cached)}
 
 
-async def _stream(body, *, entry, ids, params, rid, make_streamer, timer, admission):
+async def _stream(body, *, entry, ids, params, rid, make_streamer, timer, admission, deltas):
     created = int(time.time())
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     n = params.n
@@ -170,7 +178,7 @@ async def _stream(body, *, entry, ids, params, rid, make_streamer, timer, admiss
     try:
         for i in range(n):
             yield chunk([choice(i, {"role": "assistant", "content": ""})])
-        async for d in generate(entry, ids, params, rid):
+        async for d in deltas:
             if d.token_ids:
                 timer.token()
             i = d.index

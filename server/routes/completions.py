@@ -13,8 +13,8 @@ from fastapi import APIRouter, Depends, Request
 
 from ..auth import require_api_key
 from ..errors import bad_request
-from ..generation import (Admission, completion_logprobs, generate, new_id, resolve_max_tokens,
-                          response_format_dict, run_until_disconnect, sampling_params, usage)
+from ..generation import (Admission, completion_logprobs, new_id, resolve_max_tokens, response_format_dict,
+                          run_until_disconnect, sampling_params, start_generation, usage)
 from ..metrics import RequestTimer
 from ..schemas import CompletionRequest
 from ..streaming import data, done, error_chunk, sse_response
@@ -62,6 +62,16 @@ async def completions(body: CompletionRequest, request: Request):
     rid = new_id("cmpl")
     timer = RequestTimer(app.state.metrics, entry.name)
     admission = Admission(request, entry)
+    streams = []
+    try:
+        for k, (_, ids, params) in enumerate(jobs):
+            streams.append(await start_generation(entry, ids, params, f"{rid}-{k}"))
+    except BaseException:
+        admission.release()
+        for st in streams:
+            await st.aclose()
+        raise
+    jobs = [(text, ids, params, st) for (text, ids, params), st in zip(jobs, streams)]
     if body.stream:
         return sse_response(request, _stream(body, entry, jobs, rid, timer, admission))
     try:
@@ -79,9 +89,9 @@ async def _merged(entry, jobs, rid):
     """Deltas of all prompts, interleaved as they come: (prompt number, delta)."""
     queue: asyncio.Queue = asyncio.Queue()
 
-    async def pump(k, ids, params):
+    async def pump(k, stream):
         try:
-            async for d in generate(entry, ids, params, f"{rid}-{k}"):
+            async for d in stream:
                 await queue.put((k, d))
         except BaseException as e:
             await queue.put((k, e))
@@ -89,7 +99,7 @@ async def _merged(entry, jobs, rid):
         finally:
             await queue.put((k, None))
 
-    tasks = [asyncio.ensure_future(pump(k, ids, p)) for k, (_, ids, p) in enumerate(jobs)]
+    tasks = [asyncio.ensure_future(pump(k, job[3])) for k, job in enumerate(jobs)]
     live = len(tasks)
     try:
         while live:
@@ -130,10 +140,10 @@ async def _complete(body, entry, jobs, rid, timer):
             cached += d.cached_tokens
         if d.finish_reason:
             reasons[idx] = d.finish_reason
-    prompt_total = prompt_total or sum(len(ids) for _, ids, _ in jobs)
+    prompt_total = prompt_total or sum(len(job[1]) for job in jobs)
     timer.finish(prompt_total, sum(counts.values()), cached)
     choices = []
-    for k, (ptext, ids, params) in enumerate(jobs):
+    for k, (ptext, ids, params, _) in enumerate(jobs):
         for i in range(n):
             idx = k * n + i
             text = "".join(texts.get(idx, []))
@@ -166,7 +176,7 @@ async def _stream(body, entry, jobs, rid, timer, admission):
 
     try:
         if body.echo:
-            for k, (ptext, _, _) in enumerate(jobs):
+            for k, (ptext, _, _, _) in enumerate(jobs):
                 for i in range(n):
                     offsets[k * n + i] = len(ptext)
                     yield chunk([{"index": k * n + i, "text": ptext, "logprobs": None, "finish_reason": None}])
@@ -187,7 +197,7 @@ async def _stream(body, entry, jobs, rid, timer, admission):
                 yield chunk([{"index": idx, "text": d.text, "logprobs": lp,
                               "finish_reason": _reason(d.finish_reason) if d.finish_reason else None}])
         completed = True
-        prompt_total = prompt_total or sum(len(ids) for _, ids, _ in jobs)
+        prompt_total = prompt_total or sum(len(job[1]) for job in jobs)
         timer.finish(prompt_total, sum(counts.values()), cached)
         if include_usage:
             yield chunk([], usage(prompt_total, sum(counts.values()), cached))

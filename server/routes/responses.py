@@ -10,7 +10,8 @@ from fastapi import APIRouter, Depends, Request
 
 from ..auth import require_api_key
 from ..errors import bad_request
-from ..generation import Admission, generate, new_id, resolve_max_tokens, run_until_disconnect, sampling_params
+from ..generation import (Admission, new_id, resolve_max_tokens, run_until_disconnect, sampling_params,
+                          start_generation)
 from ..metrics import RequestTimer
 from ..schemas import ResponsesRequest, text_of
 from ..streaming import error_chunk, event, sse_response
@@ -67,19 +68,24 @@ async def responses(body: ResponsesRequest, request: Request):
     rid, item_id = new_id("resp"), new_id("msg")
     timer = RequestTimer(app.state.metrics, entry.name)
     admission = Admission(request, entry)
-    if body.stream:
-        return sse_response(request, _stream(body, entry, ids, params, rid, item_id, timer, admission))
     try:
-        return await run_until_disconnect(request, _complete(body, entry, ids, params, rid, item_id, timer),
+        deltas = await start_generation(entry, ids, params, rid)
+    except BaseException:
+        admission.release()
+        raise
+    if body.stream:
+        return sse_response(request, _stream(body, entry, ids, deltas, rid, item_id, timer, admission))
+    try:
+        return await run_until_disconnect(request, _complete(body, entry, ids, deltas, rid, item_id, timer),
                                           lambda: app.state.metrics.aborted.labels(entry.name).inc())
     finally:
         admission.release()
 
 
-async def _complete(body, entry, ids, params, rid, item_id, timer):
+async def _complete(body, entry, ids, deltas, rid, item_id, timer):
     created = int(time.time())
     parts, reason, count, cached, prompt = [], None, 0, 0, len(ids)
-    async for d in generate(entry, ids, params, rid):
+    async for d in deltas:
         if d.token_ids:
             timer.token()
         parts.append(d.text)
@@ -92,7 +98,7 @@ async def _complete(body, entry, ids, params, rid, item_id, timer):
                      [_message(item_id, "".join(parts), "completed")], _usage(prompt, count, cached), incomplete)
 
 
-async def _stream(body, entry, ids, params, rid, item_id, timer, admission):
+async def _stream(body, entry, ids, deltas, rid, item_id, timer, admission):
     created = int(time.time())
     seq = [0]
 
@@ -109,7 +115,7 @@ async def _stream(body, entry, ids, params, rid, item_id, timer, admission):
         yield ev("response.output_item.added", output_index=0, item=_message(item_id, "", ""))
         yield ev("response.content_part.added", **loc,
                  part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})
-        async for d in generate(entry, ids, params, rid):
+        async for d in deltas:
             if d.token_ids:
                 timer.token()
             count, cached = max(count, d.completion_tokens), max(cached, d.cached_tokens)
