@@ -118,7 +118,7 @@ def shared_jang_serve():
     """One tiny-model jang-serve for the whole test session (loadgen, soak, schemathesis); stopped at exit."""
     import atexit
 
-    srv = start_jang_serve(None, "--max-num-seqs", "32", "--max-queue", "64")
+    srv = start_jang_serve(None, "--max-num-seqs", "32", "--max-queue", "64", "--max-model-len", "256")
     atexit.register(srv.stop)
     return srv
 
