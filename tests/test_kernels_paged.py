@@ -1,0 +1,141 @@
+"""Paged attention decode and the KV write on the CPU: the kernels' reference against the engine's
+reference (same pool layout), write_kv against the engine's, and a NumPy port of the CUDA kernel's
+split-K algorithm (parts over the window, per-part max / sum, merge) against the reference."""
+
+import numpy as np
+import pytest
+
+import mlx.core as mx
+
+from jang_serve.engine import paged_attention as engine_pa
+from jang_serve.kernels import paged_attention_decode, paged_decode_reference, write_kv
+from jang_serve.kernels import paged_cuda
+
+NB, BS = 24, 8
+
+
+def _pools(hkv, d, kv_quant, seed=0):
+    mx.random.seed(seed)
+    k = mx.random.normal((NB, BS, hkv, d))
+    v = mx.random.normal((NB, BS, hkv, d))
+    if kv_quant is None:
+        return k, v
+    bits, g = kv_quant
+    return tuple(mx.quantize(k, group_size=g, bits=bits)), tuple(mx.quantize(v, group_size=g, bits=bits))
+
+
+def _tables(b, nblk, seed=1):
+    rng = np.random.default_rng(seed)
+    return mx.array(rng.permutation(NB)[: b * nblk].reshape(b, nblk).astype(np.int32))
+
+
+@pytest.mark.parametrize("kv_quant", [None, (8, 64), (4, 32)])
+@pytest.mark.parametrize("window", [None, 13])
+def test_kernels_reference_matches_engine_reference(kv_quant, window):
+    hq, hkv, d = 8, 2, 64
+    kp, vp = _pools(hkv, d, kv_quant)
+    tables = _tables(3, 6)
+    lens = [45, 1, 20]
+    q = mx.random.normal((3, hq, d))
+    ours = paged_attention_decode(q, kp, vp, tables, lens, d ** -0.5, window, kv_quant)
+    theirs = engine_pa.paged_attention(q, kp, vp, tables, lens, [1, 1, 1], d ** -0.5, window, kv_quant)
+    assert ours.shape == (3, hq, d)
+    assert mx.allclose(ours, theirs, atol=1e-5).item()
+
+
+def test_empty_context_gives_zeros():
+    kp, vp = _pools(2, 64, None)
+    q = mx.random.normal((2, 4, 64))
+    out = paged_decode_reference(q, kp, vp, _tables(2, 3), [0, 5], 0.125)
+    assert mx.all(out[0] == 0).item() and mx.all(mx.isfinite(out)).item()
+
+
+@pytest.mark.parametrize("kv_quant", [None, (8, 64), (4, 32)])
+def test_write_kv_matches_engine_and_round_trips(kv_quant):
+    hkv, d = 2, 64
+    kp, vp = _pools(hkv, d, kv_quant)
+    k = mx.random.normal((5, hkv, d))
+    v = mx.random.normal((5, hkv, d))
+    slots = mx.array([3, 17, 40, 41, 150], dtype=mx.int32)
+    ours = write_kv(kp, vp, k, v, slots, kv_quant)
+    theirs = engine_pa.write_kv(kp, vp, k, v, slots, kv_quant)
+    for a, b in zip(ours, theirs):
+        for x, y in zip(a if kv_quant else (a,), b if kv_quant else (b,)):
+            assert mx.array_equal(x, y).item()
+    # the written slots hold the new keys (exactly, or to quantization error)
+    newk = ours[0]
+    if kv_quant is None:
+        got = newk.reshape(NB * BS, hkv, d)[slots]
+        assert mx.array_equal(got, k).item()
+    else:
+        bits, g = kv_quant
+        flat = [p.reshape(NB * BS, *p.shape[2:])[slots] for p in newk]
+        got = mx.dequantize(*flat, group_size=g, bits=bits)
+        assert mx.abs(got - k).max().item() < (0.05 if bits == 8 else 0.5)
+
+
+def test_bad_inputs_name_the_problem():
+    kp, vp = _pools(2, 64, None)
+    q = mx.random.normal((2, 4, 64))
+    with pytest.raises(ValueError, match="kv_quant"):
+        paged_attention_decode(q, kp, vp, _tables(2, 3), [3, 5], 0.1, None, (8, 64))
+    with pytest.raises(ValueError, match="query heads"):
+        paged_attention_decode(mx.zeros((2, 3, 64)), kp, vp, _tables(2, 3), [3, 5], 0.1)
+    with pytest.raises(ValueError, match="block_tables"):
+        paged_attention_decode(q, kp, vp, _tables(3, 3), [3, 5], 0.1)
+    with pytest.raises(ValueError, match="slot_mapping"):
+        write_kv(kp, vp, mx.zeros((2, 2, 64)), mx.zeros((2, 2, 64)), mx.array([1, 2, 3]))
+
+
+def _split_k_like_cuda(q, k, v, lens, scale, window, part):
+    """NumPy port of kernels/paged_cuda.py on dense per-sequence K/V [B, L, Hkv, D]."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    b, hq, d = q.shape
+    hkv = k.shape[2]
+    g = hq // hkv
+    span = k.shape[1] if not window else min(k.shape[1], window)
+    nparts = max(1, -(-span // part))
+    out = np.zeros((b, hq, d))
+    for s in range(b):
+        ctx = lens[s]
+        start = max(0, ctx - window) if window else 0
+        for h in range(hq):
+            ms, ls, os_ = [], [], []
+            for p in range(nparts):
+                t0, t1 = start + p * part, min(ctx, start + (p + 1) * part)
+                if t0 >= t1:
+                    ms.append(-np.inf), ls.append(0.0), os_.append(np.zeros(d))
+                    continue
+                sc = (k[s, t0:t1, h // g] @ (q[s, h] * scale))
+                m = sc.max()
+                e = np.exp(sc - m)
+                ms.append(m), ls.append(e.sum()), os_.append(e @ v[s, t0:t1, h // g])
+            big = max(ms)
+            if big == -np.inf:
+                continue
+            w = [np.exp(m - big) if m != -np.inf else 0.0 for m in ms]
+            out[s, h] = sum(wi * o for wi, o in zip(w, os_)) / sum(wi * li for wi, li in zip(w, ls))
+    return out
+
+
+@pytest.mark.parametrize("window", [None, 11])
+def test_cuda_split_k_algorithm_in_numpy(window):
+    hq, hkv, d = 4, 2, 32
+    kp, vp = _pools(hkv, d, None, seed=3)
+    tables = _tables(3, 6, seed=4)
+    lens = [0, 29, 48]
+    q = mx.random.normal((3, hq, d))
+    dense_k = kp[tables].reshape(3, 6 * BS, hkv, d)
+    dense_v = vp[tables].reshape(3, 6 * BS, hkv, d)
+    ours = _split_k_like_cuda(q, dense_k, dense_v, lens, d ** -0.5, window, part=8)
+    ref = np.asarray(paged_decode_reference(q, kp, vp, tables, lens, d ** -0.5, window))
+    assert np.allclose(ours, ref, atol=1e-4)
+
+
+def test_cuda_shared_memory_rule():
+    assert paged_cuda.pick_part(4, 128, False) == 512
+    assert paged_cuda.pick_part(8, 128, True) == 512
+    assert paged_cuda.pick_part(8, 256, False) == 128
+    assert paged_cuda.pick_part(32, 256, False) is None      # too big: the reference runs
+    assert paged_cuda.supports(mx.zeros((1, 32, 128), dtype=mx.bfloat16), 128, 4, 4, 64)
+    assert not paged_cuda.supports(mx.zeros((1, 32, 96), dtype=mx.bfloat16), 96, 4, 16, 32)

@@ -1,0 +1,128 @@
+"""kernels.qmm on the CPU: the reference path, input checks, backend selection, and a NumPy port of
+the CUDA GEMV's per-unit algorithm (bit-stream fields, in-place masking with pre-scaled activations,
+per-group scale * sum(x*q) + bias * sum(x)) checked against mx.dequantize / mx.quantized_matmul."""
+
+import numpy as np
+import pytest
+
+import mlx.core as mx
+
+from jang_serve.kernels import backend, qmm, qmm_reference
+from jang_serve.kernels import qmm_cuda
+
+
+def _quant(n, k, bits, gs, seed=0):
+    mx.random.seed(seed)
+    w = mx.random.normal((n, k)) * 0.1
+    return mx.quantize(w, group_size=gs, bits=bits)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+@pytest.mark.parametrize("gs", [32, 64, 128])
+def test_reference_path_matches_quantized_matmul(bits, gs):
+    wq, s, b = _quant(48, 256, bits, gs)
+    x = mx.random.normal((3, 256))
+    y = qmm(x, wq, s, b, bits, gs)
+    ref = mx.quantized_matmul(x, wq, s, b, transpose=True, group_size=gs, bits=bits)
+    assert y.shape == (3, 48)
+    assert mx.allclose(y, ref, atol=1e-5, rtol=1e-5).item()
+    # and against an explicit dequantized float matmul
+    dense = x @ mx.dequantize(wq, s, b, group_size=gs, bits=bits).T
+    assert mx.allclose(y, dense, atol=1e-3, rtol=1e-3).item()
+
+
+def test_leading_dims_are_kept():
+    wq, s, b = _quant(16, 128, 4, 64)
+    x = mx.random.normal((2, 3, 128))
+    assert qmm(x, wq, s, b, 4, 64).shape == (2, 3, 16)
+
+
+def test_bad_inputs_name_the_problem():
+    wq, s, b = _quant(16, 128, 4, 64)
+    with pytest.raises(ValueError, match="bits"):
+        qmm(mx.zeros((1, 128)), wq, s, b, 7, 64)
+    with pytest.raises(ValueError, match="group_size"):
+        qmm(mx.zeros((1, 128)), wq, s, b, 4, 16)
+    with pytest.raises(ValueError, match="input features"):
+        qmm(mx.zeros((1, 64)), wq, s, b, 4, 64)
+    with pytest.raises(ValueError, match="scales"):
+        qmm(mx.zeros((1, 128)), wq, s[:, :1], b, 4, 64)
+
+
+def test_backend_is_reference_on_cpu_and_env_forces_it(monkeypatch):
+    assert backend.current() == "reference"      # the default device here is the CPU
+    monkeypatch.setenv("JANG_KERNELS", "reference")
+    assert backend.for_op("qmm") == "reference"
+    monkeypatch.setenv("JANG_KERNELS", "bogus")
+    with pytest.raises(ValueError, match="JANG_KERNELS"):
+        backend.current()
+
+
+def _gemv_like_cuda(x, wq, s, b, bits, gs, fast):
+    """NumPy port of kernels/qmm_cuda.py for one activation row (same units, fields and sums)."""
+    x = np.asarray(x, np.float64)
+    words = np.asarray(wq).astype(np.uint64)
+    s = np.asarray(s, np.float64)
+    b = np.asarray(b, np.float64)
+    n, kw = words.shape
+    k = kw * 32 // bits
+    pow2 = bits in (2, 4, 8)
+    vals = 128 // bits if pow2 else 32
+    nwords = vals * bits // 32
+    ng = vals // gs if vals > gs else 1
+    gv = vals // ng
+    vpw, mask = 32 // bits, (1 << bits) - 1
+    y = np.zeros(n)
+    for r in range(n):
+        acc = 0.0
+        for u in range(k // vals):
+            wv = [int(v) for v in words[r, u * nwords:(u + 1) * nwords]]
+            g0 = u * vals // gs
+            for gi in range(ng):
+                p = xs = 0.0
+                for v in range(gi * gv, (gi + 1) * gv):
+                    xv = x[u * vals + v]
+                    xs += xv
+                    if fast and pow2:
+                        word = wv[v // vpw]
+                        pw = v % vpw
+                        hw = word >> 16 if pw >= vpw // 2 else word
+                        j = pw % (vpw // 2)
+                        masked = hw & (mask << (bits * j))
+                        f = np.float32(np.uint32(masked | 0x4B000000).view(np.float32)) - np.float32(8388608.0)
+                        p += (xv * 2.0 ** (-bits * j)) * float(f)
+                    else:
+                        bit = v * bits
+                        stream = wv[bit // 32] | ((wv[bit // 32 + 1] << 32) if bit // 32 + 1 < nwords else 0)
+                        p += xv * ((stream >> (bit % 32)) & mask)
+                acc += s[r, g0 + gi] * p + b[r, g0 + gi] * xs
+        y[r] = acc
+    return y
+
+
+@pytest.mark.parametrize("bits,gs,fast", [(2, 32, True), (4, 64, True), (8, 128, True), (3, 64, False),
+                                          (5, 32, False), (6, 128, False), (4, 32, False)])
+def test_cuda_gemv_algorithm_in_numpy(bits, gs, fast):
+    wq, s, b = _quant(3, 256, bits, gs, seed=bits)
+    x = mx.random.normal((256,))
+    y = _gemv_like_cuda(x, wq, s, b, bits, gs, fast)
+    ref = np.asarray(mx.quantized_matmul(x[None], wq, s, b, transpose=True, group_size=gs, bits=bits))[0]
+    assert np.allclose(y, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_cuda_launch_config_and_support_rules():
+    cfg = qmm_cuda.default_config(1, 14336, 4096, 4)
+    assert cfg == {"R": 8, "W": 1, "FAST": True}
+    assert qmm_cuda.default_config(1, 4096, 14336, 4)["W"] == 2
+    assert [qmm_cuda.rows_bucket(m) for m in (1, 2, 3, 4, 5, 8)] == [1, 2, 4, 4, 8, 8]
+    wq, _, _ = _quant(8, 256, 4, 64)
+    assert qmm_cuda.supports(mx.zeros((1, 256), dtype=mx.bfloat16), wq, 4, 64)
+    wq3, _, _ = _quant(8, 192, 3, 64)
+    assert not qmm_cuda.supports(mx.zeros((1, 192), dtype=mx.bfloat16), wq3, 3, 64)   # K % 128
+
+
+def test_reference_function_is_the_spec():
+    wq, s, b = _quant(8, 128, 6, 64)
+    x = mx.random.normal((2, 128))
+    assert mx.array_equal(qmm_reference(x, wq, s, b, 6, 64),
+                          mx.quantized_matmul(x, wq, s, b, transpose=True, group_size=64, bits=6)).item()
