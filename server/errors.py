@@ -88,11 +88,13 @@ def validation_error(exc: RequestValidationError) -> APIError:
                            code="invalid_json")
     if kind == "missing" and tuple(first.get("loc", ())) == ("body",):
         return bad_request("The request body is missing; send a JSON object.", code="invalid_json")
-    if tuple(first.get("loc", ())) == ("body",):
+    if tuple(first.get("loc", ())) == ("body",) and kind in ("model_attributes_type", "dict_type", "model_type"):
         return bad_request("The request body must be a JSON object, sent with Content-Type: application/json.",
                            code="invalid_json")
     param = _loc_to_param(first.get("loc", ()))
     msg = first.get("msg", "invalid value")
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
     where = f"'{param}'" if param else "the request body"
     extra = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
     return bad_request(f"Invalid value for {where}: {msg}{extra}.", param=param, code="invalid_value")
