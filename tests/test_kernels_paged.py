@@ -139,3 +139,28 @@ def test_cuda_shared_memory_rule():
     assert paged_cuda.pick_part(32, 256, False) is None      # too big: the reference runs
     assert paged_cuda.supports(mx.zeros((1, 32, 128), dtype=mx.bfloat16), 128, 4, 4, 64)
     assert not paged_cuda.supports(mx.zeros((1, 32, 96), dtype=mx.bfloat16), 96, 4, 16, 32)
+
+
+def test_metal_self_test_failure_falls_back(monkeypatch):
+    from jang_serve.kernels import backend, metal_common, paged_metal
+
+    monkeypatch.setattr(metal_common, "_results", {})
+    monkeypatch.setattr(backend, "_disabled", set())
+    assert paged_metal.ready() is False
+    assert ("metal", "paged") in backend.disabled()
+    monkeypatch.setattr(backend, "current", lambda: "metal")
+    kp, vp = _pools(2, 64, (8, 64))
+    q = mx.random.normal((2, 4, 64))
+    out = paged_attention_decode(q, kp, vp, _tables(2, 3), [3, 20], 0.125, None, (8, 64))
+    ref = paged_decode_reference(q, kp, vp, _tables(2, 3), [3, 20], 0.125, None, (8, 64))
+    assert mx.allclose(out, ref).item()
+
+
+def test_warmup_on_the_reference_backend_and_bad_specs():
+    from jang_serve.kernels.warmup import warmup
+
+    res = warmup([dict(op="qmm", n=64, k=128, bits=4, group_size=64),
+                  dict(op="paged", heads=4, kv_heads=2, head_dim=64, kv_quant=(8, 64))])
+    assert res["backend"] == "reference" and res["ops"] == 2 and res["calls"] == 0
+    with pytest.raises(ValueError, match="unknown op"):
+        warmup([dict(op="conv")])

@@ -126,3 +126,39 @@ def test_reference_function_is_the_spec():
     x = mx.random.normal((2, 128))
     assert mx.array_equal(qmm_reference(x, wq, s, b, 6, 64),
                           mx.quantized_matmul(x, wq, s, b, transpose=True, group_size=64, bits=6)).item()
+
+
+def test_metal_self_test_failure_falls_back_with_a_log_line(caplog, monkeypatch):
+    """No Metal here: building the Metal kernel fails, so the guard must disable it, log why, and
+    leave qmm on the reference."""
+    from jang_serve.kernels import metal_common, qmm_metal
+
+    monkeypatch.setattr(metal_common, "_results", {})
+    monkeypatch.setattr(backend, "_disabled", set())
+    with caplog.at_level("WARNING", logger="jang_serve.kernels"):
+        assert qmm_metal.ready() is False
+    assert ("metal", "qmm") in backend.disabled()
+    assert "metal qmm kernel disabled" in caplog.text
+    monkeypatch.setattr(backend, "current", lambda: "metal")
+    assert backend.for_op("qmm") == "reference"
+    wq, s, b = _quant(8, 128, 4, 64)
+    x = mx.random.normal((1, 128))
+    assert mx.allclose(qmm(x, wq, s, b, 4, 64), qmm_reference(x, wq, s, b, 4, 64)).item()
+
+
+def test_qmm_shapes_finds_each_distinct_quantized_linear():
+    import mlx.nn as nn
+
+    from jang_serve.kernels import qmm_shapes
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.QuantizedLinear(128, 64, group_size=64, bits=4)
+            self.b = nn.QuantizedLinear(128, 64, group_size=64, bits=4)    # same variant as a
+            self.c = nn.QuantizedLinear(256, 32, group_size=32, bits=8)
+            self.d = nn.Linear(8, 8)
+
+    shapes = qmm_shapes(Tiny())
+    assert sorted((s["bits"], s["group_size"], s["k"]) for s in shapes) == [(4, 64, 128), (8, 32, 256)]
+    assert all(s["op"] == "qmm" for s in shapes)

@@ -1,0 +1,108 @@
+"""JIT-compile every kernel variant a model will use before the server reports healthy.
+
+On CUDA each distinct template (dtype, bits, group size, row bucket, launch shape; for attention:
+heads per KV head, head dim, KV bits, window) is one NVRTC compile of a few seconds, so the first
+request would otherwise pay them all. A variant's template does not depend on N or K, so warm-up
+runs each one on tiny dummy inputs. MLX's own quantized_matmul kernels (used from 5 rows) are
+compiled the same way. Compiled PTX of MLX's kernels is cached on disk (MLX_PTX_CACHE_DIR).
+
+    shapes = qmm_shapes(model) + [dict(op="paged", heads=32, kv_heads=8, head_dim=128,
+                                       kv_quant=(8, 64), window=None)]
+    warmup(shapes, dtype=mx.bfloat16)
+"""
+
+from __future__ import annotations
+
+import time
+
+import mlx.core as mx
+
+from . import backend
+
+
+def qmm_shapes(module) -> list[dict]:
+    """One qmm entry per distinct (bits, group_size, N>=8192) among a module tree's quantized linears
+    (anything with a uint32 `weight`, `scales`, `biases`, `bits` and `group_size`)."""
+    seen, out = set(), []
+    for _, m in module.named_modules() if hasattr(module, "named_modules") else []:
+        w = getattr(m, "weight", None)
+        if not (isinstance(w, mx.array) and w.dtype == mx.uint32 and hasattr(m, "scales")
+                and hasattr(m, "bits") and hasattr(m, "group_size")):
+            continue
+        n, k = w.shape[-2], w.shape[-1] * 32 // m.bits
+        key = (m.bits, m.group_size, n >= 8192, k % 128 == 0)
+        if key not in seen:
+            seen.add(key)
+            out.append(dict(op="qmm", n=n, k=k, bits=m.bits, group_size=m.group_size,
+                            scale_dtype=m.scales.dtype))
+    return out
+
+
+def _qmm(spec, dtype, rows):
+    from . import qmm_cuda
+    from .qmm import GEMV_ROWS
+
+    bits, gs = spec["bits"], spec["group_size"]
+    sdt = spec.get("scale_dtype", dtype)
+    k = 512
+    n_calls = 0
+    for m in rows:
+        x = mx.zeros((m, k), dtype=dtype)
+        if m <= GEMV_ROWS and spec.get("k", 128) % 128 == 0:
+            cfg = qmm_cuda.default_config(m, spec["n"], spec.get("k", k), bits)
+            n = cfg["R"] * 4
+            w = mx.zeros((n, k * bits // 32), dtype=mx.uint32)
+            s = mx.ones((n, k // gs), dtype=sdt)
+            mx.eval(qmm_cuda.qgemv(x, w, s, s, bits, gs, **cfg))
+        else:
+            w = mx.zeros((128, k * bits // 32), dtype=mx.uint32)
+            s = mx.ones((128, k // gs), dtype=sdt)
+            mx.eval(mx.quantized_matmul(x, w, s, s, transpose=True, group_size=gs, bits=bits))
+        n_calls += 1
+    return n_calls
+
+
+def _paged(spec, dtype):
+    from .paged import paged_attention_decode
+
+    hq, hkv, d = spec["heads"], spec["kv_heads"], spec["head_dim"]
+    kvq = spec.get("kv_quant")
+    bs = spec.get("block_size", 16)
+    if kvq is None:
+        k = mx.zeros((2, bs, hkv, d), dtype=dtype)
+        v = k
+    else:
+        bits, g = kvq
+        packed = mx.zeros((2, bs, hkv, d * bits // 32), dtype=mx.uint32)
+        sc = mx.ones((2, bs, hkv, d // g), dtype=dtype)
+        k = v = (packed, sc, sc)
+    q = mx.zeros((1, hq, d), dtype=dtype)
+    out = paged_attention_decode(q, k, v, mx.array([[0, 1]], dtype=mx.int32), mx.array([bs + 1]),
+                                 d ** -0.5, spec.get("window"), kvq)
+    mx.eval(out)
+    return 1
+
+
+def warmup(shapes: list[dict], dtype=mx.bfloat16, rows=(1, 2, 3, 8, 16, 64)) -> dict:
+    """Run every listed op once per activation-row bucket; returns what was done and how long.
+
+    shapes: dicts with op="qmm" (n, k, bits, group_size[, scale_dtype]) or op="paged" (heads,
+    kv_heads, head_dim[, kv_quant, window, block_size]). Unknown ops raise ValueError."""
+    t0 = time.perf_counter()
+    b = backend.current()
+    calls = 0
+    for spec in shapes:
+        op = spec.get("op")
+        if op not in ("qmm", "paged"):
+            raise ValueError(f"warmup: unknown op {op!r} (expected 'qmm' or 'paged')")
+        if b == "reference":
+            continue    # the reference has nothing to compile ahead
+        if op == "qmm":
+            if b == "cuda":
+                calls += _qmm(spec, dtype, rows)
+            else:
+                from . import qmm_metal
+                qmm_metal.ready()
+        else:
+            calls += _paged(spec, dtype)
+    return {"backend": b, "ops": len(shapes), "calls": calls, "seconds": round(time.perf_counter() - t0, 3)}
