@@ -9,7 +9,7 @@ This package imports nothing else of jang-serve.
 
 from .paged import paged_attention_decode, paged_decode_reference, write_kv
 from .qmm import qmm, qmm_reference
-from .warmup import qmm_shapes, warmup
+from .startup import qmm_shapes, warmup
 
 __all__ = ["qmm", "qmm_reference", "paged_attention_decode", "paged_decode_reference", "write_kv",
            "warmup", "qmm_shapes"]

@@ -157,7 +157,7 @@ def test_metal_self_test_failure_falls_back(monkeypatch):
 
 
 def test_warmup_on_the_reference_backend_and_bad_specs():
-    from jang_serve.kernels.warmup import warmup
+    from jang_serve.kernels import warmup
 
     res = warmup([dict(op="qmm", n=64, k=128, bits=4, group_size=64),
                   dict(op="paged", heads=4, kv_heads=2, head_dim=64, kv_quant=(8, 64))])
