@@ -28,7 +28,8 @@ def parser() -> argparse.ArgumentParser:
                                 description="Load-test an OpenAI-compatible server (optionally side by side with mlx-lm).")
     t = p.add_argument_group("the server under test (one of)")
     t.add_argument("--url", help="base URL of a running server, e.g. http://127.0.0.1:8000")
-    t.add_argument("--serve-model", help="start jang-serve on this model on a free loopback port")
+    t.add_argument("--serve-model", help="start jang-serve on this model on a free loopback port "
+                                         "('default' = its embedded default model)")
     t.add_argument("--target-cmd", help="start this command instead ({port} is replaced by a free port)")
     t.add_argument("--serve-args", default="", help="extra arguments for jang-serve (--serve-model)")
     t.add_argument("--model", help="model name to send in requests (default: what /v1/models lists first)")
@@ -105,8 +106,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.url:
             targets.append(bench.Target(args.name, args.url, args.model or _first_model(args.url)))
         else:
-            cmd = (shlex.split(args.target_cmd) if args.target_cmd
-                   else jang_serve_cmd(args.serve_model, shlex.split(args.serve_args)))
+            extra = shlex.split(args.serve_args)
+            if "--max-num-seqs" not in extra:  # let it batch as many as the baseline may (fair comparison)
+                extra += ["--max-num-seqs", str(int(max(levels)) if not args.rate else 64)]
+            cmd = shlex.split(args.target_cmd) if args.target_cmd else jang_serve_cmd(None if args.serve_model == "default" else args.serve_model, extra)
             srv = ServerProcess(cmd, args.name, log_path=log_dir / f"{args.name}.log", ready_path=args.ready_path)
             print(f"starting {args.name}: {shlex.join(srv.cmd)}", flush=True)
             started.append(srv.start(args.start_timeout))
