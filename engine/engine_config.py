@@ -12,7 +12,8 @@ class EngineConfig:
     kv_memory_fraction: float = 0.25  # of the machine's available memory, when kv_memory_gb is None
     num_blocks: int | None = None  # exact pool size (tests); wins over both budgets
     kv_dtype: str = "auto"  # auto (model dtype) | q8 | q4
-    kv_group_size: int = 64  # 32 or 64, for q8/q4
+    kv_group_size: int | None = None  # 32 or 64; None: 32 for q4, 64 for q8
+    kv_transform: bool | None = None  # store K/V smoothed + Hadamard-rotated (engine/kv_transform.py); None: q4 only
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None  # defaults to the model's max_position_embeddings
@@ -22,6 +23,10 @@ class EngineConfig:
     def __post_init__(self):
         if self.kv_dtype not in ("auto", "q8", "q4"):
             raise ValueError(f"kv_dtype must be auto, q8 or q4, got {self.kv_dtype!r}")
+        if self.kv_group_size is None:
+            self.kv_group_size = 32 if self.kv_dtype == "q4" else 64
+        if self.kv_transform is None:
+            self.kv_transform = self.kv_dtype == "q4"
         if self.kv_group_size not in (32, 64):
             raise ValueError(f"kv_group_size must be 32 or 64, got {self.kv_group_size}")
         if self.block_size < 1:

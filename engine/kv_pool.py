@@ -60,6 +60,7 @@ class KVPool:
         self.num_layers, self.num_blocks, self.block_size = num_layers, num_blocks, block_size
         self.kv_heads, self.head_dim, self.dtype = kv_heads, head_dim, dtype
         self.kv_bits, self.group_size = kv_bits, group_size
+        self.transform = None  # KVTransform for quantized KV (set by for_model)
         self.k = [self._empty() for _ in range(num_layers)]
         self.v = [self._empty() for _ in range(num_layers)]
         mx.eval(self.k, self.v)
@@ -125,5 +126,10 @@ class KVPool:
             if n < 2:
                 raise ValueError(f"KV memory budget {budget / 1e9:.3f} GB holds fewer than 2 blocks "
                                  f"({per_tok * cfg.block_size} bytes each)")
-        return cls(model.num_layers, n, cfg.block_size, model.kv_heads, model.head_dim, dtype,
+        pool = cls(model.num_layers, n, cfg.block_size, model.kv_heads, model.head_dim, dtype,
                    cfg.kv_bits, cfg.kv_group_size)
+        if cfg.kv_bits is not None and cfg.kv_transform:
+            from .kv_transform import KVTransform
+
+            pool.transform = KVTransform(model, dtype)
+        return pool

@@ -102,7 +102,8 @@ def _decode(q, k_pool, v_pool, block_tables, context_lens, bs, scale, window, kv
 
 class PagedBackend:
     """AttentionBackend over a KVPool for one step: writes each layer's new K/V at `slot_mapping`,
-    then attends through the block tables."""
+    then attends through the block tables. With quantized KV and a pool transform
+    (engine/kv_transform.py), q/k/v go through that exact change of basis first."""
 
     def __init__(self, pool, slot_mapping: mx.array, block_tables: mx.array, query_lens: list[int],
                  context_lens: list[int]):
@@ -111,8 +112,11 @@ class PagedBackend:
         self.slot_mapping, self.block_tables = slot_mapping, block_tables
 
     def attend(self, layer, q, k, v, *, scale, window=None):
-        pool = self.pool
+        pool, tf = self.pool, self.pool.transform
+        if tf is not None:  # quantized KV: store and attend in the smoothed, rotated basis
+            q, k, v = tf.queries(layer, q), tf.keys(layer, k), tf.values(v)
         pool.k[layer], pool.v[layer] = write_kv(pool.k[layer], pool.v[layer], k, v, self.slot_mapping,
                                                 pool.kv_quant)
-        return paged_attention(q, pool.k[layer], pool.v[layer], self.block_tables, self.layout.context_lens,
-                               self.layout.query_lens, scale, window, pool.kv_quant)
+        out = paged_attention(q, pool.k[layer], pool.v[layer], self.block_tables, self.layout.context_lens,
+                              self.layout.query_lens, scale, window, pool.kv_quant)
+        return out if tf is None else tf.output(out)

@@ -84,7 +84,7 @@ def test_q4_holds_3x_tokens_of_16bit_in_same_memory():
     # SmolLM2-135M attention shape: 30 layers, 3 KV heads, head_dim 64
     b16 = bytes_per_token(30, 3, 64, mx.bfloat16, None)
     b8 = bytes_per_token(30, 3, 64, mx.bfloat16, 8, 64)
-    b4 = bytes_per_token(30, 3, 64, mx.bfloat16, 4, 64)
+    b4 = bytes_per_token(30, 3, 64, mx.bfloat16, 4, 32)  # q4 default: group 32
     assert b16 / b4 >= 3.0 and b16 / b8 >= 1.7
 
     class Shape:
@@ -96,3 +96,20 @@ def test_q4_holds_3x_tokens_of_16bit_in_same_memory():
     p4 = KVPool.for_model(Shape, EngineConfig(kv_memory_gb=0.02, kv_dtype="q4"), mx.bfloat16)
     assert p4.capacity_tokens >= 3 * p16.capacity_tokens
     assert p4.nbytes <= 0.02e9 and p16.nbytes <= 0.02e9
+
+
+def test_kv_transform_is_exact():
+    from engine_helpers import tiny_model
+    from jang_serve.engine.kv_transform import KVTransform, block_hadamard
+
+    h = block_hadamard(96)
+    assert np.allclose(h @ h, np.eye(96), atol=1e-6) and np.allclose(h, h.T)
+    model, _ = tiny_model(num_attention_heads=4, num_key_value_heads=2, hidden_size=128)  # head_dim 32
+    tf = KVTransform(model)
+    assert all(s is not None and s.shape == (2, 32) for s in tf.k_scale)
+    assert not mx.allclose(tf.k_scale[0], mx.ones_like(tf.k_scale[0])).item()
+    mx.random.seed(3)
+    q, k, v = mx.random.normal((7, 4, 32)), mx.random.normal((7, 2, 32)), mx.random.normal((7, 2, 32))
+    ref = attend_one(q, k, v, 0.2)
+    out = tf.output(attend_one(tf.queries(1, q), tf.keys(1, k), tf.values(v), 0.2))
+    assert mx.allclose(out, ref, atol=1e-5).item()
