@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     e.add_argument("--output", "-o", help="write the JSON here too")
     e.set_defaults(fn=_eval)
     a = p.parse_args(argv)
-    if argv is None:
+    if argv is None or list(argv) == sys.argv[1:]:  # run as the console script
         _maybe_reexec_with_openblas(sys.argv[1:])
     try:
         return a.fn(a)

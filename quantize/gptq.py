@@ -60,8 +60,7 @@ def gptq_quantize(w: np.ndarray, H: np.ndarray, bits: int, group_size: int, damp
     codes = np.zeros((out_d, in_d), np.uint8)
 
     def group_params(cols: np.ndarray):
-        q, s, b = affine.mse_groups(mx.array(cols), bits, grid=10, refit=1)
-        return np.array(s)[:, 0], np.array(b)[:, 0]
+        return clip_search(cols, bits)
 
     perm = np.arange(in_d)
     if act_order:
@@ -71,15 +70,7 @@ def gptq_quantize(w: np.ndarray, H: np.ndarray, bits: int, group_size: int, damp
         W = W[:, perm]
         H = H[perm][:, perm]
     H[np.diag_indices(in_d)] += damp * np.mean(np.diag(H))
-    try:
-        L = np.linalg.cholesky(H)
-        Linv = np.linalg.inv(L)
-        Hinv = np.linalg.cholesky(Linv.T @ Linv).T  # upper Cholesky factor of H^-1
-    except np.linalg.LinAlgError:
-        H[np.diag_indices(in_d)] += np.mean(np.diag(H))
-        L = np.linalg.cholesky(H)
-        Linv = np.linalg.inv(L)
-        Hinv = np.linalg.cholesky(Linv.T @ Linv).T
+    Hinv = _upper_chol_of_inverse(H)
     Hinv = Hinv.astype(np.float32)
     for i1 in range(0, in_d, BLOCK):
         i2 = min(i1 + BLOCK, in_d)
@@ -101,6 +92,38 @@ def gptq_quantize(w: np.ndarray, H: np.ndarray, bits: int, group_size: int, damp
             Err[:, i] = err
         W[:, i2:] -= Err @ Hinv[i1:i2, i2:]
     return codes, S, Bz
+
+
+def _upper_chol_of_inverse(H: np.ndarray) -> np.ndarray:
+    """U upper-triangular with U^T U = H^-1 (float64 in, float32 out); more damping if H is singular."""
+    Hm = mx.array(H.astype(np.float32))
+    for extra in (0.0, 0.1, 1.0):
+        try:
+            Hd = Hm + extra * float(np.mean(np.diag(H))) * mx.eye(H.shape[0])
+            Hi = mx.linalg.cholesky_inv(mx.linalg.cholesky(Hd, stream=mx.cpu), stream=mx.cpu)
+            U = mx.linalg.cholesky(Hi, upper=True, stream=mx.cpu)
+            out = np.array(U)
+            if np.all(np.isfinite(out)) and np.all(np.diag(out) > 0):
+                return out
+        except (ValueError, RuntimeError):
+            continue
+    raise ValueError("GPTQ: the calibration Hessian is not positive definite even with damping")
+
+
+def clip_search(cols: np.ndarray, bits: int, grid: int = 10, min_shrink: float = 0.5):
+    """Per-row (scale, bias) for one group of columns [rows, gs]: the min/max range shrunk by the
+    factor (1 .. min_shrink) with the least squared error; float16-rounded like the stored values."""
+    n = 2**bits - 1
+    wmin, wmax = cols.min(1), cols.max(1)
+    a = np.linspace(1.0, min_shrink, grid, dtype=np.float32)[:, None]
+    lo, hi = (a * wmin).astype(np.float16).astype(np.float32), a * wmax
+    s = ((hi - lo) / n).astype(np.float16).astype(np.float32)
+    safe = np.where(s == 0, 1.0, s)
+    q = np.clip(np.rint((cols[None] - lo[..., None]) / safe[..., None]), 0, n)
+    err = (((q * s[..., None] + lo[..., None]) - cols[None]) ** 2).sum(-1)  # [grid, rows]
+    k = np.argmin(err, 0)
+    r = np.arange(cols.shape[0])
+    return s[k, r], lo[k, r]
 
 
 class GPTQRunner:
