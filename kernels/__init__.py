@@ -7,9 +7,10 @@ CPU path). Set JANG_KERNELS=reference to force the reference everywhere.
 This package imports nothing else of jang-serve.
 """
 
+from .gather import gather_qmm
 from .paged import paged_attention_decode, paged_decode_reference, write_kv
 from .qmm import qmm, qmm_reference
 from .startup import qmm_shapes, warmup
 
 __all__ = ["qmm", "qmm_reference", "paged_attention_decode", "paged_decode_reference", "write_kv",
-           "warmup", "qmm_shapes"]
+           "warmup", "qmm_shapes", "gather_qmm"]

@@ -162,3 +162,21 @@ def test_qmm_shapes_finds_each_distinct_quantized_linear():
     shapes = qmm_shapes(Tiny())
     assert sorted((s["bits"], s["group_size"], s["k"]) for s in shapes) == [(4, 64, 128), (8, 32, 256)]
     assert all(s["op"] == "qmm" for s in shapes)
+
+
+def test_gather_qmm_picks_each_tokens_expert():
+    from jang_serve.kernels import gather_qmm
+
+    mx.random.seed(5)
+    e, n, k = 4, 16, 128
+    wq, s, b = mx.quantize(mx.random.normal((e, n, k)) * 0.1, group_size=64, bits=4)
+    x = mx.random.normal((3, 1, k))
+    idx = mx.array([2, 0, 3])
+    y = gather_qmm(x, wq, s, b, idx, 4, 64)
+    assert y.shape == (3, 1, n)
+    for t in range(3):
+        e_t = int(idx[t].item())
+        ref = qmm_reference(x[t], wq[e_t], s[e_t], b[e_t], 4, 64)
+        assert mx.allclose(y[t], ref, atol=1e-5).item()
+    with pytest.raises(ValueError, match="input features"):
+        gather_qmm(mx.zeros((3, 1, 64)), wq, s, b, idx, 4, 64)
