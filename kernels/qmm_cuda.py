@@ -227,7 +227,7 @@ def default_config(m: int, n: int, k: int, bits: int) -> dict:
 def supports(x: mx.array, w: mx.array, bits: int, group_size: int) -> bool:
     k = x.shape[-1]
     return (
-        x.dtype in (mx.bfloat16, mx.float16, mx.float32)
+        x.dtype in (mx.bfloat16, mx.float16)   # load8 reads 8 16-bit values per 16 bytes
         and bits in (2, 3, 4, 5, 6, 8)
         and group_size in (32, 64, 128)
         and k % 128 == 0

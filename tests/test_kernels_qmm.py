@@ -180,3 +180,8 @@ def test_gather_qmm_picks_each_tokens_expert():
         assert mx.allclose(y[t], ref, atol=1e-5).item()
     with pytest.raises(ValueError, match="input features"):
         gather_qmm(mx.zeros((3, 1, 64)), wq, s, b, idx, 4, 64)
+
+
+def test_float32_activations_stay_on_the_reference():
+    wq, _, _ = _quant(8, 256, 4, 64)
+    assert not qmm_cuda.supports(mx.zeros((1, 256), dtype=mx.float32), wq, 4, 64)
