@@ -134,8 +134,13 @@ class JobRunner:
                 continue
             kind = ev.get("event")
             if kind == "progress":
-                self.store.update(job_id, percent=min(99.9, 100.0 * float(ev.get("fraction") or 0.0)),
-                                  tensor=ev.get("tensor"), eta_s=ev.get("eta_s"), message=ev.get("message"))
+                fields = dict(percent=min(99.9, 100.0 * float(ev.get("fraction") or 0.0)), eta_s=ev.get("eta_s"),
+                              message=ev.get("message"))
+                if ev.get("tensor"):
+                    fields["tensor"] = ev["tensor"]
+                self.store.update(job_id, **fields)
+                if ev.get("message"):
+                    self.store.append_log(job_id, f"{fields['percent']:5.1f}% {ev['message']}")
             elif kind in ("done", "error"):
                 outcome = ev
         rc = proc.wait()

@@ -131,6 +131,7 @@ def public_view(job: dict) -> dict:
         "log_tail": job["log"][-20:],
         "result": job["result"],
         "error": job["error"],
+        "pid": job["pid"],
         "created_at": job["created"],
         "started_at": job["started"],
         "finished_at": job["finished"],

@@ -34,7 +34,7 @@ def main() -> int:
             os._exit(3)  # the server is gone: stop
         now = time.monotonic()
         frac = float(info.get("fraction") or 0.0)
-        if now - last[0] < 0.2 and frac < 1.0:
+        if now - last[0] < 0.1 and frac < 1.0:
             return
         last[0] = now
         emit("progress", fraction=frac, tensor=info.get("tensor"), eta_s=info.get("eta_s"),
