@@ -119,14 +119,11 @@ def test_soak_fast():
 
 
 @pytest.mark.slow
-def test_soak_64_clients_smollm2():
-    """64 clients on the real default model (SmolLM2-135M GGUF served directly); results committed."""
-    from realdata import smollm2_gguf
-
-    srv = start_jang_serve(smollm2_gguf(), "--max-num-seqs", "64", "--max-queue", "128", "--kv-memory", "0.5",
-                           timeout=600)
+def test_soak_64_clients():
+    """64 clients x 10 rounds of 256 requests on a fresh server; the results are committed."""
+    srv = start_jang_serve(None, "--max-num-seqs", "64", "--max-queue", "256", "--max-model-len", "256")
     try:
-        out = soak(srv, clients=64, rounds=6, per_round=128, n_prompts=16, max_tokens=24, prompt_tokens=48)
+        out = soak(srv, clients=64, rounds=10, per_round=256, n_prompts=32, max_tokens=32, prompt_tokens=48)
     finally:
         srv.stop()
     ok, rss = _rss_flat(out["rounds"], slack=0.05)

@@ -116,7 +116,7 @@ def run(targets: list[Target], plan: Plan, bodies: Bodies, log=print) -> list[di
                              "concurrency": level if kind == "concurrency" else None,
                              "rate": plan.rate, "summary": s, "raw": [r.to_json() for r in res]})
                 log(f"  [{rep + 1}/{plan.repeat}] {t.name:<12} {kind}={level if level else plan.rate}: "
-                    f"{s['completed']}/{s['requests']} ok, {s['output_token_throughput'] or 0:.1f} out tok/s")
+                    f"{s['completed']}/{s['requests']} ok, {s['output_token_throughput'] or 0:.1f} out tok/s", flush=True)
     return runs
 
 
@@ -144,6 +144,11 @@ def aggregate(runs: list[dict]) -> list[dict]:
             vals = [v for v in (_metric(r, k) for r in rs) if v is not None]
             row[k] = {"median": statistics.median(vals) if vals else None, "min": min(vals, default=None),
                       "max": max(vals, default=None)}
+        # the tail goal: p99 TPOT over p50 TPOT within each run, median over repeats
+        tail = [r["summary"]["tpot_s"]["p99"] / r["summary"]["tpot_s"]["p50"] for r in rs
+                if r["summary"]["tpot_s"]["p50"]]
+        row["tpot_p99_over_p50"] = {"median": statistics.median(tail) if tail else None,
+                                    "min": min(tail, default=None), "max": max(tail, default=None)}
         out.append(row)
     return out
 

@@ -154,5 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         report.write_json(args.json, record)
         print(f"\nwrote {args.json}")
+        if rat:
+            print("\n" + report.markdown(record))
     failed = sum(r["summary"]["failed"] for r in runs)
     return 1 if failed and all(r["summary"]["completed"] == 0 for r in runs) else 0
