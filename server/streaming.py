@@ -1,7 +1,7 @@
 """Server-sent events (sse-starlette): `data: {json}` chunks, `data: [DONE]`, comment keep-alives.
 
-Keep-alives are SSE comment lines (`: ping ...`) sent every `sse_keepalive_s` seconds while the
-stream is idle, e.g. during a long prefill, so proxies and clients do not time out. When the client
+Keep-alives are SSE comment lines (`: ping ...`) sent every `sse_keepalive_s` seconds, so a long
+prefill never leaves the connection silent and proxies and clients do not time out. When the client
 goes away, sse-starlette cancels the generator; the generators in the routes abort their engine
 request in a `finally`, so the request stops using the engine at once.
 """

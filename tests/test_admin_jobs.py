@@ -83,7 +83,7 @@ def test_jobs_end_to_end_with_faults_and_restart(sources, tmp_path):
         j = submit(srv, source=str(sources["tiny"]), profile="JANG_4M", output="tiny-4bit", load_after=True)
         assert j["state"] in ("queued", "running")
         done, _ = wait_for(srv, j["id"], ended)
-        assert done["state"] == "completed", done
+        assert done["state"] == "completed", (done["error"], done["log_tail"])
         assert done["percent"] == 100.0 and done["current_tensor"]
         res = done["result"]
         assert Path(res["path"]) == (models / "tiny-4bit").resolve() and (models / "tiny-4bit" / "config.json").is_file()

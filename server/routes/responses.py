@@ -61,7 +61,10 @@ async def responses(body: ResponsesRequest, request: Request):
     app = request.app
     entry = app.state.models.get(body.model)
     tok = entry.tokenizer
-    prompt = tok.apply_chat_template(_messages(body), add_generation_prompt=True)
+    try:
+        prompt = tok.apply_chat_template(_messages(body), add_generation_prompt=True)
+    except Exception as e:  # the template refused these messages
+        raise bad_request(f"The chat template rejected this input: {type(e).__name__}: {e}", param="input") from None
     ids = tok.encode(prompt, add_special_tokens=False)
     max_tokens = resolve_max_tokens(entry, len(ids), body.max_output_tokens, "input")
     params = sampling_params(_params_source(body), entry, max_tokens)
