@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
             extra = shlex.split(args.serve_args)
             if "--max-num-seqs" not in extra:  # let it batch as many as the baseline may (fair comparison)
                 extra += ["--max-num-seqs", str(int(max(levels)) if not args.rate else 64)]
-            cmd = shlex.split(args.target_cmd) if args.target_cmd else jang_serve_cmd(None if args.serve_model == "default" else args.serve_model, extra)
+            model = None if args.serve_model == "default" else args.serve_model
+            cmd = shlex.split(args.target_cmd) if args.target_cmd else jang_serve_cmd(model, extra)
             srv = ServerProcess(cmd, args.name, log_path=log_dir / f"{args.name}.log", ready_path=args.ready_path)
             print(f"starting {args.name}: {shlex.join(srv.cmd)}", flush=True)
             started.append(srv.start(args.start_timeout))
