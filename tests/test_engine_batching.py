@@ -162,3 +162,37 @@ def test_bad_requests_fail_clearly(tiny):
         core.add_request("x", [1], SamplingParams(stop=["\n"]))
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0)
+
+
+def test_async_engine_n_choices_errors_and_stats(tiny):
+    model, cfg = tiny
+    engine = AsyncEngine((model, None, cfg), EngineConfig(num_blocks=64))
+
+    async def run():
+        deltas = [d async for d in engine.generate([5, 6, 7] * 7, SamplingParams(max_tokens=5, n=3, seed=9,
+                                                                                 ignore_eos=True), "n3")]
+        with pytest.raises(ValueError, match="empty"):
+            async for _ in engine.generate([], SamplingParams(), "bad"):
+                pass
+        # a stream closed early aborts its request
+        agen = engine.generate([1, 2, 3], SamplingParams(max_tokens=500, ignore_eos=True), "early")
+        await agen.__anext__()
+        await agen.aclose()
+        await asyncio.sleep(0.2)
+        return deltas
+
+    try:
+        deltas = asyncio.run(run())
+        finals = {d.index: d for d in deltas if d.finish_reason}
+        assert sorted(finals) == [0, 1, 2]
+        assert all(f.finish_reason == "length" and f.completion_tokens == 5 and f.prompt_tokens == 21
+                   for f in finals.values())
+        assert sum(len(d.token_ids) for d in deltas) == 15
+        s = engine.stats()
+        for key in ("running", "waiting", "blocks_used", "blocks_free", "blocks_cached", "prefix_hit_rate",
+                    "preemptions"):
+            assert key in s
+        assert s["blocks_used"] == 0 and s["running"] == 0 and engine.core.blocks.num_used == 0
+        assert engine.max_model_len == 64 * 16 and engine.tokenizer is None
+    finally:
+        engine.shutdown()
