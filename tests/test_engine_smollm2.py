@@ -73,3 +73,30 @@ def test_engine_greedy_equals_plain_model(smollm2):
     core = EngineCore(smollm2, EngineConfig(num_blocks=16, max_num_batched_tokens=8))
     outs = core.generate(prompts, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
     assert outs == [reference_greedy(model, p, 4) for p in prompts]
+
+
+@pytest.mark.slow
+def test_smollm2_json_outputs_parse(smollm2):
+    import json
+
+    import jsonschema
+
+    tok = smollm2.tokenizer
+    ask = tok.apply_chat_template([{"role": "user", "content": "Describe a cat as JSON."}])
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
+                                               "color": {"enum": ["black", "white", "orange"]}},
+              "required": ["name", "age", "color"], "additionalProperties": False}
+    core = EngineCore(smollm2, EngineConfig(num_blocks=64))
+    ids = tok.encode(ask)
+    core.add_request("obj", ids, SamplingParams(max_tokens=80, temperature=0,
+                                                response_format={"type": "json_object"}))
+    core.add_request("sch", ids, SamplingParams(max_tokens=80, temperature=0, response_format={
+        "type": "json_schema", "json_schema": {"name": "cat", "schema": schema}}))
+    text, fin = {}, {}
+    while core.has_work():
+        for d in core.step():
+            text[d.request_id] = text.get(d.request_id, "") + d.text
+            fin[d.request_id] = d.finish_reason
+    assert fin == {"obj": "stop", "sch": "stop"}, text
+    assert isinstance(json.loads(text["obj"]), dict)
+    jsonschema.validate(json.loads(text["sch"]), schema)
