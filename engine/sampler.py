@@ -122,6 +122,6 @@ def sample(logits: mx.array, seqs: list[Sequence], masks: np.ndarray | None = No
             if n > 0:
                 cand = np.argpartition(-row, n - 1)[:n]
                 cand = cand[np.argsort(-row[cand], kind="stable")]
-                top = [(int(t), float(row[t])) for t in cand]
+                top = [(int(t), float(row[t])) for t in cand if np.isfinite(row[t])]  # masked: -inf
             out_lp[r] = TokenLogprob(toks[r], float(row[toks[r]]), top)
     return toks, out_lp

@@ -66,24 +66,27 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
+        # Decodes first, then unfinished prefills (stable), so a long prompt never starves decodes.
+        order = sorted(self.running, key=lambda s: s.num_tokens - s.num_computed > 1)
         scheduled: set[int] = set()
-        i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
+        for seq in order:
+            if budget <= 0:
+                break
+            if seq.status != Status.RUNNING:  # preempted earlier in this loop
+                continue
             n = min(seq.num_tokens - seq.num_computed, budget)
             while not self.blocks.ensure(seq, seq.num_computed + n):
-                victim = self.running[-1]
+                victims = [s for s in self.running if s.seq_id not in scheduled and s is not seq]
+                victim = victims[-1] if victims else seq
                 self._preempt(victim, batch)
                 if victim is seq:
                     break
-            else:
-                batch.seqs.append(seq)
-                batch.num_new.append(n)
-                scheduled.add(seq.seq_id)
-                budget -= n
-                i += 1
+            if seq.status != Status.RUNNING:
                 continue
-            break  # seq itself was preempted: nothing after it is left to schedule
+            batch.seqs.append(seq)
+            batch.num_new.append(n)
+            scheduled.add(seq.seq_id)
+            budget -= n
         if batch.preempted:
             return batch
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:

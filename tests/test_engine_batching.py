@@ -196,3 +196,14 @@ def test_async_engine_n_choices_errors_and_stats(tiny):
         assert engine.max_model_len == 64 * 16 and engine.tokenizer is None
     finally:
         engine.shutdown()
+
+
+def test_long_prefill_does_not_starve_decodes(tiny):
+    model, cfg = tiny
+    core = EngineCore((model, None, cfg), EngineConfig(num_blocks=64, max_num_batched_tokens=16))
+    core.add_request("short", [1, 2, 3, 4, 5], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
+    core.step()
+    core.add_request("long", list(range(200)), SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
+    for _ in range(12):  # the long prompt is prefilled in 15-token chunks meanwhile
+        assert [d.request_id for d in core.step()] == ["short"]
+    assert 0 < core.requests["long"][0].num_computed < 200
