@@ -242,7 +242,7 @@ def _wait_idle(server, timeout=10.0) -> bool:
 
 def test_disconnect_aborts_and_queue_full_gives_429(server, client):
     body = {"model": MODEL, "messages": FRANCE, "max_tokens": 2000, "stream": True, "ignore_eos": True}
-    streams = []
+    streams, readers = [], []  # keep the line iterators alive: dropping one closes its connection
     try:
         with httpx.Client(timeout=60, headers=auth()) as http:
             # the test server admits max_num_seqs (4) + max_queue (0) requests at once
@@ -250,15 +250,18 @@ def test_disconnect_aborts_and_queue_full_gives_429(server, client):
                 cm = http.stream("POST", server.url + "/v1/chat/completions", json=body)
                 r = cm.__enter__()
                 streams.append(cm)
-                lines = r.iter_lines()
-                assert next(lines).startswith("data: ")
+                readers.append(r.iter_lines())
+                assert next(readers[-1]).startswith("data: ")
+            assert httpx.get(server.url + "/health").json()["models"][MODEL]["active"] == 4
             over = http.post(server.url + "/v1/chat/completions", json=dict(body, stream=False, max_tokens=2))
             assert over.status_code == 429 and over.headers["retry-after"]
             assert over.json()["error"]["code"] == "queue_full"
+            assert all(next(x) is not None for x in readers)  # still streaming
     finally:
         for cm in streams:
             cm.__exit__(None, None, None)  # client disconnects mid-stream
     assert _wait_idle(server), "aborted streams still running in the engine"
+    assert httpx.get(server.url + "/health").json()["models"][MODEL]["active"] == 0
     r = client.chat.completions.create(model=MODEL, messages=FRANCE, max_tokens=2, temperature=0)
     assert r.choices[0].message.content
 

@@ -36,7 +36,8 @@ async def get_model(model_id: str, request: Request):
 async def health(request: Request):
     models = request.app.state.models
     entries = models.entries()
-    detail = {e.name: ({"state": e.state, "error": e.error} if e.error else {"state": e.state}) for e in entries}
+    detail = {e.name: ({"state": e.state, "error": e.error} if e.error else {"state": e.state, "active": e.active})
+              for e in entries}
     if any(e.state == "loading" for e in entries):
         return JSONResponse({"status": "loading", "models": detail}, status_code=503,
                             headers={"Retry-After": "5"})
