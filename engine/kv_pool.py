@@ -33,8 +33,9 @@ def available_memory_bytes() -> int:
     """Memory the KV pool may draw from: the GPU's working set on Metal/CUDA, else free RAM."""
     try:
         info = mx.device_info() if hasattr(mx, "device_info") else {}
-        if mx.default_device() == mx.gpu and info.get("memory_size"):
-            return int(info.get("max_recommended_working_set_size", info["memory_size"]))
+        total = info.get("max_recommended_working_set_size") or info.get("memory_size") or info.get("total_memory")
+        if mx.default_device() == mx.gpu and total:
+            return max(int(total) - mx.get_active_memory(), 0)  # minus the weights already loaded
     except Exception:
         pass
     try:
