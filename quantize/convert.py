@@ -89,7 +89,7 @@ def _check_args(out: Path, method: str, group_size: int) -> None:
         raise FileExistsError(f"output {out} already exists; choose a new path or remove it")
 
 
-def convert(src, out, profile=None, bits=None, method="rtn", group_size=64, calib=None,
+def convert(src, out, profile=None, bits=None, method=None, group_size=None, calib=None,
             progress: Callable[[dict], None] | None = None, widths: dict[str, int] | None = None) -> ConvertResult:
     """Quantize `src` (HF folder, mlx/JANG folder or .gguf file) into a new JANG v2 bundle at `out`.
 
@@ -97,9 +97,12 @@ def convert(src, out, profile=None, bits=None, method="rtn", group_size=64, cali
     allocation); method: rtn | mse | gptq; calib: a text file (or string) for gptq / allocation
     (default: the built-in calibration text); progress(dict(fraction, tensor, eta_s, message)).
     `widths` (module path -> bits) overrides the plan entirely (used by the allocator and tests).
+    method / group_size default to the profile's options ("JANG_4M:mse:g32"), else rtn / 64.
     """
     t0 = time.time()
     plan = resolve(profile, bits)
+    method = method or plan.method or "rtn"
+    group_size = group_size or plan.group_size or 64
     out = Path(out)
     _check_args(out, method, int(group_size))
     source = open_source(src)
@@ -218,6 +221,7 @@ def _stream(source, plan: Plan, method, group_size, widths, hessians, tmp: Path,
             "method": method,
             "quantization_method": method,
             "profile": plan.label,
+            "profile_options": {"method": plan.method, "group_size": plan.group_size},
             "target_bits": target,
             "actual_bits": round(counter.average, 4),
             "nominal_bits": round(counter.nominal_average, 4),

@@ -42,11 +42,16 @@ class ProfileError(ValueError):
 
 @dataclass(frozen=True)
 class Plan:
-    """What the user asked for: a fixed profile, or a bit budget (K profile or --bits)."""
+    """What the user asked for: a fixed profile, or a bit budget (K profile or --bits).
+
+    A profile string may carry options after colons: "JANG_4M:mse:g32" = JANG_4M with method mse and
+    group size 32 (used when convert() is not given a method / group size of its own)."""
 
     profile: str | None  # canonical profile name, or None for a plain --bits budget
     budget: float | None  # average bits target (None for fixed profiles)
     triplet: tuple[int, int, int] | None  # (critical, important, compress) for fixed profiles
+    method: str | None = None
+    group_size: int | None = None
 
     @property
     def label(self) -> str:
@@ -64,13 +69,23 @@ def resolve(profile: str | None = None, bits: float | None = None) -> Plan:
     if profile is None and bits is None:
         profile = "JANG_4K"
     if profile is not None:
-        name = str(profile).strip().upper()
+        name, *opts = str(profile).strip().split(":")
+        name = name.upper()
         if not name.startswith("JANG_"):
             name = "JANG_" + name
+        method, gs = None, None
+        for o in opts:
+            o = o.strip().lower()
+            if o in ("rtn", "mse", "gptq"):
+                method = o
+            elif o.startswith("g") and o[1:] in ("32", "64", "128"):
+                gs = int(o[1:])
+            else:
+                raise ProfileError(f"unknown profile option {o!r} in {profile!r} (use rtn|mse|gptq and g32|g64|g128)")
         if name in FIXED_PROFILES:
-            return Plan(name, None, FIXED_PROFILES[name])
+            return Plan(name, None, FIXED_PROFILES[name], method, gs)
         if name in K_PROFILES:
-            return Plan(name, K_PROFILES[name], None)
+            return Plan(name, K_PROFILES[name], None, method, gs)
         raise ProfileError(f"unknown profile {profile!r}; known profiles: {', '.join(PROFILES)}")
     try:
         b = float(bits)

@@ -243,3 +243,20 @@ def test_loads_in_reference_jang_and_mlx_lm_with_same_logits(tiny, tmp_path):
     fm, _ = load_bundle(tiny)
     diff = float(mx.abs(forward_logits(fm, IDS) - ours).max())
     assert 1e-4 < diff < 1.0
+
+
+def test_profile_options_and_default_serve_profile(tiny, tmp_path):
+    from jang_serve.quantize import DEFAULT_SERVE_PROFILE
+    from jang_serve.quantize.profiles import resolve
+
+    p = resolve("jang_4m:mse:g32")
+    assert (p.profile, p.method, p.group_size, p.triplet) == ("JANG_4M", "mse", 32, (8, 4, 4))
+    with pytest.raises(ProfileError, match="unknown profile option"):
+        resolve("JANG_4M:fast")
+    r = convert(tiny, tmp_path / "d", profile=DEFAULT_SERVE_PROFILE)
+    jq = json.loads((r.path / "jang_config.json").read_text())["quantization"]
+    base = resolve(DEFAULT_SERVE_PROFILE)
+    assert jq["method"] == (base.method or "rtn") and jq["group_size"] == (base.group_size or 64)
+    # an explicit argument wins over the profile's option
+    r2 = convert(tiny, tmp_path / "e", profile="JANG_4M:mse:g32", method="rtn", group_size=64)
+    assert r2.method == "rtn" and json.loads((r2.path / "config.json").read_text())["quantization"]["group_size"] == 64

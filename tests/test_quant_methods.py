@@ -97,3 +97,22 @@ def test_short_calibration_file_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="calibration file"):
         convert(src, tmp_path / "o", profile="JANG_2S", method="gptq", calib=tmp_path / "nope.txt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.txt", "src"]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_mse_recovers_gguf_q4_1_blocks_exactly(bits):
+    # GGUF Q4_1: per 32 weights, w = m + d * q with q in 0..15, d and m in float16, and (as llama.cpp
+    # rounds from the group's min and max) codes 0 and 15 both used. MLX affine at 4 bits, group 32,
+    # holds these exactly, and the 8-bit grid contains the 4-bit one; the MSE search finds them.
+    rng = np.random.default_rng(0)
+    rows, groups = 16, 8
+    d = rng.uniform(0.01, 0.1, (rows, groups, 1)).astype(np.float16).astype(np.float32)
+    m = rng.uniform(-0.5, 0.0, (rows, groups, 1)).astype(np.float16).astype(np.float32)
+    q = rng.integers(0, 16, (rows, groups, 32))
+    q[..., 0], q[..., 1] = 0, 15
+    w = mx.array((m + d * q).reshape(rows, groups * 32))
+    got = affine.dequantize(*affine.mse(w, bits, 32), bits, 32)
+    # 4 bits: exact; 8 bits: d/17 is not a float16 number, so within a tiny fraction of a step
+    assert float(mx.abs(got - w).max()) < (1e-6 if bits == 4 else 0.02 * float(d.min()))
+    rtn = affine.dequantize(*affine.rtn(w, bits, 32), bits, 32)
+    assert float(mx.abs(got - w).max()) <= float(mx.abs(rtn - w).max())
