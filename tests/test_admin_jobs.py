@@ -4,12 +4,14 @@ crash and restart, and the path rules of the models directory."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from realdata import smollm2_gguf
@@ -19,27 +21,48 @@ ADMIN = "admin-secret"
 H = {"Authorization": f"Bearer {ADMIN}"}
 
 
+def random_llama(out: Path, tok, hidden: int, inter: int, layers: int, seed: int = 0) -> Path:
+    """A random Llama checkpoint in HF layout (config.json + model.safetensors) with SmolLM2's tokenizer."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(seed)
+    heads, kv_heads = 4, 2
+    hd = hidden // heads
+
+    def w(*shape):
+        return (rng.standard_normal(shape) * 0.02).astype(np.float32)
+
+    tensors = {"model.embed_tokens.weight": w(tok.vocab_size, hidden), "model.norm.weight": np.ones(hidden, np.float32)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        tensors.update({
+            p + "self_attn.q_proj.weight": w(hidden, hidden), p + "self_attn.k_proj.weight": w(kv_heads * hd, hidden),
+            p + "self_attn.v_proj.weight": w(kv_heads * hd, hidden), p + "self_attn.o_proj.weight": w(hidden, hidden),
+            p + "mlp.gate_proj.weight": w(inter, hidden), p + "mlp.up_proj.weight": w(inter, hidden),
+            p + "mlp.down_proj.weight": w(hidden, inter),
+            p + "input_layernorm.weight": np.ones(hidden, np.float32),
+            p + "post_attention_layernorm.weight": np.ones(hidden, np.float32)})
+    out.mkdir(parents=True)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": tok.vocab_size,
+              "hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers,
+              "num_attention_heads": heads, "num_key_value_heads": kv_heads, "max_position_embeddings": 512,
+              "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": True, "hidden_act": "silu",
+              "bos_token_id": tok.bos_token_id, "eos_token_id": sorted(tok.eos_token_ids)[0],
+              "torch_dtype": "float32"}
+    (out / "config.json").write_text(json.dumps(config))
+    tok.save(out)
+    return out
+
+
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from jang_serve.engine.loader.gguf import read_gguf
 
     tok = read_gguf(smollm2_gguf(), with_weights=False).tokenizer
     root = tmp_path_factory.mktemp("sources")
-
-    def make(name, hidden, inter, layers):
-        cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=hidden, intermediate_size=inter,
-                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                          max_position_embeddings=512, tie_word_embeddings=True,
-                          bos_token_id=tok.bos_token_id, eos_token_id=sorted(tok.eos_token_ids)[0])
-        torch.manual_seed(0)
-        LlamaForCausalLM(cfg).save_pretrained(root / name, safe_serialization=True)
-        tok.save(root / name)
-        return root / name
-
-    return {"tiny": make("tiny", 64, 128, 2), "medium": make("medium", 384, 1024, 8)}
+    return {"tiny": random_llama(root / "tiny", tok, 64, 128, 2),
+            "medium": random_llama(root / "medium", tok, 256, 768, 8)}
 
 
 def start(models_dir: Path) -> CLIServer:
