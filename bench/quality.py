@@ -39,12 +39,14 @@ MODELS = {"smollm2": "smollm2_gguf", "qwen2.5-coder": "qwen25_coder_gguf"}
 # name -> (kind, kwargs)
 OURS = {
     "ours JANG_2S (gptq)": ("ours", {"profile": "JANG_2S", "method": "gptq"}),
-    "ours JANG_4K (gptq)": ("ours", {"profile": "JANG_4K", "method": "gptq"}),
-    "ours bits=2.5 (gptq)": ("ours", {"bits": 2.5, "method": "gptq"}),
-    "ours bits=3.0 (gptq)": ("ours", {"bits": 3.0, "method": "gptq"}),
-    "ours bits=4.0 (gptq)": ("ours", {"bits": 4.0, "method": "gptq"}),
-    "ours JANG_6M (mse)": ("ours", {"profile": "JANG_6M", "method": "mse"}),
-    "ours JANG_4M (rtn)": ("ours", {"profile": "JANG_4M", "method": "rtn"}),
+    "ours JANG_2S (mse)": ("ours", {"profile": "JANG_2S", "method": "mse"}),
+    "ours JANG_3M (mse)": ("ours", {"profile": "JANG_3M", "method": "mse"}),
+    "ours JANG_4M (mse)": ("ours", {"profile": "JANG_4M", "method": "mse"}),
+    "ours JANG_4K (mse)": ("ours", {"profile": "JANG_4K", "method": "mse"}),
+    "ours bits=2.5 (mse)": ("ours", {"bits": 2.5, "method": "mse"}),
+    "ours bits=3.0 (mse)": ("ours", {"bits": 3.0, "method": "mse"}),
+    "ours bits=4.0 (mse)": ("ours", {"bits": 4.0, "method": "mse"}),
+    "ours JANG_4M:mse:g32 (default serve)": ("ours", {"profile": "JANG_4M:mse:g32"}),
 }
 PEERS = {
     "jang 2.5.50 JANG_2S": ("jang", {"profile": "JANG_2S"}),

@@ -69,9 +69,47 @@ def _load(path, bf16_round: bool):
     return model
 
 
+def _run(model, windows, per, kl_windows, ref_store=None, keep=False, log=None, label=""):
+    """One model over all windows: (nll sum, count, kl sum, agree, kl count, stored ref log-probs)."""
+    nll_sum, n, kl_sum, agree, nk = 0.0, 0, 0.0, 0, 0
+    stored = []
+    t0 = time.time()
+    for bi, b in enumerate(range(0, len(windows), per)):
+        chunk = windows[b : b + per]
+        tgt = mx.array([w[1:] for w in chunk])
+        outs = batch_logits(model, chunk)
+        lp = mx.stack([o[:-1] for o in outs])
+        lp = lp - mx.logsumexp(lp, axis=-1, keepdims=True)
+        nll = -mx.take_along_axis(lp, tgt[..., None], axis=-1)[..., 0]
+        nll_sum += float(nll.sum())
+        n += nll.size
+        k = max(0, min(len(chunk), kl_windows - b))
+        if k and keep:
+            stored.append(lp[:k].astype(_store_dtype(lp)))
+            mx.eval(stored[-1])
+        if k and ref_store is not None:
+            r = ref_store[bi].astype(mx.float32)
+            q = lp[:k]
+            kl = mx.sum(mx.exp(r) * (r - q), axis=-1)
+            kl_sum += float(kl.sum())
+            agree += int((mx.argmax(r, -1) == mx.argmax(q, -1)).sum())
+            nk += kl.size
+        if log:
+            log(f"{label}: windows {b + len(chunk)}/{len(windows)} ({time.time() - t0:.0f}s)")
+    return nll_sum, n, kl_sum, agree, nk, stored
+
+
+_STORE = {"dtype": mx.float32}
+
+
+def _store_dtype(lp):
+    return _STORE["dtype"]
+
+
 def evaluate(paths: list, ref=None, text: str | None = None, tokens: int = 16384, kl_tokens: int = 8192,
              window: int = 512, batch_tokens: int = 2048, ids: list[int] | None = None, log=None) -> dict:
-    """Metrics for each model path (and the reference, if given). Returns {"models": {...}, ...}."""
+    """Metrics for each model path (and the reference, if given). Models are loaded one at a time; the
+    reference's log-probabilities over the KL windows are kept (float32, or float16 past 3 GB)."""
     t0 = time.time()
     first = ref or paths[0]
     if ids is None:
@@ -82,49 +120,28 @@ def evaluate(paths: list, ref=None, text: str | None = None, tokens: int = 16384
         raise ValueError(f"text has {len(ids)} tokens; need at least one window of {window}")
     windows = [ids[i * window : (i + 1) * window] for i in range(nwin)]
     kl_windows = min(nwin, max(1, kl_tokens // window))
-    names = [str(p) for p in paths]
-    models = {str(p): _load(p, False) for p in paths}
-    refm = _load(ref, True) if ref else None
-    stats = {n: {"nll": 0.0, "n": 0, "kl": 0.0, "agree": 0, "nk": 0} for n in names}
-    if ref:
-        stats["__ref__"] = {"nll": 0.0, "n": 0, "kl": 0.0, "agree": 0, "nk": 0}
     per = max(1, batch_tokens // window)
-    for b in range(0, nwin, per):
-        chunk = windows[b : b + per]
-        tgt = mx.array([w[1:] for w in chunk])
-        ref_lp = None
-        items = ([("__ref__", refm)] if ref else []) + [(n, models[n]) for n in names]
-        for name, m in items:
-            outs = batch_logits(m, chunk)
-            lp = mx.stack([o[:-1] for o in outs])
-            lp = lp - mx.logsumexp(lp, axis=-1, keepdims=True)
-            nll = -mx.take_along_axis(lp, tgt[..., None], axis=-1)[..., 0]
-            s = stats[name]
-            s["nll"] += float(nll.sum())
-            s["n"] += nll.size
-            if name == "__ref__":
-                ref_lp = lp
-            elif ref_lp is not None:
-                k = max(0, min(len(chunk), kl_windows - b))
-                if k:
-                    r, q = ref_lp[:k], lp[:k]
-                    kl = mx.sum(mx.exp(r) * (r - q), axis=-1)
-                    s["kl"] += float(kl.sum())
-                    s["agree"] += int((mx.argmax(r, -1) == mx.argmax(q, -1)).sum())
-                    s["nk"] += kl.size
-            mx.eval(lp)
-        if log:
-            log(f"windows {b + len(chunk)}/{nwin} ({time.time() - t0:.0f}s)")
     res = {}
-    for name in (["__ref__"] if ref else []) + names:
-        s = stats[name]
-        path = ref if name == "__ref__" else name
-        bits, size = model_bits(path)
-        row = {"path": str(path), "ppl": math.exp(s["nll"] / s["n"]), "average_bits": bits, "size_bytes": size}
+    ref_store = None
+    if ref:
+        refm = _load(ref, True)
+        vocab = int(refm.args.vocab_size) if hasattr(refm, "args") else 0
+        _STORE["dtype"] = mx.float16 if kl_windows * window * vocab * 4 > 3e9 else mx.float32
+        nll, n, _, _, _, ref_store = _run(refm, windows, per, kl_windows, keep=True, log=log, label="reference")
+        del refm
+        bits, size = model_bits(ref)
+        res["reference"] = {"path": str(ref), "ppl": math.exp(nll / n), "average_bits": bits, "size_bytes": size,
+                            "kl": 0.0, "top1": 1.0}
+    for p in paths:
+        m = _load(p, False)
+        nll, n, kl, agree, nk, _ = _run(m, windows, per, kl_windows, ref_store=ref_store, log=log, label=str(p))
+        del m
+        bits, size = model_bits(p)
+        row = {"path": str(p), "ppl": math.exp(nll / n), "average_bits": bits, "size_bytes": size}
         if ref:
-            row["kl"] = s["kl"] / s["nk"] if s["nk"] else 0.0
-            row["top1"] = s["agree"] / s["nk"] if s["nk"] else 1.0
-        res["reference" if name == "__ref__" else name] = row
+            row["kl"] = kl / nk if nk else 0.0
+            row["top1"] = agree / nk if nk else 1.0
+        res[str(p)] = row
     return {"models": res, "tokens": nwin * window, "window": window, "kl_tokens": kl_windows * window,
             "seconds": round(time.time() - t0, 1)}
 

@@ -233,6 +233,11 @@ def test_loads_in_reference_jang_and_mlx_lm_with_same_logits(tiny, tmp_path):
     import mlx_lm
     from jang_tools.loader import load_jang_model
 
+    from jang_serve.engine.loader import load_model
+
+    lm = load_model(r.path, dtype="float32")  # our engine's loader
+    assert lm.format == "jang"
+    assert float(mx.abs(forward_logits(lm.model, IDS) - ours).max()) < 1e-5
     for loader in (mlx_lm.load, load_jang_model):
         m, tok = loader(str(r.path))
         m.set_dtype(mx.float32)
