@@ -46,7 +46,8 @@ OURS = {
     "ours bits=2.5 (mse)": ("ours", {"bits": 2.5, "method": "mse"}),
     "ours bits=3.0 (mse)": ("ours", {"bits": 3.0, "method": "mse"}),
     "ours bits=4.0 (mse)": ("ours", {"bits": 4.0, "method": "mse"}),
-    "ours JANG_4M:mse:g32 (default serve)": ("ours", {"profile": "JANG_4M:mse:g32"}),
+    "ours JANG_4M:mse:g32": ("ours", {"profile": "JANG_4M:mse:g32"}),
+    "ours JANG_4L:mse:g32 (default serve)": ("ours", {"profile": "JANG_4L:mse:g32"}),
 }
 PEERS = {
     "jang 2.5.50 JANG_2S": ("jang", {"profile": "JANG_2S"}),
