@@ -23,8 +23,9 @@ from .gguf_names import hf_name
 from .gguf_tokenizer import tokenizer_from_gguf
 
 
-class GGUFError(GGUFFormatError):
-    """A GGUF file we cannot import; the message names the file and the problem."""
+# A GGUF file we cannot import; the message names the file and the problem. (A ValueError:
+# engine.loader.load_model turns it into its LoadError.)
+GGUFError = GGUFFormatError
 
 
 @dataclass
@@ -46,7 +47,7 @@ def read_gguf(path: str | Path, with_weights: bool = True) -> GGUFModel:
         raise GGUFError(f"{path}: no general.architecture in the metadata")
     config = config_from_metadata(f, str(path))
     template = fields.get("tokenizer.chat_template")
-    tokenizer = tokenizer_from_gguf(fields, chat_template=template, source=str(path))
+    tokenizer = _tokenizer(path, fields, template)
     config.setdefault("bos_token_id", tokenizer.bos_token_id)
     config.setdefault("eos_token_id", sorted(tokenizer.eos_token_ids) if tokenizer.eos_token_ids else None)
     weights, qtypes = ({}, {})
@@ -54,6 +55,22 @@ def read_gguf(path: str | Path, with_weights: bool = True) -> GGUFModel:
         weights, qtypes = _read_weights(f, arch, config, str(path))
     meta = {k: v for k, v in fields.items() if not isinstance(v, (list, np.ndarray))}
     return GGUFModel(config, weights, tokenizer, template, meta, qtypes)
+
+
+_TOKENIZERS: dict = {}
+
+
+def _tokenizer(path: Path, fields: dict, template: str | None):
+    """Build the tokenizer once per file (Gemma's 262k vocabulary takes seconds to turn into merges)."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    tok = _TOKENIZERS.pop(key, None)
+    if tok is None:
+        tok = tokenizer_from_gguf(fields, chat_template=template, source=str(path))
+    _TOKENIZERS[key] = tok  # most recent last; keep a few, they are large
+    while len(_TOKENIZERS) > 3:
+        _TOKENIZERS.pop(next(iter(_TOKENIZERS)))
+    return tok
 
 
 def _read_weights(f: GGUFFile, arch: str, config: dict, source: str):

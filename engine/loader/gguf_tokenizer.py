@@ -19,6 +19,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.models import BPE
 
 from ..tokenizer import Tokenizer
+from .gguf_file import GGUFFormatError
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ END_OF_TURN = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoft
                "<|end_of_text|>", "<｜end▁of▁sentence｜>", "<|return|>", "<|eom_id|>")
 
 
-class GGUFTokenizerError(ValueError):
+class GGUFTokenizerError(GGUFFormatError):
     pass
 
 
