@@ -106,7 +106,75 @@ def build(kind: str, kw: dict, gguf: Path, hf: Path, out: Path, log) -> float:
     return dt
 
 
+# Peers' numbers from /work/shared/QUALITY_ANCHORS.md (16,384 tokens / KL on 8,192), for the plot.
+ANCHORS = {
+    "smollm2": [(8.50, "mlx-lm uniform 8-bit", 12.15), (5.50, "mlx-lm uniform 5-bit", 13.89),
+                (5.29, "jang JANG_4M", 16.64), (4.53, "jang JANG_2L", 1620), (4.50, "mlx-lm uniform 4-bit", 17.87),
+                (4.49, "jang JANG_3M", 52.71), (4.42, "jang JANG_4K", 24.82), (4.11, "jang JANG_2M", 2380),
+                (3.81, "mlx-lm mixed_3_6", 72.64), (3.71, "jang JANG_2S", 2380), (3.50, "mlx-lm uniform 3-bit", 115.73),
+                (3.42, "jang JANG_3K", 2490), (2.91, "mlx-lm mixed_2_6", 3.96e6), (2.50, "mlx-lm uniform 2-bit", 2.3e7)],
+}
+
+
+def merge(files: list[str], dest: Path) -> dict:
+    """Combine runs made in parallel (same method and tokens) into one results file."""
+    runs = [json.loads(Path(f).read_text()) for f in files]
+    out = dict(runs[0])
+    seen, rows = set(), []
+    for r in runs:
+        for row in r["results"]:
+            if row["variant"] not in seen:
+                seen.add(row["variant"])
+                rows.append(row)
+        out["failed"] = {**out.get("failed", {}), **r.get("failed", {})}
+    refs = [row["ppl"] for r in runs for row in r["results"] if row["variant"].startswith("reference")]
+    out["reference_ppl_per_run"] = refs
+    out["results"] = sorted(rows, key=lambda r: -r["average_bits"])
+    out["eval_seconds"] = sum(r["eval_seconds"] for r in runs)
+    out["merged_from"] = len(runs)
+    dest.write_text(json.dumps(out, indent=1) + "\n")
+    return out
+
+
+def plot(res: dict, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    ref = next(r["ppl"] for r in res["results"] if r["variant"].startswith("reference"))
+    groups = {"ours": ("tab:green", "o"), "jang": ("tab:red", "s"), "mlx-lm": ("tab:blue", "^")}
+    for r in res["results"]:
+        if r["variant"].startswith("reference"):
+            continue
+        kind = r["variant"].split()[0]
+        c, m = groups.get(kind, ("gray", "x"))
+        ax.scatter(r["average_bits"], r["ppl"] / ref, color=c, marker=m, s=40)
+        ax.annotate(r["variant"].replace("ours ", ""), (r["average_bits"], r["ppl"] / ref), fontsize=6,
+                    xytext=(3, 3), textcoords="offset points")
+    anchor_ref = {"smollm2": 12.18, "qwen2.5-coder": 7.50}.get(res["model"])
+    for bits, name, ppl in ANCHORS.get(res["model"], []):
+        kind = "jang" if name.startswith("jang") else "mlx-lm"
+        c, m = groups[kind]
+        ax.scatter(bits, ppl / anchor_ref, facecolors="none", edgecolors=c, marker=m, s=40)
+    ax.set_yscale("log")
+    ax.set_xlabel("stored bits per weight (incl. scales/biases)")
+    ax.set_ylabel("perplexity / reference perplexity")
+    ax.set_title(f"{res['model']}: ours (green) vs jang 2.5.50 (red) vs mlx-lm (blue); hollow = QUALITY_ANCHORS")
+    ax.title.set_fontsize(8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=130)
+
+
 def main() -> int:
+    if sys.argv[1:2] == ["--merge"]:
+        dest = Path(sys.argv[2])
+        res = merge(sys.argv[3:], dest)
+        plot(res, dest.with_suffix(".png"))
+        print(f"wrote {dest} and {dest.with_suffix('.png')}")
+        return 0
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2", choices=list(MODELS))
     ap.add_argument("--tokens", type=int, default=16384)

@@ -33,8 +33,11 @@ def _convert(a) -> int:
 
     from tqdm import tqdm
 
+    from .profiles import resolve
+
     if Path(a.output).exists():
         raise FileExistsError(f"output {a.output} already exists; choose a new path or remove it")
+    resolve(a.profile, a.bits)  # bad profile / budget: fail before the progress bar
 
     from .convert import convert
 
