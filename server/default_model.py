@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import importlib.util
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -52,7 +53,10 @@ def serve_profile() -> str | None:
 
 
 def bundle_dir(profile: str) -> Path:
-    return jang_home() / "default" / f"{DEFAULT_MODEL_NAME}-{profile}"
+    """Where the converted default model lives; the folder name carries the profile spec
+    ("JANG_4L:mse:g32" -> SmolLM2-135M-Instruct-JANG_4L-mse-g32)."""
+    tag = re.sub(r"[^A-Za-z0-9_.+-]", "-", profile)
+    return jang_home() / "default" / f"{DEFAULT_MODEL_NAME}-{tag}"
 
 
 def ensure_default_model(progress: bool = True) -> Path:

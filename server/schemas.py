@@ -252,8 +252,8 @@ class ConvertRequest(_Base):
     source: str = Field(min_length=1)
     profile: Optional[str] = None
     bits: Optional[float] = Field(default=None, ge=1.0, le=8.0)
-    method: Literal["rtn", "mse", "gptq"] = "rtn"
-    group_size: int = Field(default=64)
+    method: Optional[Literal["rtn", "mse", "gptq"]] = None  # None: the profile's own option, else rtn
+    group_size: Optional[int] = None  # None: the profile's own option, else 64
     output: Optional[str] = None
     load_after: bool = False
 
@@ -261,7 +261,7 @@ class ConvertRequest(_Base):
     def _one_budget(self):
         if self.profile is not None and self.bits is not None:
             raise ValueError("give either 'profile' or 'bits', not both")
-        if self.group_size not in (32, 64, 128):
+        if self.group_size is not None and self.group_size not in (32, 64, 128):
             raise ValueError("group_size must be 32, 64 or 128")
         return self
 

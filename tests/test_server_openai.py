@@ -21,14 +21,13 @@ WEATHER_TOOL = {
     "type": "function",
     "function": {
         "name": "get_weather",
-        "description": "Current weather of a city",
         "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}},
                        "required": ["city"], "additionalProperties": False},
     },
 }
 TIME_TOOL = {
     "type": "function",
-    "function": {"name": "get_time", "description": "Current time in a time zone",
+    "function": {"name": "get_time",
                  "parameters": {"type": "object", "properties": {"zone": {"type": "string", "enum": ["UTC", "CET"]}},
                                 "required": ["zone"], "additionalProperties": False}},
 }
@@ -93,9 +92,6 @@ def test_chat_stream_matches_plain_and_has_spec_shape(client, server):
     assert all(c["usage"] is None for c in chunks[:-1])
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in with_choices)
     assert text == plain.choices[0].message.content
-    # the SDK reads the same stream
-    stream = client.chat.completions.create(model=MODEL, messages=FRANCE, max_tokens=5, temperature=0, stream=True)
-    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == text
 
 
 def test_keepalive_comments_while_streaming(server):
@@ -158,7 +154,7 @@ def test_logprobs_chat_and_completions(client):
 def test_tool_call_named_not_streamed(client):
     r = client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "What's the weather in Paris?"}], max_tokens=30,
-        tools=[WEATHER_TOOL], tool_choice={"type": "function", "function": {"name": "get_weather"}})
+        tools=[WEATHER_TOOL, TIME_TOOL], tool_choice={"type": "function", "function": {"name": "get_weather"}})
     choice = r.choices[0]
     assert choice.finish_reason == "tool_calls"
     call = choice.message.tool_calls[0]
@@ -210,7 +206,7 @@ def test_responses_api_plain_and_streamed(client):
 def test_async_client_concurrent(server):
     async def run():
         client = openai.AsyncOpenAI(base_url=server.base_url, api_key=API_KEY, max_retries=0, timeout=120)
-        prompts = ["Hi!", "What is 2+2?", "Name a fruit."]
+        prompts = ["Hi!", "What is 2+2?"]
         plain = await asyncio.gather(*[client.chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": p}], max_tokens=5, temperature=0) for p in prompts])
         stream = await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompts[1]}],

@@ -171,3 +171,14 @@ def test_job_store_survives_reopen_and_interrupts_running(tmp_path):
     assert jobs[a["id"]]["state"] == "completed" and jobs[a["id"]]["result"]["average_bits"] == 4.5
     assert jobs[b["id"]]["state"] == "interrupted" and jobs[b["id"]]["pid"] is None
     assert jobs[b["id"]]["log"][-1] == "line 59" and len(jobs[b["id"]]["log"]) == 40
+
+
+def test_cli_exits_with_the_reason_when_the_model_cannot_load(tmp_path):
+    from test_server_harness import free_port
+
+    missing = tmp_path / "no-such-model"
+    r = subprocess.run([sys.executable, "-m", "jang_serve.server.cli", "--model", str(missing), "--port",
+                        str(free_port()), "--models-dir", str(tmp_path / "m"), "--log-level", "warning"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    assert "could not load model 'no-such-model'" in r.stderr and str(missing) in r.stderr

@@ -59,5 +59,5 @@ def default_output_name(source: str, profile: str | None, bits: float | None) ->
     if base.endswith(".gguf"):
         base = base[:-5]
     base = re.sub(r"[^A-Za-z0-9_.+\-]", "-", base).lstrip(".-") or "model"
-    tag = profile or (f"{bits:g}bit" if bits is not None else "JANG")
+    tag = re.sub(r"[^A-Za-z0-9_.+\-]", "-", profile) if profile else (f"{bits:g}bit" if bits is not None else "JANG")
     return f"{base}-{tag}"

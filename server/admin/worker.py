@@ -49,7 +49,7 @@ def main() -> int:
 
         emit("progress", fraction=0.0, tensor=None, eta_s=None, message="converting")
         res = convert(source, spec["staging"], profile=spec.get("profile"), bits=spec.get("bits"),
-                      method=spec.get("method", "rtn"), group_size=spec.get("group_size", 64), progress=progress)
+                      method=spec.get("method"), group_size=spec.get("group_size"), progress=progress)
         emit("done", result={"path": str(getattr(res, "path", spec["staging"])),
                              "average_bits": getattr(res, "average_bits", None),
                              "size_bytes": getattr(res, "size_bytes", None),

@@ -21,23 +21,23 @@ from ..schemas import ConvertRequest
 router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin_key)])
 
 
-def _check_profile(profile: str | None) -> None:
-    if profile is None:
-        return
+def _check_profile(profile: str | None, bits: float | None) -> None:
+    """Reject unknown profiles and out-of-range budgets now, not in the child."""
     try:
-        from jang_serve.quantize import PROFILES
+        from jang_serve.quantize.profiles import ProfileError, resolve
     except ImportError:
         return  # the child reports it
-    if profile not in PROFILES:
-        raise bad_request(f"unknown profile {profile!r}; known: {', '.join(sorted(PROFILES))}", param="profile",
-                          code="unknown_profile")
+    try:
+        resolve(profile, bits)
+    except ProfileError as e:
+        raise bad_request(str(e), param="profile" if profile is not None else "bits", code="invalid_profile") from None
 
 
 @router.post("/convert", status_code=202)
 async def convert(body: ConvertRequest, request: Request):
     runner = request.app.state.jobs
     kind, source = classify_source(body.source)
-    _check_profile(body.profile)
+    _check_profile(body.profile, body.bits)
     name = body.output or default_output_name(body.source, body.profile, body.bits)
     resolve_output(runner.models_dir, name)
     for job in runner.store.list():
