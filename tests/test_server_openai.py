@@ -258,6 +258,15 @@ def test_disconnect_aborts_and_queue_full_gives_429(server, client):
             cm.__exit__(None, None, None)  # client disconnects mid-stream
     assert _wait_idle(server), "aborted streams still running in the engine"
     assert httpx.get(server.url + "/health").json()["models"][MODEL]["active"] == 0
+    # a non-streamed request whose client gives up is aborted too
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/chat/completions", headers=auth(), timeout=2.0,
+                   json=dict(body, stream=False))
+    assert _wait_idle(server), "abandoned request still running in the engine"
+    deadline = time.time() + 5
+    while httpx.get(server.url + "/health").json()["models"][MODEL]["active"] and time.time() < deadline:
+        time.sleep(0.1)
+    assert httpx.get(server.url + "/health").json()["models"][MODEL]["active"] == 0
     r = client.chat.completions.create(model=MODEL, messages=FRANCE, max_tokens=2, temperature=0)
     assert r.choices[0].message.content
 
