@@ -46,67 +46,72 @@ def pack(codes: mx.array | np.ndarray, bits: int) -> mx.array:
     return mx.array(out.reshape(*lead, -1))
 
 
-def _groups(w: mx.array, group_size: int) -> mx.array:
-    return w.astype(mx.float32).reshape(-1, group_size)
+def _f16(x: np.ndarray) -> np.ndarray:
+    return x.astype(np.float16).astype(np.float32)
 
 
-def _codes(g, s, b, n):
-    safe = mx.where(s == 0, 1.0, s)
-    return mx.clip(mx.round((g - b) / safe), 0, n)
-
-
-def _fit(g, lo, hi, n):
-    s = ((hi - lo) / n).astype(STORE_DTYPE).astype(mx.float32)
-    b = lo.astype(STORE_DTYPE).astype(mx.float32)
-    return s, b
-
-
-def mse_groups(g: mx.array, bits: int, imp: mx.array | None = None, grid: int = 20,
+def mse_groups(g: np.ndarray, bits: int, imp: np.ndarray | None = None, grid: int = 20,
                min_shrink: float = 0.5, refit: int = 2):
-    """Best (codes, scales, biases) per row of g [G, gs]. imp: per-element weights [G, gs] or None."""
-    n = 2**bits - 1
-    wmin = mx.min(g, axis=1, keepdims=True)
-    wmax = mx.max(g, axis=1, keepdims=True)
-    wt = imp if imp is not None else 1.0
-    best_err = None
-    best_lo, best_hi = wmin, wmax
-    for i in range(grid):
-        a = 1.0 - (1.0 - min_shrink) * i / max(grid - 1, 1)
-        lo, hi = wmin * a, wmax * a
-        s, b = _fit(g, lo, hi, n)
-        q = _codes(g, s, b, n)
-        err = mx.sum(((q * s + b) - g) ** 2 * wt, axis=1, keepdims=True)
-        if best_err is None:
-            best_err = err
+    """Best (codes, scales, biases) per row of g [G, gs] (numpy float32; in-place work buffers, ~4x
+    faster than the same in MLX on CPU). imp: per-element weights [G, gs] or None. Scales and biases
+    come back float16-rounded (as stored) and the codes are computed against those."""
+    n = float(2**bits - 1)
+    wmin = g.min(1, keepdims=True)
+    wmax = g.max(1, keepdims=True)
+    best = np.full((g.shape[0], 1), np.inf, np.float32)
+    best_a = np.ones((g.shape[0], 1), np.float32)
+    buf = np.empty_like(g)
+
+    def err_of(s, b):
+        safe = np.where(s == 0, np.float32(1), s)
+        np.subtract(g, b, out=buf)
+        np.divide(buf, safe, out=buf)
+        np.rint(buf, out=buf)
+        np.clip(buf, 0, n, out=buf)
+        q = buf.copy() if need_codes[0] else None
+        np.multiply(buf, s, out=buf)
+        np.add(buf, b, out=buf)
+        np.subtract(buf, g, out=buf)
+        if imp is not None:
+            e = np.einsum("ij,ij,ij->i", buf, buf, imp)[:, None]
         else:
-            better = err < best_err
-            best_err = mx.where(better, err, best_err)
-            best_lo = mx.where(better, lo, best_lo)
-            best_hi = mx.where(better, hi, best_hi)
-        mx.eval(best_err, best_lo, best_hi)
-    s, b = _fit(g, best_lo, best_hi, n)
-    q = _codes(g, s, b, n)
-    # Least-squares refit of scale and bias for the chosen codes (weighted), keep it if it helps.
+            e = np.einsum("ij,ij->i", buf, buf)[:, None]
+        return e, q
+
+    need_codes = [False]
+    for i in range(grid):
+        a = np.float32(1.0 - (1.0 - min_shrink) * i / max(grid - 1, 1))
+        lo = _f16(wmin * a)
+        s = _f16((wmax * a - lo) / n)
+        e, _ = err_of(s, lo)
+        better = e < best
+        best = np.where(better, e, best)
+        best_a = np.where(better, a, best_a)
+    need_codes[0] = True
+    b = _f16(wmin * best_a)
+    s = _f16((wmax * best_a - b) / n)
+    e, q = err_of(s, b)
+    w_ = imp if imp is not None else None
     for _ in range(refit):
-        w_ = imp if imp is not None else mx.ones_like(g)
-        sw = mx.sum(w_, 1, keepdims=True)
-        sq = mx.sum(w_ * q, 1, keepdims=True)
-        sqq = mx.sum(w_ * q * q, 1, keepdims=True)
-        sg = mx.sum(w_ * g, 1, keepdims=True)
-        sqg = mx.sum(w_ * q * g, 1, keepdims=True)
+        # least-squares scale and bias for the chosen codes (weighted); kept where it lowers the error
+        if w_ is None:
+            sw = np.float32(g.shape[1])
+            sq, sqq = q.sum(1, keepdims=True), (q * q).sum(1, keepdims=True)
+            sg, sqg = g.sum(1, keepdims=True), (q * g).sum(1, keepdims=True)
+        else:
+            sw = w_.sum(1, keepdims=True)
+            sq, sqq = (w_ * q).sum(1, keepdims=True), (w_ * q * q).sum(1, keepdims=True)
+            sg, sqg = (w_ * g).sum(1, keepdims=True), (w_ * q * g).sum(1, keepdims=True)
         det = sw * sqq - sq * sq
-        ok = mx.abs(det) > 1e-12
-        s2 = mx.where(ok, (sw * sqg - sq * sg) / mx.where(ok, det, 1.0), s)
-        b2 = mx.where(ok, (sg - s2 * sq) / mx.where(sw > 0, sw, 1.0), b)
-        s2 = s2.astype(STORE_DTYPE).astype(mx.float32)
-        b2 = b2.astype(STORE_DTYPE).astype(mx.float32)
-        q2 = _codes(g, s2, b2, n)
-        e_old = mx.sum(((q * s + b) - g) ** 2 * wt, 1, keepdims=True)
-        e_new = mx.sum(((q2 * s2 + b2) - g) ** 2 * wt, 1, keepdims=True)
-        better = e_new < e_old
-        s, b, q = mx.where(better, s2, s), mx.where(better, b2, b), mx.where(better, q2, q)
-        mx.eval(s, b, q)
-    return q, s, b
+        ok = np.abs(det) > 1e-12
+        s2 = np.where(ok, (sw * sqg - sq * sg) / np.where(ok, det, 1), s)
+        b2 = np.where(ok, (sg - s2 * sq) / np.where(sw > 0, sw, 1), b)
+        s2, b2 = _f16(s2), _f16(b2)
+        e2, q2 = err_of(s2, b2)
+        better = e2 < e
+        s, b, e = np.where(better, s2, s), np.where(better, b2, b), np.where(better, e2, e)
+        q = np.where(better, q2, q)
+    return q.astype(np.uint8), s, b
 
 
 def mse(w: mx.array, bits: int, group_size: int, importance: mx.array | None = None):
@@ -116,23 +121,22 @@ def mse(w: mx.array, bits: int, group_size: int, importance: mx.array | None = N
     in_dim = shape[-1]
     ng = in_dim // group_size
     rows = int(np.prod(shape[:-1]))
-    w2 = w.astype(mx.float32).reshape(rows, in_dim)
+    w2 = np.asarray(w.astype(mx.float32)).reshape(rows, in_dim)
+    imp_row = None if importance is None else np.asarray(importance.astype(mx.float32)).reshape(1, in_dim)
     step = max(1, _CHUNK // in_dim)
-    qs, ss, bs = [], [], []
+    codes = np.empty((rows, in_dim), np.uint8)
+    scales = np.empty((rows, ng), np.float32)
+    biases = np.empty((rows, ng), np.float32)
     for r in range(0, rows, step):
         blk = w2[r : r + step]
-        g = blk.reshape(-1, group_size)
-        imp = None
-        if importance is not None:
-            imp = mx.broadcast_to(importance.astype(mx.float32)[None, :], blk.shape).reshape(-1, group_size)
-        q, s, b = mse_groups(g, bits, imp)
-        qs.append(np.asarray(q.astype(mx.uint8)).reshape(blk.shape[0], in_dim))
-        ss.append(s.reshape(blk.shape[0], ng).astype(STORE_DTYPE))
-        bs.append(b.reshape(blk.shape[0], ng).astype(STORE_DTYPE))
-    codes = np.concatenate(qs, 0).reshape(*shape)
-    scales = mx.concatenate(ss, 0).reshape(*shape[:-1], ng)
-    biases = mx.concatenate(bs, 0).reshape(*shape[:-1], ng)
-    return pack(codes, bits), scales, biases
+        k = blk.shape[0]
+        imp = None if imp_row is None else np.broadcast_to(imp_row, blk.shape).reshape(-1, group_size)
+        q, s, b = mse_groups(np.ascontiguousarray(blk.reshape(-1, group_size)), bits, imp)
+        codes[r : r + k] = q.reshape(k, in_dim)
+        scales[r : r + k] = s.reshape(k, ng)
+        biases[r : r + k] = b.reshape(k, ng)
+    return (pack(codes.reshape(*shape), bits), mx.array(scales.reshape(*shape[:-1], ng)).astype(STORE_DTYPE),
+            mx.array(biases.reshape(*shape[:-1], ng)).astype(STORE_DTYPE))
 
 
 def quantize(w: mx.array, bits: int, group_size: int, method: str = "rtn", importance=None):
