@@ -1,3 +1,5 @@
+# Import jang_serve first: it gives MLX a fast BLAS, which works only before MLX is loaded.
+import jang_serve  # noqa: F401
 import sys
 from pathlib import Path
 
