@@ -43,9 +43,10 @@ OURS = {
     "ours JANG_3M (mse)": ("ours", {"profile": "JANG_3M", "method": "mse"}),
     "ours JANG_4M (mse)": ("ours", {"profile": "JANG_4M", "method": "mse"}),
     "ours JANG_4K (mse)": ("ours", {"profile": "JANG_4K", "method": "mse"}),
-    "ours bits=2.5 (mse)": ("ours", {"bits": 2.5, "method": "mse"}),
-    "ours bits=3.0 (mse)": ("ours", {"bits": 3.0, "method": "mse"}),
-    "ours bits=4.0 (mse)": ("ours", {"bits": 4.0, "method": "mse"}),
+    "ours JANG_4K (rtn)": ("ours", {"profile": "JANG_4K", "method": "rtn"}),
+    "ours bits=2.5 (rtn)": ("ours", {"bits": 2.5, "method": "rtn"}),
+    "ours bits=3.0 (rtn)": ("ours", {"bits": 3.0, "method": "rtn"}),
+    "ours bits=4.0 (rtn)": ("ours", {"bits": 4.0, "method": "rtn"}),
     "ours JANG_4M:mse:g32": ("ours", {"profile": "JANG_4M:mse:g32"}),
     "ours JANG_4L:mse:g32 (default serve)": ("ours", {"profile": "JANG_4L:mse:g32"}),
 }
