@@ -47,6 +47,7 @@ OURS = {
     "ours bits=2.5 (rtn)": ("ours", {"bits": 2.5, "method": "rtn"}),
     "ours bits=3.0 (rtn)": ("ours", {"bits": 3.0, "method": "rtn"}),
     "ours bits=4.0 (rtn)": ("ours", {"bits": 4.0, "method": "rtn"}),
+    "ours bits=3.0 (gptq)": ("ours", {"bits": 3.0, "method": "gptq"}),
     "ours JANG_4M:mse:g32": ("ours", {"profile": "JANG_4M:mse:g32"}),
     "ours JANG_4L:mse:g32 (default serve)": ("ours", {"profile": "JANG_4L:mse:g32"}),
 }
