@@ -24,11 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
-OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0"
-if os.path.exists(OPENBLAS) and OPENBLAS not in os.environ.get("LD_PRELOAD", "") and not os.environ.get("NO_REEXEC"):
-    env = dict(os.environ, LD_PRELOAD=OPENBLAS, OPENBLAS_NUM_THREADS="1")
-    os.execve(sys.executable, [sys.executable, *sys.argv], env)
-
+import jang_serve  # noqa: E402,F401  (loads OpenBLAS for MLX before MLX is imported)
 import mlx.core as mx  # noqa: E402
 
 from jang_serve.quantize import convert  # noqa: E402

@@ -4,29 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-
-# The mlx[cpu] wheel for Linux links the reference (netlib) BLAS: ~0.5 GFLOP/s for float32 matmul.
-# A system OpenBLAS preloaded in its place runs the same calls ~100x faster (single-threaded, which
-# suits a small shared CPU). `jangq` re-executes itself that way when the library is installed
-# (Debian: libopenblas0-pthread); JANGQ_NO_OPENBLAS=1 turns this off.
-OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0"
-
-
-def _maybe_reexec_with_openblas(argv) -> None:
-    if os.environ.get("JANGQ_NO_OPENBLAS") or not os.path.exists(OPENBLAS):
-        return
-    if OPENBLAS in os.environ.get("LD_PRELOAD", ""):
-        return
-    env = dict(os.environ)
-    env["LD_PRELOAD"] = (OPENBLAS + " " + env.get("LD_PRELOAD", "")).strip()
-    env.setdefault("OPENBLAS_NUM_THREADS", "1")
-    try:
-        os.execve(sys.executable, [sys.executable, "-m", "jang_serve.quantize.cli", *argv], env)
-    except OSError:
-        return
-
 
 def _convert(a) -> int:
     from pathlib import Path
@@ -100,8 +78,6 @@ def main(argv=None) -> int:
     e.add_argument("--output", "-o", help="write the JSON here too")
     e.set_defaults(fn=_eval)
     a = p.parse_args(argv)
-    if argv is None or list(argv) == sys.argv[1:]:  # run as the console script
-        _maybe_reexec_with_openblas(sys.argv[1:])
     try:
         return a.fn(a)
     except (ValueError, FileNotFoundError, FileExistsError) as err:
