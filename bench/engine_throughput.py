@@ -20,6 +20,7 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
+import jang_serve  # noqa: F401  (first: gives MLX a real BLAS on Linux, for both engines alike)
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
