@@ -20,7 +20,7 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
-import jang_serve  # noqa: F401  (first: gives MLX a real BLAS on Linux, for both engines alike)
+import jang_serve._blas  # noqa: F401  (first: gives MLX a real BLAS on Linux, for both engines alike)
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
@@ -138,7 +138,8 @@ def main():
         benchmark="engine_throughput",
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         device=dict(kind=str(mx.default_device()), machine=platform.machine(), processor=platform.processor(),
-                    cpu_count=__import__("os").cpu_count(), note="shared 2-core CPU; MLX CPU wheel with reference BLAS"),
+                    cpu_count=__import__("os").cpu_count(),
+                    blas=jang_serve._blas.loaded or "the mlx[cpu] wheel's reference (netlib) BLAS"),
         versions=dict(mlx=version("mlx"), mlx_lm=version("mlx-lm"), python=platform.python_version()),
         model=dict(path=str(args.model), dtype="float32", note="GGUF Q4_1 dequantized to float32; both engines get the same weights"),
         settings=dict(gen_tokens=args.gen, prompt_tokens=[args.prompt_min, args.prompt_max], greedy=True,
