@@ -53,6 +53,9 @@ class _SafetensorsFile:
         self.header, self.base = _read_header(path)
         self.header.pop("__metadata__", None)
         self._mm = None
+        size, end = path.stat().st_size, self.base + max((t["data_offsets"][1] for t in self.header.values()), default=0)
+        if size < end:
+            raise SourceError(f"{path}: truncated safetensors file ({size} bytes, its header needs {end})")
 
     def shape(self, name):
         return tuple(self.header[name]["shape"])
