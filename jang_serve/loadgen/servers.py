@@ -94,9 +94,14 @@ class ServerProcess:
         self.stop()
 
 
+# `python -m mlx_lm ...`, but with the same BLAS our server gets: importing jang_serve first loads the system
+# OpenBLAS for MLX on Linux (jang_serve/_blas.py), so both servers run the same matmul library.
+_MLX_LM_MAIN = "import sys, runpy, jang_serve; sys.argv[0] = 'mlx_lm'; runpy.run_module('mlx_lm', run_name='__main__')"
+
+
 def mlx_lm_cmd(model_dir: str | Path, decode_concurrency: int = 32, extra: list[str] = ()) -> list[str]:
-    """mlx-lm's own server (`python -m mlx_lm server`) on {port}."""
-    return [sys.executable, "-m", "mlx_lm", "server", "--model", str(model_dir), "--host", "127.0.0.1",
+    """mlx-lm's own server (`python -m mlx_lm server`, same BLAS as ours) on {port}."""
+    return [sys.executable, "-c", _MLX_LM_MAIN, "server", "--model", str(model_dir), "--host", "127.0.0.1",
             "--port", "{port}", "--decode-concurrency", str(decode_concurrency), "--log-level", "WARNING",
             *extra]
 
