@@ -39,6 +39,13 @@ def current() -> str:
     return gpu or "reference"
 
 
+def cpu_fast_paths() -> bool:
+    """True when running on the CPU with the reference not forced: ops may then take CPU-specific
+    routes built from MLX ops (same math as the reference, e.g. dequantize + BLAS matmul)."""
+    forced = os.environ.get("JANG_KERNELS", "").strip().lower()
+    return forced != "reference" and mx.default_device().type == mx.DeviceType.cpu
+
+
 def for_op(op: str) -> str:
     """Backend for one op, honouring a failed self-test."""
     b = current()

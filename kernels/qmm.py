@@ -4,7 +4,10 @@
   bits 2, 3, 4, 5, 6, 8; group_size 32, 64, 128.
 
 Paths by backend (kernels/backend.py) and by activation rows M = prod(x.shape[:-1]):
-  reference    mx.quantized_matmul (the specification; the CPU path)
+  reference    mx.quantized_matmul (the specification)
+  cpu, M<4     the reference
+  cpu, M>=4    dequantize, then the dense float32 matmul (BLAS): MLX's CPU quantized_matmul does
+               ~1 GFLOP/s, dense float32 with OpenBLAS ~45 (bench/results/qmm-cpu.json)
   cuda, M<=4   fused dequant + GEMV kernel (kernels/qmm_cuda.py)
   cuda, M>4    mx.quantized_matmul below DEQUANT_ROWS rows, else dequantize once to the activation
                dtype and run the dense (cuBLAS) matmul; thresholds from bench/results/kernels-h100.json
@@ -21,10 +24,19 @@ from . import backend
 # MLX's tensor-core quantized_matmul is faster; dequantize + dense matmul only pays for large prefills.
 GEMV_ROWS = 4
 DEQUANT_ROWS = 192
+# CPU: from this many rows, dequantize + dense matmul beats mx.quantized_matmul (bench/qmm_cpu.py).
+CPU_DEQUANT_ROWS = 4
 
 
 def qmm_reference(x, w, scales, biases, bits, group_size):
     return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits)
+
+
+def qmm_dequant_matmul(x, w, scales, biases, bits, group_size):
+    """Same math as the reference: dequantize the weight, then a dense matmul (in float32 on the CPU,
+    where MLX has no fast half-precision matmul), result in x's dtype."""
+    wd = mx.dequantize(w, scales, biases, group_size=group_size, bits=bits).astype(mx.float32)
+    return (x.astype(mx.float32) @ wd.T).astype(x.dtype)
 
 
 def _check(x, w, scales, biases, bits, group_size):
@@ -48,13 +60,15 @@ def qmm(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: int,
     Returns [..., N] in x's dtype."""
     _check(x, w, scales, biases, bits, group_size)
     b = backend.for_op("qmm")
-    if b == "reference":
-        return qmm_reference(x, w, scales, biases, bits, group_size)
     lead = x.shape[:-1]
     m = 1
     for d in lead:
         m *= d
     k = x.shape[-1]
+    if b == "reference":
+        if m >= CPU_DEQUANT_ROWS and backend.cpu_fast_paths():
+            return qmm_dequant_matmul(x, w, scales, biases, bits, group_size)
+        return qmm_reference(x, w, scales, biases, bits, group_size)
     if b == "cuda":
         from . import qmm_cuda
 

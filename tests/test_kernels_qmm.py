@@ -2,6 +2,7 @@
 the CUDA GEMV's per-unit algorithm (bit-stream fields, in-place masking with pre-scaled activations,
 per-group scale * sum(x*q) + bias * sum(x)) checked against mx.dequantize / mx.quantized_matmul."""
 
+import importlib
 import numpy as np
 import pytest
 
@@ -185,3 +186,25 @@ def test_gather_qmm_picks_each_tokens_expert():
 def test_float32_activations_stay_on_the_reference():
     wq, _, _ = _quant(8, 256, 4, 64)
     assert not qmm_cuda.supports(mx.zeros((1, 256), dtype=mx.float32), wq, 4, 64)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 16, 65])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_cpu_route_matches_reference(rows, bits, monkeypatch):
+    """On the CPU, from CPU_DEQUANT_ROWS rows qmm dequantizes and runs the dense matmul (same math,
+    float rounding apart); below that it is the reference itself; JANG_KERNELS=reference forces it."""
+    qmm_mod = importlib.import_module("jang_serve.kernels.qmm")  # the module (the package exports the function)
+
+    monkeypatch.delenv("JANG_KERNELS", raising=False)
+    w = mx.random.normal((96, 128), key=mx.random.key(bits)) * 0.05
+    q, s, b = mx.quantize(w, group_size=64, bits=bits)
+    x = mx.random.normal((rows, 128), key=mx.random.key(rows))
+    ref = qmm_mod.qmm_reference(x, q, s, b, bits, 64)
+    got = qmm_mod.qmm(x, q, s, b, bits, 64)
+    assert got.dtype == x.dtype and got.shape == ref.shape
+    assert float(mx.abs(got - ref).max()) < 1e-4 * (1 + float(mx.abs(ref).max()))
+    fast = qmm_mod.qmm_dequant_matmul(x, q, s, b, bits, 64)
+    expect_fast = rows >= qmm_mod.CPU_DEQUANT_ROWS
+    assert mx.array_equal(got, fast).item() == expect_fast or mx.array_equal(fast, ref).item()
+    monkeypatch.setenv("JANG_KERNELS", "reference")
+    assert mx.array_equal(qmm_mod.qmm(x, q, s, b, bits, 64), ref).item()

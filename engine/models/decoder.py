@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
+from jang_serve.kernels import qmm
+
 from .base import BaseArgs
 from .layers import RoPE
 
@@ -178,7 +180,10 @@ class DecoderModel(nn.Module):
 
     def head(self, h):
         if self.args.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(h)
+            e = self.model.embed_tokens
+            if isinstance(e, nn.QuantizedEmbedding):  # tied quantized head: through kernels.qmm too
+                return qmm(h, e.weight, e.scales, e.biases, e.bits, e.group_size)
+            return e.as_linear(h)
         return self.lm_head(h)
 
     def __call__(self, tokens, positions, attn, logits_rows=None):
