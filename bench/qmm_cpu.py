@@ -40,7 +40,7 @@ def timed(fn, reps=3):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(ROOT / "bench/results/qmm-cpu.json"))
-    ap.add_argument("--rows", default="1,4,16,64")
+    ap.add_argument("--rows", default="1,4,8,16,64")
     args = ap.parse_args()
     rows = [int(r) for r in args.rows.split(",")]
     results = []

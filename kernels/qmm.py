@@ -5,8 +5,8 @@
 
 Paths by backend (kernels/backend.py) and by activation rows M = prod(x.shape[:-1]):
   reference    mx.quantized_matmul (the specification)
-  cpu, M<4     the reference
-  cpu, M>=4    dequantize, then the dense float32 matmul (BLAS): MLX's CPU quantized_matmul does
+  cpu, M<16    the reference
+  cpu, M>=16   dequantize, then the dense float32 matmul (BLAS): MLX's CPU quantized_matmul does
                ~1 GFLOP/s, dense float32 with OpenBLAS ~45 (bench/results/qmm-cpu.json)
   cuda, M<=4   fused dequant + GEMV kernel (kernels/qmm_cuda.py)
   cuda, M>4    mx.quantized_matmul below DEQUANT_ROWS rows, else dequantize once to the activation
@@ -24,8 +24,9 @@ from . import backend
 # MLX's tensor-core quantized_matmul is faster; dequantize + dense matmul only pays for large prefills.
 GEMV_ROWS = 4
 DEQUANT_ROWS = 192
-# CPU: from this many rows, dequantize + dense matmul beats mx.quantized_matmul (bench/qmm_cpu.py).
-CPU_DEQUANT_ROWS = 4
+# CPU: from this many rows, dequantize + dense matmul beats mx.quantized_matmul for every SmolLM2 shape
+# (bench/qmm_cpu.py: small matrices win from 4 rows, the 49152x576 tied lm_head only from ~16).
+CPU_DEQUANT_ROWS = 16
 
 
 def qmm_reference(x, w, scales, biases, bits, group_size):
