@@ -44,7 +44,12 @@ class ModelRunner:
         order = sorted(range(len(seqs)), key=lambda i: num_new[i] != 1)
         seqs_o = [seqs[i] for i in order]
         new_o = [num_new[i] for i in order]
-        tokens, positions, slots, tables, qlens, clens, rows, sample_idx = self.prepare(seqs_o, new_o)
+        *flat, sample_idx = self.prepare(seqs_o, new_o)
+        return self.execute(*flat), [order[i] for i in sample_idx]
+
+    def execute(self, tokens, positions, slots, tables, qlens, clens, rows) -> mx.array | None:
+        """The model call on a prepared flat batch (tensor-parallel followers replay rank 0's
+        batches through this same function, so every rank evaluates the same collectives)."""
         backend = PagedBackend(self.pool, slots, tables, qlens, clens)
         logits = None
         if rows:
@@ -54,4 +59,4 @@ class ModelRunner:
         else:
             self.model(tokens, positions, backend, logits_rows=mx.array([0], dtype=mx.int32))
             mx.eval(self.pool.arrays())
-        return logits, [order[i] for i in sample_idx]
+        return logits
