@@ -1,0 +1,244 @@
+"""Tensor-parallel sharding of a loaded dense decoder, in place, for one rank of `size`.
+
+Per block (Megatron style, one all_sum after attention and one after the MLP):
+  attention  q/k/v_proj keep this rank's heads (output rows); o_proj keeps the matching input
+             columns and is followed by an all_sum. KV heads are split by GQA group when there
+             are at least as many KV heads as ranks; with fewer, the query heads are split and
+             each rank keeps (replicates) the KV heads its query heads read.
+  MLP        gate/up_proj keep a slice of the intermediate rows; down_proj the same input
+             columns, then an all_sum.
+  embedding  rows split by vocabulary: a lookup keeps the rows this rank holds (zeros elsewhere)
+             and all_sums; the tied head (and an untied lm_head) computes this rank's vocabulary
+             slice of the logits and all_gathers them.
+Quantized weights (MLX affine: packed uint32 + scales/biases per group along the input) are cut
+on group boundaries, so the shards are exactly the packed bytes of the full tensor; slicing a float
+model first and quantizing the shards gives the same arrays (the split unit is a multiple of 128).
+Splits may be uneven (SmolLM2 has 9 query / 3 KV heads): every rank's pool holds its own heads.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from jang_serve.engine.models.layers import QLinear
+from jang_serve.kernels import qmm
+
+
+class ShardError(ValueError):
+    """The model cannot be split over this many ranks (the message says why)."""
+
+
+def _is_quant(m) -> bool:
+    return "scales" in m and hasattr(m, "bits")
+
+
+def split_range(n: int, size: int, rank: int, unit: int = 1) -> tuple[int, int]:
+    """[start, end) of rank's share of n items, cut on multiples of `unit` (as even as possible)."""
+    if n % unit:
+        raise ShardError(f"{n} is not a multiple of the split unit {unit}")
+    groups = n // unit
+    if groups < size:
+        raise ShardError(f"cannot split {n} over {size} ranks in units of {unit}")
+    return rank * groups // size * unit, (rank + 1) * groups // size * unit
+
+
+def head_split(n_heads: int, n_kv: int, size: int, rank: int) -> tuple[int, int, int, int]:
+    """(q0, q1, k0, k1): this rank's query heads [q0, q1) and KV heads [k0, k1)."""
+    if n_heads % n_kv:
+        raise ShardError(f"{n_heads} query heads are not a multiple of {n_kv} KV heads")
+    g = n_heads // n_kv
+    if n_kv >= size:
+        k0, k1 = split_range(n_kv, size, rank)
+        return k0 * g, k1 * g, k0, k1
+    q0, q1 = split_range(n_heads, size, rank)
+    k0, k1 = q0 // g, (q1 - 1) // g + 1
+    nq, nk = q1 - q0, k1 - k0
+    # The attention maps local query head i to local KV head i // (nq / nk): check that holds.
+    if nq % nk or any((q0 + i) // g - k0 != i // (nq // nk) for i in range(nq)):
+        raise ShardError(f"cannot split {n_heads} query heads / {n_kv} KV heads over {size} ranks "
+                         f"(rank {rank} would hold query heads {q0}..{q1 - 1} over uneven KV heads)")
+    return q0, q1, k0, k1
+
+
+# -- slicing one linear --------------------------------------------------------------------------
+def slice_rows(lin, r0: int, r1: int):
+    """The output features [r0, r1) of a Linear / QLinear (quantized rows are independent)."""
+    bias = "bias" in lin
+    if _is_quant(lin):
+        q = QLinear(lin.weight.shape[1] * 32 // lin.bits, r1 - r0, bias, lin.bits, lin.group_size)
+        q.weight, q.scales, q.biases = lin.weight[r0:r1], lin.scales[r0:r1], lin.biases[r0:r1]
+        out = q
+    else:
+        out = nn.Linear(lin.weight.shape[1], r1 - r0, bias=bias)
+        out.weight = lin.weight[r0:r1]
+    if bias:
+        out.bias = lin.bias[r0:r1]
+    return out
+
+
+def slice_cols(lin, c0: int, c1: int):
+    """The input features [c0, c1) of a Linear / QLinear, without its bias (added after the sum).
+    Quantized: c0 and c1 must fall on group boundaries; then whole packed words are kept."""
+    if _is_quant(lin):
+        gs, bits = lin.group_size, lin.bits
+        if c0 % gs or c1 % gs:
+            raise ShardError(f"input columns {c0}..{c1} do not fall on the quantization groups of {gs}")
+        q = QLinear(c1 - c0, lin.weight.shape[0], False, bits, gs)
+        q.weight = lin.weight[:, c0 * bits // 32:c1 * bits // 32]
+        q.scales, q.biases = lin.scales[:, c0 // gs:c1 // gs], lin.biases[:, c0 // gs:c1 // gs]
+        return q
+    out = nn.Linear(c1 - c0, lin.weight.shape[0], bias=False)
+    out.weight = lin.weight[:, c0:c1]
+    return out
+
+
+def _in_features(lin) -> int:
+    return lin.weight.shape[1] * 32 // lin.bits if _is_quant(lin) else lin.weight.shape[1]
+
+
+def _unit(lin, n: int, size: int) -> int:
+    """Split unit along a linear's input: its quantization group, else the largest of 128/64/32/8
+    that divides n into at least `size` parts (so sharding before or after quantizing agree)."""
+    if _is_quant(lin):
+        return lin.group_size
+    return next(u for u in (128, 64, 32, 8, 1) if n % u == 0 and n // u >= size)
+
+
+# -- sharded modules ---------------------------------------------------------------------------
+class AllSumLinear(nn.Module):
+    """A linear over this rank's input columns; the partial products are summed over the group."""
+
+    def __init__(self, local, bias, group):
+        super().__init__()
+        self.local = local
+        if bias is not None:
+            self.bias = bias
+        self.group = group
+
+    def __call__(self, x):
+        y = mx.distributed.all_sum(self.local(x), group=self.group)
+        return y + self.bias if "bias" in self else y
+
+
+def _gather_vocab(y, vocab: int, group):
+    """[T, V/size] on each rank -> [T, V] on every rank (ranks hold consecutive vocabulary slices)."""
+    t, per = y.shape
+    g = mx.distributed.all_gather(y[None], group=group)  # [size, T, per]
+    return g.transpose(1, 0, 2).reshape(t, -1)[:, :vocab]
+
+
+def _pad_rows(a, rows: int):
+    return a if a.shape[0] == rows else mx.concatenate([a, mx.zeros((rows - a.shape[0], *a.shape[1:]), a.dtype)])
+
+
+class VocabShardedEmbedding(nn.Module):
+    """An embedding holding the vocabulary rows [v0, v0 + per) (zero-padded to `per`)."""
+
+    def __init__(self, emb, rank: int, size: int, group):
+        super().__init__()
+        vocab = emb.weight.shape[0]
+        per = -(-vocab // size)
+        v0, v1 = min(rank * per, vocab), min((rank + 1) * per, vocab)
+        self.vocab, self.v0, self.n_local, self.group = vocab, v0, v1 - v0, group
+        if _is_quant(emb):
+            self.bits, self.group_size = emb.bits, emb.group_size
+            self.weight = _pad_rows(emb.weight[v0:v1], per)
+            self.scales = _pad_rows(emb.scales[v0:v1], per)
+            self.biases = _pad_rows(emb.biases[v0:v1], per)
+        else:
+            self.weight = _pad_rows(emb.weight[v0:v1], per)
+
+    def _rows(self, ids):
+        if "scales" in self:
+            return mx.dequantize(self.weight[ids], self.scales[ids], self.biases[ids], group_size=self.group_size,
+                                 bits=self.bits)
+        return self.weight[ids]
+
+    def __call__(self, tokens):
+        local = tokens - self.v0
+        inside = (local >= 0) & (local < self.n_local)
+        h = self._rows(mx.where(inside, local, 0))
+        h = mx.where(inside[..., None], h, mx.zeros((), h.dtype))
+        return mx.distributed.all_sum(h, group=self.group)
+
+    def as_linear(self, x):
+        """The tied head: logits of this rank's vocabulary slice, gathered to the full vocabulary."""
+        if "scales" in self:
+            y = qmm(x, self.weight, self.scales, self.biases, self.bits, self.group_size)
+        else:
+            y = x @ self.weight.T
+        return _gather_vocab(y, self.vocab, self.group)
+
+
+class VocabShardedHead(nn.Module):
+    """An untied lm_head over this rank's vocabulary rows, gathered to the full vocabulary."""
+
+    def __init__(self, lin, rank: int, size: int, group):
+        super().__init__()
+        vocab = lin.weight.shape[0]
+        per = -(-vocab // size)
+        v0, v1 = min(rank * per, vocab), min((rank + 1) * per, vocab)
+        self.vocab, self.group = vocab, group
+        local = slice_rows(lin, v0, v1)
+        for name in ("weight", "scales", "biases", "bias"):
+            if name in local:
+                setattr(local, name, _pad_rows(getattr(local, name), per))
+        self.local = local
+
+    def __call__(self, x):
+        return _gather_vocab(self.local(x), self.vocab, self.group)
+
+
+# -- the whole model -----------------------------------------------------------------------------
+def _check_supported(model) -> None:
+    layers = getattr(getattr(model, "model", None), "layers", None) or []
+    if not layers or "embed_tokens" not in model.model:
+        raise ShardError("the model has no decoder layers (model.layers) and embed_tokens to shard")
+    for i, blk in enumerate(layers):
+        attn, mlp = getattr(blk, "self_attn", None), getattr(blk, "mlp", None)
+        if attn is None or not all(n in attn for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
+            raise ShardError(f"layer {i}: tensor parallelism needs separate q/k/v/o projections "
+                             f"({type(model).__module__} is not supported)")
+        if mlp is None or not all(n in mlp for n in ("gate_proj", "up_proj", "down_proj")):
+            raise ShardError(f"layer {i}: tensor parallelism needs a dense gate/up/down MLP "
+                             f"(MoE and fused MLPs are not supported; model {type(model).__module__})")
+
+
+def shard_model(model, group, rank: int | None = None, size: int | None = None) -> dict:
+    """Cut `model` in place down to `rank`'s shard (rank/size default to the group's). Returns a
+    summary {heads, kv_heads, intermediate, vocab_rows} of what this rank holds."""
+    rank = group.rank() if rank is None else rank
+    size = group.size() if size is None else size
+    _check_supported(model)
+    args = copy.copy(model.args)
+    hd = args.head_dim
+    q0, q1, k0, k1 = head_split(args.num_attention_heads, args.num_key_value_heads, size, rank)
+    inter = None
+    for blk in model.model.layers:
+        a = blk.self_attn
+        a.q_proj = slice_rows(a.q_proj, q0 * hd, q1 * hd)
+        a.k_proj = slice_rows(a.k_proj, k0 * hd, k1 * hd)
+        a.v_proj = slice_rows(a.v_proj, k0 * hd, k1 * hd)
+        bias = a.o_proj.bias if "bias" in a.o_proj else None
+        a.o_proj = AllSumLinear(slice_cols(a.o_proj, q0 * hd, q1 * hd), bias, group)
+        a.n_heads, a.n_kv = q1 - q0, k1 - k0
+        m = blk.mlp
+        n = _in_features(m.down_proj)
+        i0, i1 = split_range(n, size, rank, _unit(m.down_proj, n, size))
+        m.gate_proj, m.up_proj = slice_rows(m.gate_proj, i0, i1), slice_rows(m.up_proj, i0, i1)
+        bias = m.down_proj.bias if "bias" in m.down_proj else None
+        m.down_proj = AllSumLinear(slice_cols(m.down_proj, i0, i1), bias, group)
+        inter = i1 - i0
+    inner = model.model
+    emb = VocabShardedEmbedding(inner.embed_tokens, rank, size, group)
+    inner.embed_tokens = emb
+    if "lm_head" in model:
+        model.lm_head = VocabShardedHead(model.lm_head, rank, size, group)
+    args.num_attention_heads, args.num_key_value_heads, args.intermediate_size = q1 - q0, k1 - k0, inter
+    model.args = args
+    mx.eval(model.parameters())
+    return {"rank": rank, "size": size, "heads": [q0, q1], "kv_heads": [k0, k1], "intermediate": inter,
+            "vocab_rows": [emb.v0, emb.v0 + emb.n_local]}
