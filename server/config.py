@@ -62,6 +62,8 @@ OPTIONS: list[Option] = [
     Option("max_num_batched_tokens", "engine", None, int, "token budget per engine step (unset = engine default)"),
     Option("max_model_len", "engine", None, int, "context length limit (unset = the model's own)"),
     Option("prefix_caching", "engine", True, bool, "reuse KV blocks of shared prompt prefixes"),
+    Option("tp", "engine", 1, int, "tensor-parallel ranks: split the model over N processes (ring backend "
+           "over loopback on CPU, NCCL over N GPUs on CUDA); see docs/tp.md"),
     # [admin]
     Option("models_dir", "admin", None, str, "folder for converted models (default: $JANG_SERVE_HOME/models)"),
     Option("jobs_db", "admin", None, str, "SQLite file of conversion jobs (default: <models_dir>/.jobs.sqlite)"),
@@ -94,6 +96,7 @@ class ServerConfig:
     max_num_batched_tokens: int | None = None
     max_model_len: int | None = None
     prefix_caching: bool = True
+    tp: int = 1
     models_dir: str | None = None
     jobs_db: str | None = None
     max_jobs: int = 1
@@ -101,6 +104,8 @@ class ServerConfig:
     def __post_init__(self):
         for f in fields(self):
             _check(f.name, getattr(self, f.name))
+        if self.tp < 1:
+            raise ConfigError(f"option 'tp' must be at least 1, got {self.tp}")
 
     @property
     def models_path(self) -> Path:

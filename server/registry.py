@@ -87,10 +87,13 @@ class ModelRegistry:
             entry.config = dict(loaded.config)
             entry.context_length = context_length_of(entry.config, self.cfg)
             entry.info = {"format": getattr(loaded, "format", None), "quantization": _quant_summary(loaded.quantization)}
-            entry.engine = _start_engine(loaded, self.cfg, entry.context_length)
+            tp = self.cfg.tp if entry.startup else 1  # one tensor-parallel group per process
+            entry.engine = _start_engine(loaded, self.cfg, entry.context_length, tp=tp)
             entry.context_length = int(getattr(entry.engine, "max_model_len", entry.context_length))
             entry.tokenizer = getattr(entry.engine, "tokenizer", None) or entry.tokenizer
             entry.state = "ready"
+            if hasattr(entry.engine, "on_fatal"):  # tensor parallel: a dead rank fails the model
+                entry.engine.on_fatal = lambda msg, e=entry: _mark_failed(e, msg)
             log.info("model %s ready in %.1f s (%s)", entry.name, time.perf_counter() - t0, path)
         except Exception as e:
             entry.state, entry.error = "failed", f"{type(e).__name__}: {e}"
@@ -150,7 +153,12 @@ class ModelRegistry:
                     log.exception("stopping the engine of %s failed", e.name)
 
 
-def _start_engine(loaded, cfg: ServerConfig, context_length: int):
+def _mark_failed(entry: ModelEntry, message: str) -> None:
+    entry.state, entry.error = "failed", message
+    log.error("model %s is out of service: %s", entry.name, message)
+
+
+def _start_engine(loaded, cfg: ServerConfig, context_length: int, tp: int = 1):
     from jang_serve.engine.async_engine import AsyncEngine
     from jang_serve.engine.engine_config import EngineConfig
 
@@ -160,7 +168,12 @@ def _start_engine(loaded, cfg: ServerConfig, context_length: int):
         kw["kv_memory_gb"] = cfg.kv_memory
     if cfg.max_num_batched_tokens is not None:
         kw["max_num_batched_tokens"] = cfg.max_num_batched_tokens
-    engine = AsyncEngine(loaded, EngineConfig(**kw))
+    if tp > 1:
+        from jang_serve.engine.distributed import start_tp_engine
+
+        engine = start_tp_engine(loaded, EngineConfig(**kw), tp)
+    else:
+        engine = AsyncEngine(loaded, EngineConfig(**kw))
     engine.start()
     return engine
 

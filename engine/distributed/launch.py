@@ -74,8 +74,17 @@ def make_contact(size: int, backend: str) -> dict:
 
 def init_group(rank: int, size: int, backend: str, contact: dict):
     """Join the group (blocks until every rank has joined)."""
-    os.environ.update(rank_env(rank, size, backend, contact))
-    group = mx.distributed.init(strict=True, backend=backend)
+    env = rank_env(rank, size, backend, contact)
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        group = mx.distributed.init(strict=True, backend=backend)
+    finally:  # children started later (admin jobs) must not inherit this rank's identity
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     if group.size() != size or group.rank() != rank:
         raise RankFailure(f"mx.distributed.init gave rank {group.rank()} of {group.size()}, "
                           f"expected {rank} of {size}")

@@ -97,10 +97,21 @@ class TPAsyncEngine(AsyncEngine):
         self.followers, self.group, self.shard_info = followers, group, shard_info or {}
         self.core.runner = TPRunner(self.core.model, self.core.pool, followers, group)
         self.fatal_error: str | None = None
-        self.on_fatal = None  # callable(message), set by the server
+        self._on_fatal = None
         self._closed = threading.Event()
         self._watch = threading.Thread(target=self._watchdog, name="jang-tp-watchdog", daemon=True)
         self._watch.start()
+
+    @property
+    def on_fatal(self):
+        """callable(message) run once when a rank fails (set late: it runs at once if one already has)."""
+        return self._on_fatal
+
+    @on_fatal.setter
+    def on_fatal(self, cb) -> None:
+        self._on_fatal = cb
+        if cb is not None and self.fatal_error is not None:
+            cb(self.fatal_error)
 
     def _watchdog(self) -> None:
         while not self._closed.wait(0.5):
@@ -120,7 +131,7 @@ class TPAsyncEngine(AsyncEngine):
         for rid in rids:
             self._emit(EngineDeadError(message), rid)
         self.abort_all()
-        cb = self.on_fatal
+        cb = self._on_fatal
         if cb is not None:
             try:
                 cb(message)
