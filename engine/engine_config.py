@@ -16,6 +16,10 @@ class EngineConfig:
     kv_transform: bool | None = None  # store K/V smoothed + Hadamard-rotated (engine/kv_transform.py); None: q4 only
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
+    # Per-step cap on prefill tokens while other sequences are decoding, so one long prompt cannot
+    # stall the running streams (vLLM-style chunked prefill). None: 128 on the CPU, 512 on a GPU.
+    # With no decode in the step, a prefill takes the whole max_num_batched_tokens budget.
+    max_prefill_chunk: int | None = None
     max_model_len: int | None = None  # defaults to the model's max_position_embeddings
     enable_prefix_caching: bool = True
     seed: int = 0  # seeds the PRNG of requests without their own seed
@@ -33,10 +37,20 @@ class EngineConfig:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        if self.max_prefill_chunk is not None and self.max_prefill_chunk < 1:
+            raise ValueError(f"max_prefill_chunk must be >= 1, got {self.max_prefill_chunk}")
         if self.kv_memory_gb is not None and self.kv_memory_gb <= 0:
             raise ValueError(f"kv_memory_gb must be > 0, got {self.kv_memory_gb}")
         if not 0 < self.kv_memory_fraction <= 1:
             raise ValueError(f"kv_memory_fraction must be in (0, 1], got {self.kv_memory_fraction}")
+
+    def prefill_chunk(self) -> int:
+        """max_prefill_chunk, or its default for the current device."""
+        if self.max_prefill_chunk is not None:
+            return self.max_prefill_chunk
+        import mlx.core as mx
+
+        return 128 if mx.default_device() == mx.cpu else 512
 
     @property
     def kv_bits(self) -> int | None:

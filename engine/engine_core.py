@@ -46,7 +46,8 @@ class EngineCore:
         self.dtype = model_dtype(self.model)
         self.pool = KVPool.for_model(self.model, self.config, self.dtype)
         self.blocks = BlockManager(self.pool.num_blocks, self.config.block_size, self.config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.blocks, self.config.max_num_seqs, self.config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.blocks, self.config.max_num_seqs, self.config.max_num_batched_tokens,
+                                   self.config.prefill_chunk())
         self.runner = ModelRunner(self.model, self.pool)
         limit = self.config.max_model_len or self.model_config.get("max_position_embeddings") or 1 << 30
         self.max_model_len = min(int(limit), self.pool.capacity_tokens)

@@ -207,3 +207,36 @@ def test_long_prefill_does_not_starve_decodes(tiny):
     for _ in range(12):  # the long prompt is prefilled in 15-token chunks meanwhile
         assert [d.request_id for d in core.step()] == ["short"]
     assert 0 < core.requests["long"][0].num_computed < 200
+
+
+def test_running_stream_gets_a_token_every_step_during_a_long_prefill(tiny):
+    """Decodes first, prefill capped at max_prefill_chunk per step while streams run; a prompt
+    with nobody decoding takes the whole budget. Outputs stay equal to each request alone."""
+    model, cfg = tiny
+    short, long_ = [1, 2, 3, 4, 5], random_prompts(1, 300, 300, 256, seed=3)[0]
+    sp = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    core = EngineCore((model, None, cfg), EngineConfig(num_blocks=64, max_num_batched_tokens=2048,
+                                                       max_prefill_chunk=32))
+    core.add_request("short", short, sp)
+    first = core.step()
+    assert [d.request_id for d in first] == ["short"]  # alone: its whole prefill, then a token
+    core.add_request("long", long_, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    out, prefill_steps = {"short": list(first[0].token_ids), "long": []}, 0
+    while core.requests["long"][0].num_computed < len(long_):
+        before = core.requests["long"][0].num_computed
+        deltas = core.step()
+        step_ids = [d.request_id for d in deltas]
+        assert step_ids.count("short") == 1, step_ids  # the running stream got its token this step
+        assert core.requests["long"][0].num_computed - before == min(32, len(long_) - before)
+        for d in deltas:
+            out[d.request_id] += d.token_ids
+        prefill_steps += 1
+    assert prefill_steps == -(-len(long_) // 32)  # 10 chunks of <= 32 tokens
+    while core.has_work():
+        for d in core.step():
+            out[d.request_id] += d.token_ids
+    assert out["short"] == reference_greedy(model, short, 16)
+    assert out["long"] == reference_greedy(model, long_, 4)
+    # nobody decoding: a long prompt is prefilled in one step, with the whole budget
+    core.add_request("alone", long_, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
+    assert [d.token_ids for d in core.step()] == [reference_greedy(model, long_, 1)]
