@@ -135,41 +135,39 @@ def _pad_rows(a, rows: int):
 
 
 class VocabShardedEmbedding(nn.Module):
-    """An embedding holding the vocabulary rows [v0, v0 + per) (zero-padded to `per`)."""
+    """An embedding holding the vocabulary rows [v0, v0 + per) (zero-padded to `per`) in `local`,
+    a plain nn.Embedding / nn.QuantizedEmbedding (so quantize_model can still quantize a shard)."""
 
     def __init__(self, emb, rank: int, size: int, group):
         super().__init__()
-        vocab = emb.weight.shape[0]
+        vocab, dims = emb.weight.shape[0], emb.weight.shape[1]
         per = -(-vocab // size)
         v0, v1 = min(rank * per, vocab), min((rank + 1) * per, vocab)
         self.vocab, self.v0, self.n_local, self.group = vocab, v0, v1 - v0, group
         if _is_quant(emb):
-            self.bits, self.group_size = emb.bits, emb.group_size
-            self.weight = _pad_rows(emb.weight[v0:v1], per)
-            self.scales = _pad_rows(emb.scales[v0:v1], per)
-            self.biases = _pad_rows(emb.biases[v0:v1], per)
+            local = nn.QuantizedEmbedding(per, dims * 32 // emb.bits, emb.group_size, emb.bits)
+            local.weight, local.scales, local.biases = (_pad_rows(getattr(emb, n)[v0:v1], per)
+                                                        for n in ("weight", "scales", "biases"))
+            local.freeze()
         else:
-            self.weight = _pad_rows(emb.weight[v0:v1], per)
-
-    def _rows(self, ids):
-        if "scales" in self:
-            return mx.dequantize(self.weight[ids], self.scales[ids], self.biases[ids], group_size=self.group_size,
-                                 bits=self.bits)
-        return self.weight[ids]
+            local = nn.Embedding(per, dims)
+            local.weight = _pad_rows(emb.weight[v0:v1], per)
+        self.local = local
 
     def __call__(self, tokens):
-        local = tokens - self.v0
-        inside = (local >= 0) & (local < self.n_local)
-        h = self._rows(mx.where(inside, local, 0))
+        ids = tokens - self.v0
+        inside = (ids >= 0) & (ids < self.n_local)
+        h = self.local(mx.where(inside, ids, 0))
         h = mx.where(inside[..., None], h, mx.zeros((), h.dtype))
         return mx.distributed.all_sum(h, group=self.group)
 
     def as_linear(self, x):
         """The tied head: logits of this rank's vocabulary slice, gathered to the full vocabulary."""
-        if "scales" in self:
-            y = qmm(x, self.weight, self.scales, self.biases, self.bits, self.group_size)
+        e = self.local
+        if isinstance(e, nn.QuantizedEmbedding):
+            y = qmm(x, e.weight, e.scales, e.biases, e.bits, e.group_size)
         else:
-            y = x @ self.weight.T
+            y = e.as_linear(x)
         return _gather_vocab(y, self.vocab, self.group)
 
 

@@ -1,0 +1,319 @@
+"""Tensor parallelism (engine/distributed): sharding exactness in process, then real 2-rank groups on
+the ring backend over loopback: greedy outputs equal the single-process engine (tiny random models,
+float and quantized, and SmolLM2), a killed rank gives a clear error, and `jang-serve --tp 2` over HTTP.
+
+The multi-process cases run this file as a driver (`python tests/test_tp.py MODE PATH`): one process
+computes the single-process reference, then becomes rank 0 of a 2-rank group (one group per process).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+import pytest  # noqa: E402
+from mlx.utils import tree_flatten  # noqa: E402
+
+from jang_serve.engine.distributed.sharding import ShardError, head_split, shard_model  # noqa: E402
+from jang_serve.engine.models.layers import quantize_model  # noqa: E402
+
+BLOCKS = 96
+
+
+# -- model folders ---------------------------------------------------------------------------------
+def _q4(path, m):
+    return (4, 32)
+
+
+def save_model(model, cfg: dict, out: Path, quant: tuple[int, int] | None = None, tokenizer=None) -> Path:
+    """An mlx-style folder: config.json (+ quantization) and model.safetensors (+ tokenizer)."""
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = dict(cfg)
+    if quant:
+        quantize_model(model, lambda p, m: quant)
+        cfg["quantization"] = {"bits": quant[0], "group_size": quant[1]}
+    mx.eval(model.parameters())
+    mx.save_safetensors(str(out / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    (out / "config.json").write_text(json.dumps(cfg))
+    if tokenizer is not None:
+        tokenizer.save(out)
+    return out
+
+
+def tiny_dir(tmp: Path, quant=None, **kw) -> Path:
+    from engine_helpers import tiny_model
+
+    model, cfg = tiny_model(3, **kw)
+    return save_model(model, cfg, tmp / ("tiny-q" if quant else "tiny"), quant)
+
+
+# -- in-process: how the weights are cut ----------------------------------------------------------
+def test_head_split_groups_uneven_and_replicated():
+    assert head_split(9, 3, 2, 0) == (0, 3, 0, 1)  # SmolLM2: uneven, by GQA group
+    assert head_split(9, 3, 2, 1) == (3, 9, 1, 3)
+    assert head_split(4, 1, 2, 1) == (2, 4, 0, 1)  # fewer KV heads than ranks: replicated
+    assert head_split(8, 2, 4, 3) == (6, 8, 1, 2)
+    assert head_split(32, 8, 4, 2) == (16, 24, 4, 6)
+    with pytest.raises(ShardError, match="cannot split 12 query heads / 4 KV heads over 5 ranks"):
+        head_split(12, 4, 5, 2)
+    with pytest.raises(ShardError, match="cannot split 3 over 4 ranks"):
+        head_split(3, 1, 4, 0)
+
+
+def _params(model) -> dict:
+    return {k: v for k, v in tree_flatten(model.parameters())}
+
+
+def test_quantized_shards_are_exact_before_or_after_quantization():
+    """Sharding the packed weights on group boundaries == sharding the float weights, then quantizing."""
+    from engine_helpers import tiny_model
+
+    for rank in range(2):
+        a, _ = tiny_model(5, intermediate_size=256)
+        quantize_model(a, _q4)
+        shard_model(a, None, rank, 2)
+        b, _ = tiny_model(5, intermediate_size=256)
+        shard_model(b, None, rank, 2)
+        quantize_model(b, _q4)
+        pa, pb = _params(a), _params(b)
+        assert set(pa) == set(pb)
+        for k, v in pa.items():
+            assert mx.array_equal(v, pb[k]), k
+        attn = a.model.layers[0].self_attn
+        assert (attn.n_heads, attn.n_kv) == (2, 1) and a.kv_heads == 1
+        assert a.model.layers[0].mlp.gate_proj.output_dims == 128
+        # a rank holds half of the vocabulary rows of the (quantized) embedding, packed bytes untouched
+        assert pa["model.embed_tokens.local.weight"].shape == (128, 64 * 4 // 32)
+
+
+def test_unsupported_families_say_why():
+    from jang_serve.engine.models import build_model
+
+    moe = build_model(dict(model_type="mixtral", hidden_size=32, num_hidden_layers=1, intermediate_size=64,
+                           num_attention_heads=2, num_key_value_heads=1, vocab_size=64, num_local_experts=2,
+                           num_experts_per_tok=1))
+    with pytest.raises(ShardError, match="dense gate/up/down MLP"):
+        shard_model(moe, None, 0, 2)
+    phi = build_model(dict(model_type="phi3", hidden_size=32, num_hidden_layers=1, intermediate_size=64,
+                           num_attention_heads=2, num_key_value_heads=2, vocab_size=64))
+    with pytest.raises(ShardError, match="separate q/k/v/o projections"):
+        shard_model(phi, None, 0, 2)
+
+
+# -- multi-process --------------------------------------------------------------------------------
+def run_driver(*args: str, timeout: float = 150.0) -> dict:
+    p = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, timeout=timeout,
+                       env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert p.returncode == 0 and lines, f"driver failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def _requests(vocab: int, max_tokens: int) -> list[dict]:
+    from engine_helpers import random_prompts
+
+    reqs = [dict(prompt=p, max_tokens=max_tokens) for p in random_prompts(4, 3, 40, vocab, seed=7)]
+    reqs.append(dict(prompt=random_prompts(1, 21, 21, vocab, seed=8)[0], max_tokens=max_tokens, n=2))  # a fork
+    return reqs
+
+
+def test_tp2_tiny_float_equals_single_process(tmp_path):
+    d = tiny_dir(tmp_path, num_attention_heads=4, num_key_value_heads=2)
+    out = run_driver("equal", str(d), json.dumps(_requests(256, 10)))
+    assert out["tp"] == out["ref"]
+    assert all(len(c) == 10 for r in out["ref"] for c in r)
+    assert out["stats"]["tp_size"] == 2 and out["stats"]["blocks_used"] == 0
+    assert out["shard"] == {"rank": 0, "size": 2, "heads": [0, 2], "kv_heads": [0, 1], "intermediate": 64,
+                            "vocab_rows": [0, 128]}
+
+
+def test_tp2_tiny_quantized_tied_replicated_kv_equals_single_process(tmp_path):
+    """4-bit g32 weights (qwen2 biases, tied quantized embedding / head), 1 KV head over 2 ranks."""
+    d = tiny_dir(tmp_path, quant=(4, 32), model_type="qwen2", attention_bias=True, tie_word_embeddings=True,
+                 num_attention_heads=4, num_key_value_heads=1)
+    out = run_driver("equal", str(d), json.dumps(_requests(256, 10)))
+    assert out["tp"] == out["ref"]
+    assert out["shard"]["kv_heads"] == [0, 1] and out["shard"]["heads"] == [0, 2]
+
+
+@pytest.fixture(scope="module")
+def smollm2_q4_dir(tmp_path_factory) -> Path:
+    """SmolLM2-135M (GGUF, float32) quantized to 4 bits, group 32, as an mlx folder."""
+    from realdata import smollm2_gguf
+
+    from jang_serve.engine.loader import load_model
+
+    lm = load_model(smollm2_gguf())
+    return save_model(lm.model, lm.config, tmp_path_factory.mktemp("smollm2") / "q4", (4, 32), lm.tokenizer)
+
+
+def _text_requests(path, max_tokens: int) -> list[dict]:
+    from jang_serve.engine.loader import load_model
+
+    tok = load_model(path).tokenizer
+    texts = ["The capital of France is", "def fibonacci(n):\n    "]
+    return [dict(prompt=tok.encode(t), max_tokens=max_tokens) for t in texts]
+
+
+def test_tp2_smollm2_float_and_q4_equal_single_process(smollm2_q4_dir):
+    from realdata import smollm2_gguf
+
+    for path in (smollm2_gguf(), smollm2_q4_dir):
+        reqs = _text_requests(path, 6)
+        out = run_driver("equal", str(path), json.dumps(reqs))
+        assert out["tp"] == out["ref"], path
+        assert out["shard"]["heads"] == [0, 3] and out["shard"]["kv_heads"] == [0, 1]  # 9 q / 3 kv heads
+
+
+def test_killing_a_rank_mid_stream_gives_a_clear_error(tmp_path):
+    d = tiny_dir(tmp_path, num_attention_heads=4, num_key_value_heads=2)
+    out = run_driver("kill", str(d))
+    assert out["stream_error"][0] == "EngineDeadError"
+    assert "rank 1" in out["stream_error"][1] and "signal 9" in out["stream_error"][1]
+    assert out["seconds_to_error"] < 10
+    assert out["new_request_error"][0] == "EngineDeadError"
+    assert out["on_fatal"] and "rank 1" in out["on_fatal"]
+    assert out["stats"]["tp_error"] and out["stats"]["engine_running"] is False
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def test_jang_serve_tp2_http(tmp_path):
+    """`jang-serve --tp 2`: the openai client gets the single-process greedy text; killing rank 1
+    turns /health into a 503 naming the rank, and requests fail with that message (no hang)."""
+    import httpx
+    import openai
+    from serve_helpers import start_jang_serve, tiny_model_dir
+
+    from jang_serve.engine.engine_config import EngineConfig
+    from jang_serve.engine.engine_core import EngineCore
+    from jang_serve.engine.loader import load_model
+    from jang_serve.engine.sampling_params import SamplingParams
+
+    model = tiny_model_dir()
+    lm = load_model(model)
+    prompt = "Functions and classes"
+    ids = lm.tokenizer.encode(prompt, add_special_tokens=True)
+    ref = EngineCore(lm, EngineConfig(num_blocks=BLOCKS)).generate([ids], SamplingParams(max_tokens=8, temperature=0))
+    srv = start_jang_serve(model, "--tp", "2", timeout=120)
+    try:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=60)
+        r = client.completions.create(model=model.name, prompt=prompt, max_tokens=8, temperature=0)
+        assert r.choices[0].text == lm.tokenizer.decode(ref[0])
+        chat = client.chat.completions.create(model=model.name, messages=[{"role": "user", "content": "hi"}],
+                                              max_tokens=4, temperature=0, stream=True)
+        assert sum(1 for _ in chat) >= 2
+        followers = [c for c in _children(srv.pid) if "worker" in Path(f"/proc/{c}/cmdline").read_text()]
+        assert len(followers) == 1
+        os.kill(followers[0], signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            h = httpx.get(srv.url + "/health", timeout=5)
+            if h.status_code == 503:
+                break
+            time.sleep(0.2)
+        assert h.status_code == 503, h.text
+        err = h.json()["models"][model.name]["error"]
+        assert "rank 1" in err and "killed by signal 9" in err
+        with pytest.raises(openai.APIStatusError) as e:
+            client.completions.create(model=model.name, prompt=prompt, max_tokens=8, temperature=0)
+        assert e.value.status_code == 503 and "rank 1" in str(e.value)
+    finally:
+        srv.stop()
+    assert srv.proc.returncode is not None
+
+
+# -- the driver (runs as its own process) ---------------------------------------------------------
+async def _collect(engine, reqs: list[dict]) -> list[list[list[int]]]:
+    from jang_serve.engine.sampling_params import SamplingParams
+
+    async def one(r):
+        n = r.get("n", 1)
+        toks = [[] for _ in range(n)]
+        async for d in engine.generate(r["prompt"], SamplingParams(max_tokens=r["max_tokens"], temperature=0, n=n,
+                                                                   ignore_eos=True)):
+            toks[d.index] += d.token_ids
+        return toks
+
+    return list(await asyncio.gather(*[one(r) for r in reqs]))
+
+
+def _driver_equal(path: str, reqs: list[dict]) -> dict:
+    from jang_serve.engine.async_engine import AsyncEngine
+    from jang_serve.engine.distributed import start_tp_engine
+    from jang_serve.engine.engine_config import EngineConfig
+    from jang_serve.engine.loader import load_model
+
+    cfg = EngineConfig(num_blocks=BLOCKS, block_size=16)
+    single = AsyncEngine(load_model(path), cfg)
+    ref = asyncio.run(_collect(single, reqs))
+    single.shutdown()
+    tp = start_tp_engine(load_model(path), cfg, 2)
+    got = asyncio.run(_collect(tp, reqs))
+    time.sleep(0.1)
+    stats = tp.stats()
+    tp.shutdown()
+    return {"ref": ref, "tp": got, "stats": stats, "shard": tp.shard_info}
+
+
+def _driver_kill(path: str) -> dict:
+    from jang_serve.engine.distributed import start_tp_engine
+    from jang_serve.engine.engine_config import EngineConfig
+    from jang_serve.engine.loader import load_model
+    from jang_serve.engine.sampling_params import SamplingParams
+
+    tp = start_tp_engine(load_model(path), EngineConfig(num_blocks=BLOCKS), 2)
+    fatal = []
+    tp.on_fatal = fatal.append
+    out: dict = {}
+
+    async def stream():
+        n, t_kill = 0, None
+        try:
+            async for _ in tp.generate(list(range(1, 30)), SamplingParams(max_tokens=1000, temperature=0,
+                                                                           ignore_eos=True)):
+                n += 1
+                if n == 3:
+                    os.kill(tp.followers.procs[0].pid, signal.SIGKILL)
+                    t_kill = time.monotonic()
+        except Exception as e:
+            out["stream_error"] = [type(e).__name__, str(e)]
+            out["seconds_to_error"] = time.monotonic() - t_kill
+        try:
+            async for _ in tp.generate([1, 2, 3], SamplingParams(max_tokens=2)):
+                pass
+        except Exception as e:
+            out["new_request_error"] = [type(e).__name__, str(e)]
+
+    asyncio.run(asyncio.wait_for(stream(), 60))
+    time.sleep(0.6)
+    out["on_fatal"] = fatal[0] if fatal else None
+    out["stats"] = tp.stats()
+    tp.shutdown(timeout=5)
+    return out
+
+
+if __name__ == "__main__":
+    mode, model_path = sys.argv[1], sys.argv[2]
+    if mode == "equal":
+        result = _driver_equal(model_path, json.loads(sys.argv[3]))
+    else:
+        result = _driver_kill(model_path)
+    print("RESULT " + json.dumps(result), flush=True)
+    os._exit(0)
