@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from jang_serve.kernels import paged_attention_decode
+
 from .attention import StepLayout, attend_one
 
 
@@ -69,8 +71,10 @@ def paged_attention(q: mx.array, k_pool, v_pool, block_tables: mx.array, context
             j = i
             while j < n and query_lens[j] == 1:
                 j += 1
-            outs.append(_decode(q[start:start + j - i], k_pool, v_pool, block_tables[i:j], context_lens[i:j],
-                                bs, scale, window, kv_quant))
+            # kernels.paged_attention_decode: the CUDA/Metal kernel on a GPU, else the same math as _decode
+            outs.append(paged_attention_decode(q[start:start + j - i], k_pool, v_pool, block_tables[i:j],
+                                               mx.array(context_lens[i:j], dtype=mx.int32), scale, window,
+                                               kv_quant))
             start += j - i
             i = j
             continue
