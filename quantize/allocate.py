@@ -1,15 +1,18 @@
-"""The sensitivity-aware bit allocator: any average-bits budget -> a width per tensor.
+"""The sensitivity-aware bit allocator: any average-bits budget -> a (width, group size) per tensor.
 
 1. Sensitivity: the diagonal empirical Fisher of the next-token loss on calibration text,
    F = sum over calibration chunks of (dLoss/dW)^2, from one backward pass per chunk of the float
    model. To second order, quantizing W to W' raises the loss by about 1/2 * sum(F * (W - W')^2).
-2. Damage table: for every quantizable tensor and every width b in 2,3,4,5,6,8, the Fisher-weighted
-   error D_t(b) of quantizing it at b (RTN, as a fast proxy for the final method).
-3. Allocation: start every tensor at 2 bits and repeatedly take the upgrade (to any wider width)
-   with the largest damage reduction per extra bit stored, while it fits the budget. Upgrades that
-   no longer fit are skipped, so the result lands just under the budget (within one small tensor).
+2. Damage table: for every quantizable tensor and every option (width b, group size g) of OPTIONS,
+   the Fisher-weighted error D_t(b, g) of quantizing it with the conversion's own rounding (RTN for
+   rtn, the MSE clip search for mse and gptq), estimated on a fixed sample of rows for big tensors.
+3. Allocation: every option costs its stored bits per weight, b + 32/g (float16 scale and bias per
+   group). Start every tensor at the cheapest option and repeatedly take the upgrade with the largest
+   damage reduction per extra stored bit while it fits the budget.
 
-The budget counts nominal bits per weight over every weight matrix, float-kept ones at 16.
+A budget of B bits means the stored size of uniform B-bit quantization at the requested group size
+(B + 0.5 stored bits at group 64, as mlx-lm's "4-bit" is 4.5): the allocator may spend it on wider
+codes or on smaller groups. Float-kept matrices count at 16 bits.
 """
 
 from __future__ import annotations
@@ -24,6 +27,16 @@ from . import affine
 from .roles import module_path, role
 
 WIDTHS = (2, 3, 4, 5, 6, 8)
+# (bits, group size) choices: small groups where they matter (low widths), group 64 at 5+ bits
+OPTIONS = ((2, 32), (2, 64), (3, 32), (3, 64), (3, 128), (4, 32), (4, 64), (4, 128), (5, 64), (6, 64), (8, 64))
+SAMPLE = 1 << 18  # elements per tensor used to estimate its damage (rows sampled evenly)
+
+
+def cost(option) -> float:
+    """Stored bits per weight of an option: an int width (nominal, no overhead) or (bits, group)."""
+    if isinstance(option, tuple):
+        return option[0] + 32.0 / option[1]
+    return float(option)
 
 
 def load_float(source):
@@ -60,9 +73,24 @@ def fisher(model, ids: list[int], chunk: int = 256) -> dict[str, mx.array]:
     return acc
 
 
-def damage_table(weights: dict, fish: dict, moe: bool, group_size: int) -> tuple[dict, dict, int]:
-    """-> ({path: {bits: damage}}, {path: n_params}, float_params) over quantizable tensors."""
+def _sample_rows(w: mx.array, f: mx.array):
+    """Evenly spaced rows of a big matrix (and its Fisher), plus the factor scaling their damage up."""
+    w2 = w.reshape(-1, w.shape[-1])
+    f2 = f.reshape(-1, w.shape[-1])
+    rows = w2.shape[0]
+    keep = max(1, min(rows, SAMPLE // w.shape[-1]))
+    if keep == rows:
+        return w2, f2, 1.0
+    idx = mx.array([int(i * rows / keep) for i in range(keep)])
+    return w2[idx], f2[idx], rows / keep
+
+
+def damage_table(weights: dict, fish: dict, moe: bool, group_size: int, method: str = "rtn",
+                 options=OPTIONS) -> tuple[dict, dict, int]:
+    """-> ({path: {option: damage}}, {path: n_params}, float_params) over quantizable tensors.
+    Options whose group size does not divide the tensor's input dim are left out."""
     table, sizes, float_params = {}, {}, 0
+    rounding = "rtn" if method == "rtn" else "mse"
     for name, w in weights.items():
         if not name.endswith(".weight") or w.ndim < 2:
             continue
@@ -74,77 +102,83 @@ def damage_table(weights: dict, fish: dict, moe: bool, group_size: int) -> tuple
         f = fish.get(name)
         if f is None:
             f = mx.ones_like(w)
+        ws, fs, scale = _sample_rows(w.astype(mx.float32), f.astype(mx.float32))
         d = {}
-        for b in WIDTHS:
-            q = affine.dequantize(*affine.rtn(w, b, gs), b, gs)
-            d[b] = float(mx.sum(f * (w - q) ** 2)) * 0.5
+        for opt in options:
+            b, g = opt if isinstance(opt, tuple) else (opt, gs)
+            if w.shape[-1] % g:
+                continue
+            q = affine.dequantize(*affine.quantize(ws, b, g, rounding), b, g)
+            d[opt] = float(mx.sum(fs * (ws - q) ** 2)) * 0.5 * scale
         table[module_path(name)] = d
         sizes[module_path(name)] = w.size
     return table, sizes, float_params
 
 
-def greedy(table: dict, sizes: dict, float_params: int, budget: float) -> dict[str, int]:
-    """Widths minimising total damage with sum(n*b) <= budget * all params (float-kept at 16)."""
+def greedy(table: dict, sizes: dict, float_params: int, budget: float) -> dict:
+    """Options minimising total damage with sum(n * cost) <= budget * all params (float-kept at 16).
+    Options are int widths (cost = width) or (bits, group) pairs (cost = stored bits)."""
     total = sum(sizes.values()) + float_params
     cap = budget * total - 16 * float_params
-    bits = {p: WIDTHS[0] for p in table}
-    spent = sum(sizes[p] * WIDTHS[0] for p in table)
+    pick = {p: min(table[p], key=cost) for p in table}
+    spent = sum(sizes[p] * cost(pick[p]) for p in table)
 
-    def best_move(p):
-        cur = bits[p]
-        best = None
-        for b in WIDTHS:
-            if b <= cur:
+    def moves(p, limit=None):
+        """Upgrades of p (more stored bits, less damage) by damage saved per extra bit, best first."""
+        cur = pick[p]
+        out = []
+        for o, dmg in table[p].items():
+            extra = sizes[p] * (cost(o) - cost(cur))
+            if extra <= 0 or dmg >= table[p][cur] or (limit is not None and extra > limit):
                 continue
-            gain = (table[p][cur] - table[p][b]) / (sizes[p] * (b - cur))
-            if best is None or gain > best[0]:
-                best = (gain, b)
-        return best
+            out.append(((table[p][cur] - dmg) / extra, o))
+        return sorted(out, key=lambda x: -x[0])
 
     heap = []
     for p in table:
-        m = best_move(p)
+        m = moves(p)
         if m:
-            heapq.heappush(heap, (-m[0], p, m[1]))
+            heapq.heappush(heap, (-m[0][0], p, m[0][1], pick[p]))
     while heap:
-        neg, p, b = heapq.heappop(heap)
-        if b <= bits[p]:
+        _, p, o, frm = heapq.heappop(heap)
+        if pick[p] != frm:
+            continue  # stale entry
+        extra = sizes[p] * (cost(o) - cost(pick[p]))
+        if spent + extra > cap:
+            # the best upgrade that still fits, if any
+            m = moves(p, limit=cap - spent)
+            if m:
+                heapq.heappush(heap, (-m[0][0], p, m[0][1], pick[p]))
             continue
-        cost = sizes[p] * (b - bits[p])
-        if spent + cost > cap:
-            # try the next smaller upgrade of this tensor that still fits
-            smaller = [x for x in WIDTHS if bits[p] < x < b and spent + sizes[p] * (x - bits[p]) <= cap]
-            if smaller:
-                x = max(smaller, key=lambda x: (table[p][bits[p]] - table[p][x]) / (x - bits[p]))
-                heapq.heappush(heap, (-(table[p][bits[p]] - table[p][x]) / (sizes[p] * (x - bits[p])), p, x))
-            continue
-        spent += cost
-        bits[p] = b
-        m = best_move(p)
+        spent += extra
+        pick[p] = o
+        m = moves(p)
         if m:
-            heapq.heappush(heap, (-m[0], p, m[1]))
-    return bits
+            heapq.heappush(heap, (-m[0][0], p, m[0][1], pick[p]))
+    return pick
 
 
-_CACHE: dict = {}  # (source path, group size, calibration) -> damage table; a process converting one
-                  # model at several budgets measures it once
+_CACHE: dict = {}  # (source path, group size, method, calibration) -> damage table; a process converting
+                  # one model at several budgets measures it once
 
 
-def measure(source, group_size: int, calib_ids: list[int]):
-    key = (str(source.path), group_size, hash(tuple(calib_ids)))
+def measure(source, group_size: int, calib_ids: list[int], method: str = "rtn"):
+    key = (str(source.path), group_size, "rtn" if method == "rtn" else "mse", hash(tuple(calib_ids)))
     if key not in _CACHE:
         model, weights = load_float(source)
         fish = fisher(model, calib_ids)
         _CACHE.clear()
-        _CACHE[key] = damage_table(weights, fish, source.moe, group_size)
+        _CACHE[key] = damage_table(weights, fish, source.moe, group_size, method)
         del model, weights, fish
     return _CACHE[key]
 
 
 def allocate(source, budget: float, group_size: int, calib_ids: list[int], method: str = "rtn",
              return_table: bool = False):
-    table, sizes, float_params = measure(source, group_size, calib_ids)
-    widths = greedy(table, sizes, float_params, budget)
+    """-> {module path: (bits, group size)} whose stored size is at most that of uniform `budget`-bit
+    quantization at `group_size`."""
+    table, sizes, float_params = measure(source, group_size, calib_ids, method)
+    widths = greedy(table, sizes, float_params, budget + 32.0 / group_size)
     if return_table:
         return widths, table, sizes, float_params
     return widths

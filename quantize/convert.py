@@ -96,7 +96,7 @@ def convert(src, out, profile=None, bits=None, method=None, group_size=None, cal
     profile: one of profiles.PROFILES, or bits: an average-bits budget in [2, 8] (sensitivity
     allocation); method: rtn | mse | gptq; calib: a text file (or string) for gptq / allocation
     (default: the built-in calibration text); progress(dict(fraction, tensor, eta_s, message)).
-    `widths` (module path -> bits) overrides the plan entirely (used by the allocator and tests).
+    `widths` (module path -> bits or (bits, group size)) overrides the plan entirely (used by the allocator and tests).
     method / group_size default to the profile's options ("JANG_4M:mse:g32"), else rtn / 64.
     """
     t0 = time.time()
@@ -175,6 +175,8 @@ def _stream(source, plan: Plan, method, group_size, widths, hessians, tmp: Path,
             gs = affine.pick_group_size(shape[-1], group_size) if r is not None else None
             if r is not None and gs is not None:
                 b = widths.get(path) if widths is not None else plan.bits_for(r)
+                if isinstance(b, tuple):  # the allocator picks the group size too
+                    b, gs = b
             if b is None or b >= 16:
                 stored = _float_store(w)
                 writer.add(name, stored)
@@ -211,7 +213,8 @@ def _stream(source, plan: Plan, method, group_size, widths, hessians, tmp: Path,
         calib_info = dict(calib_info or {"method": "fisher-allocation"})
         calib_info["text"] = str(calib) if calib is not None else "builtin"
         if widths_from_allocator:
-            calib_info["allocator"] = "diagonal Fisher x RTN error per width, greedy under the budget"
+            calib_info["allocator"] = (f"diagonal Fisher x {'RTN' if method == 'rtn' else 'MSE-clip'} error per "
+                                       "(width, group size), greedy under the stored-bits budget")
     config = dict(source.config)
     config["quantization"] = quantization_block(min(used), group_size, per_module)
     tok_files = source.save_tokenizer(tmp)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -69,47 +70,128 @@ def _load(path, bf16_round: bool):
     return model
 
 
-def _run(model, windows, per, kl_windows, ref_store=None, keep=False, log=None, label=""):
-    """One model over all windows: (nll sum, count, kl sum, agree, kl count, stored ref log-probs)."""
+def _log_softmax(logits: mx.array):
+    """Row-wise log-softmax of MLX logits, done in torch when available (MLX's CPU exp is ~5x slower
+    on vocab-sized rows); returns a float32 torch tensor or an MLX array."""
+    try:
+        import numpy as np
+        import torch
+    except ImportError:
+        return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    return torch.log_softmax(torch.from_numpy(np.array(logits, copy=True)), dim=-1)
+
+
+def _run(model, windows, per, kl_windows, ref=None, keep=None, log=None, label=""):
+    """One model over all windows: (nll sum, count, kl sum, agree, kl count). `keep(i, lp)` receives
+    the log-probs [T-1, V] of each KL window i (reference pass); `ref(i)` returns them (others)."""
+    import numpy as np
+
     nll_sum, n, kl_sum, agree, nk = 0.0, 0, 0.0, 0, 0
-    stored = []
     t0 = time.time()
-    for bi, b in enumerate(range(0, len(windows), per)):
+    for b in range(0, len(windows), per):
         chunk = windows[b : b + per]
-        tgt = mx.array([w[1:] for w in chunk])
         outs = batch_logits(model, chunk)
-        lp = mx.stack([o[:-1] for o in outs])
-        lp = lp - mx.logsumexp(lp, axis=-1, keepdims=True)
-        nll = -mx.take_along_axis(lp, tgt[..., None], axis=-1)[..., 0]
-        nll_sum += float(nll.sum())
-        n += nll.size
-        k = max(0, min(len(chunk), kl_windows - b))
-        if k and keep:
-            stored.append(lp[:k].astype(_store_dtype(lp)))
-            mx.eval(stored[-1])
-        if k and ref_store is not None:
-            r = ref_store[bi].astype(mx.float32)
-            q = lp[:k]
-            kl = mx.sum(mx.exp(r) * (r - q), axis=-1)
-            kl_sum += float(kl.sum())
-            agree += int((mx.argmax(r, -1) == mx.argmax(q, -1)).sum())
-            nk += kl.size
+        for j, o in enumerate(outs):
+            i = b + j
+            lp = _log_softmax(o[:-1])
+            tgt = windows[i][1:]
+            if isinstance(lp, mx.array):
+                nll = -mx.take_along_axis(lp, mx.array(tgt)[:, None], axis=-1)
+                nll_sum += float(nll.sum())
+                lp = np.array(lp)
+            else:
+                import torch
+
+                nll_sum += -float(lp.gather(1, torch.tensor(tgt)[:, None]).sum())
+                lp = lp.numpy()
+            n += len(tgt)
+            if i >= kl_windows:
+                continue
+            if keep is not None:
+                keep(i, lp)
+            if ref is not None:
+                kl, ag = _kl_top1(np.asarray(ref(i), dtype=np.float32), lp)
+                kl_sum += kl
+                agree += ag
+                nk += lp.shape[0]
         if log:
             log(f"{label}: windows {b + len(chunk)}/{len(windows)} ({time.time() - t0:.0f}s)")
-    return nll_sum, n, kl_sum, agree, nk, stored
+    return nll_sum, n, kl_sum, agree, nk
 
 
-_STORE = {"dtype": mx.float32}
+def _kl_top1(r, q) -> tuple[float, int]:
+    """(sum over rows of KL(r || q), rows where argmax agrees) for log-prob arrays [T, V]."""
+    try:
+        import torch
+
+        rt, qt = torch.from_numpy(r), torch.from_numpy(q)
+        kl = float((rt.exp() * (rt - qt)).sum())
+        return kl, int((rt.argmax(-1) == qt.argmax(-1)).sum())
+    except ImportError:
+        import numpy as np
+
+        return float((np.exp(r) * (r - q)).sum()), int((r.argmax(-1) == q.argmax(-1)).sum())
 
 
-def _store_dtype(lp):
-    return _STORE["dtype"]
+class RefStore:
+    """The reference's log-probs over the KL windows, float16, in memory or in a .npy file on disk
+    (`cache_dir`), so several evaluations of one model share one reference pass."""
+
+    def __init__(self, key: dict, cache_dir=None):
+        import hashlib
+
+        self.key = key
+        self.dir = Path(cache_dir) if cache_dir else None
+        self.tag = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        self.arr = None
+        self.meta = None
+        self.n = 0
+        if self.dir and (self.dir / f"ref-{self.tag}.json").is_file():
+            import numpy as np
+
+            self.meta = json.loads((self.dir / f"ref-{self.tag}.json").read_text())
+            self.arr = np.load(self.dir / f"ref-{self.tag}.npy", mmap_mode="r")
+
+    def create(self, n: int, rows: int, vocab: int):
+        import numpy as np
+
+        self.n = n
+
+        if self.dir:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self.arr = np.lib.format.open_memmap(self.dir / f"ref-{self.tag}.part.npy", mode="w+",
+                                                 dtype=np.float16, shape=(n, rows, vocab))
+        else:
+            self.arr = np.empty((n, rows, vocab), np.float16)
+
+    def put(self, i, lp):
+        if self.arr is None:
+            self.create(self.n, lp.shape[0], lp.shape[1])
+        self.arr[i] = lp.astype("float16")
+
+    def get(self, i):
+        return self.arr[i]
+
+    def finish(self, meta: dict):
+        self.meta = meta
+        if self.dir:
+            import numpy as np
+
+            self.arr.flush()
+            del self.arr
+            os.replace(self.dir / f"ref-{self.tag}.part.npy", self.dir / f"ref-{self.tag}.npy")
+            (self.dir / f"ref-{self.tag}.json").write_text(json.dumps({**meta, "key": self.key}, indent=1))
+            self.arr = np.load(self.dir / f"ref-{self.tag}.npy", mmap_mode="r")
 
 
 def evaluate(paths: list, ref=None, text: str | None = None, tokens: int = 16384, kl_tokens: int = 8192,
-             window: int = 512, batch_tokens: int = 2048, ids: list[int] | None = None, log=None) -> dict:
+             window: int = 512, batch_tokens: int = 2048, ids: list[int] | None = None, log=None,
+             ref_cache=None) -> dict:
     """Metrics for each model path (and the reference, if given). Models are loaded one at a time; the
-    reference's log-probabilities over the KL windows are kept (float32, or float16 past 3 GB)."""
+    reference's log-probabilities over the KL windows are kept as float16 (in `ref_cache`, a folder,
+    when given: a later call with the same reference, tokens and windows reuses them)."""
+    import hashlib
+
     t0 = time.time()
     first = ref or paths[0]
     if ids is None:
@@ -122,19 +204,26 @@ def evaluate(paths: list, ref=None, text: str | None = None, tokens: int = 16384
     kl_windows = min(nwin, max(1, kl_tokens // window))
     per = max(1, batch_tokens // window)
     res = {}
-    ref_store = None
+    store = None
     if ref:
-        refm = _load(ref, True)
-        vocab = int(refm.args.vocab_size) if hasattr(refm, "args") else 0
-        _STORE["dtype"] = mx.float16 if kl_windows * window * vocab * 4 > 3e9 else mx.float32
-        nll, n, _, _, _, ref_store = _run(refm, windows, per, kl_windows, keep=True, log=log, label="reference")
-        del refm
+        key = {"ref": str(Path(ref).resolve()), "ids": hashlib.sha1(json.dumps(ids).encode()).hexdigest(),
+               "window": window, "kl_windows": kl_windows, "tokens": nwin * window}
+        store = RefStore(key, ref_cache)
+        if store.meta is None:
+            refm = _load(ref, True)
+            store.n = kl_windows
+            nll, n, _, _, _ = _run(refm, windows, per, kl_windows, keep=store.put, log=log, label="reference")
+            del refm
+            store.finish({"ppl": math.exp(nll / n)})
+        elif log:
+            log(f"reference log-probs from {store.dir}/ref-{store.tag}.npy")
         bits, size = model_bits(ref)
-        res["reference"] = {"path": str(ref), "ppl": math.exp(nll / n), "average_bits": bits, "size_bytes": size,
+        res["reference"] = {"path": str(ref), "ppl": store.meta["ppl"], "average_bits": bits, "size_bytes": size,
                             "kl": 0.0, "top1": 1.0}
     for p in paths:
         m = _load(p, False)
-        nll, n, kl, agree, nk, _ = _run(m, windows, per, kl_windows, ref_store=ref_store, log=log, label=str(p))
+        nll, n, kl, agree, nk = _run(m, windows, per, kl_windows, ref=store.get if store else None, log=log,
+                                     label=str(p))
         del m
         bits, size = model_bits(p)
         row = {"path": str(p), "ppl": math.exp(nll / n), "average_bits": bits, "size_bytes": size}
