@@ -27,7 +27,7 @@ class Target:
 class Plan:
     concurrency: list[int] = field(default_factory=lambda: [1, 4, 16, 64])
     rate: float | None = None  # requests/s, Poisson open loop (replaces concurrency levels)
-    requests: int | None = None  # per level; None = max(8, 2 * concurrency)
+    requests: int | list[int] | None = None  # per level (one number, or one per level); None = max(8, 2 * concurrency)
     prompts: str = "synthetic"
     prompt_tokens: int = 128
     max_tokens: int = 64
@@ -39,6 +39,10 @@ class Plan:
     seed: int = 0
 
     def n_requests(self, level: int) -> int:
+        if isinstance(self.requests, list):
+            if self.rate or len(self.requests) == 1:
+                return self.requests[0]
+            return self.requests[self.concurrency.index(level)]
         return self.requests or max(8, 2 * level)
 
     def levels(self) -> list[tuple[str, int]]:

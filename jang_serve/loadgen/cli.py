@@ -40,12 +40,15 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--baseline-model", help="a .gguf (converted once, cached under .cache/bench) or an mlx-lm folder")
     b.add_argument("--baseline-bits", type=int, default=4, help="bits for the baseline conversion (0 = none)")
     b.add_argument("--baseline-group-size", type=int, default=64)
-    b.add_argument("--baseline-dtype", default="float32", help="dtype of the baseline's unquantized parts")
+    b.add_argument("--baseline-dtype", default="auto",
+                   help="dtype of the baseline's float tensors (auto = float32 on CPU, bfloat16 on GPU, as jang-serve); "
+                        "a model folder in another dtype is served from a cast copy")
     b.add_argument("--baseline-args", default="", help="extra arguments for mlx_lm.server")
     l = p.add_argument_group("load")
     l.add_argument("--concurrency", type=_ints, default=[1, 4, 16, 64], help="closed-loop levels, e.g. 1,4,16,64")
     l.add_argument("--rate", type=float, help="Poisson arrival rate in requests/s (open loop; replaces --concurrency)")
-    l.add_argument("--requests", type=int, help="requests per level (default: max(8, 2 x concurrency))")
+    l.add_argument("--requests", type=_ints, help="requests per level: one number, or one per --concurrency level "
+                                                 "(e.g. 4,8,16); default max(8, 2 x concurrency)")
     l.add_argument("--prompts", default="synthetic", help="'synthetic' or a JSONL file of request bodies")
     l.add_argument("--prompt-tokens", type=int, default=128)
     l.add_argument("--max-tokens", type=int, default=64)
@@ -64,6 +67,28 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _dtype(name: str) -> str:
+    if name != "auto":
+        return name
+    import mlx.core as mx
+
+    return "bfloat16" if mx.default_device() == mx.gpu else "float32"
+
+
+def _served(args, baseline_dir) -> dict:
+    """What each started server was given (format, bits, dtypes), for the record."""
+    from .baseline import describe_model
+
+    out = {}
+    if args.serve_model and args.serve_model != "default" and Path(args.serve_model).exists():
+        out[args.name] = describe_model(args.serve_model)
+    if baseline_dir is not None:
+        out["mlx-lm"] = describe_model(baseline_dir)
+        if Path(args.baseline_model).resolve() != Path(baseline_dir).resolve():
+            out["mlx-lm"]["made_from"] = str(args.baseline_model)
+    return out
+
+
 def _first_model(url: str) -> str:
     info = bench.server_info(url)
     data = info.get("data") or []
@@ -79,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("error: give exactly one of --url, --serve-model, --target-cmd")
     if args.baseline and not args.baseline_model:
         raise SystemExit("error: --baseline mlx-lm needs --baseline-model (a .gguf or an mlx-lm folder)")
+    if args.requests and len(args.requests) > 1 and (args.rate or len(args.requests) != len(args.concurrency)):
+        raise SystemExit("error: --requests takes one number, or one per --concurrency level")
     if args.prompts != "synthetic" and not Path(args.prompts).exists():
         raise SystemExit(f"error: --prompts {args.prompts}: no such file")
 
@@ -92,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
 
             print(f"baseline model: preparing mlx-lm folder from {args.baseline_model} ...", flush=True)
             baseline_dir = mlx_lm_folder(args.baseline_model, args.baseline_bits, args.baseline_group_size,
-                                         args.baseline_dtype)
+                                         _dtype(args.baseline_dtype))
+            print(f"baseline model: {baseline_dir}", flush=True)
         tok_dir = args.tokenizer or baseline_dir
         tokens = Tokens(tok_dir) if tok_dir else None
         eos = args.eos_ids or (tokens.eos_ids() if tokens else [])
@@ -149,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             "targets": [{"name": t.name, "url": t.url, "model": t.model, "command": t.command,
                          "models": infos.get(t.name)} for t in targets],
             "baseline_model_dir": str(baseline_dir) if baseline_dir else None,
+            "served": _served(args, baseline_dir),
             "aggregate": agg,
             "ratios": rat,
             "runs": runs,
