@@ -176,9 +176,27 @@ def test_tp2_smollm2_float_and_q4_equal_single_process(smollm2_q4_dir):
         assert out["shard"]["heads"] == [0, 3] and out["shard"]["kv_heads"] == [0, 1]  # 9 q / 3 kv heads
 
 
+def test_tp2_q4_kv_equals_single_process(tmp_path):
+    """Each rank's q4 KV pool (smoothed + Hadamard-rotated per KV head) matches the single pool."""
+    d = tiny_dir(tmp_path, hidden_size=128, num_attention_heads=4, num_key_value_heads=2)
+    out = run_driver("equal", str(d), json.dumps(_requests(256, 10)), "q4")
+    assert out["tp"] == out["ref"]
+    assert out["stats"]["kv_dtype"] == "q4"
+
+
+def test_a_stuck_rank_trips_the_step_timeout(tmp_path):
+    """A rank that is alive but stopped (SIGSTOP) cannot hang the service: the step watchdog fails it."""
+    d = tiny_dir(tmp_path, num_attention_heads=4, num_key_value_heads=2)
+    out = run_driver("kill", str(d), "SIGSTOP")
+    assert out["stream_error"][0] == "EngineDeadError"
+    assert "has not finished within 2 s" in out["stream_error"][1]
+    assert 1.5 < out["seconds_to_error"] < 10
+    assert out["new_request_error"][0] == "EngineDeadError"
+
+
 def test_killing_a_rank_mid_stream_gives_a_clear_error(tmp_path):
     d = tiny_dir(tmp_path, num_attention_heads=4, num_key_value_heads=2)
-    out = run_driver("kill", str(d))
+    out = run_driver("kill", str(d), "SIGKILL")
     assert out["stream_error"][0] == "EngineDeadError"
     assert "rank 1" in out["stream_error"][1] and "signal 9" in out["stream_error"][1]
     assert out["seconds_to_error"] < 10
@@ -254,31 +272,37 @@ async def _collect(engine, reqs: list[dict]) -> list[list[list[int]]]:
     return list(await asyncio.gather(*[one(r) for r in reqs]))
 
 
-def _driver_equal(path: str, reqs: list[dict]) -> dict:
+def _driver_equal(path: str, reqs: list[dict], kv_dtype: str = "auto") -> dict:
     from jang_serve.engine.async_engine import AsyncEngine
     from jang_serve.engine.distributed import start_tp_engine
     from jang_serve.engine.engine_config import EngineConfig
     from jang_serve.engine.loader import load_model
 
-    cfg = EngineConfig(num_blocks=BLOCKS, block_size=16)
+    cfg = EngineConfig(num_blocks=BLOCKS, block_size=16, kv_dtype=kv_dtype)
+    t0 = time.perf_counter()
     single = AsyncEngine(load_model(path), cfg)
+    t1 = time.perf_counter()
     ref = asyncio.run(_collect(single, reqs))
+    t2 = time.perf_counter()
     single.shutdown()
     tp = start_tp_engine(load_model(path), cfg, 2)
+    t3 = time.perf_counter()
     got = asyncio.run(_collect(tp, reqs))
+    t4 = time.perf_counter()
     time.sleep(0.1)
     stats = tp.stats()
     tp.shutdown()
-    return {"ref": ref, "tp": got, "stats": stats, "shard": tp.shard_info}
+    return {"ref": ref, "tp": got, "stats": stats, "shard": tp.shard_info,
+            "seconds": {"load": t1 - t0, "single": t2 - t1, "tp_start": t3 - t2, "tp": t4 - t3}}
 
 
-def _driver_kill(path: str) -> dict:
+def _driver_kill(path: str, sig: str) -> dict:
     from jang_serve.engine.distributed import start_tp_engine
     from jang_serve.engine.engine_config import EngineConfig
     from jang_serve.engine.loader import load_model
     from jang_serve.engine.sampling_params import SamplingParams
 
-    tp = start_tp_engine(load_model(path), EngineConfig(num_blocks=BLOCKS), 2)
+    tp = start_tp_engine(load_model(path), EngineConfig(num_blocks=BLOCKS), 2, step_timeout=2.0)
     fatal = []
     tp.on_fatal = fatal.append
     out: dict = {}
@@ -290,7 +314,7 @@ def _driver_kill(path: str) -> dict:
                                                                            ignore_eos=True)):
                 n += 1
                 if n == 3:
-                    os.kill(tp.followers.procs[0].pid, signal.SIGKILL)
+                    os.kill(tp.followers.procs[0].pid, getattr(signal, sig))
                     t_kill = time.monotonic()
         except Exception as e:
             out["stream_error"] = [type(e).__name__, str(e)]
@@ -312,8 +336,8 @@ def _driver_kill(path: str) -> dict:
 if __name__ == "__main__":
     mode, model_path = sys.argv[1], sys.argv[2]
     if mode == "equal":
-        result = _driver_equal(model_path, json.loads(sys.argv[3]))
+        result = _driver_equal(model_path, json.loads(sys.argv[3]), *sys.argv[4:])
     else:
-        result = _driver_kill(model_path)
+        result = _driver_kill(model_path, sys.argv[3])
     print("RESULT " + json.dumps(result), flush=True)
     os._exit(0)

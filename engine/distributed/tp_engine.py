@@ -56,6 +56,7 @@ class TPRunner(ModelRunner):
     def __init__(self, model, pool, followers: Followers, group):
         super().__init__(model, pool)
         self.followers, self.group = followers, group
+        self.step_started: float | None = None  # monotonic time of the step in flight (watchdog)
         self._copies: list[tuple[int, int]] = []
         local_copy = pool.copy_blocks
 
@@ -76,6 +77,7 @@ class TPRunner(ModelRunner):
         return out
 
     def run(self, seqs, num_new):
+        self.step_started = time.monotonic()
         try:
             return super().run(seqs, num_new)
         except RankFailure:
@@ -87,14 +89,18 @@ class TPRunner(ModelRunner):
                     raise RankFailure(msg) from e
                 time.sleep(0.05)
             raise RankFailure(f"tensor-parallel step failed: {e}") from e
+        finally:
+            self.step_started = None
 
 
 class TPAsyncEngine(AsyncEngine):
     """AsyncEngine on rank 0 of a tensor-parallel group (build it with `start_tp_engine`)."""
 
-    def __init__(self, loaded, config, followers: Followers, group, shard_info: dict | None = None):
+    def __init__(self, loaded, config, followers: Followers, group, shard_info: dict | None = None,
+                 step_timeout: float = 300.0):
         super().__init__(loaded, config)
         self.followers, self.group, self.shard_info = followers, group, shard_info or {}
+        self.step_timeout = step_timeout
         self.core.runner = TPRunner(self.core.model, self.core.pool, followers, group)
         self.fatal_error: str | None = None
         self._on_fatal = None
@@ -116,6 +122,10 @@ class TPAsyncEngine(AsyncEngine):
     def _watchdog(self) -> None:
         while not self._closed.wait(0.5):
             msg = self.followers.dead()
+            started = self.core.runner.step_started
+            if msg is None and started is not None and time.monotonic() - started > self.step_timeout:
+                msg = (f"a tensor-parallel step has not finished within {self.step_timeout:.0f} s "
+                       f"(a rank is stuck); restart the server")
             if msg:
                 self.fail(msg)
                 return
@@ -174,14 +184,18 @@ class TPAsyncEngine(AsyncEngine):
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._closed.set()
+        if self.fatal_error is not None:  # a rank is dead or stuck: stop the rest first (unblocks rank 0)
+            self.followers.close(timeout=0.5)
         super().shutdown(timeout)
         self.followers.close()  # EOF on their control pipes: the followers exit
 
 
-def start_tp_engine(loaded, config, size: int, backend: str | None = None,
-                    ready_timeout: float = 600.0) -> TPAsyncEngine:
+def start_tp_engine(loaded, config, size: int, backend: str | None = None, ready_timeout: float = 600.0,
+                    step_timeout: float = 300.0) -> TPAsyncEngine:
     """Start ranks 1..size-1 on `loaded.path`, join the group as rank 0, shard `loaded.model` in
-    place and return the engine. One tensor-parallel group per process."""
+    place and return the engine. One tensor-parallel group per process. `ready_timeout`: seconds
+    the other ranks may take to load the model; `step_timeout`: seconds one step may take before
+    the engine declares a rank stuck."""
     if size < 2:
         raise ValueError(f"tensor parallelism needs at least 2 ranks, got {size}")
     model, _, _ = unpack_loaded(loaded)
@@ -197,7 +211,7 @@ def start_tp_engine(loaded, config, size: int, backend: str | None = None,
         n = agree_num_blocks(model, config, dtype, group)
         if n < 2:
             raise ValueError(f"the KV budget holds fewer than 2 blocks on some rank ({n})")
-        engine = TPAsyncEngine(loaded, replace(config, num_blocks=n), followers, group, info)
+        engine = TPAsyncEngine(loaded, replace(config, num_blocks=n), followers, group, info, step_timeout)
     except BaseException:
         followers.close(timeout=2)
         raise
