@@ -97,6 +97,23 @@ def test_quantized_shards_are_exact_before_or_after_quantization():
         assert pa["model.embed_tokens.local.weight"].shape == (128, 64 * 4 // 32)
 
 
+def test_a_shard_frees_the_rest_of_the_weights():
+    """Each rank keeps about 1/size of the weights: the slices own their memory (no views)."""
+    import gc
+
+    from engine_helpers import tiny_model
+
+    model, _ = tiny_model(6, hidden_size=256, intermediate_size=1024, vocab_size=4096, num_attention_heads=8,
+                          num_key_value_heads=4)
+    gc.collect()
+    mx.clear_cache()
+    full = mx.get_active_memory()
+    shard_model(model, None, 1, 2)
+    gc.collect()
+    mx.clear_cache()
+    assert mx.get_active_memory() < 0.6 * full, (mx.get_active_memory(), full)
+
+
 def test_unsupported_families_say_why():
     from jang_serve.engine.models import build_model
 

@@ -63,19 +63,24 @@ def head_split(n_heads: int, n_kv: int, size: int, rank: int) -> tuple[int, int,
     return q0, q1, k0, k1
 
 
+def _own(a):
+    """A copy that owns its memory (a slice is a view that would keep the whole tensor alive)."""
+    return mx.contiguous(a)
+
+
 # -- slicing one linear --------------------------------------------------------------------------
 def slice_rows(lin, r0: int, r1: int):
     """The output features [r0, r1) of a Linear / QLinear (quantized rows are independent)."""
     bias = "bias" in lin
     if _is_quant(lin):
         q = QLinear(lin.weight.shape[1] * 32 // lin.bits, r1 - r0, bias, lin.bits, lin.group_size)
-        q.weight, q.scales, q.biases = lin.weight[r0:r1], lin.scales[r0:r1], lin.biases[r0:r1]
+        q.weight, q.scales, q.biases = _own(lin.weight[r0:r1]), _own(lin.scales[r0:r1]), _own(lin.biases[r0:r1])
         out = q
     else:
         out = nn.Linear(lin.weight.shape[1], r1 - r0, bias=bias)
-        out.weight = lin.weight[r0:r1]
+        out.weight = _own(lin.weight[r0:r1])
     if bias:
-        out.bias = lin.bias[r0:r1]
+        out.bias = _own(lin.bias[r0:r1])
     return out
 
 
@@ -87,11 +92,11 @@ def slice_cols(lin, c0: int, c1: int):
         if c0 % gs or c1 % gs:
             raise ShardError(f"input columns {c0}..{c1} do not fall on the quantization groups of {gs}")
         q = QLinear(c1 - c0, lin.weight.shape[0], False, bits, gs)
-        q.weight = lin.weight[:, c0 * bits // 32:c1 * bits // 32]
-        q.scales, q.biases = lin.scales[:, c0 // gs:c1 // gs], lin.biases[:, c0 // gs:c1 // gs]
+        q.weight = _own(lin.weight[:, c0 * bits // 32:c1 * bits // 32])
+        q.scales, q.biases = _own(lin.scales[:, c0 // gs:c1 // gs]), _own(lin.biases[:, c0 // gs:c1 // gs])
         return q
     out = nn.Linear(c1 - c0, lin.weight.shape[0], bias=False)
-    out.weight = lin.weight[:, c0:c1]
+    out.weight = _own(lin.weight[:, c0:c1])
     return out
 
 
@@ -131,6 +136,7 @@ def _gather_vocab(y, vocab: int, group):
 
 
 def _pad_rows(a, rows: int):
+    a = _own(a)
     return a if a.shape[0] == rows else mx.concatenate([a, mx.zeros((rows - a.shape[0], *a.shape[1:]), a.dtype)])
 
 
