@@ -1,12 +1,19 @@
 """Engine throughput on this machine: ours vs mlx-lm's BatchGenerator, same model, same weights.
 
-    .venv/bin/python bench/engine_throughput.py [--model PATH] [--gen 16] [--out bench/results/engine-cpu.json]
+    .venv/bin/python bench/engine_throughput.py [--model PATH] [--quantize none|q4g64] [--gen 16]
+        [--repeats 3] [--out bench/results/engine-cpu.json]
+
+--model: a GGUF (dequantized to float32), a JANG bundle or an mlx-lm folder. `--quantize q4g64`
+quantizes the loaded float32 model uniformly (4 bits, group 64, RTN, as mlx-lm's convert -q).
+mlx-lm runs its own llama model carrying exactly our parameters (quantized layers made with
+nn.quantize at each module's bits / group size), with float32 activations like ours.
 
 For 1, 4 and 16 concurrent requests (prompts of different lengths from the Python docs), both
-engines generate `--gen` tokens per request greedily (no EOS stop), interleaved run by run; we report
-aggregate generated tokens/s over the wall time from submission to the last token (prefill
-included). Then time to first token of a ~1,000-token prompt, cold and with a prefix-cache hit
-(the same 992-token prefix, a different tail).
+engines generate `--gen` tokens per request greedily (no EOS stop), interleaved run by run,
+`--repeats` times; we report the median (and min / max) aggregate generated tokens/s over the wall
+time from submission to the last token (prefill included), and the time to the first token.
+Then time to first token of a ~1,000-token prompt, cold and with a prefix-cache hit (the same
+992-token prefix, a different tail).
 """
 
 from __future__ import annotations
@@ -14,7 +21,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
+import statistics
+import subprocess
 import sys
 import time
 from importlib.metadata import version
@@ -35,13 +45,40 @@ from jang_serve.engine.sampling_params import SamplingParams  # noqa: E402
 
 
 def mlx_lm_model(lm):
-    """mlx-lm's own llama model carrying exactly our weights."""
+    """mlx-lm's own llama model carrying exactly our weights (quantized where ours are)."""
+    import mlx.nn as nn
     from mlx_lm.models import llama
 
+    ours = dict(tree_flatten(lm.model.leaf_modules(), is_leaf=lambda m: isinstance(m, nn.Module)))
     model = llama.Model(llama.ModelArgs.from_dict(lm.config))
+
+    def quantized(path, module):
+        m = ours.get(path)
+        bits = getattr(m, "bits", None)
+        return dict(bits=bits, group_size=m.group_size) if bits else False
+
+    nn.quantize(model, class_predicate=quantized)
     model.load_weights(tree_flatten(lm.model.parameters()), strict=True)
     mx.eval(model.parameters())
     return model
+
+
+def quantize_uniform(lm, bits: int, group: int):
+    """Every linear layer and the embedding at `bits` / `group` (RTN), like mlx-lm's convert -q."""
+    from jang_serve.engine.models.layers import quantize_model
+
+    quantize_model(lm.model, lambda path, m: (bits, group))
+    mx.eval(lm.model.parameters())
+
+
+def describe(lm) -> dict:
+    from collections import Counter
+
+    import mlx.nn as nn
+
+    mods = tree_flatten(lm.model.leaf_modules(), is_leaf=lambda m: isinstance(m, nn.Module))
+    bits = Counter(f"{m.bits}-bit g{m.group_size}" for _, m in mods if getattr(m, "bits", None))
+    return dict(format=lm.format, quantized_modules=dict(bits) or "none (float32)")
 
 
 def docs_prompts(tok, n: int, lo: int, hi: int) -> list[list[int]]:
@@ -56,12 +93,20 @@ def docs_prompts(tok, n: int, lo: int, hi: int) -> list[list[int]]:
 
 
 def run_ours(lm, prompts, gen, budget):
+    """(wall seconds, seconds to the first token, outputs)."""
     core = EngineCore(lm, EngineConfig(kv_memory_gb=1.0, max_num_batched_tokens=budget, max_num_seqs=64))
+    sp = SamplingParams(max_tokens=gen, temperature=0, ignore_eos=True)
     t = time.perf_counter()
-    outs = core.generate(prompts, SamplingParams(max_tokens=gen, temperature=0, ignore_eos=True))
+    for i, p in enumerate(prompts):
+        core.add_request(str(i), p, sp)
+    outs, first = [[] for _ in prompts], None
+    while core.has_work():
+        for d in core.step():
+            first = first or time.perf_counter() - t
+            outs[int(d.request_id)].extend(d.token_ids)
     dt = time.perf_counter() - t
     assert all(len(o) == gen for o in outs)
-    return dt, outs
+    return dt, first, outs
 
 
 def run_mlx_lm(model, prompts, gen):
@@ -71,14 +116,15 @@ def run_mlx_lm(model, prompts, gen):
                        prefill_batch_size=min(len(prompts), 8))
     t = time.perf_counter()
     uids = g.insert(prompts, [gen] * len(prompts))
-    outs = {u: [] for u in uids}
+    outs, first = {u: [] for u in uids}, None
     while responses := g.next_generated():
+        first = first or time.perf_counter() - t
         for r in responses:
             outs[r.uid].append(r.token)
     dt = time.perf_counter() - t
     g.close()
     assert all(len(outs[u]) == gen for u in uids), [len(outs[u]) for u in uids]
-    return dt, [outs[u] for u in uids]
+    return dt, first, [outs[u] for u in uids]
 
 
 def ttft(lm, prompt_a, prompt_b):
@@ -95,10 +141,22 @@ def ttft(lm, prompt_a, prompt_b):
     return res
 
 
+def spread(xs: list[float]) -> dict:
+    return dict(median=round(statistics.median(xs), 3), min=round(min(xs), 3), max=round(max(xs), 3))
+
+
+def git_commit() -> str:
+    r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "engine", "kernels"], cwd=ROOT).returncode
+    return (r.stdout.strip() or "unknown") + ("-dirty" if dirty else "")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=str(realdata.smollm2_gguf()))
+    ap.add_argument("--quantize", default="none", choices=["none", "q4g64"])
     ap.add_argument("--gen", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--concurrency", default="1,4,16")
     ap.add_argument("--prompt-min", type=int, default=16)
     ap.add_argument("--prompt-max", type=int, default=64)
@@ -108,21 +166,36 @@ def main():
     args = ap.parse_args()
 
     lm = load_model(args.model)
+    if args.quantize == "q4g64":
+        quantize_uniform(lm, 4, 64)
     theirs = mlx_lm_model(lm)
     tok = lm.tokenizer
     run_ours(lm, docs_prompts(tok, 2, 8, 8), 2, args.budget)  # warm-up both
     run_mlx_lm(theirs, docs_prompts(tok, 2, 8, 8), 2)
 
+    levels = [int(x) for x in args.concurrency.split(",")]
+    prompts = {c: docs_prompts(tok, c, args.prompt_min, args.prompt_max) for c in levels}
+    runs = {c: dict(ours=[], mlx_lm=[], same=[]) for c in levels}
+    for rep in range(args.repeats):  # interleaved: every level and both engines once per repeat
+        for c in levels:
+            first_ours = rep % 2 == 0
+            for who in (("ours", "mlx_lm") if first_ours else ("mlx_lm", "ours")):
+                r = run_ours(lm, prompts[c], args.gen, args.budget) if who == "ours" else \
+                    run_mlx_lm(theirs, prompts[c], args.gen)
+                runs[c][who].append(r)
+            same = sum(a == b for a, b in zip(runs[c]["ours"][-1][2], runs[c]["mlx_lm"][-1][2]))
+            runs[c]["same"].append(same)
+            print(dict(repeat=rep, concurrency=c, ours_s=round(runs[c]["ours"][-1][0], 2),
+                       mlx_lm_s=round(runs[c]["mlx_lm"][-1][0], 2), identical=f"{same}/{c}"), flush=True)
     rows = []
-    for c in [int(x) for x in args.concurrency.split(",")]:
-        prompts = docs_prompts(tok, c, args.prompt_min, args.prompt_max)
-        d_ours, o_ours = run_ours(lm, prompts, args.gen, args.budget)
-        d_theirs, o_theirs = run_mlx_lm(theirs, prompts, args.gen)
-        same = sum(a == b for a, b in zip(o_ours, o_theirs))
-        row = dict(concurrency=c, prompt_tokens=sum(map(len, prompts)), generated_tokens=c * args.gen,
-                   ours_s=round(d_ours, 3), mlx_lm_s=round(d_theirs, 3),
-                   ours_tok_s=round(c * args.gen / d_ours, 3), mlx_lm_tok_s=round(c * args.gen / d_theirs, 3),
-                   speedup=round(d_theirs / d_ours, 3), identical_outputs=f"{same}/{c}")
+    for c in levels:
+        gen = c * args.gen
+        o, t = runs[c]["ours"], runs[c]["mlx_lm"]
+        ratios = [b[0] / a[0] for a, b in zip(o, t)]
+        row = dict(concurrency=c, prompt_tokens=sum(map(len, prompts[c])), generated_tokens=gen,
+                   ours_tok_s=spread([gen / r[0] for r in o]), mlx_lm_tok_s=spread([gen / r[0] for r in t]),
+                   ours_first_token_s=spread([r[1] for r in o]), mlx_lm_first_token_s=spread([r[1] for r in t]),
+                   speedup=spread(ratios), identical_outputs=f"{min(runs[c]['same'])}/{c}")
         print(row, flush=True)
         rows.append(row)
 
@@ -137,13 +210,20 @@ def main():
     result = dict(
         benchmark="engine_throughput",
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        commit=git_commit(),
         device=dict(kind=str(mx.default_device()), machine=platform.machine(), processor=platform.processor(),
-                    cpu_count=__import__("os").cpu_count(),
-                    blas=jang_serve._blas.loaded or "the mlx[cpu] wheel's reference (netlib) BLAS"),
+                    cpu_count=os.cpu_count(),
+                    blas=jang_serve._blas.loaded or "the mlx[cpu] wheel's reference (netlib) BLAS",
+                    note="2-core machine shared with other engineers' work during the run (load average "
+                         f"{os.getloadavg()[0]:.1f} at the end); timed section held /tmp/jang-bench.lock; "
+                         "repeats interleave both engines, so load hits both alike"),
         versions=dict(mlx=version("mlx"), mlx_lm=version("mlx-lm"), python=platform.python_version()),
-        model=dict(path=str(args.model), dtype="float32", note="GGUF Q4_1 dequantized to float32; both engines get the same weights"),
+        model=dict(path=str(args.model), quantize=args.quantize, activations="float32", **describe(lm),
+                   note="both engines carry the same parameters (mlx-lm's llama.Model loaded with ours)"),
         settings=dict(gen_tokens=args.gen, prompt_tokens=[args.prompt_min, args.prompt_max], greedy=True,
-                      our_max_num_batched_tokens=args.budget, kv="auto (float32)", block_size=16),
+                      repeats=args.repeats, our_max_num_batched_tokens=args.budget, kv="auto (float32)",
+                      block_size=16, mlx_lm="BatchGenerator(completion_batch_size=concurrency, "
+                                            "prefill_batch_size=min(concurrency, 8))"),
         throughput=rows,
         ttft=ttft_row,
     )
