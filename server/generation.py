@@ -46,14 +46,20 @@ def sampling_params(req, entry: ModelEntry, max_tokens: int, *, logprobs: bool =
     for tid in req.stop_token_ids or []:
         if tid < 0 or (vocab is not None and tid >= vocab):
             raise bad_request(f"stop_token_ids: {tid} is not a token id of this model", param="stop_token_ids")
+    defaults = entry.sampling["values"]
+
+    def pick(name):  # the request's value, else the model's default (generation_config.json), else OpenAI's
+        v = getattr(req, name, None)
+        return defaults[name] if v is None else v
+
     try:
         return SamplingParams(
             max_tokens=max_tokens,
-            temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p,
-            top_k=req.top_k or 0,
-            min_p=req.min_p or 0.0,
-            repetition_penalty=req.repetition_penalty or 1.0,
+            temperature=pick("temperature"),
+            top_p=pick("top_p"),
+            top_k=pick("top_k"),
+            min_p=pick("min_p"),
+            repetition_penalty=pick("repetition_penalty"),
             presence_penalty=req.presence_penalty or 0.0,
             frequency_penalty=req.frequency_penalty or 0.0,
             logit_bias=bias,

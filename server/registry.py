@@ -15,6 +15,7 @@ from typing import Callable
 
 from .config import ServerConfig
 from .errors import APIError, model_not_found
+from .sampling_defaults import OPENAI_DEFAULTS, sampling_defaults
 
 log = logging.getLogger("jang_serve.server")
 
@@ -33,6 +34,9 @@ class ModelEntry:
     created: int = field(default_factory=lambda: int(time.time()))
     active: int = 0  # requests in flight (running + waiting)
     startup: bool = False  # loaded at server start (its failure stops the CLI)
+    # defaults for sampling fields a request leaves out (sampling_defaults.sampling_defaults)
+    sampling: dict = field(default_factory=lambda: {"values": dict(OPENAI_DEFAULTS), "source": "openai",
+                                                    "from_model": []})
 
 
 def model_name_for(path: str | Path) -> str:
@@ -86,6 +90,7 @@ class ModelRegistry:
             entry.tokenizer = loaded.tokenizer
             entry.config = dict(loaded.config)
             entry.context_length = context_length_of(entry.config, self.cfg)
+            entry.sampling = sampling_defaults(path)
             entry.info = {"format": getattr(loaded, "format", None), "quantization": _quant_summary(loaded.quantization)}
             tp = self.cfg.tp if entry.startup else 1  # one tensor-parallel group per process
             entry.engine = _start_engine(loaded, self.cfg, entry.context_length, tp=tp)

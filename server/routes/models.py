@@ -14,7 +14,8 @@ router = APIRouter()
 def _card(entry) -> dict:
     return {"id": entry.name, "object": "model", "created": entry.created, "owned_by": "jang-serve",
             "context_length": entry.context_length, "max_model_len": entry.context_length,
-            "format": entry.info.get("format"), "quantization": entry.info.get("quantization")}
+            "format": entry.info.get("format"), "quantization": entry.info.get("quantization"),
+            "sampling_defaults": entry.sampling}
 
 
 @router.get("/v1/models", dependencies=[Depends(require_api_key)])
