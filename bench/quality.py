@@ -32,19 +32,21 @@ from jang_serve.quantize.evaluate import evaluate, load_text, tokenizer_for  # n
 
 MODELS = {"smollm2": "smollm2_gguf", "qwen2.5-coder": "qwen25_coder_gguf"}
 
-# name -> (kind, kwargs)
+# name -> (kind, kwargs). Each model evaluates the variants its list names (CPU time is the limit).
 OURS = {
     "ours JANG_2S (gptq)": ("ours", {"profile": "JANG_2S", "method": "gptq"}),
     "ours JANG_2S (mse)": ("ours", {"profile": "JANG_2S", "method": "mse"}),
-    "ours JANG_3M (mse)": ("ours", {"profile": "JANG_3M", "method": "mse"}),
-    "ours JANG_4M (mse)": ("ours", {"profile": "JANG_4M", "method": "mse"}),
-    "ours JANG_4K (mse)": ("ours", {"profile": "JANG_4K", "method": "mse"}),
-    "ours JANG_4K (rtn)": ("ours", {"profile": "JANG_4K", "method": "rtn"}),
-    "ours bits=2.5 (rtn)": ("ours", {"bits": 2.5, "method": "rtn"}),
-    "ours bits=3.0 (rtn)": ("ours", {"bits": 3.0, "method": "rtn"}),
-    "ours bits=4.0 (rtn)": ("ours", {"bits": 4.0, "method": "rtn"}),
+    "ours JANG_3L (gptq)": ("ours", {"profile": "JANG_3L", "method": "gptq"}),
+    "ours JANG_4S (gptq)": ("ours", {"profile": "JANG_4S", "method": "gptq"}),
+    "ours JANG_3M (gptq)": ("ours", {"profile": "JANG_3M", "method": "gptq"}),
+    "ours JANG_2M (gptq)": ("ours", {"profile": "JANG_2M", "method": "gptq"}),
+    "ours JANG_2L (gptq)": ("ours", {"profile": "JANG_2L", "method": "gptq"}),
+    "ours JANG_4K = bits=4.0 (gptq)": ("ours", {"profile": "JANG_4K", "method": "gptq"}),
+    "ours JANG_4K = bits=4.0 (mse)": ("ours", {"profile": "JANG_4K", "method": "mse"}),
+    "ours bits=2.5 (gptq)": ("ours", {"bits": 2.5, "method": "gptq"}),
     "ours bits=3.0 (gptq)": ("ours", {"bits": 3.0, "method": "gptq"}),
-    "ours JANG_4M:mse:g32": ("ours", {"profile": "JANG_4M:mse:g32"}),
+    "ours bits=2.5 (mse)": ("ours", {"bits": 2.5, "method": "mse"}),
+    "ours bits=3.0 (mse)": ("ours", {"bits": 3.0, "method": "mse"}),
     "ours JANG_4L:mse:g32 (default serve)": ("ours", {"profile": "JANG_4L:mse:g32"}),
 }
 PEERS = {
@@ -81,7 +83,7 @@ def hf_dir(gguf: Path, out: Path) -> Path:
     return out
 
 
-def build(kind: str, kw: dict, gguf: Path, hf: Path, out: Path, log) -> float:
+def build(kind: str, kw: dict, gguf: Path, hf: Path | None, out: Path, log) -> float:
     if out.exists():
         return 0.0
     t = time.time()
@@ -111,6 +113,20 @@ ANCHORS = {
                 (4.49, "jang JANG_3M", 52.71), (4.42, "jang JANG_4K", 24.82), (4.11, "jang JANG_2M", 2380),
                 (3.81, "mlx-lm mixed_3_6", 72.64), (3.71, "jang JANG_2S", 2380), (3.50, "mlx-lm uniform 3-bit", 115.73),
                 (3.42, "jang JANG_3K", 2490), (2.91, "mlx-lm mixed_2_6", 3.96e6), (2.50, "mlx-lm uniform 2-bit", 2.3e7)],
+    "qwen2.5-coder": [(8.50, "mlx-lm uniform 8-bit", 7.50), (5.64, "jang JANG_4M", 7.86), (5.50, "mlx-lm uniform 5-bit", 7.64),
+                      (5.08, "jang JANG_2L", 21.75), (4.93, "jang JANG_3M", 9.03), (4.60, "jang JANG_4K", 9.03),
+                      (4.50, "mlx-lm uniform 4-bit", 8.19), (4.40, "mlx-lm mixed_3_6", 9.93), (4.08, "jang JANG_2S", 22.63),
+                      (3.70, "mlx-lm mixed_2_6", 278.47), (3.59, "jang JANG_3K", 23.79), (3.50, "mlx-lm uniform 3-bit", 11.91),
+                      (2.50, "mlx-lm uniform 2-bit", 5.02e3)],
+}
+# KL / top-1 of the anchors (same order as ANCHORS), for the cited rows of the JSON
+ANCHOR_KL = {
+    "smollm2": [(0.003, 0.973), (0.114, 0.830), (0.314, 0.742), (4.692, 0.167), (0.428, 0.703), (1.500, 0.419),
+                (0.757, 0.617), (5.039, 0.152), (1.750, 0.378), (5.036, 0.145), (2.285, 0.277), (5.030, 0.143),
+                (12.043, 0.007), (14.144, 0.004)],
+    "qwen2.5-coder": [(0.001, 0.990), (0.036, 0.914), (0.016, 0.938), (1.130, 0.583), (0.176, 0.825), (0.172, 0.823),
+                      (0.085, 0.863), (0.400, 0.765), (1.102, 0.576), (3.875, 0.241), (1.255, 0.570), (0.571, 0.700),
+                      (6.676, 0.070)],
 }
 
 
@@ -144,8 +160,8 @@ def plot(res: dict, png: Path) -> None:
     ref = next(r["ppl"] for r in res["results"] if r["variant"].startswith("reference"))
     groups = {"ours": ("tab:green", "o"), "jang": ("tab:red", "s"), "mlx-lm": ("tab:blue", "^")}
     for r in res["results"]:
-        if r["variant"].startswith("reference"):
-            continue
+        if r["variant"].startswith("reference") or r.get("source", "").startswith("cited"):
+            continue  # cited rows are drawn hollow from ANCHORS below
         kind = r["variant"].split()[0]
         c, m = groups.get(kind, ("gray", "x"))
         ax.scatter(r["average_bits"], r["ppl"] / ref, color=c, marker=m, s=40)
@@ -166,6 +182,24 @@ def plot(res: dict, png: Path) -> None:
     fig.savefig(png, dpi=130)
 
 
+def eval_ids(gguf: Path, tokenizer: str) -> list[int]:
+    """Token ids of the evaluation text. 'ours': jang-serve's tokenizer read from the GGUF (the model's
+    own pre-tokenizer, e.g. SmolLM2 isolates digits); 'hf-gguf': transformers' GGUF tokenizer, which
+    QUALITY_ANCHORS.md used (it drops that digit split)."""
+    text = load_text()
+    if tokenizer == "ours":
+        return tokenizer_for(gguf).encode(text)
+    from transformers import AutoTokenizer
+
+    ht = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    return ht(text, add_special_tokens=False)["input_ids"]
+
+
+def stamp(path: Path) -> float:
+    f = path / "config.json"
+    return f.stat().st_mtime if f.exists() else 0.0
+
+
 def main() -> int:
     if sys.argv[1:2] == ["--merge"]:
         dest = Path(sys.argv[2])
@@ -177,7 +211,9 @@ def main() -> int:
     ap.add_argument("--model", default="smollm2", choices=list(MODELS))
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--kl-tokens", type=int, default=8192)
-    ap.add_argument("--only", nargs="*", help="variant names to include (default: all)")
+    ap.add_argument("--tokenizer", default="hf-gguf", choices=["ours", "hf-gguf"])
+    ap.add_argument("--only", nargs="*", help="variant names to evaluate now (default: all)")
+    ap.add_argument("--build-only", action="store_true", help="convert, do not evaluate")
     ap.add_argument("--out", help="JSON path (default bench/results/quality-<model>.json)")
     a = ap.parse_args()
     import realdata
@@ -186,53 +222,77 @@ def main() -> int:
     gguf = getattr(realdata, MODELS[a.model])()
     work = REPO / ".cache" / "quality" / a.model
     work.mkdir(parents=True, exist_ok=True)
-    hf = hf_dir(gguf, work / "hf-bf16")
     variants = {**OURS, **PEERS}
-    if a.only:
-        variants = {k: v for k, v in variants.items() if k in a.only}
-    paths, times = {}, {}
+    if a.only is not None:
+        unknown = [k for k in a.only if k not in variants]
+        if unknown:
+            raise SystemExit(f"unknown variants {unknown}; known: {list(variants)}")
+        variants = {k: variants[k] for k in a.only}  # in the order given
+    ids = eval_ids(gguf, a.tokenizer)
+    # every evaluated row is kept per (tokens, KL tokens, tokenizer), so runs add up
+    rfile = work / f"rows-{a.tokens}-{a.kl_tokens}-{a.tokenizer}.json"
+    rows = json.loads(rfile.read_text()) if rfile.exists() else {}
+    failed = {}
     for name, (kind, kw) in variants.items():
         out = work / slug(name)
         try:
-            times[name] = build(kind, kw, gguf, hf, out, log)
-            paths[name] = out
+            dt = build(kind, kw, gguf, hf_dir(gguf, work / "hf-bf16") if kind != "ours" else None, out, log)
         except Exception as e:  # noqa: BLE001 - record the failure in the results
             log(f"{name}: FAILED {type(e).__name__}: {e}")
-            times[name] = f"failed: {type(e).__name__}: {e}"[:500]
-    ids = tokenizer_for(gguf).encode(load_text())
-    log(f"evaluating {len(paths)} models on {a.tokens} tokens")
-    res = evaluate(list(paths.values()), ref=gguf, ids=ids, tokens=a.tokens, kl_tokens=a.kl_tokens, log=log)
-    rows = [{"variant": "reference (GGUF dequantized, bf16)", **res["models"]["reference"]}]
-    for name, p in paths.items():
-        r = res["models"][str(p)]
-        jc = p / "jang_config.json"
+            failed[name] = f"failed: {type(e).__name__}: {e}"[:500]
+            continue
+        if a.build_only or (name in rows and rows[name].get("stamp") == stamp(out)):
+            continue
+        res = evaluate([out], ref=gguf, ids=ids, tokens=a.tokens, kl_tokens=a.kl_tokens, log=log,
+                       ref_cache=work / "ref")
+        r = res["models"][str(out)]
+        jc = out / "jang_config.json"
         extra = {}
         if jc.exists() and name.startswith("ours"):
             q = json.loads(jc.read_text())["quantization"]
             extra = {"profile": q["profile"], "method": q["method"], "nominal_bits": q["nominal_bits"],
                      "target_bits": q["target_bits"]}
-        rows.append({"variant": name, **r, "mb": round(r["size_bytes"] / 1e6, 1), "convert_s": times[name], **extra})
-    rows.sort(key=lambda r: -r["average_bits"])
+        rows["reference (GGUF dequantized, bf16)"] = {**res["models"]["reference"], "stamp": 0.0}
+        rows[name] = {**r, "mb": round(r["size_bytes"] / 1e6, 1), "convert_s": round(dt, 1) or None,
+                      "eval_s": res["seconds"], "stamp": stamp(out), **extra}
+        rfile.write_text(json.dumps(rows, indent=1))
+        log(f"{name}: ppl {r['ppl']:.2f} KL {r['kl']:.3f} top1 {r['top1']:.3f} ({res['seconds']:.0f}s)")
+    if a.build_only:
+        return 0
+    results = [{"variant": k, **{x: y for x, y in v.items() if x != "stamp"}, "source": "measured here"}
+               for k, v in rows.items()]
+    measured = {r["variant"] for r in results}
+    for (bits, name, ppl), (kl, top1) in zip(ANCHORS.get(a.model, []), ANCHOR_KL.get(a.model, [])):
+        full = name.replace("jang ", "jang 2.5.50 ")
+        if full in measured:
+            continue
+        results.append({"variant": full, "ppl": ppl, "kl": kl, "top1": top1, "average_bits": bits,
+                        "source": "cited from /work/shared/QUALITY_ANCHORS.md (same method, transformers' GGUF "
+                                  "tokenizer, reference ppl %.2f)" % {"smollm2": 12.18, "qwen2.5-coder": 7.50}[a.model]})
+    results.sort(key=lambda r: -r["average_bits"])
     deviation = None
     if a.tokens != 16384 or a.kl_tokens != 8192:
-        deviation = (f"reduced token counts for CPU time: perplexity on {res['tokens']} tokens, KL/top-1 on "
-                     f"{res['kl_tokens']} tokens (method: 16384 / 8192)")
+        deviation = f"reduced token counts: perplexity on {a.tokens} tokens, KL/top-1 on {a.kl_tokens} (method: 16384 / 8192)"
     out = {
         "model": a.model, "source": gguf.name, "date": datetime.datetime.utcnow().isoformat(timespec="seconds") + "Z",
-        "device": f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, shared)",
+        "device": f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, shared with 4 other "
+                  "engineers' jobs; untimed evals ran under nice -n 15)",
         "versions": {"mlx": mx.__version__, "python": platform.python_version()},
-        "method": {"text": "Python 3.11 docs _sources/**/*.rst.txt sorted, concatenated", "window": res["window"],
-                   "tokens": res["tokens"], "kl_tokens": res["kl_tokens"], "forward": "float32, dequantized weights",
+        "method": {"text": "Python 3.11 docs _sources/**/*.rst.txt sorted, concatenated", "window": 512,
+                   "tokens": a.tokens, "kl_tokens": a.kl_tokens, "forward": "float32, dequantized weights",
+                   "reference": "the GGUF dequantized, rounded to bf16, run in float32",
+                   "tokenizer": {"hf-gguf": "transformers' GGUF tokenizer (as QUALITY_ANCHORS.md)",
+                                 "ours": "jang-serve's GGUF tokenizer"}[a.tokenizer],
                    "bits": "stored bits per weight over all weight matrices incl. scales/biases"},
-        "deviation": deviation, "eval_seconds": res["seconds"], "results": rows,
-        "failed": {k: v for k, v in times.items() if isinstance(v, str)},
+        "deviation": deviation, "results": results, "failed": failed,
     }
     dest = Path(a.out) if a.out else REPO / "bench" / "results" / f"quality-{a.model}.json"
     dest.write_text(json.dumps(out, indent=1) + "\n")
-    log(f"wrote {dest}")
-    for r in rows:
+    plot(out, dest.with_suffix(".png"))
+    log(f"wrote {dest} and its .png")
+    for r in results:
         print(f"{r['average_bits']:6.2f}  {r['variant']:40s} ppl {r['ppl']:10.2f}  KL {r.get('kl', 0):.3f}  "
-              f"top1 {r.get('top1', 1):.3f}")
+              f"top1 {r.get('top1', 1):.3f}  {r['source'][:8]}")
     return 0
 
 

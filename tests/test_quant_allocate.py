@@ -76,3 +76,19 @@ def test_fractional_budget_beats_fixed_profile_at_equal_bits(src, calib, tmp_pat
         return float(mx.mean(mx.sum(mx.exp(ref) * (ref - q), axis=-1)))
 
     assert kl(alloc.path) < kl(fixed.path)
+
+
+def test_greedy_spends_stored_bits_on_widths_and_group_sizes():
+    from jang_serve.quantize.allocate import OPTIONS, cost
+
+    sizes = {f"t{i}": 64 * (1 + i % 7) for i in range(60)}
+    sizes["hot"] = 256
+    # damage falls with width and (less) with smaller groups; "hot" is 100x as sensitive
+    table = {p: {o: (100.0 if p == "hot" else 1.0 + i % 5) * n * 4.0 ** -o[0] * (1 + o[1] / 256)
+                 for o in OPTIONS} for i, (p, n) in enumerate(sizes.items())}
+    for budget in (3.0, 3.5, 4.5):
+        pick = greedy(table, sizes, 0, budget)
+        stored = sum(sizes[p] * cost(o) for p, o in pick.items()) / sum(sizes.values())
+        assert budget - 0.05 <= stored <= budget + 1e-9, (budget, stored)
+        assert cost(pick["hot"]) >= max(cost(o) for o in pick.values()) - 1e-9  # the sensitive one gets the most
+    assert len({o[1] for o in greedy(table, sizes, 0, 3.5).values()}) > 1  # group sizes really vary
