@@ -42,6 +42,9 @@ def gpu_names() -> list[str]:
 
 
 def git_commit() -> str | None:
+    """HEAD (with -dirty when tracked files changed), or $JANG_SERVE_COMMIT where there is no git."""
+    if not (REPO / ".git").exists():
+        return os.environ.get("JANG_SERVE_COMMIT")
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
                              timeout=10).stdout.strip()
