@@ -184,10 +184,10 @@ def smollm2_q4_dir(tmp_path_factory) -> Path:
     return save_model(lm.model, lm.config, tmp_path_factory.mktemp("smollm2") / "q4", (4, 32), lm.tokenizer)
 
 
-def _text_requests(path, max_tokens: int) -> list[dict]:
-    from jang_serve.engine.loader import load_model
+def _text_requests(model_dir: Path, max_tokens: int) -> list[dict]:
+    from jang_serve.engine.tokenizer import Tokenizer
 
-    tok = load_model(path).tokenizer
+    tok = Tokenizer.from_dir(model_dir)
     texts = ["The capital of France is", "def fibonacci(n):\n    "]
     return [dict(prompt=tok.encode(t), max_tokens=max_tokens) for t in texts]
 
@@ -195,8 +195,8 @@ def _text_requests(path, max_tokens: int) -> list[dict]:
 def test_tp2_smollm2_float_and_q4_equal_single_process(smollm2_q4_dir):
     from realdata import smollm2_gguf
 
+    reqs = _text_requests(smollm2_q4_dir, 5)
     for path in (smollm2_gguf(), smollm2_q4_dir):
-        reqs = _text_requests(path, 6)
         out = run_driver("equal", str(path), json.dumps(reqs))
         assert out["tp"] == out["ref"], path
         assert out["shard"]["heads"] == [0, 3] and out["shard"]["kv_heads"] == [0, 1]  # 9 q / 3 kv heads
