@@ -231,6 +231,14 @@ def test_killing_a_rank_mid_stream_gives_a_clear_error(tmp_path):
     assert out["stats"]["tp_error"] and out["stats"]["engine_running"] is False
 
 
+def test_a_rank_that_cannot_load_is_a_clear_error(tmp_path):
+    from jang_serve.engine.distributed.launch import Followers, RankFailure
+    from jang_serve.engine.engine_config import EngineConfig
+
+    with pytest.raises(RankFailure, match="rank 1 exited with status 1 while loading the model"):
+        Followers(tmp_path / "missing-model", mx.float32, EngineConfig(num_blocks=8), 2, "ring", ready_timeout=60)
+
+
 def _children(pid: int) -> list[int]:
     out = []
     for task in Path(f"/proc/{pid}/task").iterdir():
