@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -41,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     control = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
     threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: rank 0 stops us (EOF)
 
     from jang_serve.engine.engine_config import EngineConfig
     from jang_serve.engine.engine_core import model_dtype
