@@ -55,9 +55,9 @@ def rank_env(rank: int, size: int, backend: str, contact: dict) -> dict:
     env = {"MLX_RANK": str(rank), "MLX_WORLD_SIZE": str(size)}
     if backend == "ring":
         env["MLX_HOSTFILE"] = contact["hostfile"]
-    else:  # nccl: rank 0's address; multicast / NVLS off (the device machines require it)
+    else:  # nccl: rank 0's address; NVLink multicast off (shared GPU hosts require it)
         env.update(NCCL_HOST_IP="127.0.0.1", NCCL_PORT=str(contact["nccl_port"]), NCCL_NVLS_ENABLE="0",
-                   NCCL_CUMEM_ENABLE="0")
+                   TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
     return env
 
 
