@@ -21,19 +21,39 @@ from .errors import APIError
 log = logging.getLogger("jang_serve.server")
 
 
-def data(obj) -> dict:
-    return {"data": json.dumps(obj, ensure_ascii=False, separators=(",", ":"))}
+# Events are encoded to bytes here, once: sse-starlette sends bytes as they are (no per-chunk
+# ServerSentEvent object and line splitting). JSON never holds a raw newline, so one `data:` line is
+# always a whole event.
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_DONE = b"data: [DONE]\n\n"
 
 
-def done() -> dict:
-    return {"data": "[DONE]"}
+def data(obj) -> bytes:
+    return b"data: " + _dumps(obj).encode() + b"\n\n"
 
 
-def event(name: str, obj) -> dict:
-    return {"event": name, "data": json.dumps(obj, ensure_ascii=False, separators=(",", ":"))}
+def done() -> bytes:
+    return _DONE
 
 
-def error_chunk(exc: BaseException) -> dict:
+def event(name: str, obj) -> bytes:
+    return f"event: {name}\ndata: {_dumps(obj)}\n\n".encode()
+
+
+class Chunks:
+    """Stream chunks that share every field but `choices` (and `usage`): the shared head is encoded
+    once per response, each chunk only encodes its choices. Same bytes as data({**head, choices, usage})."""
+
+    def __init__(self, head: dict, include_usage: bool):
+        self._head = b"data: " + _dumps(head)[:-1].encode() + b',"choices":'
+        self._usage = include_usage
+
+    def __call__(self, choices: list, usage_=None) -> bytes:
+        tail = _dumps(choices) + (',"usage":' + _dumps(usage_) if self._usage else "")
+        return self._head + tail.encode() + b"}\n\n"
+
+
+def error_chunk(exc: BaseException) -> bytes:
     if isinstance(exc, APIError):
         return data(exc.body())
     log.exception("error while streaming", exc_info=exc)

@@ -15,7 +15,7 @@ from ..generation import (Admission, chat_logprobs, new_id, start_generation, re
                           run_until_disconnect, sampling_params, usage)
 from ..metrics import RequestTimer
 from ..schemas import ChatCompletionRequest, NamedToolChoice, text_of
-from ..streaming import data, done, error_chunk, sse_response
+from ..streaming import Chunks, done, error_chunk, sse_response
 from ..tool_calls import ToolCallStreamer, collect, constrained_schema
 
 router = APIRouter()
@@ -161,12 +161,8 @@ async def _stream(body, *, entry, ids, params, rid, make_streamer, timer, admiss
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     n = params.n
 
-    def chunk(choices, usage_=None):
-        obj = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": entry.name,
-               "system_fingerprint": FINGERPRINT, "choices": choices}
-        if include_usage:
-            obj["usage"] = usage_
-        return data(obj)
+    chunk = Chunks({"id": rid, "object": "chat.completion.chunk", "created": created, "model": entry.name,
+                    "system_fingerprint": FINGERPRINT}, include_usage)
 
     def choice(i, delta, finish=None, logprobs=None):
         return {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}

@@ -17,7 +17,7 @@ from ..generation import (Admission, completion_logprobs, new_id, resolve_max_to
                           run_until_disconnect, sampling_params, start_generation, usage)
 from ..metrics import RequestTimer
 from ..schemas import CompletionRequest
-from ..streaming import data, done, error_chunk, sse_response
+from ..streaming import Chunks, done, error_chunk, sse_response
 
 router = APIRouter()
 
@@ -87,6 +87,16 @@ def _reason(r: str | None) -> str:
 
 async def _merged(entry, jobs, rid):
     """Deltas of all prompts, interleaved as they come: (prompt number, delta)."""
+    if len(jobs) == 1:  # one prompt (the usual case): no pump task, no extra queue hop per token
+        finished = False
+        try:
+            async for d in jobs[0][3]:
+                yield 0, d
+            finished = True
+        finally:
+            if not finished:  # stopped early: free the engine now, not when the stream is collected
+                entry.engine.abort(f"{rid}-0")
+        return
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(k, stream):
@@ -167,12 +177,8 @@ async def _stream(body, entry, jobs, rid, timer, admission):
     prompt_total, cached, seen = 0, 0, set()
     completed = False
 
-    def chunk(choices, usage_=None):
-        obj = {"id": rid, "object": "text_completion", "created": created, "model": entry.name,
-               "system_fingerprint": "jang-serve", "choices": choices}
-        if include_usage:
-            obj["usage"] = usage_
-        return data(obj)
+    chunk = Chunks({"id": rid, "object": "text_completion", "created": created, "model": entry.name,
+                    "system_fingerprint": "jang-serve"}, include_usage)
 
     try:
         if body.echo:
