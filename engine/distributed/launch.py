@@ -75,11 +75,11 @@ def make_contact(size: int, backend: str) -> dict:
 def init_group(rank: int, size: int, backend: str, contact: dict):
     """Join the group (blocks until every rank has joined)."""
     env = rank_env(rank, size, backend, contact)
-    saved = {k: os.environ.get(k) for k in env}
+    saved = {k: os.environ.get(k) for k in env if k.startswith("MLX_") or k in ("NCCL_HOST_IP", "NCCL_PORT")}
     os.environ.update(env)
     try:
         group = mx.distributed.init(strict=True, backend=backend)
-    finally:  # children started later (admin jobs) must not inherit this rank's identity
+    finally:  # children started later (admin jobs) must not inherit this rank's identity (multicast stays off)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
