@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import time
 import mlx.core as mx
 import numpy as np
 
-from jang_serve.kernels import paged, paged_cuda, qmm_cuda
+from jang_serve.kernels import paged, paged_cuda, qgemm_cuda, qmm_cuda
 from jang_serve.kernels.qmm import qmm as kqmm
 
 # (R rows per team, W warps per team, FAST) variants swept at one row; 4-bit sweeps them all.
@@ -121,26 +122,50 @@ def gemv_section(bw, quick):
 
 
 def gemm_section(bw, quick):
+    """8-256 rows: bf16 matmul vs mx.quantized_matmul vs dequantize+matmul vs kernels.qmm (the tiled
+    qgemm up to QGEMM_ROWS), and qgemm's split-K variants at 64 rows."""
     out = []
-    for (n, k) in [(14336, 4096), (4096, 14336)]:
-        nsets = 3
+    shapes = [(14336, 4096, (4, 8)), (4096, 14336, (4,)), (4096, 4096, (8,)), (1024, 4096, (8,)),
+              (128256, 4096, (8,))]
+    for (n, k, bits_list) in shapes:
+        nsets = max(3, math.ceil(200e6 / (n * k * 2)))   # rotate over > 4x the L2
         wb = [(mx.random.normal((n, k)) * 0.05).astype(mx.bfloat16) for _ in range(nsets)]
-        for bits, ms in ((4, (16, 32, 64, 128, 256, 1024)), (8, (64, 256))):
-            ws = [qweights(n, k, bits, 64) for _ in range(nsets)]
+        for bits in bits_list:
+            ms = ((8, 16, 32, 64, 128, 256, 512) if (bits == 4 and n == 14336) else
+                  (16, 64) if n > 100000 else (16, 64, 128, 256))
+            nq = max(3, math.ceil(200e6 / (n * k * bits / 8)))
+            ws = [qweights(n, k, bits, 64) for _ in range(nq)]
             mx.eval(wb, ws)
             for m in ms:
                 x = mx.random.normal((m, k)).astype(mx.bfloat16)
-                if bits == 4:
-                    t = timed(lambda: [x @ wb[i % nsets].T for i in range(CALLS)])
-                    out.append(rec("bf16_matmul", t, n=n, k=k, m=m, bits=16))
-                t = timed(lambda: [mx.quantized_matmul(x, *ws[i % nsets], transpose=True, group_size=64, bits=bits)
+                tb = timed(lambda: [x @ wb[i % nsets].T for i in range(CALLS)])
+                out.append(rec("bf16_matmul", tb, n=n, k=k, m=m, bits=16))
+                t = timed(lambda: [mx.quantized_matmul(x, *ws[i % nq], transpose=True, group_size=64, bits=bits)
                                    for i in range(CALLS)])
-                out.append(rec("mx.quantized_matmul", t, n=n, k=k, m=m, bits=bits))
-                t = timed(lambda: [x @ mx.dequantize(*ws[i % nsets], group_size=64, bits=bits).astype(mx.bfloat16).T
-                                   for i in range(CALLS)])
-                out.append(rec("dequantize+matmul", t, n=n, k=k, m=m, bits=bits))
-                t = timed(lambda: [kqmm(x, *ws[i % nsets], bits, 64) for i in range(CALLS)])
-                out.append(rec("kernels.qmm", t, n=n, k=k, m=m, bits=bits))
+                out.append(rec("mx.quantized_matmul", t, n=n, k=k, m=m, bits=bits, vs_bf16=t[0] / tb[0]))
+                if m >= 128:
+                    t = timed(lambda: [x @ mx.dequantize(*ws[i % nq], group_size=64, bits=bits).astype(mx.bfloat16).T
+                                       for i in range(CALLS)])
+                    out.append(rec("dequantize+matmul", t, n=n, k=k, m=m, bits=bits, vs_bf16=t[0] / tb[0]))
+                ref = mx.quantized_matmul(x, *ws[0], transpose=True, group_size=64, bits=bits)
+                if qgemm_cuda.supports(x, ws[0][0], bits, 64):
+                    ds = qgemm_cuda.default_split(m, n, k)
+                    variants = [(None, None)]
+                    if m == 64:
+                        variants += [(sp, st) for st in (2, 3, 4) for sp in sorted({1, ds, 2 * ds, max(ds // 2, 1)})]
+                    for sp, st in variants:
+                        if sp and (k % (64 * sp) or k // sp < 256):
+                            continue
+                        t = timed(lambda: [qgemm_cuda.qgemm(x, *ws[i % nq], bits, 64, split=sp, stages=st)
+                                           for i in range(CALLS)])
+                        out.append(rec("qgemm", t, n=n, k=k, m=m, bits=bits, vs_bf16=t[0] / tb[0],
+                                       split=sp or ds, stages=st or qgemm_cuda.default_stages(qgemm_cuda.block_rows(m)),
+                                       err_vs_quantized_matmul=check(
+                                           qgemm_cuda.qgemm(x, *ws[0], bits, 64, split=sp, stages=st), ref)))
+                t = timed(lambda: [kqmm(x, *ws[i % nq], bits, 64) for i in range(CALLS)])
+                out.append(rec("kernels.qmm", t, n=n, k=k, m=m, bits=bits, vs_bf16=t[0] / tb[0],
+                               err_vs_quantized_matmul=check(kqmm(x, *ws[0], bits, 64), ref)))
+                print(f"gemm n={n} k={k} bits={bits} m={m}: bf16 {tb[0]*1e6:.1f} us, qmm {t[0]*1e6:.1f} us", flush=True)
             del ws
         del wb
     return out
@@ -228,8 +253,12 @@ def main(path, quick=False):
     res = dict(device=gpu, mlx=mx.__version__, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                method=f"{CALLS} calls queued, one mx.eval, median of {REPS}; weights rotated over >= "
                       f"{ROTATE_BYTES / 1e6:.0f} MB", copy_bandwidth_GBps=bw / 1e9, copy=copy)
+    want = os.environ.get("KB_SECTIONS", "gemv,floor,paged,gemm").split(",")
+    res["sections"] = want
     for name, fn in (("gemv", gemv_section), ("floor", floor_section), ("paged", paged_section),
                      ("gemm", gemm_section)):
+        if name not in want:
+            continue
         t0 = time.time()
         try:
             res[name] = fn(bw, quick and name != "gemv")
@@ -245,9 +274,10 @@ def main(path, quick=False):
     print(f"device {gpu}; copy bandwidth {bw / 1e9:.0f} GB/s")
     for sec in ("gemv", "floor", "paged", "gemm"):
         for r in res.get(sec, []):
-            extra = " ".join(f"{k}={r[k]}" for k in ("n", "k", "m", "bits", "kv", "cfg") if k in r)
+            extra = " ".join(f"{k}={r[k]}" for k in ("n", "k", "m", "bits", "kv", "cfg", "split", "stages") if k in r)
             pct = f"{r['pct_copy_bw']:.0f}%" if "pct_copy_bw" in r else ""
-            print(f"{sec:5s} {r['name']:22s} {extra:55s} {r['us']:9.1f} us {pct}")
+            vs = f"x{r['vs_bf16']:.2f} bf16" if "vs_bf16" in r else ""
+            print(f"{sec:5s} {r['name']:22s} {extra:55s} {r['us']:9.1f} us {pct} {vs}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 
-from jang_serve.kernels import cuda_common, paged_cuda, qmm_cuda
+from jang_serve.kernels import cuda_common, paged_cuda, qgemm_cuda, qmm_cuda
 
 STUB = """
 #include <cstdint>
@@ -81,6 +81,19 @@ def check_qmm():
     return ok
 
 
+def check_qgemm():
+    ok = True
+    for bits in (2, 4, 8):
+        for bm, split, dt, gs, st in ((32, True, "bfloat16", 64, 3), (64, False, "bfloat16", 32, 3),
+                                      (64, True, "bfloat16", 64, 4), (128, True, "float16", 128, 2)):
+            tmpl = [("T", dt), ("S", dt), ("BITS", bits), ("GS", gs), ("BM", bm), ("SPLIT", split), ("STAGES", st)]
+            src = build("qgemm", qgemm_cuda.SOURCE, qgemm_cuda.HEADER,
+                        [("x", dt), ("w", "uint32"), ("scales", dt), ("biases", dt)],
+                        [("y", "float32" if split else dt)], tmpl)
+            ok &= compile_one(f"qgemm bits={bits} BM={bm} split={split} {dt} gs={gs} stages={st}", src)
+    return ok
+
+
 def check_paged():
     ok = True
     hdr = cuda_common.HEADER + paged_cuda.HEADER
@@ -110,6 +123,8 @@ if __name__ == "__main__":
     ok = True
     if what in ("qmm", "all"):
         ok &= check_qmm()
+    if what in ("qgemm", "all"):
+        ok &= check_qgemm()
     if what in ("paged", "all"):
         ok &= check_paged()
     sys.exit(0 if ok else 1)

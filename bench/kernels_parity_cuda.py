@@ -17,7 +17,7 @@ import time
 import mlx.core as mx
 import numpy as np
 
-from jang_serve.kernels import paged, paged_cuda, qmm_cuda
+from jang_serve.kernels import paged, paged_cuda, qgemm_cuda, qmm_cuda
 from jang_serve.kernels.qmm import qmm as kqmm
 
 
@@ -41,9 +41,14 @@ def _qmm_case(out, op, dtype, bits, gs, n, k, m, **cfg):
     wq, s, b = qweights(n, k, bits, gs, dtype)
     x = mx.random.normal((m, k)).astype(dtype)
     ref = x.astype(mx.float32) @ mx.dequantize(wq, s, b, group_size=gs, bits=bits).astype(mx.float32).T
-    base = relerr(mx.quantized_matmul(x, wq, s, b, transpose=True, group_size=gs, bits=bits), ref)
+    if op == "qgemm":  # baseline: the bf16/fp16 dense matmul of the dequantized weight (no MLX qmm JIT)
+        base = relerr(x @ mx.dequantize(wq, s, b, group_size=gs, bits=bits).astype(dtype).T, ref)
+    else:
+        base = relerr(mx.quantized_matmul(x, wq, s, b, transpose=True, group_size=gs, bits=bits), ref)
     if op == "qmm":
         y = kqmm(x, wq, s, b, bits, gs)
+    elif op == "qgemm":
+        y = qgemm_cuda.qgemm(x, wq, s, b, bits, gs, **cfg)
     else:
         y = qmm_cuda.qgemv(x, wq, s, b, bits, gs, **cfg)
     out.append(dict(op=op, dtype=str(dtype), bits=bits, gs=gs, n=n, k=k, m=m, **cfg,
@@ -66,6 +71,26 @@ def qmm_cases():
     # the public entry point on every row-count path (GEMV, quantized_matmul, dequant + matmul)
     for m in (1, 7, 16, 40, 130):
         _qmm_case(out, "qmm", mx.bfloat16, 4, 64, 512, 1024, m)
+    return out
+
+
+def qgemm_cases():
+    # the tiled tensor-core GEMM: bits 2/4/8, every group size, row tiles 32/64/128, split-K or not,
+    # 2-4 register stages. Each template is one NVRTC compile (~2 s): keep them few.
+    out = []
+    for gs in (32, 64, 128):
+        _qmm_case(out, "qgemm", mx.bfloat16, 4, gs, 384, 1024, 40)
+    for bits in (2, 4, 8):
+        for m in (5, 64, 100, 256):
+            _qmm_case(out, "qgemm", mx.bfloat16, bits, 64, 256, 2048, m)
+        print(f"qgemm bits={bits}: {len(out)} cases, worst {max(c['err'] for c in out):.2e}", flush=True)
+    for m, split, st in ((64, 1, 2), (64, 4, 4), (33, 8, 3), (200, 2, 2), (64, 16, 3)):
+        _qmm_case(out, "qgemm", mx.bfloat16, 4, 64, 1024, 4096, m, split=split, stages=st)
+    for m in (8, 64, 130):
+        _qmm_case(out, "qgemm", mx.float16, 4, 64, 512, 1024, m)
+    _qmm_case(out, "qgemm", mx.bfloat16, 8, 64, 16000, 4096, 64)
+    for m in (7, 16, 40, 130):   # the public entry point: these rows go to the tiled GEMM now
+        _qmm_case(out, "qmm", mx.bfloat16, 8, 64, 512, 1024, m)
     return out
 
 
@@ -126,7 +151,10 @@ def main(path):
     cases = []
     res = dict(device=mx.device_info().get("device_name", "?"), mlx=mx.__version__,
                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
-    for name, fn in (("paged", paged_cases), ("qmm", qmm_cases)):
+    want = (sys.argv[2] if len(sys.argv) > 2 else "paged,qmm,qgemm").split(",")
+    for name, fn in (("paged", paged_cases), ("qmm", qmm_cases), ("qgemm", qgemm_cases)):
+        if name not in want:
+            continue
         t1 = time.time()
         cases += fn()
         res[name + "_seconds"] = round(time.time() - t1, 1)

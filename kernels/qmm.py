@@ -9,12 +9,17 @@ Paths by backend (kernels/backend.py) and by activation rows M = prod(x.shape[:-
   cpu, M>=16   dequantize, then the dense float32 matmul (BLAS): MLX's CPU quantized_matmul does
                ~1 GFLOP/s, dense float32 with OpenBLAS ~45 (bench/results/qmm-cpu.json)
   cuda, M<=4   fused dequant + GEMV kernel (kernels/qmm_cuda.py)
-  cuda, M>4    mx.quantized_matmul below DEQUANT_ROWS rows, else dequantize once to the activation
+  cuda, M<=QGEMM_ROWS  tiled dequant + tensor-core GEMM (kernels/qgemm_cuda.py; bits 2/4/8, N % 128 == 0),
+               checked once per template against the reference at first use (off on a mismatch)
+  cuda, else   mx.quantized_matmul below DEQUANT_ROWS rows, else dequantize once to the activation
                dtype and run the dense (cuBLAS) matmul; thresholds from bench/results/kernels-h100.json
+               (JANG_QGEMM=0 turns the tiled GEMM off)
   metal, M<=8  the Metal port of the GEMV kernel (kernels/qmm_metal.py), self-tested at first use
 """
 
 from __future__ import annotations
+
+import os
 
 import mlx.core as mx
 
@@ -23,10 +28,15 @@ from . import backend
 # From the H100 run (bench/results/kernels-h100.json): the fused GEMV wins up to 4 rows; from 5 rows
 # MLX's tensor-core quantized_matmul is faster; dequantize + dense matmul only pays for large prefills.
 GEMV_ROWS = 4
+QGEMM_ROWS = 256
 DEQUANT_ROWS = 192
 # CPU: from this many rows, dequantize + dense matmul beats mx.quantized_matmul for every SmolLM2 shape
 # (bench/qmm_cpu.py: small matrices win from 4 rows, the 49152x576 tied lm_head only from ~16).
 CPU_DEQUANT_ROWS = 16
+
+
+def qgemm_on() -> bool:
+    return os.environ.get("JANG_QGEMM", "1").strip() not in ("0", "false", "off")
 
 
 def qmm_reference(x, w, scales, biases, bits, group_size):
@@ -71,10 +81,14 @@ def qmm(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: int,
             return qmm_dequant_matmul(x, w, scales, biases, bits, group_size)
         return qmm_reference(x, w, scales, biases, bits, group_size)
     if b == "cuda":
-        from . import qmm_cuda
+        from . import qgemm_cuda, qmm_cuda
 
         if m <= GEMV_ROWS and qmm_cuda.supports(x, w, bits, group_size):
             y = qmm_cuda.qgemv(x.reshape(m, k), w, scales, biases, bits, group_size)
+            return y.reshape(*lead, w.shape[0])
+        if m <= QGEMM_ROWS and qgemm_on() and qgemm_cuda.supports(x, w, bits, group_size) \
+                and qgemm_cuda.ready(x.dtype, scales.dtype, bits, group_size, m):
+            y = qgemm_cuda.qgemm(x.reshape(m, k), w, scales, biases, bits, group_size)
             return y.reshape(*lead, w.shape[0])
         if m >= DEQUANT_ROWS and x.dtype in (mx.bfloat16, mx.float16):
             wd = mx.dequantize(w, scales, biases, group_size=group_size, bits=bits).astype(x.dtype)

@@ -54,10 +54,12 @@ def _qmm(spec, dtype, rows):
             w = mx.zeros((n, k * bits // 32), dtype=mx.uint32)
             s = mx.ones((n, k // gs), dtype=sdt)
             mx.eval(qmm_cuda.qgemv(x, w, s, s, bits, gs, **cfg))
-        else:
-            w = mx.zeros((128, k * bits // 32), dtype=mx.uint32)
-            s = mx.ones((128, k // gs), dtype=sdt)
-            mx.eval(mx.quantized_matmul(x, w, s, s, transpose=True, group_size=gs, bits=bits))
+        else:  # through the public entry point: the tiled GEMM (self-tested here) or MLX's kernels
+            from .qmm import qmm
+
+            w = mx.zeros((256, k * bits // 32), dtype=mx.uint32)
+            s = mx.ones((256, k // gs), dtype=sdt)
+            mx.eval(qmm(x, w, s, s, bits, gs))
         n_calls += 1
     return n_calls
 
@@ -83,7 +85,7 @@ def _paged(spec, dtype):
     return 1
 
 
-def warmup(shapes: list[dict], dtype=mx.bfloat16, rows=(1, 2, 3, 8, 16, 64)) -> dict:
+def warmup(shapes: list[dict], dtype=mx.bfloat16, rows=(1, 2, 3, 8, 16, 64, 128)) -> dict:
     """Run every listed op once per activation-row bucket; returns what was done and how long.
 
     shapes: dicts with op="qmm" (n, k, bits, group_size[, scale_dtype]) or op="paged" (heads,

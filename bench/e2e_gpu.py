@@ -1,0 +1,421 @@
+"""End to end on the GPU: our engine vs mlx-lm 0.32.2 on a random-weight Llama-3-8B-shaped model.
+
+    python3 bench/e2e_gpu.py OUT.json [--tiny] [--only a,b,...] [--gen1 128] [--genb 64] [--conc 64]
+
+The weights are generated on the device (bf16, normal(0, 0.02), norms 1). Three models share them:
+  ours-jang4m   our decoder, quantized by role like JANG_4M (attention + lm_head 8 bits,
+                embeddings and MLP 4 bits, group 64) through engine.models.layers.quantize_model
+  ours-bf16     our decoder in bf16
+  mlxlm-4bit    mlx-lm's llama model, uniform 4 bits (group 64; nn.quantize, as mlx_lm.convert -q)
+Runs (greedy, no EOS stop, warm-up with the same shapes first so JIT compiles stay out):
+  batch 1      one prompt of --prompt tokens, --gen1 tokens: decode tok/s after the first token
+               (ours through EngineCore; mlx-lm through generate_step)
+  batch C      C prompts of --prompt tokens, --genb tokens each, submitted together: aggregate
+               tok/s over the whole run and over the decode phase (after every sequence has its
+               first token) (ours through EngineCore; mlx-lm through BatchGenerator)
+Roofline: bytes a decode step must read (every weight except the embedding table, plus the KV
+read at the mean context) over the measured device copy bandwidth. Results are written to the
+JSON after every section, so a run cut short still leaves what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+
+from jang_serve.engine.engine_config import EngineConfig
+from jang_serve.engine.engine_core import EngineCore
+from jang_serve.engine.models import build_model
+from jang_serve.engine.models.layers import quantize_model
+from jang_serve.engine.sampling_params import SamplingParams
+from jang_serve.quantize.profiles import FIXED_PROFILES
+from jang_serve.quantize.roles import Role, role
+
+LLAMA3_8B = dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, rms_norm_eps=1e-5,
+                 rope_theta=500000.0, max_position_embeddings=131072, tie_word_embeddings=False,
+                 rope_scaling={"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                               "original_max_position_embeddings": 8192, "rope_type": "llama3"})
+TINY = dict(LLAMA3_8B, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=1024)
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+# -- the device ------------------------------------------------------------------------------------
+def device_name() -> str:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20).stdout.strip()
+        return out or str(mx.default_device())
+    except Exception:
+        return f"{mx.default_device()} ({platform.processor() or platform.machine()})"
+
+
+def copy_bandwidth(mb: int) -> float:
+    """Bytes read + written per second by an elementwise copy of `mb` MB (median of 5)."""
+    a = mx.random.uniform(shape=(mb * (1 << 20) // 2,)).astype(mx.bfloat16)
+    mx.eval(a)
+    ts = []
+    for _ in range(6):
+        b = a * 1.5
+        mx.synchronize()
+        t = time.perf_counter()
+        mx.eval(b)
+        mx.synchronize()
+        ts.append(time.perf_counter() - t)
+        del b
+    return 2 * a.nbytes / statistics.median(ts[1:])
+
+
+# -- the models ------------------------------------------------------------------------------------
+def random_weights(cfg: dict, dtype) -> dict[str, mx.array]:
+    """HF-named random weights, generated on the default device layer by layer."""
+    shell = build_model(cfg)  # parameters stay lazy: only their shapes are used
+    out = {}
+    for name, p in tree_flatten(shell.parameters()):
+        if "norm" in name:
+            out[name] = mx.ones(p.shape, dtype=dtype)
+        else:
+            out[name] = (mx.random.normal(p.shape, dtype=mx.float32) * 0.02).astype(dtype)
+        mx.eval(out[name])
+    return out
+
+
+def ours(cfg: dict, weights: dict, quant: str | None):
+    model = build_model(cfg)
+    model.load_weights(list(weights.items()), strict=True)
+    if quant == "jang4m":
+        crit, imp, comp = FIXED_PROFILES["JANG_4M"]
+        bits = {Role.CRITICAL: crit, Role.IMPORTANT: imp, Role.COMPRESS: comp}
+
+        def spec(path, module):
+            r = role(path + ".weight", tuple(module.weight.shape))
+            return None if r is None else (bits[r], 64)
+
+        quantize_model(model, spec)
+    mx.eval(model.parameters())
+    return model
+
+
+def mlx_lm_4bit(cfg: dict, weights: dict):
+    from mlx_lm.models import llama
+
+    model = llama.Model(llama.ModelArgs.from_dict(cfg))
+    model.load_weights(list(weights.items()), strict=True)
+    nn.quantize(model, group_size=64, bits=4)
+    mx.eval(model.parameters())
+    return model
+
+
+def step_bytes(model, kv_tokens: int, cfg: dict, kv_bytes_per_value: float) -> int:
+    """Bytes one decode step reads: all weights but the embedding table, plus the KV."""
+    w = sum(a.nbytes for k, a in tree_flatten(model.parameters()) if "embed_tokens" not in k)
+    hd = cfg["hidden_size"] // cfg["num_attention_heads"]
+    kv = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * hd * kv_bytes_per_value * kv_tokens
+    return int(w + kv)
+
+
+def qmm_summary(model) -> dict:
+    """bits -> parameter count over the model's quantized linears / embeddings."""
+    out: dict[str, int] = {}
+    for _, m in model.named_modules():
+        if hasattr(m, "bits") and hasattr(m, "scales"):
+            n = m.weight.shape[0] * m.weight.shape[1] * 32 // m.bits
+            out[str(m.bits)] = out.get(str(m.bits), 0) + n
+    return out
+
+
+# -- runs ------------------------------------------------------------------------------------------
+def prompts_for(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(100, vocab - 100, size=length).tolist() for _ in range(n)]
+
+
+def run_ours(model, cfg, prompts, gen, kv_gb, budget) -> dict:
+    core = EngineCore((model, None, cfg), EngineConfig(kv_memory_gb=kv_gb, max_num_batched_tokens=budget,
+                                                       max_num_seqs=max(64, len(prompts)),
+                                                       enable_prefix_caching=False))
+    sp = SamplingParams(max_tokens=gen, temperature=0, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        core.add_request(f"r{i}", p, sp)
+    first, count, steps = {}, 0, []
+    mx.synchronize()
+    t0 = time.perf_counter()
+    while core.has_work():
+        ds = core.step()
+        now = time.perf_counter()
+        n = sum(len(d.token_ids) for d in ds)
+        count += n
+        steps.append((now, n))
+        for d in ds:
+            if d.token_ids and d.request_id not in first:
+                first[d.request_id] = now
+    out = _summary(t0, first, steps, count, len(prompts), gen)
+    out["kv_blocks"] = core.pool.num_blocks
+    prev, tl = t0, []
+    for t, n in steps:
+        tl.append([round(1e3 * (t - prev), 2), n])
+        prev = t
+    out["timeline_ms_tokens"] = tl
+    del core
+    return out
+
+
+def probe_step(model, cfg, nseq, prompt_len, kv_gb) -> dict:
+    """Where a decode step's time goes: building the lazy graph on the host (Python + MLX op
+    creation) vs evaluating it, for `nseq` sequences that are all decoding (median of 5)."""
+    from jang_serve.engine.paged_attention import PagedBackend
+
+    core = EngineCore((model, None, cfg), EngineConfig(kv_memory_gb=kv_gb, max_num_seqs=max(64, nseq),
+                                                       enable_prefix_caching=False))
+    sp = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
+    for i, p in enumerate(prompts_for(nseq, prompt_len, cfg["vocab_size"], 7)):
+        core.add_request(f"p{i}", p, sp)
+    while any(s.num_computed < s.num_tokens - 1 for s in core.scheduler.running + list(core.scheduler.waiting)):
+        core.step()
+    batch = core.scheduler.schedule()  # allocates the slots of the next token; repeated below unchanged
+    seqs, new = batch.seqs, batch.num_new
+    if len(seqs) != nseq or any(n != 1 for n in new):
+        raise RuntimeError(f"probe: expected {nseq} decoding sequences, got {len(seqs)} / {new}")
+    r = core.runner
+    build, run, total = [], [], []
+    for _ in range(6):
+        toks, pos, slots, tables, ql, cl, rows, _si = r.prepare(seqs, new)
+        mx.synchronize()
+        t0 = time.perf_counter()
+        logits = model(toks, pos, PagedBackend(r.pool, slots, tables, ql, cl), logits_rows=mx.array(rows, dtype=mx.int32))
+        t1 = time.perf_counter()
+        mx.eval(mx.argmax(logits, axis=-1), r.pool.arrays())
+        t2 = time.perf_counter()
+        build.append(t1 - t0)
+        run.append(t2 - t1)
+        total.append(t2 - t0)
+    del core
+    med = lambda v: round(1e3 * statistics.median(v[1:]), 3)  # noqa: E731
+    return dict(sequences=nseq, graph_build_ms=med(build), eval_ms=med(run), step_ms=med(total))
+
+
+def run_mlx_lm_batch(model, prompts, gen) -> dict:
+    from mlx_lm.generate import BatchGenerator
+
+    g = BatchGenerator(model, max_tokens=gen, completion_batch_size=len(prompts),
+                       prefill_batch_size=min(len(prompts), 8))
+    mx.synchronize()
+    t0 = time.perf_counter()
+    uids = g.insert(prompts, [gen] * len(prompts))
+    first, count, steps = {}, 0, []
+    while responses := g.next_generated():
+        now = time.perf_counter()
+        count += len(responses)
+        steps.append((now, len(responses)))
+        for r in responses:
+            first.setdefault(r.uid, now)
+    g.close()
+    del uids
+    return _summary(t0, first, steps, count, len(prompts), gen)
+
+
+def _summary(t0, first, steps, count, nseq, gen) -> dict:
+    t_end = steps[-1][0]
+    t_all_first = max(first.values())
+    dec_tok = sum(n for t, n in steps if t > t_all_first)
+    dec_s = t_end - t_all_first
+    return dict(sequences=nseq, gen_tokens=gen, generated=count, wall_s=round(t_end - t0, 4),
+                tok_s=round(count / (t_end - t0), 2), ttft_first_s=round(min(first.values()) - t0, 4),
+                all_first_s=round(t_all_first - t0, 4), decode_tokens=dec_tok, decode_s=round(dec_s, 4),
+                decode_tok_s=round(dec_tok / dec_s, 2) if dec_s > 0 else None, steps=len(steps))
+
+
+def run_mlx_lm_single(model, prompt, gen) -> dict:
+    from mlx_lm.generate import generate_step
+
+    mx.synchronize()
+    t0 = time.perf_counter()
+    t1, n = None, 0
+    for tok, _ in generate_step(mx.array(prompt), model, max_tokens=gen):
+        n += 1
+        if t1 is None:
+            t1 = time.perf_counter()
+    t_end = time.perf_counter()
+    return dict(sequences=1, gen_tokens=gen, generated=n, wall_s=round(t_end - t0, 4),
+                ttft_first_s=round(t1 - t0, 4), decode_tokens=n - 1, decode_s=round(t_end - t1, 4),
+                decode_tok_s=round((n - 1) / (t_end - t1), 2), tok_s=round(n / (t_end - t0), 2))
+
+
+def no_qgemm(fn, *a):
+    os.environ["JANG_QGEMM"] = "0"
+    try:
+        return fn(*a)
+    finally:
+        os.environ.pop("JANG_QGEMM", None)
+
+
+# -- main ------------------------------------------------------------------------------------------
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--tiny", action="store_true", help="a 2-layer toy config (CPU smoke test)")
+    ap.add_argument("--dtype", default=None, help="bfloat16 (GPU default) or float32 (CPU default)")
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--gen1", type=int, default=128)
+    ap.add_argument("--genb", type=int, default=64)
+    ap.add_argument("--conc", type=int, default=64)
+    ap.add_argument("--budget", type=int, default=2048, help="our max_num_batched_tokens")
+    ap.add_argument("--kv-gb", type=float, default=4.0)
+    ap.add_argument("--only", default="", help="comma list of runs to do (default all)")
+    ap.add_argument("--commit", default=os.environ.get("JANG_COMMIT", ""))
+    ap.add_argument("--note", default="")
+    args = ap.parse_args()
+
+    cfg = TINY if args.tiny else LLAMA3_8B
+    on_gpu = mx.default_device().type == mx.DeviceType.gpu
+    dtype = getattr(mx, args.dtype) if args.dtype else (mx.bfloat16 if on_gpu else mx.float32)
+    res = dict(benchmark="e2e_gpu", date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               device=device_name(), versions=dict(mlx=version("mlx"), mlx_lm=version("mlx-lm"),
+                                                   python=platform.python_version()),
+               commit=args.commit, note=args.note,
+               model=dict(config="tiny" if args.tiny else "Llama-3-8B shapes", dtype=str(dtype),
+                          weights="random normal(0, 0.02), generated on the device"),
+               settings=dict(prompt_tokens=args.prompt, gen_batch1=args.gen1, gen_batched=args.genb,
+                             concurrency=args.conc, our_max_num_batched_tokens=args.budget, kv_gb=args.kv_gb,
+                             greedy=True, ignore_eos=True, block_size=16, kv="auto (model dtype)",
+                             kernels=os.environ.get("JANG_KERNELS", "auto")),
+               runs={}, timings_s={})
+    out = Path(args.out)
+
+    def save():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(res, indent=1) + "\n")
+
+    only = set(filter(None, args.only.split(",")))
+
+    def want(name):
+        return not only or name in only
+
+    t = time.perf_counter()
+    bw = copy_bandwidth(512 if on_gpu else 64)
+    res["copy_bandwidth_GBps"] = round(bw / 1e9, 1)
+    log(f"copy bandwidth {bw / 1e9:.0f} GB/s on {res['device']}")
+
+    weights = random_weights(cfg, dtype)
+    models = {}
+    models["ours-jang4m"] = ours(cfg, weights, "jang4m")
+    models["ours-bf16"] = ours(cfg, weights, None)
+    models["mlxlm-4bit"] = mlx_lm_4bit(cfg, weights)
+    del weights
+    res["timings_s"]["make_models"] = round(time.perf_counter() - t, 1)
+    kvb = dtype.size
+    ctx1 = args.prompt + args.gen1 // 2
+    ctxb = args.prompt + args.genb // 2
+    res["models"] = {}
+    for name, m in models.items():
+        b1, bb = step_bytes(m, ctx1, cfg, kvb), step_bytes(m, args.conc * ctxb, cfg, kvb)
+        res["models"][name] = dict(weight_bytes=sum(a.nbytes for _, a in tree_flatten(m.parameters())),
+                                   quantized_params_by_bits=qmm_summary(m), step_bytes_batch1=b1,
+                                   step_bytes_batched=bb, roofline_tok_s_batch1=round(bw / b1, 1),
+                                   roofline_tok_s_batched=round(args.conc * bw / bb, 1))
+    save()
+    log(json.dumps(res["models"], indent=1))
+
+    p1 = prompts_for(1, args.prompt, cfg["vocab_size"], 1)
+    pb = prompts_for(args.conc, args.prompt, cfg["vocab_size"], 2)
+    warm1 = prompts_for(1, args.prompt, cfg["vocab_size"], 3)
+    warmb = prompts_for(args.conc, args.prompt, cfg["vocab_size"], 4)
+
+    plan = [("batch1/mlxlm-4bit", lambda: run_mlx_lm_single(models["mlxlm-4bit"], warm1[0], 8),
+             lambda: run_mlx_lm_single(models["mlxlm-4bit"], p1[0], args.gen1)),
+            ("batch1/ours-jang4m", lambda: run_ours(models["ours-jang4m"], cfg, warm1, 8, args.kv_gb, args.budget),
+             lambda: run_ours(models["ours-jang4m"], cfg, p1, args.gen1, args.kv_gb, args.budget)),
+            ("batch1/ours-bf16", lambda: run_ours(models["ours-bf16"], cfg, warm1, 8, args.kv_gb, args.budget),
+             lambda: run_ours(models["ours-bf16"], cfg, p1, args.gen1, args.kv_gb, args.budget)),
+            ("batched/ours-jang4m", lambda: run_ours(models["ours-jang4m"], cfg, warmb, 4, args.kv_gb, args.budget),
+             lambda: run_ours(models["ours-jang4m"], cfg, pb, args.genb, args.kv_gb, args.budget)),
+            ("batched/ours-bf16", lambda: run_ours(models["ours-bf16"], cfg, warmb, 4, args.kv_gb, args.budget),
+             lambda: run_ours(models["ours-bf16"], cfg, pb, args.genb, args.kv_gb, args.budget)),
+            ("batched/mlxlm-4bit", lambda: run_mlx_lm_batch(models["mlxlm-4bit"], warmb, 4),
+             lambda: run_mlx_lm_batch(models["mlxlm-4bit"], pb, args.genb)),
+            # the same JANG run with the tiled GEMM off (5-191 rows through mx.quantized_matmul)
+            ("batched/ours-jang4m-noqgemm",
+             lambda: no_qgemm(run_ours, models["ours-jang4m"], cfg, warmb, 4, args.kv_gb, args.budget),
+             lambda: no_qgemm(run_ours, models["ours-jang4m"], cfg, pb, args.genb, args.kv_gb, args.budget))]
+    for name, warm, run in plan:
+        if not want(name):
+            continue
+        try:
+            t = time.perf_counter()
+            warm()
+            res["timings_s"][name + "/warmup"] = round(time.perf_counter() - t, 1)
+            r = run()
+            mname = name.split("/")[1].replace("-noqgemm", "")
+            roof = res["models"][mname]["roofline_tok_s_batch1" if name.startswith("batch1") else "roofline_tok_s_batched"]
+            r["roofline_tok_s"] = roof
+            r["pct_of_roofline"] = round(100 * r["decode_tok_s"] / roof, 1) if r.get("decode_tok_s") else None
+            res["runs"][name] = r
+            log(name, json.dumps(r))
+        except Exception as e:  # record and go on: one failed run must not lose the others
+            import traceback
+
+            traceback.print_exc()
+            res["runs"][name] = dict(error=f"{type(e).__name__}: {e}")
+        save()
+
+    res["probe"] = {}
+    for name in ("ours-jang4m", "ours-bf16"):
+        for nseq in (1, args.conc):
+            if not want("probe"):
+                continue
+            try:
+                res["probe"][f"{name}/{nseq}"] = pr = probe_step(models[name], cfg, nseq, args.prompt, args.kv_gb)
+                log("probe", name, json.dumps(pr))
+            except Exception as e:
+                import traceback
+
+                traceback.print_exc()
+                res["probe"][f"{name}/{nseq}"] = dict(error=f"{type(e).__name__}: {e}")
+            save()
+
+    r = res["runs"]
+
+    def ratio(a, b, key):
+        try:
+            return round(r[a][key] / r[b][key], 2)
+        except (KeyError, TypeError, ZeroDivisionError):
+            return None
+
+    res["ratios"] = dict(
+        batch1_decode_jang4m_vs_mlxlm4bit=ratio("batch1/ours-jang4m", "batch1/mlxlm-4bit", "decode_tok_s"),
+        batch1_decode_bf16_vs_mlxlm4bit=ratio("batch1/ours-bf16", "batch1/mlxlm-4bit", "decode_tok_s"),
+        batched_jang4m_vs_mlxlm4bit=ratio("batched/ours-jang4m", "batched/mlxlm-4bit", "tok_s"),
+        batched_decode_jang4m_vs_mlxlm4bit=ratio("batched/ours-jang4m", "batched/mlxlm-4bit", "decode_tok_s"),
+        batched_jang4m_vs_ours_bf16=ratio("batched/ours-jang4m", "batched/ours-bf16", "tok_s"),
+        batched_decode_jang4m_vs_ours_bf16=ratio("batched/ours-jang4m", "batched/ours-bf16", "decode_tok_s"))
+    save()
+    log("\n== summary (tok/s; decode = after every sequence has its first token) ==")
+    for name, v in r.items():
+        if "error" in v:
+            log(f"{name:22s} ERROR {v['error'][:200]}")
+        else:
+            log(f"{name:22s} all {v['tok_s']:9.1f}  decode {v['decode_tok_s']:9.1f}  "
+                f"roofline {v['roofline_tok_s']:9.1f}  ({v['pct_of_roofline']}%)  wall {v['wall_s']}s")
+    log(json.dumps(res["ratios"], indent=1))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
