@@ -21,7 +21,6 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import mlx.core as mx  # noqa: E402
-import mlx.nn as nn  # noqa: E402
 import pytest  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
@@ -153,6 +152,25 @@ def test_tp2_tiny_float_equals_single_process(tmp_path):
     assert out["stats"]["tp_size"] == 2 and out["stats"]["blocks_used"] == 0
     assert out["shard"] == {"rank": 0, "size": 2, "heads": [0, 2], "kv_heads": [0, 1], "intermediate": 64,
                             "vocab_rows": [0, 128]}
+
+
+def test_tp3_uneven_splits_and_padded_vocabulary_equal_single_process(tmp_path):
+    """3 ranks: 4 query / 2 KV heads split 1/1/2 (KV head 0 on two ranks), the MLP 32/32/64, and a
+    vocabulary of 256 as 86/86/84 rows (the last shard padded with zero rows, trimmed after the gather)."""
+    d = tiny_dir(tmp_path, num_attention_heads=4, num_key_value_heads=2)
+    out = run_driver("equal", str(d), json.dumps(_requests(256, 8)), "auto", "3")
+    assert out["tp"] == out["ref"]
+    assert out["shard"] == {"rank": 0, "size": 3, "heads": [0, 1], "kv_heads": [0, 1], "intermediate": 32,
+                            "vocab_rows": [0, 86]}
+    assert out["stats"]["tp_size"] == 3
+
+
+def test_tp_option_is_validated():
+    from jang_serve.server.config import ConfigError, load_config
+
+    assert load_config(["--tp", "2"]).tp == 2
+    with pytest.raises(ConfigError, match="'tp' must be at least 1"):
+        load_config(["--tp", "0"])
 
 
 def test_tp2_tiny_quantized_tied_replicated_kv_equals_single_process(tmp_path):
@@ -306,7 +324,7 @@ async def _collect(engine, reqs: list[dict]) -> list[list[list[int]]]:
     return list(await asyncio.gather(*[one(r) for r in reqs]))
 
 
-def _driver_equal(path: str, reqs: list[dict], kv_dtype: str = "auto") -> dict:
+def _driver_equal(path: str, reqs: list[dict], kv_dtype: str = "auto", size: str = "2") -> dict:
     from jang_serve.engine.async_engine import AsyncEngine
     from jang_serve.engine.distributed import start_tp_engine
     from jang_serve.engine.engine_config import EngineConfig
@@ -319,7 +337,7 @@ def _driver_equal(path: str, reqs: list[dict], kv_dtype: str = "auto") -> dict:
     ref = asyncio.run(_collect(single, reqs))
     t2 = time.perf_counter()
     single.shutdown()
-    tp = start_tp_engine(load_model(path), cfg, 2)
+    tp = start_tp_engine(load_model(path), cfg, int(size))
     t3 = time.perf_counter()
     got = asyncio.run(_collect(tp, reqs))
     t4 = time.perf_counter()
