@@ -98,23 +98,45 @@ def test_failures_are_reported_not_hidden(tmp_path):
         cli.main(["--concurrency", "1"])
 
 
-def test_side_by_side_with_mlx_lm(tmp_path):
-    """One invocation: our server and mlx_lm.server on the same model, same load, interleaved, with ratios."""
-    model = tiny_model_dir()
+def _float16_copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    import mlx.core as mx
+
+    shutil.copytree(src, dst)
+    w = mx.load(str(dst / "model.safetensors"))
+    mx.save_safetensors(str(dst / "model.safetensors"), {k: v.astype(mx.float16) for k, v in w.items()})
+    return dst
+
+
+def test_side_by_side_with_mlx_lm(tmp_path, monkeypatch):
+    """One invocation: our server and mlx_lm.server on the same model folder, same load, interleaved, with
+    ratios. The folder is float16: mlx-lm gets a float32 copy (jang-serve computes in float32 on CPU)."""
+    from jang_serve.loadgen import baseline
+
+    monkeypatch.setattr(baseline, "CACHE", tmp_path / "cache")
+    model = _float16_copy(tiny_model_dir(), tmp_path / "tiny-f16")
     out = tmp_path / "side.json"
-    cmd = " ".join([sys.executable, "-m", "jang_serve.server.cli", "--model", str(model), "--port", "{port}",
-                    "--kv-memory", "0.05", "--log-level", "warning"])
-    rc = cli.main(["--target-cmd", cmd, "--baseline", "mlx-lm", "--baseline-model", str(model),
-                   "--concurrency", "1,4", "--requests", "4", "--prompt-tokens", "24", "--max-tokens", "8",
+    rc = cli.main(["--serve-model", str(model), "--serve-args", "--kv-memory 0.05 --log-level warning",
+                   "--baseline", "mlx-lm", "--baseline-model", str(model),
+                   "--concurrency", "1,4", "--requests", "4,6", "--prompt-tokens", "24", "--max-tokens", "8",
                    "--repeat", "2", "--json", str(out), "--log-dir", str(tmp_path)])
     assert rc == 0
     rec = json.loads(out.read_text())
     assert [t["name"] for t in rec["targets"]] == ["jang-serve", "mlx-lm"]
-    # interleaved A B per level, twice
+    # what each served: the same folder; mlx-lm's copy holds the same tensors in float32
+    served = rec["served"]
+    assert served["jang-serve"]["path"] == str(model) and served["jang-serve"]["float_dtypes"] == ["float16"]
+    assert served["mlx-lm"]["made_from"] == str(model) and served["mlx-lm"]["float_dtypes"] == ["float32"]
+    assert served["mlx-lm"]["size_bytes"] > 1.9 * served["jang-serve"]["size_bytes"]  # all float: twice the bytes
+    assert baseline.mlx_lm_folder(model, dtype="float32") == Path(rec["baseline_model_dir"])  # cached once
+    assert baseline.mlx_lm_folder(model, dtype="float16") == model  # already in that dtype: served as is
+    # interleaved A B per level, twice; 4 then 6 requests
     order = [(r["repeat"], r["concurrency"], r["target"]) for r in rec["runs"]]
     assert order == [(p, c, t) for p in (0, 1) for c in (1, 4) for t in ("jang-serve", "mlx-lm")]
     for run in rec["runs"]:
-        assert run["summary"]["completed"] == 4 and run["summary"]["output_tokens"] == 32
+        n = 4 if run["concurrency"] == 1 else 6
+        assert run["summary"]["completed"] == n and run["summary"]["output_tokens"] == 8 * n
     # identical load: both servers got the same prompts; greedy outputs agree at concurrency 1
     # (mlx-lm's detokenizer drops the first token's leading space, hence lstrip)
     a = {r["index"]: r["text_head"].lstrip() for r in rec["runs"][0]["raw"]}
