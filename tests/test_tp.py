@@ -113,18 +113,35 @@ def test_a_shard_frees_the_rest_of_the_weights():
     assert mx.get_active_memory() < 0.6 * full, (mx.get_active_memory(), full)
 
 
-def test_unsupported_families_say_why():
-    from jang_serve.engine.models import build_model
+def test_bad_splits_say_why():
+    from engine_helpers import tiny_model
 
-    moe = build_model(dict(model_type="mixtral", hidden_size=32, num_hidden_layers=1, intermediate_size=64,
-                           num_attention_heads=2, num_key_value_heads=1, vocab_size=64, num_local_experts=2,
-                           num_experts_per_tok=1))
-    with pytest.raises(ShardError, match="dense gate/up/down MLP"):
-        shard_model(moe, None, 0, 2)
-    phi = build_model(dict(model_type="phi3", hidden_size=32, num_hidden_layers=1, intermediate_size=64,
-                           num_attention_heads=2, num_key_value_heads=2, vocab_size=64))
-    with pytest.raises(ShardError, match="separate q/k/v/o projections"):
-        shard_model(phi, None, 0, 2)
+    model, _ = tiny_model(5)
+    quantize_model(model, lambda p, m: (4, 64))
+    with pytest.raises(ShardError, match="input columns 0..32 do not fall on the quantization groups of 64"):
+        shard_model(model, None, 0, 2)  # o_proj: 2 heads x 16 = 32 columns per rank, groups of 64
+
+
+def test_fused_and_expert_weights_are_cut_per_rank():
+    """phi3's fused qkv / gate_up rows and every expert of a MoE keep this rank's slice only."""
+    from engine_helpers import tiny_model
+
+    phi, _ = tiny_model(2, model_type="phi3")
+    full = phi.model.layers[0].self_attn.qkv_proj.weight
+    shard_model(phi, None, 1, 2)
+    a = phi.model.layers[0].self_attn
+    assert a.qkv_proj.weight.shape == (64, 64) and (a.n_heads, a.n_kv) == (2, 1)
+    assert mx.array_equal(a.qkv_proj.weight[:32], full[32:64])  # q heads 2, 3
+    assert mx.array_equal(a.qkv_proj.weight[32:48], full[64 + 16:96])  # k head 1
+    assert phi.model.layers[0].mlp.gate_up_proj.weight.shape == (128, 64)
+    moe, _ = tiny_model(2, model_type="mixtral", num_local_experts=4, num_experts_per_tok=2)
+    quantize_model(moe, _q4)
+    down = moe.model.layers[0].block_sparse_moe.switch_mlp.down_proj
+    shard_model(moe, None, 0, 2)
+    sw = moe.model.layers[0].block_sparse_moe.inner.switch_mlp
+    assert sw.gate_proj.weight.shape == (4, 64, 64 * 4 // 32)  # 4 experts x half of 128 rows
+    assert mx.array_equal(sw.down_proj.weight, down.weight[:, :, :64 * 4 // 32])
+    assert mx.array_equal(sw.down_proj.scales, down.scales[:, :, :2])
 
 
 # -- multi-process --------------------------------------------------------------------------------
@@ -189,6 +206,25 @@ def test_tp2_tiny_gemma3_equals_single_process(tmp_path):
     out = run_driver("equal", str(d), json.dumps(_requests(256, 10)))
     assert out["tp"] == out["ref"]
     assert len({t for r in out["ref"] for c in r for t in c}) > 5  # not one repeated token
+
+
+def test_tp2_phi3_fused_projections_equal_single_process(tmp_path):
+    d = tiny_dir(tmp_path, model_type="phi3", num_attention_heads=4, num_key_value_heads=2)
+    out = run_driver("equal", str(d), json.dumps(_requests(256, 8)))
+    assert out["tp"] == out["ref"]
+
+
+def test_tp2_moe_equal_single_process(tmp_path):
+    """Mixtral with 4-bit experts (every expert's intermediate halved, one all_sum after the mixture),
+    and Qwen3-MoE with a dense first layer and q/k norms, float."""
+    d = tiny_dir(tmp_path, quant=(4, 32), model_type="mixtral", num_local_experts=4, num_experts_per_tok=2)
+    out = run_driver("equal", str(d), json.dumps(_requests(256, 8)))
+    assert out["tp"] == out["ref"] and out["shard"]["intermediate"] == 64
+    assert len({t for r in out["ref"] for c in r for t in c}) > 5
+    d = tiny_dir(tmp_path / "q3", model_type="qwen3_moe", num_experts=4, num_experts_per_tok=2,
+                 moe_intermediate_size=64, mlp_only_layers=[0], head_dim=16)
+    out = run_driver("equal", str(d), json.dumps(_requests(256, 8)))
+    assert out["tp"] == out["ref"] and out["shard"]["intermediate"] == 64  # layer 0: dense 128 / 2
 
 
 @pytest.fixture(scope="module")

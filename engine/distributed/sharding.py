@@ -197,52 +197,91 @@ class VocabShardedHead(nn.Module):
 
 
 # -- the whole model -----------------------------------------------------------------------------
+def take_rows(lin, ranges: list[tuple[int, int]]):
+    """Several output-row ranges of one linear, concatenated (fused qkv_proj / gate_up_proj)."""
+    parts = [slice_rows(lin, a, b) for a, b in ranges]
+    out = parts[0]
+    for name in ("weight", "scales", "biases", "bias"):
+        if name in out:
+            setattr(out, name, mx.concatenate([getattr(p, name) for p in parts]))
+    if isinstance(out, QLinear):
+        out.output_dims = out.weight.shape[0]
+    return out
+
+
+def _shard_attention(a, group, hd: int, heads: tuple[int, int, int, int], n_heads: int, n_kv: int) -> None:
+    q0, q1, k0, k1 = heads
+    if "qkv_proj" in a:  # phi3: rows are all q heads, then k heads, then v heads
+        kq, kv = n_heads * hd, (n_heads + n_kv) * hd
+        a.qkv_proj = take_rows(a.qkv_proj, [(q0 * hd, q1 * hd), (kq + k0 * hd, kq + k1 * hd),
+                                            (kv + k0 * hd, kv + k1 * hd)])
+    else:
+        a.q_proj = slice_rows(a.q_proj, q0 * hd, q1 * hd)
+        a.k_proj = slice_rows(a.k_proj, k0 * hd, k1 * hd)
+        a.v_proj = slice_rows(a.v_proj, k0 * hd, k1 * hd)
+    bias = a.o_proj.bias if "bias" in a.o_proj else None
+    a.o_proj = AllSumLinear(slice_cols(a.o_proj, q0 * hd, q1 * hd), bias, group)
+    a.n_heads, a.n_kv = q1 - q0, k1 - k0
+
+
+def _shard_mlp(blk, name: str, group, rank: int, size: int) -> int:
+    """Cut the block's feed-forward; returns this rank's intermediate size."""
+    from .experts import shard_moe
+
+    m = getattr(blk, name)
+    if "switch_mlp" in m:  # sparse MoE: every expert cut the same way, router replicated
+        wrapped, inter = shard_moe(m, group, rank, size, split_range, _unit)
+        setattr(blk, name, wrapped)
+        return inter
+    n = _in_features(m.down_proj)
+    i0, i1 = split_range(n, size, rank, _unit(m.down_proj, n, size))
+    if "gate_up_proj" in m:  # phi3: gate rows, then up rows
+        m.gate_up_proj = take_rows(m.gate_up_proj, [(i0, i1), (n + i0, n + i1)])
+    else:
+        m.gate_proj, m.up_proj = slice_rows(m.gate_proj, i0, i1), slice_rows(m.up_proj, i0, i1)
+    bias = m.down_proj.bias if "bias" in m.down_proj else None
+    m.down_proj = AllSumLinear(slice_cols(m.down_proj, i0, i1), bias, group)
+    return i1 - i0
+
+
 def _check_supported(model) -> None:
     layers = getattr(getattr(model, "model", None), "layers", None) or []
     if not layers or "embed_tokens" not in model.model:
         raise ShardError("the model has no decoder layers (model.layers) and embed_tokens to shard")
     for i, blk in enumerate(layers):
-        attn, mlp = getattr(blk, "self_attn", None), getattr(blk, "mlp", None)
-        if attn is None or not all(n in attn for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
-            raise ShardError(f"layer {i}: tensor parallelism needs separate q/k/v/o projections "
+        attn, mlp = getattr(blk, "self_attn", None), getattr(blk, getattr(blk, "mlp_name", "mlp"), None)
+        if attn is None or "o_proj" not in attn or not (
+                "qkv_proj" in attn or all(n in attn for n in ("q_proj", "k_proj", "v_proj"))):
+            raise ShardError(f"layer {i}: tensor parallelism needs q/k/v (or fused qkv) and o projections "
                              f"({type(model).__module__} is not supported)")
-        if mlp is None or not all(n in mlp for n in ("gate_proj", "up_proj", "down_proj")):
-            raise ShardError(f"layer {i}: tensor parallelism needs a dense gate/up/down MLP "
-                             f"(MoE and fused MLPs are not supported; model {type(model).__module__})")
+        dense = mlp is not None and "down_proj" in mlp and ("gate_up_proj" in mlp or (
+            "gate_proj" in mlp and "up_proj" in mlp))
+        if not dense and not (mlp is not None and "switch_mlp" in mlp):
+            raise ShardError(f"layer {i}: tensor parallelism needs a gated MLP (gate/up/down) or a "
+                             f"sparse MoE (switch_mlp); model {type(model).__module__}")
 
 
 def shard_model(model, group, rank: int | None = None, size: int | None = None) -> dict:
     """Cut `model` in place down to `rank`'s shard (rank/size default to the group's). Returns a
-    summary {heads, kv_heads, intermediate, vocab_rows} of what this rank holds."""
+    summary {heads, kv_heads, intermediate (of the first layer), vocab_rows} of what this rank holds."""
     rank = group.rank() if rank is None else rank
     size = group.size() if size is None else size
     _check_supported(model)
     args = copy.copy(model.args)
     hd = args.head_dim
-    q0, q1, k0, k1 = head_split(args.num_attention_heads, args.num_key_value_heads, size, rank)
-    inter = None
+    heads = head_split(args.num_attention_heads, args.num_key_value_heads, size, rank)
+    inter = []
     for blk in model.model.layers:
-        a = blk.self_attn
-        a.q_proj = slice_rows(a.q_proj, q0 * hd, q1 * hd)
-        a.k_proj = slice_rows(a.k_proj, k0 * hd, k1 * hd)
-        a.v_proj = slice_rows(a.v_proj, k0 * hd, k1 * hd)
-        bias = a.o_proj.bias if "bias" in a.o_proj else None
-        a.o_proj = AllSumLinear(slice_cols(a.o_proj, q0 * hd, q1 * hd), bias, group)
-        a.n_heads, a.n_kv = q1 - q0, k1 - k0
-        m = blk.mlp
-        n = _in_features(m.down_proj)
-        i0, i1 = split_range(n, size, rank, _unit(m.down_proj, n, size))
-        m.gate_proj, m.up_proj = slice_rows(m.gate_proj, i0, i1), slice_rows(m.up_proj, i0, i1)
-        bias = m.down_proj.bias if "bias" in m.down_proj else None
-        m.down_proj = AllSumLinear(slice_cols(m.down_proj, i0, i1), bias, group)
-        inter = i1 - i0
+        _shard_attention(blk.self_attn, group, hd, heads, args.num_attention_heads, args.num_key_value_heads)
+        inter.append(_shard_mlp(blk, getattr(blk, "mlp_name", "mlp"), group, rank, size))
     inner = model.model
     emb = VocabShardedEmbedding(inner.embed_tokens, rank, size, group)
     inner.embed_tokens = emb
     if "lm_head" in model:
         model.lm_head = VocabShardedHead(model.lm_head, rank, size, group)
-    args.num_attention_heads, args.num_key_value_heads, args.intermediate_size = q1 - q0, k1 - k0, inter
+    q0, q1, k0, k1 = heads
+    args.num_attention_heads, args.num_key_value_heads = q1 - q0, k1 - k0
     model.args = args
     mx.eval(model.parameters())
-    return {"rank": rank, "size": size, "heads": [q0, q1], "kv_heads": [k0, k1], "intermediate": inter,
+    return {"rank": rank, "size": size, "heads": [q0, q1], "kv_heads": [k0, k1], "intermediate": inter[0],
             "vocab_rows": [emb.v0, emb.v0 + emb.n_local]}
