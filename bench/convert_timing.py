@@ -33,7 +33,8 @@ import jang_serve, realdata
 from jang_serve.quantize import convert
 t = time.time()
 r = convert(getattr(realdata, {fn!r})(), {out!r}, profile={profile!r}, method={method!r})
-print(json.dumps(dict(wall_s=round(time.time() - t, 1), peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+u = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps(dict(wall_s=round(time.time() - t, 1), cpu_s=round(u.ru_utime + u.ru_stime, 1), peak_rss_mb=round(u.ru_maxrss / 1024),
                       average_bits=r.average_bits, size_bytes=r.size_bytes, profile=r.profile, method=r.method)))
 """
 
@@ -81,7 +82,8 @@ def main() -> int:
                           "/tmp/jang-bench.lock (no other timed benchmark ran at the same time) but untimed "
                           "work of others may have run concurrently, so these are upper bounds",
         "what": "wall time of one convert() call in a fresh process, GGUF source to finished bundle; "
-                "peak_rss_mb = the child's ru_maxrss",
+                "cpu_s = its user+system CPU seconds (all threads; on 2 cores an unshared run takes about "
+                "max(cpu_s / 2, cpu_s of its single-threaded parts)); peak_rss_mb = the child's ru_maxrss",
         "runs": list(runs.values()),
     }
     dest.write_text(json.dumps(out, indent=1) + "\n")
