@@ -62,6 +62,7 @@ def parser() -> argparse.ArgumentParser:
     l.add_argument("--warmup", type=int, default=2, help="unmeasured requests per server first")
     l.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the full record (settings, environment, raw figures) here")
+    p.add_argument("--note", help="a note for the record (e.g. 'machine shared with other jobs')")
     p.add_argument("--log-dir", help="server logs go here (default: a temporary folder)")
     p.add_argument("--start-timeout", type=float, default=600.0, help="seconds to wait for a server to start")
     return p
@@ -109,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.prompts != "synthetic" and not Path(args.prompts).exists():
         raise SystemExit(f"error: --prompts {args.prompts}: no such file")
 
+    env = envinfo.environment()  # taken before the servers start: the commit and date they ran with
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="jang-bench-"))
     levels = [args.rate] if args.rate else args.concurrency
     started: list[ServerProcess] = []
@@ -171,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         record = {
             "kind": "serve-bench",
-            "environment": envinfo.environment(),
+            "environment": {**env, "finished": {"date": envinfo.environment()["date"], "loadavg": envinfo.loadavg()}},
+            "note": args.note,
             "argv": sys.argv[1:] if argv is None else list(argv),
             "settings": {**vars(plan), "endpoint_path": bodies.path(), "request_extra": bodies.extra},
             "targets": [{"name": t.name, "url": t.url, "model": t.model, "command": t.command,

@@ -55,6 +55,11 @@ def git_commit() -> str | None:
     return (sha + ("-dirty" if dirty else "")) if sha else None
 
 
+def loadavg() -> list[float]:
+    """1/5/15-minute load averages: how busy the machine was (compare with `cores`)."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
 def environment() -> dict:
     gpus = gpu_names()
     return {
@@ -65,7 +70,9 @@ def environment() -> dict:
         "os": platform.platform(),
         "python": platform.python_version(),
         "versions": {"mlx": _version("mlx"), "mlx-lm": _version("mlx-lm"), "jang-serve": _version("jang-serve"),
-                     "httpx": _version("httpx")},
+                     "httpx": _version("httpx"), "uvicorn": _version("uvicorn"), "uvloop": _version("uvloop"),
+                     "httptools": _version("httptools")},
         "jang_serve_commit": git_commit(),
+        "loadavg": loadavg(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
