@@ -150,9 +150,10 @@ def gemm_section(bw, quick):
                 ref = mx.quantized_matmul(x, *ws[0], transpose=True, group_size=64, bits=bits)
                 if qgemm_cuda.supports(x, ws[0][0], bits, 64):
                     ds = qgemm_cuda.default_split(m, n, k)
+                    gs_ = qgemm_cuda.grid_split(m, n, k)
                     variants = [(None, None)]
-                    if m == 64:
-                        variants += [(sp, st) for st in (2, 3, 4) for sp in sorted({1, ds, 2 * ds, max(ds // 2, 1)})]
+                    if m == 64 and os.environ.get("KB_QGEMM_SWEEP", "1") == "1":
+                        variants += [(sp, st) for st in (2, 3) for sp in sorted({1, gs_, max(gs_ // 2, 1)})]
                     for sp, st in variants:
                         if sp and (k % (64 * sp) or k // sp < 256):
                             continue

@@ -244,6 +244,12 @@ def block_rows(m: int) -> int:
 
 
 def default_split(m: int, n: int, k: int, bm: int | None = None) -> int:
+    """1: on the H100 no split beat the unsplit grid at Llama shapes (bench/results/kernels-h100.json,
+    `gemm` qgemm variants), even with only 32 column blocks."""
+    return 1
+
+
+def grid_split(m: int, n: int, k: int, bm: int | None = None) -> int:
     """Split K until the grid has about TARGET_BLOCKS blocks, keeping >= MIN_K_PER_SPLIT per split."""
     bm = bm or block_rows(m)
     blocks = (n // BN) * (-(-m // bm))
@@ -254,7 +260,8 @@ def default_split(m: int, n: int, k: int, bm: int | None = None) -> int:
 
 
 def default_stages(bm: int) -> int:
-    return 2 if bm >= 128 else 3
+    """2 (one tile in flight): 3-4 register stages measured slower on the H100 (register pressure)."""
+    return 2
 
 
 def qgemm(x2d: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: int, group_size: int,

@@ -9,11 +9,13 @@ Paths by backend (kernels/backend.py) and by activation rows M = prod(x.shape[:-
   cpu, M>=16   dequantize, then the dense float32 matmul (BLAS): MLX's CPU quantized_matmul does
                ~1 GFLOP/s, dense float32 with OpenBLAS ~45 (bench/results/qmm-cpu.json)
   cuda, M<=4   fused dequant + GEMV kernel (kernels/qmm_cuda.py)
-  cuda, M<=QGEMM_ROWS  tiled dequant + tensor-core GEMM (kernels/qgemm_cuda.py; bits 2/4/8, N % 128 == 0),
-               checked once per template against the reference at first use (off on a mismatch)
-  cuda, else   mx.quantized_matmul below DEQUANT_ROWS rows, else dequantize once to the activation
-               dtype and run the dense (cuBLAS) matmul; thresholds from bench/results/kernels-h100.json
-               (JANG_QGEMM=0 turns the tiled GEMM off)
+  cuda, 17<=M<DEQUANT_ROWS, 2/4 bits  tiled dequant + tensor-core GEMM (kernels/qgemm_cuda.py,
+               N % 128 == 0), checked once per template against the reference at first use
+               (off on a mismatch); JANG_QGEMM=0 turns it off
+  cuda, else   mx.quantized_matmul below DEQUANT_ROWS rows (DEQUANT_ROWS_8BIT at 8 bits), else
+               dequantize once to the activation dtype and run the dense (cuBLAS) matmul
+  The path is chosen once per (shapes, dtypes, bits, group) and cached; thresholds from
+  bench/results/kernels-h100.json.
   metal, M<=8  the Metal port of the GEMV kernel (kernels/qmm_metal.py), self-tested at first use
 """
 
@@ -28,8 +30,12 @@ from . import backend
 # From the H100 run (bench/results/kernels-h100.json): the fused GEMV wins up to 4 rows; from 5 rows
 # MLX's tensor-core quantized_matmul is faster; dequantize + dense matmul only pays for large prefills.
 GEMV_ROWS = 4
-QGEMM_ROWS = 256
+# The tiled tensor-core GEMM (kernels/qgemm_cuda.py) beats mx.quantized_matmul at 4 bits from 32 rows
+# (1.1-1.4x at 32-128 rows); at 8 bits and at <= 16 rows MLX's kernels are faster.
+QGEMM_MIN_ROWS = 17
+QGEMM_BITS = (2, 4)
 DEQUANT_ROWS = 192
+DEQUANT_ROWS_8BIT = 384   # 8-bit: mx.quantized_matmul beats dequantize + matmul up to at least 256 rows
 # CPU: from this many rows, dequantize + dense matmul beats mx.quantized_matmul for every SmolLM2 shape
 # (bench/qmm_cpu.py: small matrices win from 4 rows, the 49152x576 tied lm_head only from ~16).
 CPU_DEQUANT_ROWS = 16
@@ -65,12 +71,34 @@ def _check(x, w, scales, biases, bits, group_size):
                          f"{tuple(scales.shape)} / {tuple(biases.shape)}")
 
 
+def _cuda_route(m: int, x, w, bits: int, group_size: int) -> str:
+    """Which CUDA path serves m rows (thresholds from bench/results/kernels-h100.json)."""
+    from . import qgemm_cuda, qmm_cuda
+
+    if m <= GEMV_ROWS and qmm_cuda.supports(x, w, bits, group_size):
+        return "gemv"
+    half = x.dtype in (mx.bfloat16, mx.float16)
+    if QGEMM_MIN_ROWS <= m < DEQUANT_ROWS and bits in QGEMM_BITS and qgemm_on() \
+            and qgemm_cuda.supports(x, w, bits, group_size):
+        return "qgemm"
+    if half and m >= (DEQUANT_ROWS_8BIT if bits == 8 else DEQUANT_ROWS):
+        return "dequant"
+    return "reference"
+
+
+_routes: dict[tuple, str] = {}
+
+
 def qmm(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: int, group_size: int) -> mx.array:
     """x: [..., K] activations; w: [N, K*bits/32] uint32 packed; scales/biases: [N, K/group_size].
 
     Returns [..., N] in x's dtype."""
-    _check(x, w, scales, biases, bits, group_size)
     b = backend.for_op("qmm")
+    key = (b, x.shape, w.shape, scales.shape, biases.shape, x.dtype, w.dtype, scales.dtype, bits, group_size,
+           os.environ.get("JANG_QGEMM"))
+    route = _routes.get(key)
+    if route is None:  # first call with these shapes: check the arguments once and pick the path
+        _check(x, w, scales, biases, bits, group_size)
     lead = x.shape[:-1]
     m = 1
     for d in lead:
@@ -83,14 +111,18 @@ def qmm(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: int,
     if b == "cuda":
         from . import qgemm_cuda, qmm_cuda
 
-        if m <= GEMV_ROWS and qmm_cuda.supports(x, w, bits, group_size):
+        if route is None:
+            route = _cuda_route(m, x, w, bits, group_size)
+            if route == "qgemm" and not qgemm_cuda.ready(x.dtype, scales.dtype, bits, group_size, m):
+                route = "reference"
+            _routes[key] = route
+        if route == "gemv":
             y = qmm_cuda.qgemv(x.reshape(m, k), w, scales, biases, bits, group_size)
             return y.reshape(*lead, w.shape[0])
-        if m <= QGEMM_ROWS and qgemm_on() and qgemm_cuda.supports(x, w, bits, group_size) \
-                and qgemm_cuda.ready(x.dtype, scales.dtype, bits, group_size, m):
+        if route == "qgemm":
             y = qgemm_cuda.qgemm(x.reshape(m, k), w, scales, biases, bits, group_size)
             return y.reshape(*lead, w.shape[0])
-        if m >= DEQUANT_ROWS and x.dtype in (mx.bfloat16, mx.float16):
+        if route == "dequant":
             wd = mx.dequantize(w, scales, biases, group_size=group_size, bits=bits).astype(x.dtype)
             return x @ wd.T
         return qmm_reference(x, w, scales, biases, bits, group_size)
