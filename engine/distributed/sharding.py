@@ -113,19 +113,41 @@ def _unit(lin, n: int, size: int) -> int:
 
 
 # -- sharded modules ---------------------------------------------------------------------------
-class AllSumLinear(nn.Module):
-    """A linear over this rank's input columns; the partial products are summed over the group."""
-
-    def __init__(self, local, bias, group):
-        super().__init__()
-        self.local = local
-        if bias is not None:
-            self.bias = bias
-        self.group = group
+class _AllSum:
+    """A linear over this rank's input columns: the partial products are summed over the group, then
+    the bias (`sum_bias`) is added once. The local weight keeps the usual names (weight, scales,
+    biases, bits, group_size), so code that reads projection weights (engine/kv_transform.py) sees
+    this rank's columns."""
 
     def __call__(self, x):
-        y = mx.distributed.all_sum(self.local(x), group=self.group)
-        return y + self.bias if "bias" in self else y
+        if "scales" in self:
+            y = qmm(x, self.weight, self.scales, self.biases, self.bits, self.group_size)
+        else:
+            y = x @ self.weight.T
+        y = mx.distributed.all_sum(y, group=self.group)
+        return y + self.sum_bias if "sum_bias" in self else y
+
+
+class AllSumLinear(_AllSum, nn.Linear):
+    pass
+
+
+class AllSumQLinear(_AllSum, QLinear):
+    pass
+
+
+def all_sum_linear(local, bias, group):
+    """Wrap a column-sliced Linear / QLinear (no bias of its own) into its all-summing twin."""
+    if isinstance(local, QLinear):
+        out = AllSumQLinear(local.input_dims, local.output_dims, False, local.bits, local.group_size)
+        out.weight, out.scales, out.biases = local.weight, local.scales, local.biases
+    else:
+        out = AllSumLinear(local.weight.shape[1], local.weight.shape[0], bias=False)
+        out.weight = local.weight
+    if bias is not None:
+        out.sum_bias = bias
+    out.group = group
+    return out
 
 
 def _gather_vocab(y, vocab: int, group):
@@ -220,7 +242,7 @@ def _shard_attention(a, group, hd: int, heads: tuple[int, int, int, int], n_head
         a.k_proj = slice_rows(a.k_proj, k0 * hd, k1 * hd)
         a.v_proj = slice_rows(a.v_proj, k0 * hd, k1 * hd)
     bias = a.o_proj.bias if "bias" in a.o_proj else None
-    a.o_proj = AllSumLinear(slice_cols(a.o_proj, q0 * hd, q1 * hd), bias, group)
+    a.o_proj = all_sum_linear(slice_cols(a.o_proj, q0 * hd, q1 * hd), bias, group)
     a.n_heads, a.n_kv = q1 - q0, k1 - k0
 
 
@@ -240,7 +262,7 @@ def _shard_mlp(blk, name: str, group, rank: int, size: int) -> int:
     else:
         m.gate_proj, m.up_proj = slice_rows(m.gate_proj, i0, i1), slice_rows(m.up_proj, i0, i1)
     bias = m.down_proj.bias if "bias" in m.down_proj else None
-    m.down_proj = AllSumLinear(slice_cols(m.down_proj, i0, i1), bias, group)
+    m.down_proj = all_sum_linear(slice_cols(m.down_proj, i0, i1), bias, group)
     return i1 - i0
 
 
