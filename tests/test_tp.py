@@ -259,6 +259,14 @@ def test_tp2_smollm2_float_and_q4_equal_single_process(smollm2_dirs):
         assert out["shard"]["heads"] == [0, 3] and out["shard"]["kv_heads"] == [0, 1]  # 9 q / 3 kv heads
 
 
+def test_tp2_q4_kv_equals_single_process(tmp_path):
+    """Each rank's q4 KV pool (smoothed + Hadamard-rotated per KV head) matches the single pool."""
+    d = tiny_dir(tmp_path, hidden_size=128, num_attention_heads=4, num_key_value_heads=2)
+    out = run_driver("equal", str(d), json.dumps(_requests(256, 10)), "q4")
+    assert out["tp"] == out["ref"]
+    assert out["stats"]["kv_dtype"] == "q4"
+
+
 def test_a_stuck_rank_trips_the_step_timeout(tmp_path):
     """A rank that is alive but stopped (SIGSTOP) cannot hang the service: the step watchdog fails it."""
     d = tiny_dir(tmp_path, num_attention_heads=4, num_key_value_heads=2)
