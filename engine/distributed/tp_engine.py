@@ -82,7 +82,7 @@ class TPRunner(ModelRunner):
             return super().run(seqs, num_new)
         except RankFailure:
             raise
-        except RuntimeError as e:  # a collective failed: say which rank is gone if we can tell
+        except Exception as e:  # the ranks may now be out of step: fatal. Say which rank is gone if one is.
             for _ in range(20):
                 msg = self.followers.dead()
                 if msg:
