@@ -51,19 +51,37 @@ def write_json(path: str | Path, record: dict) -> None:
     tmp.replace(path)
 
 
+def _served_line(record: dict) -> str:
+    served = record.get("served") or {}
+    parts = []
+    for name, info in served.items():
+        bits = info.get("average_bits")
+        desc = Path(info.get("made_from") or info["path"]).name
+        if info.get("profile"):
+            desc += f" ({info['profile']}, {bits} bits/weight" if bits else f" ({info['profile']}"
+            desc += f", module bits {info.get('module_bits')})"
+        elif info.get("bits"):
+            desc += f" ({info['bits']}-bit, group {info.get('group_size')})"
+        parts.append(f"{name}: {desc}, {'/'.join(info.get('float_dtypes') or [])}")
+    return "; ".join(parts)
+
+
 def markdown(record: dict) -> str:
-    """A short README table from a side-by-side record: setting lines, then one row per level."""
+    """A README table from a side-by-side record: setting lines, then one row per level (medians over
+    repeats; the ratio columns give median [min..max] of the per-repeat paired ratios)."""
     env, st = record["environment"], record["settings"]
     v = env["versions"]
+    reqs = st.get("requests")
     lines = [
-        f"Device: {env['device']} ({env['cores']} cores) · date {env['date'][:10]} · mlx {v['mlx']} · mlx-lm {v['mlx-lm']}"
+        f"Device: {env['device']} ({env['cores']} cores{', load average ' + str(env['loadavg'][0]) if env.get('loadavg') else ''})"
+        f" · {env['date'][:16].replace('T', ' ')} UTC · mlx {v['mlx']} · mlx-lm {v['mlx-lm']}"
         f" · jang-serve {(env.get('jang_serve_commit') or '?')[:12]}",
-        f"Model: {record['targets'][0]['model']} vs mlx-lm {Path(record.get('baseline_model_dir') or '?').name}"
-        f" · prompt {st['prompt_tokens']} tok, output {st['max_tokens']} tok, greedy · {st['repeat']} repeats, "
-        "median [min..max]",
+        f"Model: {_served_line(record) or record['targets'][0]['model']}",
+        f"Load: closed loop, prompt {st['prompt_tokens']} tok, output {st['max_tokens']} tok (greedy, fixed length), "
+        f"requests per level {reqs if reqs else 'max(8, 2 x clients)'}, {st['repeat']} repeats interleaved A B",
         "",
-        "| clients | jang-serve out tok/s | mlx-lm out tok/s | throughput ratio | TTFT p50 ratio | TPOT p50 ratio "
-        "| jang-serve TPOT p99/p50 |",
+        "| clients | jang-serve out tok/s | mlx-lm out tok/s | throughput ratio | TTFT p50 ms (ours / mlx-lm) "
+        "| TPOT p50 ms (ours / mlx-lm) | TPOT p99/p50 (ours / mlx-lm) |",
         "|---|---|---|---|---|---|---|",
     ]
     agg = {(a["target"], a["concurrency"]): a for a in record["aggregate"]}
@@ -74,10 +92,14 @@ def markdown(record: dict) -> str:
             return "-"
         return f"{d['median']:.{nd}f}{suffix} [{d['min']:.{nd}f}..{d['max']:.{nd}f}]"
 
+    def pair(a, b, key, scale=1.0, nd=0):
+        f = lambda x: "-" if x is None else f"{x * scale:.{nd}f}"  # noqa: E731
+        return f"{f(a[key]['median'])} / {f(b[key]['median'])}"
+
     for r in sorted(record.get("ratios") or [], key=lambda r: r["concurrency"] or 0):
         c = r["concurrency"]
         a, b = agg[(ours, c)], agg[("mlx-lm", c)]
         lines.append(f"| {c} | {rng(a['output_token_throughput'], 1, '')} | {rng(b['output_token_throughput'], 1, '')} "
-                     f"| {rng(r['output_token_throughput'])} | {rng(r['ttft_s.p50'])} | {rng(r['tpot_s.p50'])} "
-                     f"| {rng(a['tpot_p99_over_p50'])} |")
+                     f"| {rng(r['output_token_throughput'])} | {pair(a, b, 'ttft_s.p50', 1000)} "
+                     f"| {pair(a, b, 'tpot_s.p50', 1000)} | {pair(a, b, 'tpot_p99_over_p50', nd=2)} |")
     return "\n".join(lines)
