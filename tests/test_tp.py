@@ -409,7 +409,7 @@ def _driver_kill(path: str, sig: str) -> dict:
                     t_kill = time.monotonic()
         except Exception as e:
             out["stream_error"] = [type(e).__name__, str(e)]
-            out["seconds_to_error"] = time.monotonic() - t_kill
+            out["seconds_to_error"] = time.monotonic() - t_kill if t_kill else -1.0  # -1: failed before the kill
         try:
             async for _ in tp.generate([1, 2, 3], SamplingParams(max_tokens=2)):
                 pass
