@@ -104,6 +104,7 @@ class TPAsyncEngine(AsyncEngine):
         self.core.runner = TPRunner(self.core.model, self.core.pool, followers, group)
         self.fatal_error: str | None = None
         self._on_fatal = None
+        self._fail_lock = threading.Lock()
         self._closed = threading.Event()
         self._watch = threading.Thread(target=self._watchdog, name="jang-tp-watchdog", daemon=True)
         self._watch.start()
@@ -132,9 +133,10 @@ class TPAsyncEngine(AsyncEngine):
 
     def fail(self, message: str) -> None:
         """Enter the error state: every open stream gets EngineDeadError, new requests are refused."""
-        if self.fatal_error is not None:
-            return
-        self.fatal_error = message
+        with self._fail_lock:
+            if self.fatal_error is not None:
+                return
+            self.fatal_error = message
         log.error("%s", message)
         with self._lock:
             rids = list(self._streams)
@@ -161,8 +163,6 @@ class TPAsyncEngine(AsyncEngine):
         try:
             async for d in agen:
                 yield d
-        except RankFailure as e:
-            raise EngineDeadError(str(e)) from None
         finally:
             await agen.aclose()
 
