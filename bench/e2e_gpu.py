@@ -264,12 +264,33 @@ def run_mlx_lm_single(model, prompt, gen) -> dict:
                 decode_tok_s=round((n - 1) / (t_end - t1), 2), tok_s=round(n / (t_end - t0), 2))
 
 
+ROUTE_CONFIGS = [
+    ("qgemm-2/4/8bit-gridsplit", {"JANG_QGEMM": "1", "JANG_QGEMM_BITS": "2,4,8", "JANG_QGEMM_SPLIT": "grid"}),
+    ("qgemm-2/4bit-gridsplit", {"JANG_QGEMM": "1", "JANG_QGEMM_BITS": "2,4", "JANG_QGEMM_SPLIT": "grid"}),
+    ("qgemm-2/4/8bit-nosplit", {"JANG_QGEMM": "1", "JANG_QGEMM_BITS": "2,4,8", "JANG_QGEMM_SPLIT": "1"}),
+    ("mlx-quantized_matmul", {"JANG_QGEMM": "0", "JANG_QGEMM_BITS": "2,4,8", "JANG_QGEMM_SPLIT": "grid"}),
+]
+
+
+class env_set:
+    def __init__(self, env):
+        self.env, self.old = env, {}
+
+    def __enter__(self):
+        self.old = {k: os.environ.get(k) for k in self.env}
+        os.environ.update(self.env)
+
+    def __exit__(self, *exc):
+        for k, v in self.old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def no_qgemm(fn, *a):
-    os.environ["JANG_QGEMM"] = "0"
-    try:
+    with env_set({"JANG_QGEMM": "0"}):
         return fn(*a)
-    finally:
-        os.environ.pop("JANG_QGEMM", None)
 
 
 # -- main ------------------------------------------------------------------------------------------
@@ -286,6 +307,7 @@ def main():
     ap.add_argument("--kv-gb", type=float, default=4.0)
     ap.add_argument("--only", default="", help="comma list of runs to do (default all)")
     ap.add_argument("--commit", default=os.environ.get("JANG_COMMIT", ""))
+    ap.add_argument("--force-routes", action="store_true", help="probe route configs on the CPU too (a test)")
     ap.add_argument("--note", default="")
     args = ap.parse_args()
 
@@ -339,6 +361,28 @@ def main():
     save()
     log(json.dumps(res["models"], indent=1))
 
+    # Route configurations of kernels.qmm, probed on one decode step of the JANG model (batch C and 1);
+    # the fastest at batch C is kept for every run below (the choice and all probes are recorded).
+    res["route_probe"] = {}
+    if want("routes") and (on_gpu or args.force_routes):
+        best = None
+        for cname, env in ROUTE_CONFIGS:
+            with env_set(env):
+                try:
+                    pr = {str(n): probe_step(models["ours-jang4m"], cfg, n, args.prompt, args.kv_gb)
+                          for n in (args.conc, 1)}
+                except Exception as e:
+                    pr = dict(error=f"{type(e).__name__}: {e}")
+            res["route_probe"][cname] = dict(env=env, probe=pr)
+            log("route", cname, json.dumps(pr))
+            if "error" not in pr and (best is None or pr[str(args.conc)]["step_ms"] < best[1]):
+                best = (cname, pr[str(args.conc)]["step_ms"], env)
+            save()
+        if best:
+            res["route_chosen"] = best[0]
+            os.environ.update(best[2])
+            log("route chosen", best[0])
+
     p1 = prompts_for(1, args.prompt, cfg["vocab_size"], 1)
     pb = prompts_for(args.conc, args.prompt, cfg["vocab_size"], 2)
     warm1 = prompts_for(1, args.prompt, cfg["vocab_size"], 3)
@@ -357,7 +401,7 @@ def main():
             ("batched/ours-bf16", ours_run("ours-bf16", warmb, args.genb), ours_run("ours-bf16", pb, args.genb)),
             ("batched/mlxlm-4bit", lambda: run_mlx_lm_batch(models["mlxlm-4bit"], warmb, args.genb),
              lambda: run_mlx_lm_batch(models["mlxlm-4bit"], pb, args.genb)),
-            # the same JANG run with the tiled GEMM off (17-191 rows through mx.quantized_matmul)
+            # the same JANG run with the tiled GEMM off (5-191 rows through mx.quantized_matmul)
             ("batched/ours-jang4m-noqgemm",
              lambda: no_qgemm(run_ours, models["ours-jang4m"], cfg, warmb, args.genb, args.kv_gb, args.budget),
              lambda: no_qgemm(run_ours, models["ours-jang4m"], cfg, pb, args.genb, args.kv_gb, args.budget))]

@@ -16,6 +16,8 @@ the caller casts to the activation dtype; without it the block writes the activa
 
 from __future__ import annotations
 
+import os
+
 import mlx.core as mx
 
 from .cuda_common import HEADER as COMMON
@@ -244,9 +246,12 @@ def block_rows(m: int) -> int:
 
 
 def default_split(m: int, n: int, k: int, bm: int | None = None) -> int:
-    """1: on the H100 no split beat the unsplit grid at Llama shapes (bench/results/kernels-h100.json,
-    `gemm` qgemm variants), even with only 32 column blocks."""
-    return 1
+    """Split K when there are too few column blocks to fill the GPU (grid_split); JANG_QGEMM_SPLIT=1
+    turns splitting off. Nsight Compute on the H100 (bench/results/e2e-profile-h100.json): unsplit,
+    the 32-block 4096x14336 down projection took 270 us of GPU time at 64 rows."""
+    if os.environ.get("JANG_QGEMM_SPLIT", "grid").strip() == "1":
+        return 1
+    return grid_split(m, n, k, bm)
 
 
 def grid_split(m: int, n: int, k: int, bm: int | None = None) -> int:

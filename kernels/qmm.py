@@ -33,7 +33,7 @@ GEMV_ROWS = 4
 # The tiled tensor-core GEMM (kernels/qgemm_cuda.py) beats mx.quantized_matmul at 4 bits from 32 rows
 # (1.1-1.4x at 32-128 rows); at 8 bits and at <= 16 rows MLX's kernels are faster.
 QGEMM_MIN_ROWS = 17
-QGEMM_BITS = (2, 4)
+QGEMM_BITS = (2, 4, 8)    # JANG_QGEMM_BITS=2,4 (say) narrows it
 DEQUANT_ROWS = 192
 DEQUANT_ROWS_8BIT = 384   # 8-bit: mx.quantized_matmul beats dequantize + matmul up to at least 256 rows
 # CPU: from this many rows, dequantize + dense matmul beats mx.quantized_matmul for every SmolLM2 shape
@@ -43,6 +43,11 @@ CPU_DEQUANT_ROWS = 16
 
 def qgemm_on() -> bool:
     return os.environ.get("JANG_QGEMM", "1").strip() not in ("0", "false", "off")
+
+
+def qgemm_bits() -> tuple[int, ...]:
+    env = os.environ.get("JANG_QGEMM_BITS", "").strip()
+    return tuple(int(b) for b in env.split(",") if b.strip()) if env else QGEMM_BITS
 
 
 def qmm_reference(x, w, scales, biases, bits, group_size):
@@ -78,7 +83,7 @@ def _cuda_route(m: int, x, w, bits: int, group_size: int) -> str:
     if m <= GEMV_ROWS and qmm_cuda.supports(x, w, bits, group_size):
         return "gemv"
     half = x.dtype in (mx.bfloat16, mx.float16)
-    if QGEMM_MIN_ROWS <= m < DEQUANT_ROWS and bits in QGEMM_BITS and qgemm_on() \
+    if QGEMM_MIN_ROWS <= m < DEQUANT_ROWS and bits in qgemm_bits() and qgemm_on() \
             and qgemm_cuda.supports(x, w, bits, group_size):
         return "qgemm"
     if half and m >= (DEQUANT_ROWS_8BIT if bits == 8 else DEQUANT_ROWS):
@@ -95,7 +100,7 @@ def qmm(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: int,
     Returns [..., N] in x's dtype."""
     b = backend.for_op("qmm")
     key = (b, x.shape, w.shape, scales.shape, biases.shape, x.dtype, w.dtype, scales.dtype, bits, group_size,
-           os.environ.get("JANG_QGEMM"))
+           os.environ.get("JANG_QGEMM"), os.environ.get("JANG_QGEMM_BITS"), os.environ.get("JANG_QGEMM_SPLIT"))
     route = _routes.get(key)
     if route is None:  # first call with these shapes: check the arguments once and pick the path
         _check(x, w, scales, biases, bits, group_size)

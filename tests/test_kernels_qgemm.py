@@ -72,7 +72,8 @@ def test_port_matches_quantized_matmul(bits, gs, split):
 
 def test_block_rows_and_splits():
     assert [qgemm_cuda.block_rows(m) for m in (5, 32, 33, 64, 65, 256)] == [32, 32, 64, 64, 128, 128]
-    assert qgemm_cuda.default_split(64, 14336, 4096) == 1
+    assert qgemm_cuda.default_split(64, 14336, 4096) == qgemm_cuda.grid_split(64, 14336, 4096) == 2
+    assert qgemm_cuda.grid_split(64, 4096, 14336) == 8      # 32 column blocks -> 256 blocks
     # the grid-filling split keeps whole 64-wide tiles and >= 256 of K per split
     for m, n, k in ((64, 4096, 14336), (64, 1024, 4096), (16, 14336, 4096)):
         s = qgemm_cuda.grid_split(m, n, k)
@@ -89,7 +90,7 @@ def _args(m, n, k, bits, dtype=mx.bfloat16):
     (1, 4, 4096, "gemv"), (4, 8, 4096, "gemv"),
     (8, 4, 4096, "reference"),           # <= 16 rows: MLX's quantized_matmul
     (17, 4, 4096, "qgemm"), (64, 4, 14336, "qgemm"), (191, 2, 4096, "qgemm"),
-    (64, 8, 4096, "reference"),          # 8 bits: MLX's kernels are faster
+    (64, 8, 4096, "qgemm"), (64, 8, 1024, "qgemm"),
     (64, 3, 4096, "reference"),          # the tiled GEMM serves 2 and 4 bits only
     (64, 4, 1000, "reference"),          # N not a multiple of 128
     (192, 4, 4096, "dequant"), (300, 8, 4096, "reference"), (384, 8, 4096, "dequant"),
@@ -104,6 +105,15 @@ def test_cuda_route_qgemm_off(monkeypatch):
     monkeypatch.setenv("JANG_QGEMM", "0")
     x, w = _args(64, 4096, 512, 4)
     assert qmm_mod._cuda_route(64, x, w, 4, 64) == "reference"
+    monkeypatch.setenv("JANG_QGEMM", "1")
+    monkeypatch.setenv("JANG_QGEMM_BITS", "2,4")
+    x, w = _args(64, 4096, 512, 8)
+    assert qmm_mod._cuda_route(64, x, w, 8, 64) == "reference"
+
+
+def test_split_env(monkeypatch):
+    monkeypatch.setenv("JANG_QGEMM_SPLIT", "1")
+    assert qgemm_cuda.default_split(64, 4096, 14336) == 1
 
 
 def test_route_cache_still_checks_new_shapes():
