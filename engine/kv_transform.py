@@ -6,9 +6,11 @@ attention only uses q·k and softmax(.)·v, we may store
     k' = (k / s) H      v' = v H      and attend with   q' = (q * s) H,   out = out' H
 
 for any per-channel scale s > 0 and orthonormal, symmetric H (a block Hadamard matrix): q'·k' = q·k
-and out' H = out exactly; only the quantization error changes. s flattens the key channels
-(s = sqrt of each channel's expected magnitude, estimated from the k projection weights), H
-spreads what is left evenly over the group. The paged attention itself is unchanged: it sees q', k', v'.
+and out' H = out exactly; only the quantization error changes. Values get their own per-channel
+scale t the same way (v' = (v / t) H, out = (out' H) * t). The scales come from the weights
+(`channel_scales`): s = sqrt(|k| / |q|), t = sqrt(|v| / |o_proj column|) per channel, which
+balances each channel's quantization error against how much it counts; H spreads the error evenly
+over the group. The paged attention itself is unchanged: it sees q', k', v'.
 """
 
 from __future__ import annotations
@@ -38,37 +40,66 @@ def _dense_weight(lin) -> np.ndarray | None:
     return np.array(w.astype(mx.float32))
 
 
-def key_channel_scales(model, alpha: float = 0.5) -> list[np.ndarray | None]:
-    """Per layer [Hkv, D] smoothing scales from the weights (None where the layer is not the
-    usual q/k/v attention). A key channel's magnitude is estimated as the norm of its k_proj row
-    times the input norm's weights (k_norm's weight for models that normalise k per head)."""
+def _attn_magnitudes(model, blk):
+    """Per-channel magnitude estimates [Hkv, D] of a layer's keys, queries (RMS over the query heads
+    sharing a KV head), values, and of the o_proj columns each value channel feeds (same RMS), from
+    the weights: the norm of each projection row times the input norm's weights."""
     h, d = model.kv_heads, model.head_dim
-    out: list[np.ndarray | None] = []
+    attn = blk.self_attn
+    gamma = np.array(blk.input_layernorm.weight.astype(mx.float32))
+    wk, wq, wv, wo = (_dense_weight(getattr(attn, n)) for n in ("k_proj", "q_proj", "v_proj", "o_proj"))
+    if any(w is None for w in (wk, wq, wv, wo)) or wk.shape != (h * d, gamma.shape[0]) \
+            or wv.shape != wk.shape or wq.shape[0] % (h * d) or wo.shape[1] != wq.shape[0]:
+        raise ValueError("not a plain q/k/v/o attention")
+
+    def per_kv_head(rows: np.ndarray) -> np.ndarray:  # [Hq * D] -> [Hkv, D], RMS over a group's heads
+        return np.sqrt((rows.reshape(h, -1, d) ** 2).mean(axis=1))
+
+    k = np.linalg.norm(wk * gamma, axis=1).reshape(h, d)
+    q = per_kv_head(np.linalg.norm(wq * gamma, axis=1))
+    v = np.linalg.norm(wv * gamma, axis=1).reshape(h, d)
+    o = per_kv_head(np.linalg.norm(wo, axis=0))
+    return k, q, v, o
+
+
+def _balance(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """sqrt(num / den) per channel, normalised to geometric mean 1 per head."""
+    s = np.sqrt(np.maximum(num, 1e-6) / np.maximum(den, 1e-6))
+    return (s / np.exp(np.log(s).mean(axis=-1, keepdims=True))).astype(np.float32)
+
+
+def channel_scales(model) -> tuple[list[np.ndarray | None], list[np.ndarray | None]]:
+    """Per layer [Hkv, D] key and value smoothing scales (None where the layer is not the usual
+    q/k/v/o attention, e.g. models that normalise k per head: those keep the k_norm estimate).
+
+    The error a quantized key adds to a score is q·e, with e spread evenly over the channels by the
+    Hadamard rotation and proportional to the size of k / s; q·e then grows with q * s. The product
+    |q * s| |k / s| is smallest for s = sqrt(|k| / |q|) per channel. Values likewise: an error in
+    value channel c reaches the layer's output through o_proj's columns, so t = sqrt(|v| / |o_c|)."""
+    ks: list[np.ndarray | None] = []
+    vs: list[np.ndarray | None] = []
     try:
         layers = model.model.layers
     except AttributeError:
-        return [None] * model.num_layers
+        return [None] * model.num_layers, [None] * model.num_layers
     for blk in layers:
         attn = getattr(blk, "self_attn", None)
         try:
             if attn is not None and "k_norm" in attn:
                 mag = np.abs(np.array(attn.k_norm.weight.astype(mx.float32)))
-                mag = np.broadcast_to(mag, (h, d)).copy()
-            else:
-                w = _dense_weight(attn.k_proj)
-                gamma = np.array(blk.input_layernorm.weight.astype(mx.float32))
-                if w is None or w.shape != (h * d, gamma.shape[0]):
-                    raise ValueError
-                mag = np.linalg.norm(w * gamma[None, :], axis=1).reshape(h, d)
+                mag = np.broadcast_to(mag, (model.kv_heads, model.head_dim)).copy()
+                mag = np.maximum(mag, np.roll(mag, model.head_dim // 2, axis=-1))  # RoPE mixes i, i + d/2
+                ks.append(_balance(mag, np.ones_like(mag)))
+                vs.append(None)
+                continue
+            k, q, v, o = _attn_magnitudes(model, blk)
         except (AttributeError, ValueError, TypeError):
-            out.append(None)
+            ks.append(None)
+            vs.append(None)
             continue
-        # RoPE mixes channel i with i + d/2 (and 2i with 2i+1): give both the larger magnitude.
-        mag = np.maximum(mag, np.roll(mag, d // 2, axis=-1))
-        s = np.maximum(mag, 1e-6) ** alpha
-        s /= np.exp(np.log(s).mean(axis=-1, keepdims=True))
-        out.append(s.astype(np.float32))
-    return out
+        ks.append(_balance(k, q))
+        vs.append(_balance(v, o))
+    return ks, vs
 
 
 class KVTransform:
@@ -76,23 +107,31 @@ class KVTransform:
         d = model.head_dim
         self.h = mx.array(block_hadamard(d), dtype=dtype)
         self.group = None
-        scales = key_channel_scales(model)
-        self.k_scale = [None if s is None else mx.array(s, dtype=dtype) for s in scales]
-        mx.eval(self.h, [s for s in self.k_scale if s is not None])
+        k_scales, v_scales = channel_scales(model)
+        self.k_scale = [None if s is None else mx.array(s, dtype=dtype) for s in k_scales]
+        self.v_scale = [None if s is None else mx.array(s, dtype=dtype) for s in v_scales]
+        mx.eval(self.h, [s for s in self.k_scale + self.v_scale if s is not None])
+
+    @staticmethod
+    def _per_query_head(s: mx.array, hq: int) -> mx.array:
+        return s if hq == s.shape[0] else mx.repeat(s, hq // s.shape[0], axis=0)
 
     def keys(self, layer: int, k: mx.array) -> mx.array:
         s = self.k_scale[layer]
         return (k if s is None else k / s) @ self.h
 
-    def values(self, v: mx.array) -> mx.array:
-        return v @ self.h
+    def values(self, layer: int, v: mx.array) -> mx.array:
+        t = self.v_scale[layer]
+        return (v if t is None else v / t) @ self.h
 
     def queries(self, layer: int, q: mx.array) -> mx.array:
         s = self.k_scale[layer]
         if s is not None:
-            hq, hkv = q.shape[1], s.shape[0]
-            q = q * (s if hq == hkv else mx.repeat(s, hq // hkv, axis=0))
+            q = q * self._per_query_head(s, q.shape[1])
         return q @ self.h
 
-    def output(self, o: mx.array) -> mx.array:
-        return o @ self.h
+    def output(self, layer: int, o: mx.array) -> mx.array:
+        """Attention output [T, Hq, D] in the stored basis -> the model's basis."""
+        o = o @ self.h
+        t = self.v_scale[layer]
+        return o if t is None else o * self._per_query_head(t, o.shape[1])

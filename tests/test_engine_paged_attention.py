@@ -111,5 +111,6 @@ def test_kv_transform_is_exact():
     mx.random.seed(3)
     q, k, v = mx.random.normal((7, 4, 32)), mx.random.normal((7, 2, 32)), mx.random.normal((7, 2, 32))
     ref = attend_one(q, k, v, 0.2)
-    out = tf.output(attend_one(tf.queries(1, q), tf.keys(1, k), tf.values(v), 0.2))
+    assert all(t is not None and t.shape == (2, 32) for t in tf.v_scale)
+    out = tf.output(1, attend_one(tf.queries(1, q), tf.keys(1, k), tf.values(1, v), 0.2))
     assert mx.allclose(out, ref, atol=1e-5).item()
