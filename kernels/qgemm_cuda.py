@@ -296,6 +296,28 @@ def qgemm(x2d: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: 
     return y.astype(x2d.dtype)
 
 
+def plan(m: int, n: int, k: int, dtype, bits: int, group_size: int):
+    """A callable f(x2d, w, scales, biases) -> y for this shape with every launch argument computed
+    once (kernels.qmm caches it per shape: less Python per call on the decode path)."""
+    bm = block_rows(m)
+    st = default_stages(bm)
+    s = 1 if _no_init_value else default_split(m, n, k, bm)
+    grid, tg, shp = (n // BN * THREADS, s, -(-m // bm)), (THREADS, 1, 1), [(m, n)]
+    kern = kernel()
+
+    def tmpl(sdt):
+        return [("T", dtype), ("S", sdt), ("BITS", bits), ("GS", group_size), ("BM", bm), ("SPLIT", s > 1),
+                ("STAGES", st)]
+
+    if s == 1:
+        odt = [dtype]
+        return lambda x2d, w, sc, bi: kern(inputs=[x2d, w, sc, bi], template=tmpl(sc.dtype), grid=grid,
+                                           threadgroup=tg, output_shapes=shp, output_dtypes=odt)[0]
+    f32 = [mx.float32]
+    return lambda x2d, w, sc, bi: kern(inputs=[x2d, w, sc, bi], template=tmpl(sc.dtype), grid=grid, threadgroup=tg,
+                                       output_shapes=shp, output_dtypes=f32, init_value=0.0)[0].astype(dtype)
+
+
 _checked: dict[tuple, bool] = {}
 
 

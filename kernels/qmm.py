@@ -91,7 +91,7 @@ def _cuda_route(m: int, x, w, bits: int, group_size: int) -> str:
     return "reference"
 
 
-_routes: dict[tuple, str] = {}
+_routes: dict[tuple, tuple] = {}   # key -> (route, prepared kernel call or None)
 
 
 def qmm(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: int, group_size: int) -> mx.array:
@@ -101,7 +101,7 @@ def qmm(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: int,
     b = backend.for_op("qmm")
     key = (b, x.shape, w.shape, scales.shape, biases.shape, x.dtype, w.dtype, scales.dtype, bits, group_size,
            os.environ.get("JANG_QGEMM"), os.environ.get("JANG_QGEMM_BITS"), os.environ.get("JANG_QGEMM_SPLIT"))
-    route = _routes.get(key)
+    route, fn = _routes.get(key, (None, None))
     if route is None:  # first call with these shapes: check the arguments once and pick the path
         _check(x, w, scales, biases, bits, group_size)
     lead = x.shape[:-1]
@@ -120,13 +120,11 @@ def qmm(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: int,
             route = _cuda_route(m, x, w, bits, group_size)
             if route == "qgemm" and not qgemm_cuda.ready(x.dtype, scales.dtype, bits, group_size, m):
                 route = "reference"
-            _routes[key] = route
-        if route == "gemv":
-            y = qmm_cuda.qgemv(x.reshape(m, k), w, scales, biases, bits, group_size)
-            return y.reshape(*lead, w.shape[0])
-        if route == "qgemm":
-            y = qgemm_cuda.qgemm(x.reshape(m, k), w, scales, biases, bits, group_size)
-            return y.reshape(*lead, w.shape[0])
+            impl = {"gemv": qmm_cuda, "qgemm": qgemm_cuda}.get(route)
+            fn = impl.plan(m, w.shape[0], k, x.dtype, bits, group_size) if impl else None
+            _routes[key] = (route, fn)
+        if fn is not None:
+            return fn(x.reshape(m, k), w, scales, biases).reshape(*lead, w.shape[0])
         if route == "dequant":
             wd = mx.dequantize(w, scales, biases, group_size=group_size, bits=bits).astype(x.dtype)
             return x @ wd.T

@@ -256,3 +256,14 @@ def qgemv(x2d: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: 
         output_shapes=[(m, n)],
         output_dtypes=[x2d.dtype],
     )[0]
+
+
+def plan(m: int, n: int, k: int, dtype, bits: int, group_size: int):
+    """A callable f(x2d, w, scales, biases) -> y with the launch arguments of this shape computed once."""
+    cfg = default_config(m, n, k, bits)
+    blocks = math.ceil(n / (cfg["R"] * (4 // cfg["W"])))
+    kern, grid, tg, shp, odt = kernel(), (blocks * THREADS, 1, 1), (THREADS, 1, 1), [(m, n)], [dtype]
+    fixed = [("BITS", bits), ("GS", group_size), ("MM", rows_bucket(m)), ("R", cfg["R"]), ("W", cfg["W"]),
+             ("FAST", bool(cfg["FAST"]))]
+    return lambda x2d, w, sc, bi: kern(inputs=[x2d, w, sc, bi], template=[("T", dtype), ("S", sc.dtype)] + fixed,
+                                       grid=grid, threadgroup=tg, output_shapes=shp, output_dtypes=odt)[0]
