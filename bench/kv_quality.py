@@ -62,8 +62,11 @@ def window_nll(model, pool: KVPool, ids: list[int], chunk: int) -> tuple[float, 
     return nll, len(ids) - 1
 
 
-def perplexity(model, dtype, ids: list[int], window: int, kv_dtype: str, chunk: int) -> float:
-    pool = KVPool.for_model(model, EngineConfig(num_blocks=-(-window // BLOCK), kv_dtype=kv_dtype), dtype)
+def perplexity(model, dtype, ids: list[int], window: int, kv: str, chunk: int) -> float:
+    """kv: auto | q8 | q4, with "-plain" for no change of basis (EngineConfig.kv_transform=False)."""
+    kv_dtype, _, plain = kv.partition("-")
+    cfg = EngineConfig(num_blocks=-(-window // BLOCK), kv_dtype=kv_dtype, kv_transform=False if plain else None)
+    pool = KVPool.for_model(model, cfg, dtype)
     nll = n = 0
     for w in range(0, len(ids) - window + 1, window):
         a, b = window_nll(model, pool, ids[w:w + window], chunk)
@@ -85,8 +88,9 @@ def main():
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--windows", default="512,2048", help="window lengths (tokens), comma separated")
     ap.add_argument("--chunk", type=int, default=512, help="prefill chunk inside a window")
-    ap.add_argument("--kv", default="auto,q8,q4")
+    ap.add_argument("--kv", default="auto,q8,q4", help="auto, q8, q4; q4-plain: without kv_transform")
     ap.add_argument("--out", default=str(ROOT / "bench/results/kv-quality-smollm2.json"))
+    ap.add_argument("--merge", action="store_true", help="add these rows to an existing --out file")
     args = ap.parse_args()
 
     lm = load_model(args.model)
@@ -102,6 +106,9 @@ def main():
             ppl[kv] = perplexity(lm.model, dtype, ids, window, kv, min(args.chunk, window))
             print(f"window {window} kv {kv}: ppl {ppl[kv]:.4f} ({time.perf_counter() - t:.0f} s)", flush=True)
         base = ppl.get("auto")
+        if base is None and args.merge and Path(args.out).is_file():  # the auto row of an earlier run
+            old = json.loads(Path(args.out).read_text())["results"]
+            base = next((r["perplexity"] for r in old if r["window"] == window and r["kv"] == "auto"), None)
         for kv, p in ppl.items():
             rows.append(dict(window=window, kv=kv, perplexity=round(p, 4),
                              change_pct=None if base is None else round(100 * (p / base - 1), 3)))
@@ -123,6 +130,13 @@ def main():
         passed=all(abs(r["change_pct"]) <= (0.5 if r["kv"] == "q8" else 3.0) for r in rows
                    if r["kv"] in ("q8", "q4") and r["change_pct"] is not None),
     )
+    if args.merge and Path(args.out).is_file():
+        old = json.loads(Path(args.out).read_text())
+        rows = old["results"] + [r for r in rows if (r["window"], r["kv"]) not in
+                                 {(o["window"], o["kv"]) for o in old["results"]}]
+        result["results"] = rows
+        result["passed"] = old["passed"]
+        result["notes"] = old.get("notes", []) + [f"rows {args.kv} added {result['date']} at {result['commit']}"]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print("wrote", args.out)
