@@ -1,6 +1,7 @@
 """Kernel timings on the device machine, every ratio measured in the same run (BENCHMARKING.md).
 
     python3 bench/kernels_bench.py OUT.json [quick]
+    KB_SECTIONS=gemm [KB_QGEMM_SWEEP=0] python3 bench/kernels_bench.py OUT.json   # some sections only
 
 Method: each op is run once per input set to compile and warm up; then 100 calls are built
 (rotating through enough distinct weight / KV sets to exceed the L2 cache several times), queued
