@@ -36,7 +36,9 @@ def _gather(pool, blocks, kv_quant, dtype):
     else:
         bits, group = kv_quant
         packed, scales, biases = (p[blocks] for p in pool)
-        g = mx.dequantize(packed, scales, biases, group_size=group, bits=bits)
+        # scales/biases in the compute dtype, as the engine's reference (and the CUDA kernel, which
+        # works in fp32): dequantizing with float16 ones would round the values to float16 too
+        g = mx.dequantize(packed, scales.astype(dtype), biases.astype(dtype), group_size=group, bits=bits)
     b, n, bs = g.shape[:3]
     return g.reshape(b, n * bs, *g.shape[3:]).astype(dtype)
 

@@ -24,6 +24,19 @@ def _pools(hkv, d, kv_quant, seed=0):
     return tuple(mx.quantize(k, group_size=g, bits=bits)), tuple(mx.quantize(v, group_size=g, bits=bits))
 
 
+def test_fp16_scales_dequantize_in_the_compute_dtype():
+    """The engine's KV pool keeps float16 scales for float32 models: the kernels' reference must
+    dequantize with them cast to the compute dtype, exactly as the engine's reference does."""
+    kp, vp = _pools(2, 64, (4, 32))
+    kp = (kp[0], kp[1].astype(mx.float16), kp[2].astype(mx.float16))
+    vp = (vp[0], vp[1].astype(mx.float16), vp[2].astype(mx.float16))
+    tables, lens = _tables(2, 6), [40, 7]
+    q = mx.random.normal((2, 8, 64))
+    ours = paged_attention_decode(q, kp, vp, tables, lens, 0.125, None, (4, 32))
+    theirs = engine_pa._decode(q, kp, vp, tables, lens, BS, 0.125, None, (4, 32))
+    assert mx.allclose(ours, theirs, atol=1e-6).item()
+
+
 def _tables(b, nblk, seed=1):
     rng = np.random.default_rng(seed)
     return mx.array(rng.permutation(NB)[: b * nblk].reshape(b, nblk).astype(np.int32))
@@ -38,7 +51,8 @@ def test_kernels_reference_matches_engine_reference(kv_quant, window):
     lens = [45, 1, 20]
     q = mx.random.normal((3, hq, d))
     ours = paged_attention_decode(q, kp, vp, tables, lens, d ** -0.5, window, kv_quant)
-    theirs = engine_pa.paged_attention(q, kp, vp, tables, lens, [1, 1, 1], d ** -0.5, window, kv_quant)
+    # the engine's own decode reference (engine.paged_attention now routes decodes to the kernels)
+    theirs = engine_pa._decode(q, kp, vp, tables, lens, BS, d ** -0.5, window, kv_quant)
     assert ours.shape == (3, hq, d)
     assert mx.allclose(ours, theirs, atol=1e-5).item()
 
