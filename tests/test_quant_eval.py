@@ -77,3 +77,25 @@ def test_cli_eval_json_plot_mc_and_inspect(pair, tmp_path, capsys):
     assert main(["convert", str(src), "-o", str(tmp_path / "x"), "--bits", "9"]) == 2
     assert "between 2 and 8" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_reference_cache_reused(pair, tmp_path):
+    """With ref_cache the reference's log-probs go to disk once; a second call reads them (no reference
+    forward) and gives the same metrics; a different token range gets its own entry."""
+    src, q = pair
+    from jang_serve.engine.tokenizer import Tokenizer
+
+    ids = Tokenizer.from_dir(src).encode(TEXT)
+    first = evaluate([q], ref=src, ids=ids, tokens=256, kl_tokens=128, window=64, ref_cache=tmp_path)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert len(files) == 2 and files[0].endswith(".json") and files[1].endswith(".npy")
+    logs = []
+    again = evaluate([q], ref=src, ids=ids, tokens=256, kl_tokens=128, window=64, ref_cache=tmp_path,
+                     log=logs.append)
+    assert any("reference log-probs from" in m for m in logs)
+    assert not any(m.startswith("reference:") for m in logs)  # no reference pass the second time
+    for k in ("ppl", "kl", "top1"):
+        assert again["models"][str(q)][k] == pytest.approx(first["models"][str(q)][k], rel=1e-6)
+    assert again["models"]["reference"]["ppl"] == pytest.approx(first["models"]["reference"]["ppl"])
+    evaluate([q], ref=src, ids=ids, tokens=192, kl_tokens=64, window=64, ref_cache=tmp_path)
+    assert len(list(tmp_path.glob("ref-*.npy"))) == 2
