@@ -13,6 +13,9 @@ MODEL=${1:?usage: bash bench/serve_gpu.sh MODEL (.gguf or JANG bundle folder)}
 OUT=${OUT:-bench/results}
 PY=${PYTHON:-python3}
 cd "$(dirname "$0")/.."
+if [ -z "${JANG_SERVE_COMMIT:-}" ] && git rev-parse HEAD >/dev/null 2>&1; then
+  export JANG_SERVE_COMMIT=$(git rev-parse HEAD)$(git diff --quiet HEAD 2>/dev/null || echo -dirty)
+fi
 source bench/device_env.sh                       # import jang_serve.* without installing
 export JANG_SERVE_HOME=${JANG_SERVE_HOME:-/tmp/jang-serve-home}    # the converted bundle
 export JANG_BENCH_CACHE=${JANG_BENCH_CACHE:-/tmp/jang-bench-cache}  # mlx-lm's bfloat16 copy of it
