@@ -62,7 +62,7 @@ def _served_line(record: dict) -> str:
             desc += f", module bits {info.get('module_bits')})"
         elif info.get("bits"):
             desc += f" ({info['bits']}-bit, group {info.get('group_size')})"
-        parts.append(f"{name}: {desc}, {'/'.join(info.get('float_dtypes') or [])}")
+        parts.append(f"{name}: {desc}, floats stored as {'/'.join(info.get('float_dtypes') or []) or '-'}")
     return "; ".join(parts)
 
 
