@@ -96,6 +96,11 @@ class ModelRegistry:
             entry.engine = _start_engine(loaded, self.cfg, entry.context_length, tp=tp)
             entry.context_length = int(getattr(entry.engine, "max_model_len", entry.context_length))
             entry.tokenizer = getattr(entry.engine, "tokenizer", None) or entry.tokenizer
+            from . import warmup
+
+            if warmup.wanted():  # GPU: compile the kernels before /health says ready
+                vocab = entry.config.get("vocab_size") or getattr(entry.tokenizer, "vocab_size", None) or 2
+                entry.info["warmup"] = warmup.warm_up(entry.engine, self.cfg.max_num_seqs, vocab)
             entry.state = "ready"
             if hasattr(entry.engine, "on_fatal"):  # tensor parallel: a dead rank fails the model
                 entry.engine.on_fatal = lambda msg, e=entry: _mark_failed(e, msg)
