@@ -62,6 +62,8 @@ def main() -> int:
     argv = ["--serve-model", str(bundle), "--serve-args", "--kv-memory 2",
             "--baseline", "mlx-lm", "--baseline-model", str(bundle), "--baseline-dtype", "auto",
             "--tokenizer", str(bundle), "--prompt-tokens", "128", "--max-tokens", "64", "--json", out]
+    if kind == "gpu":  # one unmeasured round per level first: kernel compiles stay out of the timings
+        argv += ["--warmup-levels"]
     if a.quick:
         argv += ["--concurrency", "1,4", "--requests", "4", "--repeat", "1"]
     else:

@@ -35,7 +35,7 @@ def test_bench_closed_loop_against_jang_serve(tmp_path):
     srv = shared_jang_serve()
     out = tmp_path / "bench.json"
     rc = cli.main(["--url", srv.url, "--concurrency", "1,4", "--requests", "8", "--prompt-tokens", "32",
-                   "--max-tokens", "12", "--tokenizer", str(tiny_model_dir()), "--json", str(out)])
+                   "--max-tokens", "12", "--tokenizer", str(tiny_model_dir()), "--warmup-levels", "--json", str(out)])
     assert rc == 0
     rec = json.loads(out.read_text())
     env = rec["environment"]
@@ -45,6 +45,8 @@ def test_bench_closed_loop_against_jang_serve(tmp_path):
     assert rec["settings"]["max_tokens"] == 12 and rec["settings"]["request_extra"]["ignore_eos"] is True
     assert rec["settings"]["eos_ids"] == [0, 2]  # from the model folder, biased away for a fixed length
     assert [r["concurrency"] for r in rec["runs"]] == [1, 4]
+    # 2 warm-up requests, then one unmeasured round per level (1 + 4), then the measured slices
+    assert [r["bodies"] for r in rec["runs"]] == [[7, 15], [15, 23]] and rec["settings"]["warmup_levels"]
     for run in rec["runs"]:
         s = run["summary"]
         assert (s["requests"], s["completed"], s["failed"]) == (8, 8, 0)
@@ -134,6 +136,10 @@ def test_side_by_side_with_mlx_lm(tmp_path, monkeypatch):
     # interleaved A B per level, twice; 4 then 6 requests
     order = [(r["repeat"], r["concurrency"], r["target"]) for r in rec["runs"]]
     assert order == [(p, c, t) for p in (0, 1) for c in (1, 4) for t in ("jang-serve", "mlx-lm")]
+    # the same prompts for both servers, fresh ones for every (repeat, level): no prefix-cache hits
+    slices = [tuple(r["bodies"]) for r in rec["runs"]]
+    assert slices[0::2] == slices[1::2]
+    assert slices[0::2] == [(2, 6), (6, 12), (12, 16), (16, 22)]  # after the 2 warm-up requests
     for run in rec["runs"]:
         n = 4 if run["concurrency"] == 1 else 6
         assert run["summary"]["completed"] == n and run["summary"]["output_tokens"] == 8 * n

@@ -37,6 +37,8 @@ class Plan:
     repeat: int = 1
     warmup: int = 2
     seed: int = 0
+    warmup_levels: bool = False  # one unmeasured round at each level's concurrency first (GPU: compiles)
+    fresh_prompts: bool = True  # every level and repeat gets prompts no server has seen (no prefix-cache hits)
 
     def n_requests(self, level: int) -> int:
         if isinstance(self.requests, list):
@@ -44,6 +46,14 @@ class Plan:
                 return self.requests[0]
             return self.requests[self.concurrency.index(level)]
         return self.requests or max(8, 2 * level)
+
+    def n_bodies(self) -> int:
+        """Distinct bodies the plan needs: warm-up, level warm-ups, then one slice per (repeat, level)."""
+        lv = [lvl for _, lvl in self.levels()]
+        if not self.fresh_prompts:
+            return max(self.n_requests(x) for x in lv) + self.warmup + (max(lv) if self.warmup_levels else 0)
+        level_warm = sum(max(1, x) for x in lv) if self.warmup_levels else 0
+        return self.warmup + level_warm + self.repeat * sum(self.n_requests(x) for x in lv)
 
     def levels(self) -> list[tuple[str, int]]:
         if self.rate:
@@ -56,7 +66,7 @@ class Bodies:
 
     def __init__(self, plan: Plan, tokens: Tokens | None):
         self.plan = plan
-        n = max(plan.n_requests(lvl) for _, lvl in plan.levels()) + plan.warmup
+        n = plan.n_bodies()
         if plan.prompts == "synthetic":
             texts = synthetic(n, plan.prompt_tokens, seed=plan.seed, tokens=tokens)
             if plan.endpoint == "chat":
@@ -106,21 +116,42 @@ def warm_up(target: Target, bodies: Bodies, plan: Plan) -> dict:
     return s
 
 
+def _warm_levels(targets: list[Target], bodies: Bodies, plan: Plan, offset: int, log=print) -> int:
+    """One unmeasured round per level: `level` requests at concurrency `level`, on every target."""
+    for kind, level in plan.levels():
+        n = max(1, level)
+        for t in targets:
+            url = t.url.rstrip("/") + bodies.path()
+            fn = lambda i, o=offset, m=t.model: bodies.body(m, o + i)  # noqa: E731
+            res, wall = asyncio.run(run_closed_loop(url, fn, n, n))
+            log(f"  warm-up {t.name:<12} {kind}={level}: {summarize(res, wall)['completed']}/{n} ok", flush=True)
+        offset += n
+    return offset
+
+
 def run(targets: list[Target], plan: Plan, bodies: Bodies, log=print) -> list[dict]:
-    """Run every level for every target, interleaved A B A B per level, `repeat` times."""
+    """Run every level for every target, interleaved A B A B per level, `repeat` times. Both targets
+    get the same bodies for a (repeat, level); with fresh_prompts each (repeat, level) has its own."""
     for t in targets:
         warm_up(t, bodies, plan)
+    offset = plan.warmup
+    if plan.warmup_levels and not plan.rate:
+        after = _warm_levels(targets, bodies, plan, offset, log)
+        offset = after if plan.fresh_prompts else offset
     runs = []
     for rep in range(plan.repeat):
         for kind, level in plan.levels():
             for t in targets:
-                res, wall = asyncio.run(_one_level(t, bodies, plan, level, plan.warmup))
+                res, wall = asyncio.run(_one_level(t, bodies, plan, level, offset))
                 s = summarize(res, wall)
                 runs.append({"target": t.name, "repeat": rep, "mode": kind,
                              "concurrency": level if kind == "concurrency" else None,
+                             "bodies": [offset, offset + plan.n_requests(level)],  # the prompt rows it sent
                              "rate": plan.rate, "summary": s, "raw": [r.to_json() for r in res]})
                 log(f"  [{rep + 1}/{plan.repeat}] {t.name:<12} {kind}={level if level else plan.rate}: "
                     f"{s['completed']}/{s['requests']} ok, {s['output_token_throughput'] or 0:.1f} out tok/s", flush=True)
+            if plan.fresh_prompts:
+                offset += plan.n_requests(level)
     return runs
 
 

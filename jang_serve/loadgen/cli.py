@@ -61,6 +61,12 @@ def parser() -> argparse.ArgumentParser:
     l.add_argument("--repeat", type=int, default=1, help="repeat the whole plan; report median and spread")
     l.add_argument("--warmup", type=int, default=2, help="unmeasured requests per server first")
     l.add_argument("--seed", type=int, default=0)
+    l.add_argument("--warmup-levels", action="store_true",
+                   help="before timing, one unmeasured round at each level's concurrency on every server "
+                        "(GPU: compiles the kernels of every batch size)")
+    l.add_argument("--reuse-prompts", action="store_true",
+                   help="send the same prompts at every level and repeat (default: fresh ones each time, "
+                        "so no server answers from its prefix cache)")
     p.add_argument("--json", help="write the full record (settings, environment, raw figures) here")
     p.add_argument("--note", help="a note for the record (e.g. 'machine shared with other jobs')")
     p.add_argument("--log-dir", help="server logs go here (default: a temporary folder)")
@@ -130,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         plan = bench.Plan(concurrency=args.concurrency, rate=args.rate, requests=args.requests,
                           prompts=args.prompts, prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens,
                           endpoint=args.endpoint, fixed_length=args.fixed_length, eos_ids=eos,
-                          repeat=args.repeat, warmup=args.warmup, seed=args.seed)
+                          repeat=args.repeat, warmup=args.warmup, seed=args.seed,
+                          warmup_levels=args.warmup_levels, fresh_prompts=not args.reuse_prompts)
 
         targets = []
         if args.url:
