@@ -141,6 +141,40 @@ def ttft(lm, prompt_a, prompt_b):
     return res
 
 
+def profile_decode(lm, prompts, steps: int = 8) -> dict:
+    """Where one decode step of len(prompts) sequences spends its time in our engine (ms, mean of
+    `steps` steps after the prefill): scheduling, flat-batch preparation, the model call (forward
+    and KV writes, evaluated), sampling, and appending tokens (detokenizer, stop checks)."""
+    from jang_serve.engine.sampler import sample
+
+    core = EngineCore(lm, EngineConfig(kv_memory_gb=1.0, max_num_seqs=64))
+    for i, p in enumerate(prompts):
+        core.add_request(str(i), p, SamplingParams(max_tokens=steps + 2, temperature=0, ignore_eos=True))
+    core.step()  # the prefill
+    tot = dict(schedule=0.0, prepare=0.0, model=0.0, sample=0.0, append=0.0)
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        batch = core.scheduler.schedule()
+        t1 = time.perf_counter()
+        core.runner.prepare(batch.seqs, batch.num_new)  # timed alone; run() prepares again
+        t2 = time.perf_counter()
+        logits, idx = core.runner.run(batch.seqs, batch.num_new)
+        t3 = time.perf_counter()
+        for seq, n in zip(batch.seqs, batch.num_new):
+            seq.num_computed += n
+            core.blocks.register_full_blocks(seq)
+        seqs = [batch.seqs[i] for i in idx]
+        toks, lps = sample(logits, seqs, None)
+        t4 = time.perf_counter()
+        for seq, tok, lp in zip(seqs, toks, lps):
+            core._append(seq, tok, lp)
+        t5 = time.perf_counter()
+        for k, a, b in (("schedule", t0, t1), ("prepare", t1, t2), ("model", t2, t3), ("sample", t3, t4),
+                        ("append", t4, t5)):
+            tot[k] += (b - a) * 1000 / steps
+    return dict(sequences=len(prompts), **{k: round(v, 2) for k, v in tot.items()})
+
+
 def spread(xs: list[float]) -> dict:
     return dict(median=round(statistics.median(xs), 3), min=round(min(xs), 3), max=round(max(xs), 3))
 
@@ -206,6 +240,8 @@ def main():
     ttft_row = dict(prompt_tokens=len(a), cold_s=round(t["cold"][0], 3), prefix_hit_s=round(t["prefix_hit"][0], 3),
                     cached_tokens=t["prefix_hit"][1], speedup=round(t["cold"][0] / t["prefix_hit"][0], 1))
     print(ttft_row, flush=True)
+    prof = profile_decode(lm, prompts[max(levels)])
+    print(prof, flush=True)
 
     result = dict(
         benchmark="engine_throughput",
@@ -226,6 +262,7 @@ def main():
                                             "prefill_batch_size=min(concurrency, 8))"),
         throughput=rows,
         ttft=ttft_row,
+        decode_step_profile_ms=prof,
     )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
