@@ -252,6 +252,8 @@ def main() -> int:
             q = json.loads(jc.read_text())["quantization"]
             extra = {"profile": q["profile"], "method": q["method"], "nominal_bits": q["nominal_bits"],
                      "target_bits": q["target_bits"]}
+        if rfile.exists():  # other runs of this model may have added rows meanwhile
+            rows = {**json.loads(rfile.read_text()), **{k: v for k, v in rows.items() if k not in json.loads(rfile.read_text())}}
         rows["reference (GGUF dequantized, bf16)"] = {**res["models"]["reference"], "stamp": 0.0}
         rows[name] = {**r, "mb": round(r["size_bytes"] / 1e6, 1), "convert_s": round(dt, 1) or None,
                       "eval_s": res["seconds"], "stamp": stamp(out), **extra}

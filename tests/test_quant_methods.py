@@ -116,3 +116,15 @@ def test_mse_recovers_gguf_q4_1_blocks_exactly(bits):
     assert float(mx.abs(got - w).max()) < (1e-6 if bits == 4 else 0.1 * float(d.min()))
     rtn = affine.dequantize(*affine.rtn(w, bits, 32), bits, 32)
     assert float(mx.abs(got - w).max()) <= float(mx.abs(rtn - w).max())
+
+
+def test_gptq_damps_more_when_calibration_is_thin():
+    """Fewer calibration tokens than twice a linear's input dim: 10% damping instead of 1%."""
+    from types import SimpleNamespace
+
+    from jang_serve.quantize.gptq import GPTQRunner
+
+    r = SimpleNamespace(damp=0.01, tokens=4096)
+    assert GPTQRunner.damping(r, 896) == 0.01  # Qwen2.5-0.5B q/k/v/o/gate/up inputs
+    assert GPTQRunner.damping(r, 4864) == 0.1  # its down_proj input
+    assert GPTQRunner.damping(SimpleNamespace(damp=0.2, tokens=512), 4864) == 0.2  # never lowers it
