@@ -172,10 +172,20 @@ def plot(res: dict, png: Path) -> None:
         kind = "jang" if name.startswith("jang") else "mlx-lm"
         c, m = groups[kind]
         ax.scatter(bits, ppl / anchor_ref, facecolors="none", edgecolors=c, marker=m, s=40)
+        if bits <= 6.2:
+            ax.annotate(name.replace("mlx-lm ", "").replace("jang ", ""), (bits, ppl / anchor_ref), fontsize=5,
+                        color=c, xytext=(3, -7), textcoords="offset points")
+    from matplotlib.lines import Line2D
+
+    ax.legend(handles=[Line2D([], [], color=c, marker=m, ls="", label={"ours": "ours (jang-serve)", "jang": "jang 2.5.50"}.get(k, k))
+                       for k, (c, m) in groups.items()] +
+              [Line2D([], [], color="gray", marker="o", ls="", markerfacecolor="none",
+                      label="hollow: QUALITY_ANCHORS.md (16,384 tokens)")], fontsize=7, loc="upper right")
+    ax.set_xlim(2.3, 6.2)
     ax.set_yscale("log")
     ax.set_xlabel("stored bits per weight (incl. scales/biases)")
     ax.set_ylabel("perplexity / reference perplexity")
-    ax.set_title(f"{res['model']}: ours (green) vs jang 2.5.50 (red) vs mlx-lm (blue); hollow = QUALITY_ANCHORS")
+    ax.set_title(f"{res['model']}: perplexity (first {res['method']['tokens']} tokens) / reference perplexity; filled = measured here")
     ax.title.set_fontsize(8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
