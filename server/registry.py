@@ -100,7 +100,10 @@ class ModelRegistry:
 
             if warmup.wanted():  # GPU: compile the kernels before /health says ready
                 vocab = entry.config.get("vocab_size") or getattr(entry.tokenizer, "vocab_size", None) or 2
-                entry.info["warmup"] = warmup.warm_up(entry.engine, self.cfg.max_num_seqs, vocab)
+                try:
+                    entry.info["warmup"] = warmup.warm_up(entry.engine, self.cfg.max_num_seqs, vocab)
+                except Exception as e:  # only a speed-up: serve anyway, say why it was skipped
+                    log.warning("warm-up of %s failed, serving without it: %s: %s", entry.name, type(e).__name__, e)
             entry.state = "ready"
             if hasattr(entry.engine, "on_fatal"):  # tensor parallel: a dead rank fails the model
                 entry.engine.on_fatal = lambda msg, e=entry: _mark_failed(e, msg)
