@@ -23,6 +23,8 @@ from . import affine
 from .roles import module_path
 
 BLOCK = 128
+# smallest clip factor of the group-range search per width (1.0 = plain min/max); see clip_search
+MIN_SHRINK: dict[int, float] = {}
 
 
 def single_thread_blas() -> None:
@@ -60,7 +62,7 @@ def gptq_quantize(w: np.ndarray, H: np.ndarray, bits: int, group_size: int, damp
     codes = np.zeros((out_d, in_d), np.uint8)
 
     def group_params(cols: np.ndarray):
-        return clip_search(cols, bits)
+        return clip_search(cols, bits, min_shrink=MIN_SHRINK.get(bits, 0.5))
 
     perm = np.arange(in_d)
     if act_order:
