@@ -207,6 +207,34 @@ def eval_ids(gguf: Path, tokenizer: str) -> list[int]:
     return ht(text, add_special_tokens=False)["input_ids"]
 
 
+RULE = ("each allocator row (--bits B, gptq) against every measured fixed JANG profile converted with the same "
+        "method (gptq) whose stored bits are >= the allocator's and at most 0.5 above, or, when there is none, the "
+        "nearest one above; 'wins' = lower perplexity and lower KL")
+
+
+# fixed profiles inside a comparison window that CPU time did not allow converting and evaluating
+NOT_MEASURED = {
+    "smollm2": "JANG_2L (4.53 bits), JANG_3L (4.69), JANG_1L (4.94) with gptq, in the --bits 4 window",
+    "qwen2.5-coder": "--bits 2.5 and --bits 3 (not converted); JANG_2M (4.65 bits) with gptq in the --bits 4 window",
+}
+
+
+def allocator_comparison(results: list[dict]) -> dict:
+    alloc = [r for r in results if r["variant"].startswith("ours") and "bits=" in r["variant"] and "(gptq)" in r["variant"]]
+    fixed = [r for r in results if r["variant"].startswith("ours JANG_") and "K" not in r["variant"].split()[1]
+             and r["variant"].endswith("(gptq)")]
+    out = {"rule": RULE, "rows": []}
+    for a in alloc:
+        above = sorted((f for f in fixed if f["average_bits"] >= a["average_bits"] - 1e-6), key=lambda f: f["average_bits"])
+        window = [f for f in above if f["average_bits"] <= a["average_bits"] + 0.5] or above[:1]
+        for f in window:
+            out["rows"].append({"allocator": a["variant"], "bits": a["average_bits"], "ppl": round(a["ppl"], 3),
+                                "kl": round(a["kl"], 4), "fixed": f["variant"], "fixed_bits": f["average_bits"],
+                                "fixed_ppl": round(f["ppl"], 3), "fixed_kl": round(f["kl"], 4),
+                                "wins": a["ppl"] <= f["ppl"] and a["kl"] <= f["kl"]})
+    return out
+
+
 def stamp(path: Path) -> float:
     f = path / "config.json"
     return f.stat().st_mtime if f.exists() else 0.0
@@ -310,6 +338,8 @@ def main() -> int:
                    "bits": "stored bits per weight over all weight matrices incl. scales/biases"},
         "deviation": deviation, "results": results, "failed": failed,
     }
+    out["allocator_vs_fixed"] = allocator_comparison(results)
+    out["allocator_vs_fixed"]["not_measured"] = NOT_MEASURED.get(a.model)
     dest = Path(a.out) if a.out else REPO / "bench" / "results" / f"quality-{a.model}.json"
     dest.write_text(json.dumps(out, indent=1) + "\n")
     plot(out, dest.with_suffix(".png"))
