@@ -33,7 +33,6 @@ from importlib.metadata import version
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
@@ -44,6 +43,8 @@ from jang_serve.engine.models.layers import quantize_model
 from jang_serve.engine.sampling_params import SamplingParams
 from jang_serve.quantize.profiles import FIXED_PROFILES
 from jang_serve.quantize.roles import Role, role
+
+from e2e_baseline import mlx_lm_4bit, run_mlx_lm_batch, run_mlx_lm_single, summarize  # noqa: E402
 
 LLAMA3_8B = dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                  num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, rms_norm_eps=1e-5,
@@ -119,16 +120,6 @@ def ours(cfg: dict, weights: dict, quant: str | None):
     return model
 
 
-def mlx_lm_4bit(cfg: dict, weights: dict):
-    from mlx_lm.models import llama
-
-    model = llama.Model(llama.ModelArgs.from_dict(cfg))
-    model.load_weights(list(weights.items()), strict=True)
-    nn.quantize(model, group_size=64, bits=4)
-    mx.eval(model.parameters())
-    return model
-
-
 def step_bytes(model, kv_tokens: int, cfg: dict, kv_bytes_per_value: float) -> int:
     """Bytes one decode step reads: all weights but the embedding table, plus the KV."""
     w = sum(a.nbytes for k, a in tree_flatten(model.parameters()) if "embed_tokens" not in k)
@@ -172,7 +163,7 @@ def run_ours(model, cfg, prompts, gen, kv_gb, budget) -> dict:
         for d in ds:
             if d.token_ids and d.request_id not in first:
                 first[d.request_id] = now
-    out = _summary(t0, first, steps, count, len(prompts), gen)
+    out = summarize(t0, first, steps, count, len(prompts), gen)
     out["kv_blocks"] = core.pool.num_blocks
     prev, tl = t0, []
     for t, n in steps:
@@ -215,53 +206,6 @@ def probe_step(model, cfg, nseq, prompt_len, kv_gb) -> dict:
     del core
     med = lambda v: round(1e3 * statistics.median(v[1:]), 3)  # noqa: E731
     return dict(sequences=nseq, graph_build_ms=med(build), eval_ms=med(run), step_ms=med(total))
-
-
-def run_mlx_lm_batch(model, prompts, gen) -> dict:
-    from mlx_lm.generate import BatchGenerator
-
-    g = BatchGenerator(model, max_tokens=gen, completion_batch_size=len(prompts),
-                       prefill_batch_size=min(len(prompts), 8))
-    mx.synchronize()
-    t0 = time.perf_counter()
-    uids = g.insert(prompts, [gen] * len(prompts))
-    first, count, steps = {}, 0, []
-    while responses := g.next_generated():
-        now = time.perf_counter()
-        count += len(responses)
-        steps.append((now, len(responses)))
-        for r in responses:
-            first.setdefault(r.uid, now)
-    g.close()
-    del uids
-    return _summary(t0, first, steps, count, len(prompts), gen)
-
-
-def _summary(t0, first, steps, count, nseq, gen) -> dict:
-    t_end = steps[-1][0]
-    t_all_first = max(first.values())
-    dec_tok = sum(n for t, n in steps if t > t_all_first)
-    dec_s = t_end - t_all_first
-    return dict(sequences=nseq, gen_tokens=gen, generated=count, wall_s=round(t_end - t0, 4),
-                tok_s=round(count / (t_end - t0), 2), ttft_first_s=round(min(first.values()) - t0, 4),
-                all_first_s=round(t_all_first - t0, 4), decode_tokens=dec_tok, decode_s=round(dec_s, 4),
-                decode_tok_s=round(dec_tok / dec_s, 2) if dec_s > 0 else None, steps=len(steps))
-
-
-def run_mlx_lm_single(model, prompt, gen) -> dict:
-    from mlx_lm.generate import generate_step
-
-    mx.synchronize()
-    t0 = time.perf_counter()
-    t1, n = None, 0
-    for tok, _ in generate_step(mx.array(prompt), model, max_tokens=gen):
-        n += 1
-        if t1 is None:
-            t1 = time.perf_counter()
-    t_end = time.perf_counter()
-    return dict(sequences=1, gen_tokens=gen, generated=n, wall_s=round(t_end - t0, 4),
-                ttft_first_s=round(t1 - t0, 4), decode_tokens=n - 1, decode_s=round(t_end - t1, 4),
-                decode_tok_s=round((n - 1) / (t_end - t1), 2), tok_s=round(n / (t_end - t0), 2))
 
 
 ROUTE_CONFIGS = [
