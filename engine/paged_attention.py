@@ -60,9 +60,13 @@ def gather_kv(pool, blocks: mx.array, kv_quant, dtype) -> mx.array:
 
 
 def paged_attention(q: mx.array, k_pool, v_pool, block_tables: mx.array, context_lens: list[int],
-                    query_lens: list[int], scale: float, window: int | None = None, kv_quant=None) -> mx.array:
+                    query_lens: list[int], scale: float, window: int | None = None, kv_quant=None,
+                    context_lens_arr: mx.array | None = None) -> mx.array:
     """q [T, Hq, D] -> [T, Hq, D]. Runs of single-token (decode) sequences are batched into one
-    masked attention; sequences with several new tokens attend one at a time with a causal mask."""
+    masked attention; sequences with several new tokens attend one at a time with a causal mask.
+    `context_lens_arr` is context_lens as an int32 array, built once per step by the caller."""
+    if context_lens_arr is None:
+        context_lens_arr = mx.array(context_lens, dtype=mx.int32)
     bs = (k_pool[0] if isinstance(k_pool, tuple) else k_pool).shape[1]
     outs, start, i, n = [], 0, 0, len(query_lens)
     while i < n:
@@ -75,8 +79,7 @@ def paged_attention(q: mx.array, k_pool, v_pool, block_tables: mx.array, context
                 j += 1
             # kernels.paged_attention_decode: the CUDA/Metal kernel on a GPU, else the same math as _decode
             outs.append(paged_attention_decode(q[start:start + j - i], k_pool, v_pool, block_tables[i:j],
-                                               mx.array(context_lens[i:j], dtype=mx.int32), scale, window,
-                                               kv_quant))
+                                               context_lens_arr[i:j], scale, window, kv_quant))
             start += j - i
             i = j
             continue
@@ -115,6 +118,7 @@ class PagedBackend:
                  context_lens: list[int]):
         self.pool = pool
         self.layout = StepLayout(list(query_lens), list(context_lens))
+        self.context_lens_arr = mx.array(self.layout.context_lens, dtype=mx.int32)  # once per step, not per layer
         self.slot_mapping, self.block_tables = slot_mapping, block_tables
 
     def attend(self, layer, q, k, v, *, scale, window=None):
@@ -124,5 +128,5 @@ class PagedBackend:
         pool.k[layer], pool.v[layer] = write_kv(pool.k[layer], pool.v[layer], k, v, self.slot_mapping,
                                                 pool.kv_quant)
         out = paged_attention(q, pool.k[layer], pool.v[layer], self.block_tables, self.layout.context_lens,
-                              self.layout.query_lens, scale, window, pool.kv_quant)
+                              self.layout.query_lens, scale, window, pool.kv_quant, self.context_lens_arr)
         return out if tf is None else tf.output(layer, out)
