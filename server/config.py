@@ -60,6 +60,8 @@ OPTIONS: list[Option] = [
     Option("block_size", "engine", 16, int, "tokens per KV block"),
     Option("max_num_seqs", "engine", 16, int, "sequences decoded together"),
     Option("max_num_batched_tokens", "engine", None, int, "token budget per engine step (unset = engine default)"),
+    Option("max_prefill_chunk", "engine", None, int, "prefill tokens per step while other requests decode, so a "
+           "long prompt cannot stall running streams (unset = 128 on CPU, 512 on GPU)"),
     Option("max_model_len", "engine", None, int, "context length limit (unset = the model's own)"),
     Option("prefix_caching", "engine", True, bool, "reuse KV blocks of shared prompt prefixes"),
     Option("tp", "engine", 1, int, "tensor-parallel ranks: split the model over N processes (ring backend "
@@ -94,6 +96,7 @@ class ServerConfig:
     block_size: int = 16
     max_num_seqs: int = 16
     max_num_batched_tokens: int | None = None
+    max_prefill_chunk: int | None = None
     max_model_len: int | None = None
     prefix_caching: bool = True
     tp: int = 1

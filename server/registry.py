@@ -171,8 +171,8 @@ def _mark_failed(entry: ModelEntry, message: str) -> None:
     log.error("model %s is out of service: %s", entry.name, message)
 
 
-def _start_engine(loaded, cfg: ServerConfig, context_length: int, tp: int = 1):
-    from jang_serve.engine.async_engine import AsyncEngine
+def engine_config(cfg: ServerConfig, context_length: int):
+    """The engine's settings from the server's [engine] options (unset ones keep the engine's defaults)."""
     from jang_serve.engine.engine_config import EngineConfig
 
     kw = dict(block_size=cfg.block_size, kv_dtype=cfg.kv_dtype, max_num_seqs=cfg.max_num_seqs,
@@ -181,12 +181,20 @@ def _start_engine(loaded, cfg: ServerConfig, context_length: int, tp: int = 1):
         kw["kv_memory_gb"] = cfg.kv_memory
     if cfg.max_num_batched_tokens is not None:
         kw["max_num_batched_tokens"] = cfg.max_num_batched_tokens
+    if cfg.max_prefill_chunk is not None:
+        kw["max_prefill_chunk"] = cfg.max_prefill_chunk
+    return EngineConfig(**kw)
+
+
+def _start_engine(loaded, cfg: ServerConfig, context_length: int, tp: int = 1):
+    from jang_serve.engine.async_engine import AsyncEngine
+
     if tp > 1:
         from jang_serve.engine.distributed import start_tp_engine
 
-        engine = start_tp_engine(loaded, EngineConfig(**kw), tp)
+        engine = start_tp_engine(loaded, engine_config(cfg, context_length), tp)
     else:
-        engine = AsyncEngine(loaded, EngineConfig(**kw))
+        engine = AsyncEngine(loaded, engine_config(cfg, context_length))
     engine.start()
     return engine
 

@@ -35,6 +35,19 @@ def test_precedence_cli_over_file_over_defaults(tmp_path):
     assert load_config([]) == ServerConfig()
 
 
+def test_engine_options_reach_the_engine_config():
+    from jang_serve.server.registry import engine_config
+
+    cfg = load_config(["--max-prefill-chunk", "64", "--max-num-batched-tokens", "512", "--kv-dtype", "q8"])
+    ec = engine_config(cfg, context_length=4096)
+    assert (ec.max_prefill_chunk, ec.prefill_chunk(), ec.max_num_batched_tokens) == (64, 64, 512)
+    assert (ec.kv_dtype, ec.max_model_len, ec.max_num_seqs) == ("q8", 4096, cfg.max_num_seqs)
+    default = engine_config(load_config([]), context_length=4096)
+    assert default.max_prefill_chunk is None and default.prefill_chunk() in (128, 512)
+    with pytest.raises((ConfigError, SystemExit)):
+        load_config(["--max-prefill-chunk", "many"])
+
+
 def test_config_errors_name_the_problem(tmp_path):
     bad = tmp_path / "bad.toml"
     for text, needle in [("[server]\nprot = 1\n", "prot"), ("[engine]\nport = 1\n", "port"),
