@@ -23,6 +23,8 @@ class EngineConfig:
     max_model_len: int | None = None  # defaults to the model's max_position_embeddings
     enable_prefix_caching: bool = True
     seed: int = 0  # seeds the PRNG of requests without their own seed
+    # Pipelined decode (engine/async_decode.py): build step t+1 while step t runs. None: on a GPU.
+    async_decode: bool | None = None
 
     def __post_init__(self):
         if self.kv_dtype not in ("auto", "q8", "q4"):

@@ -12,6 +12,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
+from .async_decode import DecodePipeline
 from .block_manager import BlockManager
 from .engine_config import EngineConfig
 from .kv_pool import KVPool
@@ -49,6 +50,7 @@ class EngineCore:
         self.scheduler = Scheduler(self.blocks, self.config.max_num_seqs, self.config.max_num_batched_tokens,
                                    self.config.prefill_chunk())
         self.runner = ModelRunner(self.model, self.pool)
+        self.pipeline = DecodePipeline(self)  # pipelined decode (engine/async_decode.py)
         limit = self.config.max_model_len or self.model_config.get("max_position_embeddings") or 1 << 30
         self.max_model_len = min(int(limit), self.pool.capacity_tokens)
         self.vocab_size = int(self.model_config.get("vocab_size") or 0) or None
@@ -127,6 +129,7 @@ class EngineCore:
             if seq.is_finished:
                 continue
             self.scheduler.remove(seq)
+            self.pipeline.drop(seq)
             seq.status, seq.finish_reason = Status.FINISHED, "abort"
             out.append(self._delta(seq, "", [], None, "abort"))
         return out
@@ -134,8 +137,24 @@ class EngineCore:
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
+    def _async_decode(self) -> bool:
+        """Pipelined decode is on: config.async_decode (None: on a GPU), and a plain ModelRunner
+        (tensor-parallel followers replay host-side batches, so TP runs synchronously)."""
+        on = self.config.async_decode
+        if on is None:
+            on = mx.default_device() != mx.cpu
+        return bool(on) and type(self.runner) is ModelRunner
+
     # -- one step -----------------------------------------------------------------------------
     def step(self) -> list[Delta]:
+        if self._async_decode() and self.pipeline.eligible():
+            return self.pipeline.step()
+        flushed = self.pipeline.resolve()  # an in-flight pipelined step ends before a synchronous one
+        if not self.scheduler.has_work():
+            return flushed
+        return flushed + self._step_sync()
+
+    def _step_sync(self) -> list[Delta]:
         batch = self.scheduler.schedule()
         if batch.empty:
             return []
@@ -200,9 +219,13 @@ class EngineCore:
                 masks[r] = self.grammar.allowed(seq.matcher, vocab)
         return masks
 
-    def _append(self, seq: Sequence, tok: int, lp) -> Delta:
+    def _append(self, seq: Sequence, tok: int, lp, replace: bool = False) -> Delta:
+        """Record a sampled token (replace=True: it fills the placeholder of a pipelined step)."""
         p = seq.params
-        seq.token_ids.append(tok)
+        if replace:
+            seq.token_ids[-1] = tok
+        else:
+            seq.token_ids.append(tok)
         self.generated_tokens += 1
         finish, text = None, ""
         if seq.matcher is not None:
