@@ -25,6 +25,8 @@ class EngineConfig:
     seed: int = 0  # seeds the PRNG of requests without their own seed
     # Pipelined decode (engine/async_decode.py): build step t+1 while step t runs. None: on a GPU.
     async_decode: bool | None = None
+    # Fuse q/k/v and gate/up into one matmul each at start-up (models/layers.fuse_projections). None: on a GPU.
+    fuse_projections: bool | None = None
 
     def __post_init__(self):
         if self.kv_dtype not in ("auto", "q8", "q4"):

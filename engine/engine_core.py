@@ -46,6 +46,11 @@ class EngineCore:
         self.config = config or EngineConfig()
         self.dtype = model_dtype(self.model)
         self.pool = KVPool.for_model(self.model, self.config, self.dtype)
+        fuse = self.config.fuse_projections
+        if fuse or (fuse is None and mx.default_device() != mx.cpu):  # after the pool: its KV transform reads q/k/v
+            from .models.layers import fuse_projections
+
+            fuse_projections(self.model)
         self.blocks = BlockManager(self.pool.num_blocks, self.config.block_size, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, self.config.max_num_seqs, self.config.max_num_batched_tokens,
                                    self.config.prefill_chunk())

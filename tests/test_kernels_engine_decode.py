@@ -5,6 +5,7 @@ projections (engine/models/layers.fuse_projections) the same tokens as the unfus
 from __future__ import annotations
 
 import mlx.core as mx
+import mlx.nn as nn
 import pytest
 from engine_helpers import random_prompts, tiny_model
 
@@ -124,3 +125,49 @@ def test_pipelined_steps_overlap(tiny):
     _, n_sync, _ = _run(model, cfg, jobs, False)
     _, n_pipe, _ = _run(model, cfg, jobs, True)
     assert n_pipe == n_sync + 1
+
+
+def _logits(model, tokens):
+    from jang_serve.engine.attention import ContiguousBackend, ContiguousKV
+
+    be = ContiguousBackend([ContiguousKV(model.num_layers)], [len(tokens)])
+    return model(mx.array(tokens, dtype=mx.int32), mx.arange(len(tokens)), be)
+
+
+@pytest.mark.parametrize("family,quant", [("llama", None), ("llama", "q4"), ("llama", "mixed"), ("qwen2", "q4")])
+def test_fused_projections_same_logits(family, quant):
+    from jang_serve.engine.models.layers import FusedLinear, QLinear, fuse_projections, quantize_model
+
+    model, cfg = tiny_model(seed=4, model_type=family, attention_bias=family == "qwen2")
+    if quant == "q4":
+        quantize_model(model, lambda path, m: (4, 32) if isinstance(m, nn.Linear) else None)
+    elif quant == "mixed":  # k_proj at 8 bits: q/k/v cannot share one qmm; gate/up still fuse
+        quantize_model(model, lambda path, m: ((8, 32) if "k_proj" in path else (4, 32))
+                       if isinstance(m, nn.Linear) else None)
+    mx.eval(model.parameters())
+    toks = random_prompts(1, 9, 9, cfg["vocab_size"], seed=3)[0]
+    before = _logits(model, toks)
+    n = fuse_projections(model)
+    layers = cfg["num_hidden_layers"]
+    assert n == (layers if quant == "mixed" else 2 * layers)
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    assert ("qkv_fused" in attn) == (quant != "mixed") and ("q_proj" in attn) == (quant == "mixed")
+    assert isinstance(mlp.gate_up_fused, FusedLinear) and "gate_proj" not in mlp
+    assert mlp.gate_up_fused.quantized == (quant is not None)
+    if quant:
+        assert isinstance(mlp.down_proj, QLinear)
+    after = _logits(model, toks)
+    assert mx.allclose(before, after, atol=1e-4, rtol=1e-4).item()
+    assert fuse_projections(model) == 0  # idempotent
+
+
+def test_engine_fuses_on_request_and_matches():
+    model, cfg = tiny_model(seed=6)
+    prompts = random_prompts(3, 4, 12, cfg["vocab_size"], seed=8)
+    sp = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    plain = EngineCore((model, None, cfg), EngineConfig(num_blocks=64, block_size=4, fuse_projections=False))
+    want = plain.generate(prompts, sp)
+    fused = EngineCore((model, None, cfg), EngineConfig(num_blocks=64, block_size=4, fuse_projections=True,
+                                                         async_decode=True))
+    assert "qkv_fused" in model.model.layers[0].self_attn
+    assert fused.generate(prompts, sp) == want

@@ -65,6 +65,8 @@ class DecoderArgs(BaseArgs):
 
 
 class Attention(nn.Module):
+    FUSE = {"qkv_fused": ("q_proj", "k_proj", "v_proj")}  # layers.fuse_projections (GPU engines)
+
     def __init__(self, args: DecoderArgs, layer: int, window: int | None):
         super().__init__()
         self.layer, self.window = layer, window
@@ -84,6 +86,8 @@ class Attention(nn.Module):
 
     def project(self, x):
         """q, k, v as [T, heads * head_dim] rows (phi3 overrides this for its fused qkv_proj)."""
+        if "qkv_fused" in self:
+            return self.qkv_fused(x)
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def __call__(self, x, positions, attn):
@@ -100,6 +104,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    FUSE = {"gate_up_fused": ("gate_proj", "up_proj")}
+
     def __init__(self, dim: int, hidden: int, bias: bool = False, act: str = "silu"):
         super().__init__()
         self.gate_proj = nn.Linear(dim, hidden, bias=bias)
@@ -108,6 +114,9 @@ class MLP(nn.Module):
         self.act = ACTIVATIONS[act]
 
     def __call__(self, x):
+        if "gate_up_fused" in self:
+            g, u = self.gate_up_fused(x)
+            return self.down_proj(self.act(g) * u)
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 

@@ -141,3 +141,66 @@ def _unflatten(items):
     from mlx.utils import tree_unflatten
 
     return tree_unflatten(items)
+
+
+class FusedLinear(nn.Module):
+    """Several linears that read the same input, as one matmul (one kernel, one Python call):
+    their weights (and scales/biases, all at one bits/group) stacked along the output. Returns
+    the parts' outputs as views of the one result."""
+
+    def __init__(self, parts: list[nn.Module]):
+        super().__init__()
+        first = parts[0]
+        self.quantized = isinstance(first, QLinear)
+        if self.quantized:
+            self.bits, self.group_size = first.bits, first.group_size
+            self.scales = mx.concatenate([p.scales for p in parts])
+            self.biases = mx.concatenate([p.biases for p in parts])
+        self.weight = mx.concatenate([p.weight for p in parts])
+        if "bias" in first:
+            self.bias = mx.concatenate([p.bias for p in parts])
+        sizes = [p.weight.shape[0] for p in parts]
+        self.splits = [sum(sizes[:i + 1]) for i in range(len(sizes) - 1)]
+        self.freeze()
+
+    @staticmethod
+    def can_fuse(parts: list[nn.Module]) -> bool:
+        """Same kind (all QLinear at one bits/group and scale dtype, or all plain float nn.Linear),
+        same input size, and bias on all or none."""
+        first = parts[0]
+        if any("bias" in p for p in parts) and not all("bias" in p for p in parts):
+            return False
+        if isinstance(first, QLinear):
+            return all(type(p) is QLinear and (p.bits, p.group_size, p.input_dims, p.scales.dtype) ==
+                       (first.bits, first.group_size, first.input_dims, first.scales.dtype) for p in parts)
+        return all(type(p) is nn.Linear and p.weight.shape[1] == first.weight.shape[1]
+                   and p.weight.dtype == first.weight.dtype for p in parts)
+
+    def __call__(self, x: mx.array) -> list[mx.array]:
+        if self.quantized:
+            y = qmm(x, self.weight, self.scales, self.biases, self.bits, self.group_size)
+        else:
+            y = x @ self.weight.T
+        if "bias" in self:
+            y = y + self.bias
+        return mx.split(y, self.splits, axis=-1)
+
+
+def fuse_projections(model: nn.Module) -> int:
+    """Fuse q/k/v into `qkv_fused` and gate/up into `gate_up_fused` wherever a module opts in by
+    `FUSE = {"qkv_fused": ("q_proj", "k_proj", "v_proj"), ...}` and the parts can be fused; the
+    parts are removed. Call after anything that reads the separate weights (e.g. the KV transform).
+    Returns the number of fused groups."""
+    count = 0
+    for _, m in model.named_modules():
+        for name, names in getattr(type(m), "FUSE", {}).items():
+            if name in m or not all(n in m for n in names):
+                continue
+            parts = [m[n] for n in names]
+            if not FusedLinear.can_fuse(parts):
+                continue
+            m[name] = FusedLinear(parts)
+            for n in names:
+                del m[n]
+            count += 1
+    return count
