@@ -86,13 +86,14 @@ class ModelRegistry:
             entry.source = str(path)
             from jang_serve.engine.loader import load_model
 
-            loaded = load_model(str(path), dtype=self.cfg.dtype)
+            tp = self.cfg.tp if entry.startup else 1  # one tensor-parallel group per process
+            # tensor parallel: rank 0 reads only its own shard (the other ranks read theirs)
+            loaded = load_model(str(path), dtype=self.cfg.dtype, shard=(0, tp) if tp > 1 else None)
             entry.tokenizer = loaded.tokenizer
             entry.config = dict(loaded.config)
             entry.context_length = context_length_of(entry.config, self.cfg)
             entry.sampling = sampling_defaults(path)
             entry.info = {"format": getattr(loaded, "format", None), "quantization": _quant_summary(loaded.quantization)}
-            tp = self.cfg.tp if entry.startup else 1  # one tensor-parallel group per process
             entry.engine = _start_engine(loaded, self.cfg, entry.context_length, tp=tp)
             entry.context_length = int(getattr(entry.engine, "max_model_len", entry.context_length))
             entry.tokenizer = getattr(entry.engine, "tokenizer", None) or entry.tokenizer

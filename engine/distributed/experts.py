@@ -14,9 +14,7 @@ import mlx.nn as nn
 
 from jang_serve.engine.models.switch import QSwitchLinear, SwitchLinear
 
-
-def _own(a):
-    return mx.contiguous(a)
+from .shard_load import take
 
 
 def _quant(sw) -> bool:
@@ -33,12 +31,13 @@ def expert_rows(sw, r0: int, r1: int):
     bias = "bias" in sw
     if _quant(sw):
         out = QSwitchLinear(expert_in_features(sw), r1 - r0, e, bias, sw.bits, sw.group_size)
-        out.weight, out.scales, out.biases = (_own(getattr(sw, n)[:, r0:r1]) for n in ("weight", "scales", "biases"))
+        out.weight, out.scales, out.biases = (take(getattr(sw, n), slice(None), slice(r0, r1))
+                                              for n in ("weight", "scales", "biases"))
     else:
         out = SwitchLinear(sw.weight.shape[2], r1 - r0, e, bias)
-        out.weight = _own(sw.weight[:, r0:r1])
+        out.weight = take(sw.weight, slice(None), slice(r0, r1))
     if bias:
-        out.bias = _own(sw.bias[:, r0:r1])
+        out.bias = take(sw.bias, slice(None), slice(r0, r1))
     return out
 
 
@@ -54,11 +53,12 @@ def expert_cols(sw, c0: int, c1: int, keep_bias: bool):
         if c0 % gs or c1 % gs:
             raise ShardError(f"expert input columns {c0}..{c1} do not fall on the quantization groups of {gs}")
         out = QSwitchLinear(c1 - c0, out_d, e, bias, bits, gs)
-        out.weight = _own(sw.weight[:, :, c0 * bits // 32:c1 * bits // 32])
-        out.scales, out.biases = _own(sw.scales[:, :, c0 // gs:c1 // gs]), _own(sw.biases[:, :, c0 // gs:c1 // gs])
+        out.weight = take(sw.weight, slice(None), slice(None), slice(c0 * bits // 32, c1 * bits // 32))
+        out.scales, out.biases = (take(getattr(sw, n), slice(None), slice(None), slice(c0 // gs, c1 // gs))
+                                  for n in ("scales", "biases"))
     else:
         out = SwitchLinear(c1 - c0, out_d, e, bias)
-        out.weight = _own(sw.weight[:, :, c0:c1])
+        out.weight = take(sw.weight, slice(None), slice(None), slice(c0, c1))
     if bias:
         out.bias = sw.bias
     return out

@@ -26,6 +26,8 @@ import mlx.nn as nn
 from jang_serve.engine.models.layers import QLinear
 from jang_serve.kernels import qmm
 
+from .shard_load import materialize_rest, take  # take(a, *slices): a slice that owns its memory
+
 
 class ShardError(ValueError):
     """The model cannot be split over this many ranks (the message says why)."""
@@ -63,24 +65,19 @@ def head_split(n_heads: int, n_kv: int, size: int, rank: int) -> tuple[int, int,
     return q0, q1, k0, k1
 
 
-def _own(a):
-    """A copy that owns its memory (a slice is a view that would keep the whole tensor alive)."""
-    return mx.contiguous(a)
-
-
 # -- slicing one linear --------------------------------------------------------------------------
 def slice_rows(lin, r0: int, r1: int):
     """The output features [r0, r1) of a Linear / QLinear (quantized rows are independent)."""
     bias = "bias" in lin
     if _is_quant(lin):
         q = QLinear(lin.weight.shape[1] * 32 // lin.bits, r1 - r0, bias, lin.bits, lin.group_size)
-        q.weight, q.scales, q.biases = _own(lin.weight[r0:r1]), _own(lin.scales[r0:r1]), _own(lin.biases[r0:r1])
+        q.weight, q.scales, q.biases = (take(getattr(lin, n), slice(r0, r1)) for n in ("weight", "scales", "biases"))
         out = q
     else:
         out = nn.Linear(lin.weight.shape[1], r1 - r0, bias=bias)
-        out.weight = _own(lin.weight[r0:r1])
+        out.weight = take(lin.weight, slice(r0, r1))
     if bias:
-        out.bias = _own(lin.bias[r0:r1])
+        out.bias = take(lin.bias, slice(r0, r1))
     return out
 
 
@@ -92,11 +89,11 @@ def slice_cols(lin, c0: int, c1: int):
         if c0 % gs or c1 % gs:
             raise ShardError(f"input columns {c0}..{c1} do not fall on the quantization groups of {gs}")
         q = QLinear(c1 - c0, lin.weight.shape[0], False, bits, gs)
-        q.weight = _own(lin.weight[:, c0 * bits // 32:c1 * bits // 32])
-        q.scales, q.biases = _own(lin.scales[:, c0 // gs:c1 // gs]), _own(lin.biases[:, c0 // gs:c1 // gs])
+        q.weight = take(lin.weight, slice(None), slice(c0 * bits // 32, c1 * bits // 32))
+        q.scales, q.biases = (take(getattr(lin, n), slice(None), slice(c0 // gs, c1 // gs)) for n in ("scales", "biases"))
         return q
     out = nn.Linear(c1 - c0, lin.weight.shape[0], bias=False)
-    out.weight = _own(lin.weight[:, c0:c1])
+    out.weight = take(lin.weight, slice(None), slice(c0, c1))
     return out
 
 
@@ -158,7 +155,6 @@ def _gather_vocab(y, vocab: int, group):
 
 
 def _pad_rows(a, rows: int):
-    a = _own(a)
     return a if a.shape[0] == rows else mx.concatenate([a, mx.zeros((rows - a.shape[0], *a.shape[1:]), a.dtype)])
 
 
@@ -174,12 +170,12 @@ class VocabShardedEmbedding(nn.Module):
         self.vocab, self.v0, self.n_local, self.group = vocab, v0, v1 - v0, group
         if _is_quant(emb):
             local = nn.QuantizedEmbedding(per, dims * 32 // emb.bits, emb.group_size, emb.bits)
-            local.weight, local.scales, local.biases = (_pad_rows(getattr(emb, n)[v0:v1], per)
+            local.weight, local.scales, local.biases = (_pad_rows(take(getattr(emb, n), slice(v0, v1)), per)
                                                         for n in ("weight", "scales", "biases"))
             local.freeze()
         else:
             local = nn.Embedding(per, dims)
-            local.weight = _pad_rows(emb.weight[v0:v1], per)
+            local.weight = _pad_rows(take(emb.weight, slice(v0, v1)), per)
         self.local = local
 
     def __call__(self, tokens):
@@ -304,6 +300,7 @@ def shard_model(model, group, rank: int | None = None, size: int | None = None) 
     q0, q1, k0, k1 = heads
     args.num_attention_heads, args.num_key_value_heads = q1 - q0, k1 - k0
     model.args = args
+    materialize_rest(model)  # shard-aware load: read what was not cut (norms, biases summed after)
     mx.eval(model.parameters())
     return {"rank": rank, "size": size, "heads": [q0, q1], "kv_heads": [k0, k1], "intermediate": inter[0],
             "vocab_rows": [emb.v0, emb.v0 + emb.n_local]}

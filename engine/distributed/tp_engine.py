@@ -28,6 +28,7 @@ from ..kv_pool import available_memory_bytes, bytes_per_token
 from ..model_runner import ModelRunner
 from .launch import Followers, RankFailure, default_backend, init_group
 from .plan import StepPlan, send_plan
+from .shard_load import attach_group
 from .sharding import shard_model
 
 log = logging.getLogger("jang_serve.engine.tp")
@@ -192,8 +193,9 @@ class TPAsyncEngine(AsyncEngine):
 
 def start_tp_engine(loaded, config, size: int, backend: str | None = None, ready_timeout: float = 600.0,
                     step_timeout: float = 300.0) -> TPAsyncEngine:
-    """Start ranks 1..size-1 on `loaded.path`, join the group as rank 0, shard `loaded.model` in
-    place and return the engine. One tensor-parallel group per process. `ready_timeout`: seconds
+    """Start ranks 1..size-1 on `loaded.path` (each loads only its own shard), join the group as
+    rank 0, shard `loaded.model` in place (or take it as loaded with `load_model(path, shard=(0,
+    size))`, which reads only rank 0's shard) and return the engine. One tensor-parallel group per process. `ready_timeout`: seconds
     the other ranks may take to load the model; `step_timeout`: seconds one step may take before
     the engine declares a rank stuck."""
     if size < 2:
@@ -207,7 +209,14 @@ def start_tp_engine(loaded, config, size: int, backend: str | None = None, ready
     followers = Followers(path, dtype, config, size, backend, ready_timeout)
     try:
         group = init_group(0, size, backend, followers.contact)
-        info = shard_model(model, group)
+        info = getattr(loaded, "shard", None)
+        if info is None:  # loaded whole: cut it now
+            info = shard_model(model, group)
+        elif (info["rank"], info["size"]) != (0, size):
+            raise ValueError(f"the model was loaded as rank {info['rank']} of {info['size']}, "
+                             f"not rank 0 of {size}")
+        else:  # loaded as rank 0's shard (load_model(path, shard=(0, size))): join it to the group
+            attach_group(model, group)
         n = agree_num_blocks(model, config, dtype, group)
         if n < 2:
             raise ValueError(f"the KV budget holds fewer than 2 blocks on some rank ({n})")

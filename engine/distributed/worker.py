@@ -3,7 +3,7 @@
     python -m jang_serve.engine.distributed.worker --model PATH --dtype float32 \\
         --engine-config '{...EngineConfig...}' --rank 1 --size 2 --backend ring
 
-Loads the model, prints READY on its control pipe, joins the group, shards the model like rank 0,
+Loads only its shard of the model (load_model(shard=...)), prints READY on its control pipe, joins the group,
 builds its own KV pool (same block count as every rank), then replays rank 0's step plans until
 its stdin reaches EOF (rank 0 stopped or died). It never schedules or samples anything itself.
 """
@@ -52,17 +52,17 @@ def main(argv: list[str] | None = None) -> int:
 
     from .launch import READY, init_group
     from .plan import recv_plan
-    from .sharding import shard_model
+    from .shard_load import attach_group
     from .tp_engine import agree_num_blocks
 
     tag = f"[tp rank {args.rank}]"
-    loaded = load_model(args.model, dtype=args.dtype)
+    loaded = load_model(args.model, dtype=args.dtype, shard=(args.rank, args.size))  # only this rank's slices
     control.write(READY + "\n")
     control.flush()
     contact = {"hostfile": os.environ.get("MLX_HOSTFILE"), "nccl_port": os.environ.get("NCCL_PORT")}
     group = init_group(args.rank, args.size, args.backend, contact)
     model = loaded.model
-    shard_model(model, group)
+    attach_group(model, group)
     cfg = EngineConfig(**json.loads(args.engine_config))
     dtype = model_dtype(model)
     n = agree_num_blocks(model, cfg, dtype, group)

@@ -38,6 +38,7 @@ class LoadedModel:
     path: Path
     format: str  # "hf" | "mlx" | "jang" | "gguf"
     dtype: mx.Dtype = mx.float32
+    shard: dict | None = None  # load_model(shard=(rank, size)): what this rank holds (shard_model's summary)
 
 
 def detect_format(path) -> str:
@@ -76,18 +77,32 @@ def _strip_path(msg: str, p: Path) -> str:
     return msg[len(str(p)) + 2:] if msg.startswith(f"{p}: ") else msg
 
 
-def load_model(path, dtype="auto") -> LoadedModel:
-    """Load a model folder or .gguf file; errors are LoadError naming the file and the problem."""
+def load_model(path, dtype="auto", shard: tuple[int, int] | None = None) -> LoadedModel:
+    """Load a model folder or .gguf file; errors are LoadError naming the file and the problem.
+    shard=(rank, size): tensor parallelism, the model comes back cut to that rank's shard (its
+    collectives' group attached later) and only the slices it keeps are read from safetensors
+    (engine/distributed/shard_load.py); a .gguf file is read whole, then cut."""
     p = Path(path)
     fmt = detect_format(p)
     dt = resolve_dtype(dtype)
     if fmt == "gguf":
-        return _load_gguf(p if p.is_file() else next(p.glob("*.gguf")), dt)
+        lm = _load_gguf(p if p.is_file() else next(p.glob("*.gguf")), dt)
+        if shard is not None:
+            from jang_serve.engine.distributed.sharding import shard_model
+
+            log.info("tensor parallel: %s is a GGUF file, read whole, then cut to rank %d of %d", p, *shard)
+            lm.shard = shard_model(lm.model, None, *shard)
+        return lm
     p = model_dir(p)
     config = read_config(p)
     family_model = _build(config, p / "config.json")
     infos = tensor_infos(p)
-    weights, files = load_weights(p, infos)
+    if shard is None:
+        weights, files = load_weights(p, infos)
+    else:
+        from jang_serve.engine.distributed.shard_load import disk_weights, load_sharded
+
+        weights, files = disk_weights(infos)  # nothing read yet: names, shapes, offsets
     qcfg = quant_config(config, p / "config.json")
     if fmt == "jang":
         jc = read_jang_config(p)
@@ -113,11 +128,15 @@ def load_model(path, dtype="auto") -> LoadedModel:
         quantize_model(model, plan.spec)
     _check_parameters(model, weights, files, p)
     weights = cast_floats(weights, dt)
-    model.load_weights(list(weights.items()), strict=True)
+    info = None
+    if shard is None:
+        model.load_weights(list(weights.items()), strict=True)
+    else:
+        info = load_sharded(model, weights, *shard)
     model.eval()
     mx.eval(model.parameters())
     quant = plan.as_dict(fmt) if plan else None
-    return LoadedModel(model, config, _tokenizer(p), quant, p, fmt, dt)
+    return LoadedModel(model, config, _tokenizer(p), quant, p, fmt, dt, info)
 
 
 def _build(config: dict, cfg_file: Path):

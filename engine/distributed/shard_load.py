@@ -1,0 +1,173 @@
+"""Loading only one rank's shard: tensors stay on disk until the sharding cuts them, then only the
+rows / columns / groups / vocabulary slice this rank keeps is copied out of the file.
+
+How (`engine.loader.load_model(path, shard=(rank, size))` drives it):
+  1. every checkpoint tensor becomes a `DiskTensor` (file, offset, dtype, shape; nothing read);
+     the model's `sanitize`, the quantization plan and the dtype cast see only names and shapes;
+  2. each DiskTensor is stood in for by a lazy `mx.zeros` placeholder (never evaluated, no memory),
+     so `model.load_weights(strict=True)` checks every name and shape as for a full load;
+  3. `shard_model` cuts the model as usual; its slicing goes through `take`, which for a
+     placeholder reads just that slice from the memory-mapped file (quantized tensors are cut on
+     group boundaries, so the slice is whole packed words); every parameter it did not cut (norms,
+     routers, o_proj / down_proj biases) is read whole at the end (`materialize_rest`).
+Peak memory is this rank's shard plus one slice in flight; `bytes_read()` counts what was copied
+out of the files. Per-expert checkpoint tensors (`...experts.<e>...`, stacked by `sanitize` with
+mx.stack) are read whole, then cut; stacked (switch_mlp) bundles are read by slice.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import threading
+
+import mlx.core as mx
+import numpy as np
+
+from jang_serve.engine.loader.safetensors_io import _DTYPES, TensorInfo, read_tensor
+
+log = logging.getLogger("jang_serve.engine.tp")
+
+_MX = {"F64": mx.float32, "F32": mx.float32, "F16": mx.float16, "BF16": mx.bfloat16, "I64": mx.int64,
+       "I32": mx.int32, "I16": mx.int16, "I8": mx.int8, "U64": mx.uint64, "U32": mx.uint32, "U16": mx.uint16,
+       "U8": mx.uint8, "BOOL": mx.bool_}
+_EXPERT = re.compile(r"\.experts\.\d+\.")
+_local = threading.local()
+_counter_lock = threading.Lock()
+_bytes_read = [0]
+
+
+def bytes_read() -> int:
+    """Bytes copied out of checkpoint files by DiskTensor.read() in this process so far."""
+    return _bytes_read[0]
+
+
+class DiskTensor:
+    """A window of a safetensors tensor on disk: `[a:b]` slicing and `astype` are recorded, `read()`
+    copies only the window's bytes."""
+
+    def __init__(self, info: TensorInfo, window: tuple[tuple[int, int], ...] | None = None, cast=None):
+        self.info, self.cast = info, cast
+        self.window = window if window is not None else tuple((0, n) for n in info.shape)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(b - a for a, b in self.window)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.window)
+
+    @property
+    def dtype(self):
+        return self.cast if self.cast is not None else _MX[self.info.dtype]
+
+    def astype(self, dtype) -> "DiskTensor":
+        return DiskTensor(self.info, self.window, dtype)
+
+    def __getitem__(self, idx) -> "DiskTensor":
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        if len(idx) > self.ndim:
+            raise IndexError(f"{len(idx)} indices for a {self.ndim}-d tensor {self.info.name}")
+        win = list(self.window)
+        for ax, s in enumerate(idx):
+            if not isinstance(s, slice) or s.step not in (None, 1):
+                raise TypeError(f"DiskTensor {self.info.name}: only [a:b] slices are supported, got {s!r}")
+            a, b = win[ax]
+            start, stop, _ = s.indices(b - a)
+            win[ax] = (a + start, a + max(start, stop))
+        return DiskTensor(self.info, tuple(win), self.cast)
+
+    def read(self) -> mx.array:
+        np_dtype, view = _DTYPES[self.info.dtype]
+        n = math.prod(self.shape)
+        if n == 0 or not self.info.shape:
+            a = mx.zeros(self.shape, _MX[self.info.dtype]) if n == 0 else read_tensor(self.info)
+        else:
+            mm = np.memmap(self.info.file, dtype=np_dtype, mode="r", offset=self.info.begin, shape=self.info.shape)
+            part = np.ascontiguousarray(mm[tuple(slice(a, b) for a, b in self.window)])
+            del mm
+            with _counter_lock:
+                _bytes_read[0] += part.nbytes
+            a = mx.array(part)
+            if view is not None:
+                a = a.view(view)
+        if self.cast is not None and a.dtype != self.cast:
+            a = a.astype(self.cast)
+        mx.eval(a)
+        return a
+
+
+def disk_weights(infos: dict[str, TensorInfo]) -> tuple[dict, dict]:
+    """-> ({name: DiskTensor}, {name: file}) for a folder's tensors, reading nothing (per-expert
+    tensors, which sanitize stacks with mx.stack, are read whole)."""
+    weights, files, whole = {}, {}, 0
+    for name, info in infos.items():
+        files[name] = info.file
+        if _EXPERT.search(name):
+            weights[name] = DiskTensor(info).read()
+            whole += 1
+        else:
+            weights[name] = DiskTensor(info)
+    if whole:
+        log.info("shard-aware load: %d per-expert tensors are read whole (stacked at load), then cut", whole)
+    return weights, files
+
+
+def take(a, *idx):
+    """`a[idx]` as an array that owns its memory; for a placeholder, read only that slice from disk."""
+    pending = getattr(_local, "pending", None)
+    ent = pending.get(id(a)) if pending else None
+    if ent is not None and ent[0] is a:
+        return ent[1][idx].read()
+    return mx.contiguous(a[idx])
+
+
+def materialize_rest(model) -> None:
+    """Read every parameter still standing in for a DiskTensor (the ones sharding kept whole)."""
+    pending = getattr(_local, "pending", None)
+    if not pending:
+        return
+    for _, m in model.named_modules():
+        for k, v in list(m.items()):
+            ent = pending.get(id(v)) if isinstance(v, mx.array) else None
+            if ent is not None and ent[0] is v:
+                m[k] = ent[1].read()
+
+
+def load_sharded(model, weights: dict, rank: int, size: int) -> dict:
+    """Load `weights` ({name: DiskTensor | mx.array}, sanitized and cast) into `model` cut down to
+    `rank`'s shard of `size` (the collectives' group is attached later: `attach_group`)."""
+    from mlx.utils import tree_flatten
+
+    from .sharding import shard_model
+
+    pending, items = {}, []
+    for k, v in weights.items():
+        if isinstance(v, DiskTensor):
+            ph = mx.zeros(v.shape, v.dtype)  # lazy: never evaluated
+            pending[id(ph)] = (ph, v)
+            v = ph
+        items.append((k, v))
+    model.load_weights(items, strict=True)
+    del items
+    _local.pending = pending
+    try:
+        info = shard_model(model, None, rank, size)
+        left = [k for k, v in tree_flatten(model.parameters()) if id(v) in pending and pending[id(v)][0] is v]
+        if left:
+            raise RuntimeError(f"shard-aware load left parameters unread: {left[:5]}")
+    finally:
+        _local.pending = None
+    return info
+
+
+def attach_group(model, group) -> None:
+    """Point every all-summing / vocabulary-sharded module of a model cut with group=None at `group`."""
+    from .experts import AllSumAfter
+    from .sharding import VocabShardedEmbedding, VocabShardedHead, _AllSum
+
+    for _, m in model.named_modules():
+        if isinstance(m, (_AllSum, AllSumAfter, VocabShardedEmbedding, VocabShardedHead)):
+            m.group = group
