@@ -144,10 +144,13 @@ def prompts_for(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     return [rng.integers(100, vocab - 100, size=length).tolist() for _ in range(n)]
 
 
-def run_ours(model, cfg, prompts, gen, kv_gb, budget) -> dict:
+ENGINE_KW: dict = {}   # EngineConfig overrides from --async-decode / --fuse (None: the engine's default)
+
+
+def run_ours(model, cfg, prompts, gen, kv_gb, budget, **kw) -> dict:
     core = EngineCore((model, None, cfg), EngineConfig(kv_memory_gb=kv_gb, max_num_batched_tokens=budget,
                                                        max_num_seqs=max(64, len(prompts)),
-                                                       enable_prefix_caching=False))
+                                                       enable_prefix_caching=False, **{**ENGINE_KW, **kw}))
     sp = SamplingParams(max_tokens=gen, temperature=0, ignore_eos=True)
     for i, p in enumerate(prompts):
         core.add_request(f"r{i}", p, sp)
@@ -180,7 +183,7 @@ def probe_step(model, cfg, nseq, prompt_len, kv_gb) -> dict:
     from jang_serve.engine.paged_attention import PagedBackend
 
     core = EngineCore((model, None, cfg), EngineConfig(kv_memory_gb=kv_gb, max_num_seqs=max(64, nseq),
-                                                       enable_prefix_caching=False))
+                                                       enable_prefix_caching=False, **ENGINE_KW))
     sp = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
     for i, p in enumerate(prompts_for(nseq, prompt_len, cfg["vocab_size"], 7)):
         core.add_request(f"p{i}", p, sp)
@@ -253,7 +256,13 @@ def main():
     ap.add_argument("--commit", default=os.environ.get("JANG_COMMIT", ""))
     ap.add_argument("--force-routes", action="store_true", help="probe route configs on the CPU too (a test)")
     ap.add_argument("--note", default="")
+    ap.add_argument("--async-decode", choices=("auto", "on", "off"), default="auto",
+                    help="EngineConfig.async_decode (auto: on on a GPU)")
+    ap.add_argument("--fuse", choices=("auto", "on", "off"), default="auto",
+                    help="EngineConfig.fuse_projections (auto: on on a GPU)")
     args = ap.parse_args()
+    tri = {"auto": None, "on": True, "off": False}
+    ENGINE_KW.update(async_decode=tri[args.async_decode], fuse_projections=tri[args.fuse])
 
     cfg = TINY if args.tiny else LLAMA3_8B
     on_gpu = mx.default_device().type == mx.DeviceType.gpu
@@ -267,7 +276,8 @@ def main():
                settings=dict(prompt_tokens=args.prompt, gen_batch1=args.gen1, gen_batched=args.genb,
                              concurrency=args.conc, our_max_num_batched_tokens=args.budget, kv_gb=args.kv_gb,
                              greedy=True, ignore_eos=True, block_size=16, kv="auto (model dtype)",
-                             kernels=os.environ.get("JANG_KERNELS", "auto")),
+                             kernels=os.environ.get("JANG_KERNELS", "auto"), async_decode=args.async_decode,
+                             fuse_projections=args.fuse),
                runs={}, timings_s={})
     out = Path(args.out)
 
@@ -341,6 +351,10 @@ def main():
              lambda: run_mlx_lm_single(models["mlxlm-4bit"], p1[0], args.gen1)),
             ("batch1/ours-jang4m", ours_run("ours-jang4m", warm1, args.gen1), ours_run("ours-jang4m", p1, args.gen1)),
             ("batch1/ours-bf16", ours_run("ours-bf16", warm1, args.gen1), ours_run("ours-bf16", p1, args.gen1)),
+            # the same JANG batch-1 run with the pipelined decode off (synchronous steps)
+            ("batch1/ours-jang4m-sync",
+             lambda: run_ours(models["ours-jang4m"], cfg, warm1, args.gen1, args.kv_gb, args.budget, async_decode=False),
+             lambda: run_ours(models["ours-jang4m"], cfg, p1, args.gen1, args.kv_gb, args.budget, async_decode=False)),
             ("batched/ours-jang4m", ours_run("ours-jang4m", warmb, args.genb), ours_run("ours-jang4m", pb, args.genb)),
             ("batched/ours-bf16", ours_run("ours-bf16", warmb, args.genb), ours_run("ours-bf16", pb, args.genb)),
             ("batched/mlxlm-4bit", lambda: run_mlx_lm_batch(models["mlxlm-4bit"], warmb, args.genb),
@@ -357,7 +371,7 @@ def main():
             warm()
             res["timings_s"][name + "/warmup"] = round(time.perf_counter() - t, 1)
             r = run()
-            mname = name.split("/")[1].replace("-noqgemm", "")
+            mname = name.split("/")[1].replace("-noqgemm", "").replace("-sync", "")
             roof = res["models"][mname]["roofline_tok_s_batch1" if name.startswith("batch1") else "roofline_tok_s_batched"]
             r["roofline_tok_s"] = roof
             r["pct_of_roofline"] = round(100 * r["decode_tok_s"] / roof, 1) if r.get("decode_tok_s") else None
@@ -395,6 +409,7 @@ def main():
 
     res["ratios"] = dict(
         batch1_decode_jang4m_vs_mlxlm4bit=ratio("batch1/ours-jang4m", "batch1/mlxlm-4bit", "decode_tok_s"),
+        batch1_decode_jang4m_pipelined_vs_sync=ratio("batch1/ours-jang4m", "batch1/ours-jang4m-sync", "decode_tok_s"),
         batch1_decode_bf16_vs_mlxlm4bit=ratio("batch1/ours-bf16", "batch1/mlxlm-4bit", "decode_tok_s"),
         batched_jang4m_vs_mlxlm4bit=ratio("batched/ours-jang4m", "batched/mlxlm-4bit", "tok_s"),
         batched_decode_jang4m_vs_mlxlm4bit=ratio("batched/ours-jang4m", "batched/mlxlm-4bit", "decode_tok_s"),
