@@ -17,6 +17,7 @@ mx.stack) are read whole, then cut; stacked (switch_mlp) bundles are read by sli
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import re
@@ -43,13 +44,13 @@ def bytes_read() -> int:
     return _bytes_read[0]
 
 
-class DiskTensor:
-    """A window of a safetensors tensor on disk: `[a:b]` slicing and `astype` are recorded, `read()`
-    copies only the window's bytes."""
+class LazyTensor:
+    """A tensor not yet in memory: `[a:b]` slicing and `astype` are recorded as a window and a
+    cast; `read()` materialises only the window (`_read()` of a subclass)."""
 
-    def __init__(self, info: TensorInfo, window: tuple[tuple[int, int], ...] | None = None, cast=None):
-        self.info, self.cast = info, cast
-        self.window = window if window is not None else tuple((0, n) for n in info.shape)
+    def __init__(self, shape: tuple[int, ...], window: tuple[tuple[int, int], ...] | None = None, cast=None):
+        self.full_shape, self.cast = tuple(shape), cast
+        self.window = window if window is not None else tuple((0, n) for n in self.full_shape)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -61,42 +62,59 @@ class DiskTensor:
 
     @property
     def dtype(self):
-        return self.cast if self.cast is not None else _MX[self.info.dtype]
+        return self.cast if self.cast is not None else self.stored_dtype
 
-    def astype(self, dtype) -> "DiskTensor":
-        return DiskTensor(self.info, self.window, dtype)
+    def _copy(self, window, cast) -> "LazyTensor":
+        out = copy.copy(self)
+        out.window, out.cast = window, cast
+        return out
 
-    def __getitem__(self, idx) -> "DiskTensor":
+    def astype(self, dtype) -> "LazyTensor":
+        return self._copy(self.window, dtype)
+
+    def __getitem__(self, idx) -> "LazyTensor":
         idx = idx if isinstance(idx, tuple) else (idx,)
         if len(idx) > self.ndim:
-            raise IndexError(f"{len(idx)} indices for a {self.ndim}-d tensor {self.info.name}")
+            raise IndexError(f"{len(idx)} indices for a {self.ndim}-d tensor {self.name}")
         win = list(self.window)
         for ax, s in enumerate(idx):
             if not isinstance(s, slice) or s.step not in (None, 1):
-                raise TypeError(f"DiskTensor {self.info.name}: only [a:b] slices are supported, got {s!r}")
+                raise TypeError(f"lazy tensor {self.name}: only [a:b] slices are supported, got {s!r}")
             a, b = win[ax]
             start, stop, _ = s.indices(b - a)
             win[ax] = (a + start, a + max(start, stop))
-        return DiskTensor(self.info, tuple(win), self.cast)
+        return self._copy(tuple(win), self.cast)
 
     def read(self) -> mx.array:
-        np_dtype, view = _DTYPES[self.info.dtype]
-        n = math.prod(self.shape)
-        if n == 0 or not self.info.shape:
-            a = mx.zeros(self.shape, _MX[self.info.dtype]) if n == 0 else read_tensor(self.info)
-        else:
-            mm = np.memmap(self.info.file, dtype=np_dtype, mode="r", offset=self.info.begin, shape=self.info.shape)
-            part = np.ascontiguousarray(mm[tuple(slice(a, b) for a, b in self.window)])
-            del mm
-            with _counter_lock:
-                _bytes_read[0] += part.nbytes
-            a = mx.array(part)
-            if view is not None:
-                a = a.view(view)
+        a = self._read()
         if self.cast is not None and a.dtype != self.cast:
             a = a.astype(self.cast)
         mx.eval(a)
         return a
+
+
+class DiskTensor(LazyTensor):
+    """A window of a safetensors tensor on disk; `read()` copies only the window's bytes out of a
+    memory map of the file."""
+
+    def __init__(self, info: TensorInfo):
+        super().__init__(info.shape)
+        self.info, self.name, self.stored_dtype = info, info.name, _MX[info.dtype]
+
+    def _read(self) -> mx.array:
+        np_dtype, view = _DTYPES[self.info.dtype]
+        n = math.prod(self.shape)
+        if n == 0:
+            return mx.zeros(self.shape, self.stored_dtype)
+        if not self.info.shape:
+            return read_tensor(self.info)
+        mm = np.memmap(self.info.file, dtype=np_dtype, mode="r", offset=self.info.begin, shape=self.info.shape)
+        part = np.ascontiguousarray(mm[tuple(slice(a, b) for a, b in self.window)])
+        del mm
+        with _counter_lock:
+            _bytes_read[0] += part.nbytes
+        a = mx.array(part)
+        return a.view(view) if view is not None else a
 
 
 def disk_weights(infos: dict[str, TensorInfo]) -> tuple[dict, dict]:
@@ -125,7 +143,7 @@ def take(a, *idx):
 
 
 def materialize_rest(model) -> None:
-    """Read every parameter still standing in for a DiskTensor (the ones sharding kept whole)."""
+    """Read every parameter still standing in for a LazyTensor (the ones sharding kept whole)."""
     pending = getattr(_local, "pending", None)
     if not pending:
         return
@@ -137,7 +155,7 @@ def materialize_rest(model) -> None:
 
 
 def load_sharded(model, weights: dict, rank: int, size: int) -> dict:
-    """Load `weights` ({name: DiskTensor | mx.array}, sanitized and cast) into `model` cut down to
+    """Load `weights` ({name: LazyTensor | mx.array}, sanitized and cast) into `model` cut down to
     `rank`'s shard of `size` (the collectives' group is attached later: `attach_group`)."""
     from mlx.utils import tree_flatten
 
@@ -145,7 +163,7 @@ def load_sharded(model, weights: dict, rank: int, size: int) -> dict:
 
     pending, items = {}, []
     for k, v in weights.items():
-        if isinstance(v, DiskTensor):
+        if isinstance(v, LazyTensor):
             ph = mx.zeros(v.shape, v.dtype)  # lazy: never evaluated
             pending[id(ph)] = (ph, v)
             v = ph

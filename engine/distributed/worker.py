@@ -44,19 +44,26 @@ def main(argv: list[str] | None = None) -> int:
     threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: rank 0 stops us (EOF)
 
+    import mlx.core as mx
+
     from jang_serve.engine.engine_config import EngineConfig
     from jang_serve.engine.engine_core import model_dtype
     from jang_serve.engine.kv_pool import KVPool
     from jang_serve.engine.loader import load_model
     from jang_serve.engine.model_runner import ModelRunner
+    from jang_serve.engine.models.layers import fuse_projections
 
     from .launch import READY, init_group
     from .plan import recv_plan
     from .shard_load import attach_group
+    from .synthetic import is_synthetic, load_synthetic
     from .tp_engine import agree_num_blocks
 
     tag = f"[tp rank {args.rank}]"
-    loaded = load_model(args.model, dtype=args.dtype, shard=(args.rank, args.size))  # only this rank's slices
+    if is_synthetic(args.model):  # a random-weight benchmark model: this rank's values only
+        loaded = load_synthetic(args.model, args.dtype, shard=(args.rank, args.size))
+    else:
+        loaded = load_model(args.model, dtype=args.dtype, shard=(args.rank, args.size))  # only this rank's slices
     control.write(READY + "\n")
     control.flush()
     contact = {"hostfile": os.environ.get("MLX_HOSTFILE"), "nccl_port": os.environ.get("NCCL_PORT")}
@@ -67,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     dtype = model_dtype(model)
     n = agree_num_blocks(model, cfg, dtype, group)
     runner = ModelRunner(model, KVPool.for_model(model, replace(cfg, num_blocks=n), dtype))
+    fuse = cfg.fuse_projections
+    if fuse or (fuse is None and mx.default_device() != mx.cpu):  # as EngineCore does on rank 0
+        fuse_projections(model)
     steps = 0
     stdin = sys.stdin.buffer
     while True:
