@@ -146,6 +146,114 @@ def test_fused_and_expert_weights_are_cut_per_rank():
     assert mx.array_equal(sw.down_proj.scales, down.scales[:, :, :2])
 
 
+# -- shard-aware loading: each rank reads only its own slices -----------------------------------
+def _same_params(a, b) -> None:
+    pa, pb = _params(a), _params(b)
+    assert set(pa) == set(pb)
+    for k, v in pa.items():
+        assert v.dtype == pb[k].dtype and mx.array_equal(v, pb[k]), k
+
+
+def test_shard_aware_load_equals_cutting_the_loaded_model(tmp_path):
+    """load_model(path, shard=(rank, size)) gives exactly the arrays of loading whole and cutting:
+    float (stored bf16, read as float32) over 3 uneven ranks, a 4-bit tied qwen2 with a replicated KV
+    head, 4-bit mixtral experts, phi3's fused rows, and a JANG_4M bundle (index + numbered shards)."""
+    from jang_serve.engine.loader import load_model
+    from jang_serve.quantize import convert
+
+    from engine_helpers import tiny_model
+
+    m, cfg = tiny_model(3, num_attention_heads=4, num_key_value_heads=2)
+    m.set_dtype(mx.bfloat16)
+    bf16 = save_model(m, cfg, tmp_path / "bf16")
+    m, cfg = tiny_model(3, hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
+    jang = convert(save_model(m, cfg, tmp_path / "src"), tmp_path / "jang", profile="JANG_4M").path
+    cases = [(bf16, 3), (jang, 2),
+             (tiny_dir(tmp_path / "q", quant=(4, 32), model_type="qwen2", attention_bias=True,
+                       tie_word_embeddings=True, num_attention_heads=4, num_key_value_heads=1), 2),
+             (tiny_dir(tmp_path / "moe", quant=(4, 32), model_type="mixtral", num_local_experts=4,
+                       num_experts_per_tok=2), 2),
+             (tiny_dir(tmp_path / "phi", model_type="phi3", num_attention_heads=4, num_key_value_heads=2), 2)]
+    for path, size in cases:
+        for rank in range(size):
+            whole = load_model(path, dtype="float32")
+            info = shard_model(whole.model, None, rank, size)
+            part = load_model(path, dtype="float32", shard=(rank, size))
+            _same_params(whole.model, part.model)
+            assert part.shard == info and part.format == whole.format, path
+    assert part.model.model.layers[0].mlp.gate_up_proj.weight.shape == (128, 64)  # phi3 rank 1: 64 gate + 64 up rows
+
+
+def test_a_rank_reads_and_holds_about_1_over_n_of_the_model(tmp_path):
+    """Bytes copied out of the safetensors file, and the peak MLX memory of the load, are ~1/N of
+    the whole model's (a whole load peaks at the whole model), for float32 and 4-bit weights."""
+    import gc
+
+    from jang_serve.engine.distributed.shard_load import bytes_read
+    from jang_serve.engine.loader import load_model
+
+    kw = dict(hidden_size=256, intermediate_size=1024, vocab_size=4096, num_attention_heads=8, num_key_value_heads=4)
+    for quant in (None, (4, 32)):
+        d = tiny_dir(tmp_path / str(quant), quant=quant, **kw)
+        total = (d / "model.safetensors").stat().st_size
+        for shard in (None, (1, 2), (3, 4)):
+            gc.collect()
+            mx.clear_cache()
+            mx.reset_peak_memory()
+            base, before = mx.get_active_memory(), bytes_read()
+            lm = load_model(d, shard=shard)
+            peak, read = (mx.get_peak_memory() - base) / total, (bytes_read() - before) / total
+            held = sum(v.nbytes for v in _params(lm.model).values()) / total
+            n = shard[1] if shard else 1
+            assert abs(held - 1 / n) < 0.03 and peak < 1 / n + 0.05, (quant, shard, held, peak)
+            if shard:  # the whole load goes through mx.load, not the counting reader
+                assert abs(read - 1 / n) < 0.03, (quant, shard, read)
+            del lm
+
+
+def test_synthetic_shards_equal_the_cut_whole_model(tmp_path):
+    """The benchmark's random models: a rank's generated shard is the same slice of the whole model."""
+    from jang_serve.engine.distributed.synthetic import load_synthetic, write_spec
+    from engine_helpers import tiny_config
+
+    cfg = tiny_config(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
+    mods = {f"model.layers.{i}.{n}": (8 if "attn" in n else 4, 64) for i in range(cfg["num_hidden_layers"])
+            for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                      "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+    d = write_spec(tmp_path / "syn", cfg, dict(mods, **{"model.embed_tokens": (4, 64), "lm_head": (8, 64)}))
+    whole = load_synthetic(d)
+    g = whole.model.model.layers[0].mlp.gate_proj
+    w = mx.dequantize(g.weight, g.scales, g.biases, g.group_size, g.bits)
+    assert abs(w.mean().item()) < 2e-3 and 0.018 < w.std().item() < 0.022  # centred, std 0.02
+    for rank in range(2):
+        cut = load_synthetic(d)
+        info = shard_model(cut.model, None, rank, 2)
+        part = load_synthetic(d, shard=(rank, 2))
+        _same_params(cut.model, part.model)
+        assert part.shard == info
+
+
+def test_tp_gpu_bench_smoke_on_cpu(tmp_path):
+    """bench/tp_gpu.py end to end with tiny shapes on the ring backend: tp 1 and tp 2 in their own
+    processes, the merged JSON with tokens/s, roofline, scaling, and tp 2 == tp 1 greedy tokens."""
+    out = tmp_path / "tp.json"
+    p = subprocess.run([sys.executable, str(HERE.parent / "bench" / "tp_gpu.py"), str(out), "--plan", "tiny:1,tiny:2",
+                        "--prompt", "16", "--gen1", "8", "--genb", "6", "--conc", "4", "--kv-gb", "0.02"],
+                       capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    res = json.loads(out.read_text())
+    one, two = res["configs"]["tiny:1"], res["configs"]["tiny:2"]
+    for r in (one, two):
+        assert r["exit"] == 0 and r["versions"]["mlx"] and r["date"] and r["device"]
+        assert r["runs"]["batch1"]["decode_tok_s"] > 0 and r["runs"]["batched"]["tok_s"] > 0
+        assert r["runs"]["batched"]["generated"] == 4 * 6 and r["model"]["roofline_tok_s_batch1"] > 0
+    assert two["backend"] == "ring" and two["env"]["NCCL_NVLS_ENABLE"] == "0" and two["shard_rank0"]["size"] == 2
+    assert 0.45 < two["model"]["weight_bytes_rank0"] / one["model"]["weight_bytes_rank0"] < 0.55
+    sc = res["scaling"]["tiny:2"]
+    assert sc["batch1_greedy_tokens_agreeing"] == "8/8" and sc["batched_greedy_tokens_agreeing"] == "6/6"
+    assert sc["batched_tok_s_vs_tp1"] > 0
+
+
 # -- multi-process --------------------------------------------------------------------------------
 def run_driver(*args: str, timeout: float = 150.0) -> dict:
     p = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, timeout=timeout,
@@ -175,9 +283,10 @@ def test_tp2_tiny_float_equals_single_process(tmp_path):
 
 def test_tp3_uneven_splits_and_padded_vocabulary_equal_single_process(tmp_path):
     """3 ranks: 4 query / 2 KV heads split 1/1/2 (KV head 0 on two ranks), the MLP 32/32/64, and a
-    vocabulary of 256 as 86/86/84 rows (the last shard padded with zero rows, trimmed after the gather)."""
+    vocabulary of 256 as 86/86/84 rows (the last shard padded with zero rows, trimmed after the gather).
+    Every rank, rank 0 included, loads only its own shard."""
     d = tiny_dir(tmp_path, num_attention_heads=4, num_key_value_heads=2)
-    out = run_driver("equal", str(d), json.dumps(_requests(256, 8)), "auto", "3")
+    out = run_driver("equal", str(d), json.dumps(_requests(256, 8)), "auto", "3", "1")
     assert out["tp"] == out["ref"]
     assert out["shard"] == {"rank": 0, "size": 3, "heads": [0, 1], "kv_heads": [0, 1], "intermediate": 32,
                             "vocab_rows": [0, 86]}
@@ -193,10 +302,11 @@ def test_tp_option_is_validated():
 
 
 def test_tp2_tiny_quantized_tied_replicated_kv_equals_single_process(tmp_path):
-    """4-bit g32 weights (qwen2 biases, tied quantized embedding / head), 1 KV head over 2 ranks."""
+    """4-bit g32 weights (qwen2 biases, tied quantized embedding / head), 1 KV head over 2 ranks;
+    both ranks load only their own shard."""
     d = tiny_dir(tmp_path, quant=(4, 32), model_type="qwen2", attention_bias=True, tie_word_embeddings=True,
                  num_attention_heads=4, num_key_value_heads=1)
-    out = run_driver("equal", str(d), json.dumps(_requests(256, 10)))
+    out = run_driver("equal", str(d), json.dumps(_requests(256, 10)), "auto", "2", "1")
     assert out["tp"] == out["ref"]
     assert out["shard"]["kv_heads"] == [0, 1] and out["shard"]["heads"] == [0, 2]
 
@@ -257,6 +367,19 @@ def test_tp2_smollm2_float_and_q4_equal_single_process(smollm2_dirs):
         out = run_driver("equal", str(path), json.dumps(reqs))
         assert out["tp"] == out["ref"], path
         assert out["shard"]["heads"] == [0, 3] and out["shard"]["kv_heads"] == [0, 1]  # 9 q / 3 kv heads
+
+
+def test_smollm2_gguf_shard_is_read_whole_then_cut(smollm2_dirs):
+    """A .gguf file under shard=(rank, size) is read whole, then cut: the same arrays as rank 1's
+    shard-aware load of the float folder saved from that GGUF."""
+    from realdata import smollm2_gguf
+
+    from jang_serve.engine.loader import load_model
+
+    g = load_model(smollm2_gguf(), shard=(1, 2))
+    f = load_model(smollm2_dirs[0], shard=(1, 2))
+    assert g.shard == f.shard and g.shard["heads"] == [3, 9] and g.shard["vocab_rows"] == [24576, 49152]
+    _same_params(g.model, f.model)
 
 
 def test_tp2_q4_kv_equals_single_process(tmp_path):
@@ -363,7 +486,7 @@ async def _collect(engine, reqs: list[dict]) -> list[list[list[int]]]:
     return list(await asyncio.gather(*[one(r) for r in reqs]))
 
 
-def _driver_equal(path: str, reqs: list[dict], kv_dtype: str = "auto", size: str = "2") -> dict:
+def _driver_equal(path: str, reqs: list[dict], kv_dtype: str = "auto", size: str = "2", shard0: str = "0") -> dict:
     from jang_serve.engine.async_engine import AsyncEngine
     from jang_serve.engine.distributed import start_tp_engine
     from jang_serve.engine.engine_config import EngineConfig
@@ -376,7 +499,8 @@ def _driver_equal(path: str, reqs: list[dict], kv_dtype: str = "auto", size: str
     ref = asyncio.run(_collect(single, reqs))
     t2 = time.perf_counter()
     single.shutdown()
-    tp = start_tp_engine(load_model(path), cfg, int(size))
+    # shard0 "1": rank 0 too loads only its own shard (as `jang-serve --tp` does); else whole, then cut
+    tp = start_tp_engine(load_model(path, shard=(0, int(size)) if shard0 == "1" else None), cfg, int(size))
     t3 = time.perf_counter()
     got = asyncio.run(_collect(tp, reqs))
     t4 = time.perf_counter()
