@@ -258,11 +258,14 @@ def main():
     ap.add_argument("--note", default="")
     ap.add_argument("--async-decode", choices=("auto", "on", "off"), default="auto",
                     help="EngineConfig.async_decode (auto: on on a GPU)")
+    ap.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                    help="EngineConfig.compile_decode (auto: on on a GPU)")
     ap.add_argument("--fuse", choices=("auto", "on", "off"), default="auto",
                     help="EngineConfig.fuse_projections (auto: on on a GPU)")
     args = ap.parse_args()
     tri = {"auto": None, "on": True, "off": False}
-    ENGINE_KW.update(async_decode=tri[args.async_decode], fuse_projections=tri[args.fuse])
+    ENGINE_KW.update(async_decode=tri[args.async_decode], fuse_projections=tri[args.fuse],
+                     compile_decode=tri[args.compile])
 
     cfg = TINY if args.tiny else LLAMA3_8B
     on_gpu = mx.default_device().type == mx.DeviceType.gpu
@@ -277,7 +280,7 @@ def main():
                              concurrency=args.conc, our_max_num_batched_tokens=args.budget, kv_gb=args.kv_gb,
                              greedy=True, ignore_eos=True, block_size=16, kv="auto (model dtype)",
                              kernels=os.environ.get("JANG_KERNELS", "auto"), async_decode=args.async_decode,
-                             fuse_projections=args.fuse),
+                             fuse_projections=args.fuse, compile_decode=args.compile),
                runs={}, timings_s={})
     out = Path(args.out)
 
@@ -351,7 +354,10 @@ def main():
              lambda: run_mlx_lm_single(models["mlxlm-4bit"], p1[0], args.gen1)),
             ("batch1/ours-jang4m", ours_run("ours-jang4m", warm1, args.gen1), ours_run("ours-jang4m", p1, args.gen1)),
             ("batch1/ours-bf16", ours_run("ours-bf16", warm1, args.gen1), ours_run("ours-bf16", p1, args.gen1)),
-            # the same JANG batch-1 run with the pipelined decode off (synchronous steps)
+            # the same JANG batch-1 run without compiled blocks, and with the pipelined decode off
+            ("batch1/ours-jang4m-nocompile",
+             lambda: run_ours(models["ours-jang4m"], cfg, warm1, args.gen1, args.kv_gb, args.budget, compile_decode=False),
+             lambda: run_ours(models["ours-jang4m"], cfg, p1, args.gen1, args.kv_gb, args.budget, compile_decode=False)),
             ("batch1/ours-jang4m-sync",
              lambda: run_ours(models["ours-jang4m"], cfg, warm1, args.gen1, args.kv_gb, args.budget, async_decode=False),
              lambda: run_ours(models["ours-jang4m"], cfg, p1, args.gen1, args.kv_gb, args.budget, async_decode=False)),
@@ -371,7 +377,7 @@ def main():
             warm()
             res["timings_s"][name + "/warmup"] = round(time.perf_counter() - t, 1)
             r = run()
-            mname = name.split("/")[1].replace("-noqgemm", "").replace("-sync", "")
+            mname = name.split("/")[1].replace("-noqgemm", "").replace("-sync", "").replace("-nocompile", "")
             roof = res["models"][mname]["roofline_tok_s_batch1" if name.startswith("batch1") else "roofline_tok_s_batched"]
             r["roofline_tok_s"] = roof
             r["pct_of_roofline"] = round(100 * r["decode_tok_s"] / roof, 1) if r.get("decode_tok_s") else None
@@ -410,6 +416,7 @@ def main():
     res["ratios"] = dict(
         batch1_decode_jang4m_vs_mlxlm4bit=ratio("batch1/ours-jang4m", "batch1/mlxlm-4bit", "decode_tok_s"),
         batch1_decode_jang4m_pipelined_vs_sync=ratio("batch1/ours-jang4m", "batch1/ours-jang4m-sync", "decode_tok_s"),
+        batch1_decode_jang4m_compiled_vs_not=ratio("batch1/ours-jang4m", "batch1/ours-jang4m-nocompile", "decode_tok_s"),
         batch1_decode_bf16_vs_mlxlm4bit=ratio("batch1/ours-bf16", "batch1/mlxlm-4bit", "decode_tok_s"),
         batched_jang4m_vs_mlxlm4bit=ratio("batched/ours-jang4m", "batched/mlxlm-4bit", "tok_s"),
         batched_decode_jang4m_vs_mlxlm4bit=ratio("batched/ours-jang4m", "batched/mlxlm-4bit", "decode_tok_s"),

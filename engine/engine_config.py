@@ -14,6 +14,9 @@ class EngineConfig:
     kv_dtype: str = "auto"  # auto (model dtype) | q8 | q4
     kv_group_size: int | None = None  # 32 or 64; None: 32 for q4, 64 for q8
     kv_transform: bool | None = None  # store K/V smoothed + Hadamard-rotated (engine/kv_transform.py); None: q4 only
+    # With kv_transform: centre keys and/or values on means from a calibration pass at pool creation
+    # (engine/kv_calibration.py; needs a tokenizer): "kv", "k" or "none". None: "kv".
+    kv_center: str | None = None
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     # Per-step cap on prefill tokens while other sequences are decoding, so one long prompt cannot
@@ -27,6 +30,8 @@ class EngineConfig:
     async_decode: bool | None = None
     # Fuse q/k/v and gate/up into one matmul each at start-up (models/layers.fuse_projections). None: on a GPU.
     fuse_projections: bool | None = None
+    # Decode steps (<= max_num_seqs tokens) through mx.compile'd block halves (models/compiled.py). None: on a GPU.
+    compile_decode: bool | None = None
 
     def __post_init__(self):
         if self.kv_dtype not in ("auto", "q8", "q4"):
@@ -35,6 +40,10 @@ class EngineConfig:
             self.kv_group_size = 32 if self.kv_dtype == "q4" else 64
         if self.kv_transform is None:
             self.kv_transform = self.kv_dtype == "q4"
+        if self.kv_center is None:
+            self.kv_center = "kv"
+        if self.kv_center not in ("kv", "k", "none"):
+            raise ValueError(f"kv_center must be kv, k or none, got {self.kv_center!r}")
         if self.kv_group_size not in (32, 64):
             raise ValueError(f"kv_group_size must be 32 or 64, got {self.kv_group_size}")
         if self.block_size < 1:

@@ -51,6 +51,10 @@ class EngineCore:
             from .models.layers import fuse_projections
 
             fuse_projections(self.model)
+        comp = self.config.compile_decode
+        from .models.compiled import compile_blocks
+
+        compile_blocks(self.model, self.config.max_num_seqs, on=bool(comp or (comp is None and mx.default_device() != mx.cpu)))
         self.blocks = BlockManager(self.pool.num_blocks, self.config.block_size, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, self.config.max_num_seqs, self.config.max_num_batched_tokens,
                                    self.config.prefill_chunk())

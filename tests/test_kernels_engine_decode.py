@@ -171,3 +171,30 @@ def test_engine_fuses_on_request_and_matches():
                                                          async_decode=True))
     assert "qkv_fused" in model.model.layers[0].self_attn
     assert fused.generate(prompts, sp) == want
+
+
+@pytest.mark.parametrize("quant", [None, "q4"])
+def test_compiled_blocks_same_tokens(quant):
+    from jang_serve.engine.models.compiled import compile_blocks
+    from jang_serve.engine.models.layers import quantize_model
+
+    model, cfg = tiny_model(seed=12)
+    if quant:
+        quantize_model(model, lambda path, m: (4, 32) if isinstance(m, nn.Linear) else None)
+        mx.eval(model.parameters())
+    prompts = random_prompts(5, 3, 14, cfg["vocab_size"], seed=13)
+    sp = [SamplingParams(max_tokens=10, temperature=0, ignore_eos=True),
+          SamplingParams(max_tokens=7, temperature=0.8, seed=5, ignore_eos=True)] * 2 + \
+        [SamplingParams(max_tokens=9, temperature=0, ignore_eos=True)]
+    plain = EngineCore((model, None, cfg), EngineConfig(num_blocks=64, block_size=4, compile_decode=False))
+    want = plain.generate(prompts, sp)
+    fast = EngineCore((model, None, cfg), EngineConfig(num_blocks=64, block_size=4, max_num_seqs=8,
+                                                       compile_decode=True, fuse_projections=True,
+                                                       async_decode=True))
+    blocks = model.model.layers
+    assert all(b.compiled is not None for b in blocks) and compile_blocks(model) == 0
+    assert fast.generate(prompts, sp) == want
+    assert (5, cfg["hidden_size"]) in {k[0] for k in blocks[0].compiled.seen}
+    assert blocks[0].compiled.calls >= 5  # decode batches went through the compiled halves
+    del model.model.layers[0].compiled  # instance attribute: back to the class default (eager)
+    assert model.model.layers[0].compiled is None

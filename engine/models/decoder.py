@@ -90,7 +90,8 @@ class Attention(nn.Module):
             return self.qkv_fused(x)
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
-    def __call__(self, x, positions, attn):
+    def qkv(self, x, positions):
+        """Queries, keys and values [T, heads, head_dim], normed and rotated, ready to attend."""
         t = x.shape[0]
         q, k, v = self.project(x)
         q = q.reshape(t, self.n_heads, self.hd)
@@ -98,9 +99,12 @@ class Attention(nn.Module):
         v = v.reshape(t, self.n_kv, self.hd)
         if "q_norm" in self:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rope(q, positions), self.rope(k, positions)
+        return self.rope(q, positions), self.rope(k, positions), v
+
+    def __call__(self, x, positions, attn):
+        q, k, v = self.qkv(x, positions)
         o = attn.attend(self.layer, q, k, v, scale=self.scale, window=self.window)
-        return self.o_proj(o.reshape(t, -1))
+        return self.o_proj(o.reshape(x.shape[0], -1))
 
 
 class MLP(nn.Module):
@@ -138,7 +142,11 @@ class Block(nn.Module):
         self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
+    compiled = None  # set by models/compiled.py (GPU engines): the block's two halves as mx.compile'd functions
+
     def __call__(self, x, positions, attn):
+        if self.compiled is not None and self.compiled.takes(x):
+            return self.compiled(x, positions, attn)
         h = x + self.self_attn(self.input_layernorm(x), positions, attn)
         return h + getattr(self, self.mlp_name)(self.post_attention_layernorm(h))
 
