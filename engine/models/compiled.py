@@ -7,8 +7,7 @@ each plain decoder Block in two `mx.compile`d halves around attention:
   post(x, o)         -> block out   o_proj + residual, post-attention norm, MLP + residual
 Attention itself (KV write, paged kernels over block tables whose width changes every few
 tokens) stays eager. MLX traces each half once per token count and replays the recorded graph
-afterwards (and fuses its elementwise ops). Only steps of up to `max_tokens` tokens (decode
-batches) use it; the first call at a new token count runs eagerly, so one-time work the kernels
+afterwards (and fuses its elementwise ops). Only decode steps of up to `max_tokens` sequences use it; the first call at a new token count runs eagerly, so one-time work the kernels
 do at first use (route choice, self-tests that evaluate arrays) never happens inside a trace.
 """
 
@@ -35,9 +34,11 @@ class CompiledBlock:
 
         self.pre, self.post = mx.compile(pre), mx.compile(post)
 
-    def takes(self, x: mx.array) -> bool:
-        """Compiled path for this input? The first call per (tokens, dtype) runs eagerly instead."""
-        if x.shape[0] > self.max_tokens:
+    def takes(self, x: mx.array, attn) -> bool:
+        """Compiled path for this input? Decode steps only (one token per sequence: prefill token
+        counts vary too much to trace each); the first call per (tokens, dtype) runs eagerly."""
+        layout = getattr(attn, "layout", None)
+        if x.shape[0] > self.max_tokens or layout is None or len(layout.query_lens) != x.shape[0]:
             return False
         key = (x.shape, x.dtype)
         if key in self.seen:

@@ -145,7 +145,7 @@ class Block(nn.Module):
     compiled = None  # set by models/compiled.py (GPU engines): the block's two halves as mx.compile'd functions
 
     def __call__(self, x, positions, attn):
-        if self.compiled is not None and self.compiled.takes(x):
+        if self.compiled is not None and self.compiled.takes(x, attn):
             return self.compiled(x, positions, attn)
         h = x + self.self_attn(self.input_layernorm(x), positions, attn)
         return h + getattr(self, self.mlp_name)(self.post_attention_layernorm(h))
