@@ -120,7 +120,8 @@ def run_one(a) -> dict:
                                                     "NVSHMEM_DISABLE_NVLS", "CUDA_VISIBLE_DEVICES")},
                machine_shared=not on_gpu,  # the CPU smoke test runs on a machine shared with other jobs
                settings=dict(prompt_tokens=a.prompt, gen_batch1=a.gen1, gen_batched=a.genb, concurrency=a.conc,
-                             kv_gb_per_rank=a.kv_gb, max_num_batched_tokens=a.budget, greedy=True, ignore_eos=True),
+                             kv_gb_per_rank=a.kv_gb, max_num_batched_tokens=a.budget, greedy=True, ignore_eos=True,
+                             async_decode=a.async_decode),
                runs={}, timings_s={})
     out = Path(a.out)
 
@@ -133,7 +134,7 @@ def run_one(a) -> dict:
     spec = write_spec(Path(tempfile.mkdtemp(prefix="jang-tp-bench-")) / a.shape, cfg,
                       jang_modules(cfg, a.profile), seed=a.seed)
     ecfg = EngineConfig(kv_memory_gb=a.kv_gb, max_num_batched_tokens=a.budget, max_num_seqs=max(64, a.conc),
-                        enable_prefix_caching=False)
+                        enable_prefix_caching=False, async_decode={"auto": None, "on": True, "off": False}[a.async_decode])
     mx.reset_peak_memory()
     t = time.perf_counter()
     engine = None
@@ -235,6 +236,9 @@ def main():
     ap.add_argument("--budget", type=int, default=2048, help="max_num_batched_tokens")
     ap.add_argument("--kv-gb", type=float, default=8.0, help="KV pool per rank")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--async-decode", choices=("auto", "on", "off"), default="off",
+                    help="pipelined decode of tp 1 (tensor parallelism always steps synchronously, so off "
+                         "compares like with like)")
     ap.add_argument("--commit", default=os.environ.get("JANG_COMMIT", ""))
     ap.add_argument("--note", default="")
     a, rest = ap.parse_known_args()
