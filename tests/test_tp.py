@@ -122,6 +122,8 @@ def test_bad_splits_say_why():
     quantize_model(model, lambda p, m: (4, 64))
     with pytest.raises(ShardError, match="input columns 0..32 do not fall on the quantization groups of 64"):
         shard_model(model, None, 0, 2)  # o_proj: 2 heads x 16 = 32 columns per rank, groups of 64
+    with pytest.raises(ShardError, match="rank 2 is not one of the 2 ranks 0..1"):
+        shard_model(tiny_model(5)[0], None, 2, 2)
 
 
 def test_fused_and_expert_weights_are_cut_per_rank():

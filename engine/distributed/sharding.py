@@ -284,6 +284,8 @@ def shard_model(model, group, rank: int | None = None, size: int | None = None) 
     summary {heads, kv_heads, intermediate (of the first layer), vocab_rows} of what this rank holds."""
     rank = group.rank() if rank is None else rank
     size = group.size() if size is None else size
+    if not 0 <= rank < size:
+        raise ShardError(f"rank {rank} is not one of the {size} ranks 0..{size - 1}")
     _check_supported(model)
     args = copy.copy(model.args)
     hd = args.head_dim
