@@ -47,6 +47,7 @@ LLAMA3_70B = dict(LLAMA3_8B, hidden_size=8192, intermediate_size=28672, num_hidd
 TINY = dict(LLAMA3_8B, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=1024)
 SHAPES = {"llama3-70b": LLAMA3_70B, "llama3-8b": LLAMA3_8B, "tiny": TINY}
+TRI = {"auto": None, "on": True, "off": False}
 
 
 def log(*a):
@@ -121,7 +122,7 @@ def run_one(a) -> dict:
                machine_shared=not on_gpu,  # the CPU smoke test runs on a machine shared with other jobs
                settings=dict(prompt_tokens=a.prompt, gen_batch1=a.gen1, gen_batched=a.genb, concurrency=a.conc,
                              kv_gb_per_rank=a.kv_gb, max_num_batched_tokens=a.budget, greedy=True, ignore_eos=True,
-                             async_decode=a.async_decode),
+                             async_decode=a.async_decode, compile_decode=a.compile),
                runs={}, timings_s={})
     out = Path(a.out)
 
@@ -134,7 +135,7 @@ def run_one(a) -> dict:
     spec = write_spec(Path(tempfile.mkdtemp(prefix="jang-tp-bench-")) / a.shape, cfg,
                       jang_modules(cfg, a.profile), seed=a.seed)
     ecfg = EngineConfig(kv_memory_gb=a.kv_gb, max_num_batched_tokens=a.budget, max_num_seqs=max(64, a.conc),
-                        enable_prefix_caching=False, async_decode={"auto": None, "on": True, "off": False}[a.async_decode])
+                        enable_prefix_caching=False, async_decode=TRI[a.async_decode], compile_decode=TRI[a.compile])
     mx.reset_peak_memory()
     t = time.perf_counter()
     engine = None
@@ -239,6 +240,9 @@ def main():
     ap.add_argument("--async-decode", choices=("auto", "on", "off"), default="off",
                     help="pipelined decode of tp 1 (tensor parallelism always steps synchronously, so off "
                          "compares like with like)")
+    ap.add_argument("--compile", choices=("auto", "on", "off"), default="off",
+                    help="compiled decode blocks of tp 1 (tensor-parallel shards stay eager, so off compares "
+                         "like with like)")
     ap.add_argument("--commit", default=os.environ.get("JANG_COMMIT", ""))
     ap.add_argument("--note", default="")
     a, rest = ap.parse_known_args()
