@@ -87,8 +87,8 @@ class LazyTensor:
 
     def read(self) -> mx.array:
         a = self._read()
-        if self.cast is not None and a.dtype != self.cast:
-            a = a.astype(self.cast)
+        if a.dtype != self.dtype:  # a recorded cast (or F64 on disk, held as float32)
+            a = a.astype(self.dtype)
         mx.eval(a)
         return a
 
