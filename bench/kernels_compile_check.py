@@ -71,13 +71,14 @@ def compile_one(label, src):
 def check_qmm():
     ok = True
     for bits in (2, 3, 4, 5, 6, 8):
-        for m, r, w, fast in ((1, 4, 1, True), (1, 4, 4, False), (8, 2, 2, True)):
+        for m, r, w, fast, pf in ((1, 4, 1, True, False), (1, 4, 4, False, False), (8, 2, 2, True, False),
+                                  (1, 8, 1, True, True), (1, 4, 2, False, True)):
             tmpl = [("T", "bfloat16"), ("S", "bfloat16"), ("BITS", bits), ("GS", 32 if bits == 2 else 64),
-                    ("MM", m), ("R", r), ("W", w), ("FAST", fast)]
+                    ("MM", m), ("R", r), ("W", w), ("FAST", fast), ("PF", pf)]
             src = build("qgemv", qmm_cuda.SOURCE, cuda_common.HEADER,
                         [("x", "bfloat16"), ("w", "uint32"), ("scales", "bfloat16"), ("biases", "bfloat16")],
                         [("y", "bfloat16")], tmpl)
-            ok &= compile_one(f"qgemv bits={bits} M={m} R={r} W={w} fast={fast}", src)
+            ok &= compile_one(f"qgemv bits={bits} M={m} R={r} W={w} fast={fast} pf={pf}", src)
     return ok
 
 

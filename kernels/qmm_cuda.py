@@ -70,9 +70,8 @@ SOURCE = r"""
 #pragma unroll
     for (int r = 0; r < R; ++r) acc[m][r] = 0.f;
 
-  for (int u = t; u < units; u += TPT) {
-    // 1. packed weights of R rows, then their scales and biases: all loads issued up front.
-    uint32_t wv[R][WORDS];
+  // 1. packed weights of R rows, then their scales and biases: all loads issued up front.
+  auto load_unit = [&](int u, uint32_t (&wv)[R][WORDS], float (&sc)[R][NG], float (&bi)[R][NG]) {
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       const uint32_t* p = wrow[r] + (size_t)u * WORDS;
@@ -91,7 +90,6 @@ SOURCE = r"""
       }
     }
     const int g0 = (u * VALS) / GS;
-    float sc[R][NG], bi[R][NG];
 #pragma unroll
     for (int r = 0; r < R; ++r)
 #pragma unroll
@@ -99,8 +97,10 @@ SOURCE = r"""
         sc[r][gi] = jang::to_f(srow[r][g0 + gi]);
         bi[r][gi] = jang::to_f(brow[r][g0 + gi]);
       }
+  };
 
-    // 2. per group chunk: activations in slices of 8, reused for the R rows.
+  // 2. per group chunk: activations in slices of 8, reused for the R rows.
+  auto compute_unit = [&](int u, const uint32_t (&wv)[R][WORDS], const float (&sc)[R][NG], const float (&bi)[R][NG]) {
 #pragma unroll
     for (int gi = 0; gi < NG; ++gi) {
       float p[MM][R];
@@ -152,6 +152,31 @@ SOURCE = r"""
 #pragma unroll
         for (int r = 0; r < R; ++r)
           acc[m][r] = fmaf(sc[r][gi], p[m][r], fmaf(bi[r][gi], xs[m], acc[m][r]));
+    }
+  };
+
+  if constexpr (PF) {
+    // Software pipeline: the next unit's loads are in flight while this one computes.
+    uint32_t wa[R][WORDS], wb[R][WORDS];
+    float sa[R][NG], ba[R][NG], sb[R][NG], bb[R][NG];
+    int u = t;
+    if (u < units) load_unit(u, wa, sa, ba);
+    while (u < units) {
+      const int u1 = u + TPT;
+      if (u1 < units) load_unit(u1, wb, sb, bb);
+      compute_unit(u, wa, sa, ba);
+      if (u1 >= units) break;
+      const int u2 = u1 + TPT;
+      if (u2 < units) load_unit(u2, wa, sa, ba);
+      compute_unit(u1, wb, sb, bb);
+      u = u2;
+    }
+  } else {
+    for (int u = t; u < units; u += TPT) {
+      uint32_t wv[R][WORDS];
+      float sc[R][NG], bi[R][NG];
+      load_unit(u, wv, sc, bi);
+      compute_unit(u, wv, sc, bi);
     }
   }
 
@@ -221,7 +246,7 @@ def default_config(m: int, n: int, k: int, bits: int) -> dict:
     mm = rows_bucket(m)
     r = 8 if mm == 1 else 4 if mm == 2 else 2
     w = 1 if n >= 8192 else 2
-    return {"R": r, "W": w, "FAST": True}
+    return {"R": r, "W": w, "FAST": True, "PF": False}
 
 
 def supports(x: mx.array, w: mx.array, bits: int, group_size: int) -> bool:
@@ -237,7 +262,8 @@ def supports(x: mx.array, w: mx.array, bits: int, group_size: int) -> bool:
 
 
 def qgemv(x2d: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: int,
-          group_size: int, R: int | None = None, W: int | None = None, FAST: bool | None = None) -> mx.array:
+          group_size: int, R: int | None = None, W: int | None = None, FAST: bool | None = None,
+          PF: bool | None = None) -> mx.array:
     """x2d: [M<=8, K]; returns [M, N] in x's dtype."""
     m, k = x2d.shape
     n = w.shape[0]
@@ -245,12 +271,13 @@ def qgemv(x2d: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: 
     R = cfg["R"] if R is None else R
     W = cfg["W"] if W is None else W
     FAST = cfg["FAST"] if FAST is None else FAST
+    PF = cfg["PF"] if PF is None else PF
     teams = 4 // W
     blocks = math.ceil(n / (R * teams))
     return kernel()(
         inputs=[x2d, w, scales, biases],
         template=[("T", x2d.dtype), ("S", scales.dtype), ("BITS", bits), ("GS", group_size),
-                  ("MM", rows_bucket(m)), ("R", R), ("W", W), ("FAST", bool(FAST))],
+                  ("MM", rows_bucket(m)), ("R", R), ("W", W), ("FAST", bool(FAST)), ("PF", bool(PF))],
         grid=(blocks * THREADS, 1, 1),
         threadgroup=(THREADS, 1, 1),
         output_shapes=[(m, n)],
@@ -264,6 +291,6 @@ def plan(m: int, n: int, k: int, dtype, bits: int, group_size: int):
     blocks = math.ceil(n / (cfg["R"] * (4 // cfg["W"])))
     kern, grid, tg, shp, odt = kernel(), (blocks * THREADS, 1, 1), (THREADS, 1, 1), [(m, n)], [dtype]
     fixed = [("BITS", bits), ("GS", group_size), ("MM", rows_bucket(m)), ("R", cfg["R"]), ("W", cfg["W"]),
-             ("FAST", bool(cfg["FAST"]))]
+             ("FAST", bool(cfg["FAST"])), ("PF", bool(cfg["PF"]))]
     return lambda x2d, w, sc, bi: kern(inputs=[x2d, w, sc, bi], template=[("T", dtype), ("S", sc.dtype)] + fixed,
                                        grid=grid, threadgroup=tg, output_shapes=shp, output_dtypes=odt)[0]

@@ -1,0 +1,103 @@
+"""GEMV launch-variant sweep on the device: one activation row, every (R, W, PF) variant of
+kernels/qmm_cuda.py at the Llama-3-8B shapes (and the fused q/k/v and gate/up shapes), against
+mx.quantized_matmul and the bf16 matmul of the same shape, all in one run.
+
+    python3 bench/kernels_gemv_sweep.py OUT.json
+
+Method as bench/kernels_bench.py (BENCHMARKING.md): 100 calls queued, one eval, median of 5,
+weights rotated over > 8x the L2; bandwidth = (packed weights + scales + biases + x + y) / time
+against the measured copy bandwidth. Each variant's output is checked against the float32 matmul
+of the dequantized weight (relative error, next to mx.quantized_matmul's own).
+"""
+
+from __future__ import annotations
+
+import datetime
+import itertools
+import json
+import math
+import subprocess
+import sys
+import time
+
+import mlx.core as mx
+
+from jang_serve.kernels import qmm_cuda
+from kernels_bench import CALLS, ROTATE_BYTES, check, copy_bandwidth, qweights, rec, timed
+
+SHAPES = [  # (N, K, bits, what)
+    (14336, 4096, 4, "gate/up"), (4096, 14336, 4, "down"),
+    (14336, 4096, 2, "gate/up"), (4096, 14336, 2, "down"),
+    (14336, 4096, 3, "gate/up"), (4096, 14336, 3, "down"),
+    (28672, 4096, 4, "gate+up fused"), (6144, 4096, 8, "q+k+v fused"), (4096, 4096, 8, "o"),
+]
+VARIANTS = [dict(R=r, W=w, PF=pf, FAST=True) for r, w, pf in itertools.product((4, 8), (1, 2, 4), (False, True))]
+
+
+def main(path: str) -> int:
+    t0 = time.time()
+    bw, copies = copy_bandwidth()
+    name = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                          text=True).stdout.strip()
+    res = dict(benchmark="kernels_gemv_sweep", device=name, mlx=mx.__version__,
+               date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               copy_bandwidth_GBps=round(bw / 1e9, 1), copies=copies, method=__doc__.split("\n\n")[1], rows=[])
+    gs, m = 64, 1
+    for n, k, bits, what in SHAPES:
+        qbytes = n * k * bits // 8 + 2 * 2 * n * (k // gs)
+        nbytes = qbytes + 2 * (m * k + m * n)
+        nsets = max(2, math.ceil(ROTATE_BYTES / qbytes))
+        ws = [qweights(n, k, bits, gs) for _ in range(nsets)]
+        x = mx.random.normal((m, k)).astype(mx.bfloat16)
+        mx.eval(ws, x)
+        ref = x.astype(mx.float32) @ mx.dequantize(*ws[0], group_size=gs, bits=bits).astype(mx.float32).T
+        base = dict(n=n, k=k, m=m, bits=bits, what=what)
+        if bits == 4 and what in ("gate/up", "down"):
+            nb = max(2, math.ceil(ROTATE_BYTES / (n * k * 2)))
+            wb = [(mx.random.normal((n, k)) * 0.05).astype(mx.bfloat16) for _ in range(nb)]
+            mx.eval(wb)
+            t = timed(lambda: [x @ wb[i % nb].T for i in range(CALLS)])
+            res["rows"].append(rec("bf16_matmul", t, n * k * 2 + 2 * (m * k + m * n), bw, **dict(base, bits=16)))
+            del wb
+        t = timed(lambda: [mx.quantized_matmul(x, *ws[i % nsets], transpose=True, group_size=gs, bits=bits)
+                           for i in range(CALLS)])
+        res["rows"].append(rec("mx.quantized_matmul", t, nbytes, bw, **base, err=check(
+            mx.quantized_matmul(x, *ws[0], transpose=True, group_size=gs, bits=bits), ref)))
+        for v in [None] + VARIANTS:
+            cfg = v or {}
+            try:
+                t = timed(lambda: [qmm_cuda.qgemv(x, *ws[i % nsets], bits, gs, **cfg) for i in range(CALLS)])
+                err = check(qmm_cuda.qgemv(x, *ws[0], bits, gs, **cfg), ref)
+                row = rec("qgemv" if v else "qgemv_default", t, nbytes, bw, **base,
+                          cfg=cfg or qmm_cuda.default_config(m, n, k, bits), err=err)
+            except Exception as e:  # one broken variant must not lose the sweep
+                row = dict(name="qgemv", **base, cfg=cfg, error=f"{type(e).__name__}: {e}"[:300])
+            res["rows"].append(row)
+            print(json.dumps({k2: (round(v2, 2) if isinstance(v2, float) else v2) for k2, v2 in row.items()
+                              if k2 not in ("us_min", "us_max", "bytes")}), flush=True)
+        del ws
+        with open(path, "w") as f:
+            json.dump(res, f, indent=1)
+    # best variant per shape/bits
+    best = {}
+    for r in res["rows"]:
+        if r.get("name") == "qgemv" and "us" in r:
+            key = f'{r["n"]}x{r["k"]}/{r["bits"]}'
+            if key not in best or r["us"] < best[key]["us"]:
+                best[key] = r
+    res["best"] = {k2: dict(cfg=v2["cfg"], us=round(v2["us"], 2), pct_copy_bw=round(v2["pct_copy_bw"], 1),
+                            err=v2["err"]) for k2, v2 in best.items()}
+    res["seconds"] = round(time.time() - t0, 1)
+    with open(path, "w") as f:
+        json.dump(res, f, indent=1)
+    print("\n== best per shape (one row) ==")
+    for k2, v2 in res["best"].items():
+        print(k2, json.dumps(v2))
+    for r in res["rows"]:
+        if r["name"] in ("mx.quantized_matmul", "qgemv_default", "bf16_matmul") and "us" in r:
+            print(f'{r["name"]:20s} {r["n"]}x{r["k"]}/{r["bits"]}: {r["us"]:.1f} us {r.get("pct_copy_bw", 0):.0f}%')
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else "kernels-gemv-sweep.json"))
