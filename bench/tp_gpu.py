@@ -1,6 +1,7 @@
 """Tensor parallelism on several GPUs (NCCL) or, as a smoke test, on the CPU (ring backend).
 
     python3 bench/tp_gpu.py OUT.json --plan llama3-8b:1,llama3-8b:2,llama3-70b:2   # one process per entry
+                                            (entry collectives:N: all_sum latency, bench/tp_collectives.py)
     python3 bench/tp_gpu.py OUT.json --shape llama3-70b --tp 4                      # one configuration
 
 Each configuration is a random-weight model of that shape at JANG_4M (attention + lm_head 8 bits,
@@ -187,7 +188,10 @@ def run_plan(a) -> dict:
     for entry in a.plan.split(","):
         shape, tp = entry.split(":")
         part = out.with_name(f"{out.stem}-{shape}-tp{tp}.json")
-        cmd = [sys.executable, __file__, str(part), "--shape", shape, "--tp", tp] + a.passthrough
+        if shape == "collectives":  # all_sum latency alone (bench/tp_collectives.py, its defaults)
+            cmd = [sys.executable, str(Path(__file__).with_name("tp_collectives.py")), str(part), "--tp", tp]
+        else:
+            cmd = [sys.executable, __file__, str(part), "--shape", shape, "--tp", tp] + a.passthrough
         log("==", " ".join(cmd))
         t = time.perf_counter()
         try:
