@@ -24,6 +24,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from importlib.metadata import version
 
@@ -62,6 +63,12 @@ def measure(group, rows: list[int], hidden: int, iters: int) -> dict:
     return out
 
 
+def _exit_with_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(3)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
@@ -76,7 +83,8 @@ def main():
     a = ap.parse_args()
     rows = [int(r) for r in a.rows.split(",")]
     backend = a.backend or default_backend()
-    if a.rank:  # a follower: join, measure, exit
+    if a.rank:  # a follower: join, measure, exit (also if rank 0 is killed while we wait in a collective)
+        threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
         measure(init_group(a.rank, a.tp, backend, json.loads(a.contact)), rows, a.hidden, a.iters)
         return
     contact = make_contact(a.tp, backend)
