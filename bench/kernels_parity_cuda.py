@@ -124,9 +124,11 @@ def paged_cases():
         lower = paged.paged_decode_reference(q, kp, vp, tables, lens, scale, window, kv_quant)
         bits = 16 if kv_quant is None else kv_quant[0]
         grp = 32 if kv_quant is None else kv_quant[1]
-        y = paged_cuda.paged_decode(q, kp, vp, tables, mx.array(lens), scale, window, bits, grp)
-        out.append(dict(op="paged_decode", dtype=str(dtype), kv=str(kv_quant), hq=hq, hkv=hkv, d=d,
-                        window=window, err=relerr(y, ref), ref_err=relerr(lower, ref)))
+        parts = (None, 32, 64) if (hq, hkv, d) == (32, 8, 128) and dtype == mx.bfloat16 else (None,)
+        for part in parts:  # None: the default (occupancy_part); small parts as batch-1 decode picks them
+            y = paged_cuda.paged_decode(q, kp, vp, tables, mx.array(lens), scale, window, bits, grp, part=part)
+            out.append(dict(op="paged_decode", dtype=str(dtype), kv=str(kv_quant), hq=hq, hkv=hkv, d=d,
+                            window=window, part=part, err=relerr(y, ref), ref_err=relerr(lower, ref)))
     # the public entry point
     kp, vp = make_pool(64, 16, 8, 128, mx.bfloat16, (4, 64))
     tables = mx.array(rng.permutation(64)[:60].reshape(4, 15).astype(np.int32))

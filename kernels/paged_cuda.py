@@ -308,6 +308,23 @@ def pick_part(g: int, d: int, quant: bool) -> int | None:
     return None
 
 
+# Blocks wanted per launch before the parts get smaller (two per SM on a 132-SM H100): at batch 1
+# one 512-token part per KV head is 8 blocks, and the decode ran ~24 us whatever the context.
+MIN_BLOCKS = 264
+MIN_PART = 32
+
+
+def occupancy_part(max_part: int, batch: int, hkv: int, span: int) -> int:
+    """Halve tokens-per-part (down to MIN_PART) while the launch has fewer than MIN_BLOCKS blocks."""
+    part = max_part
+    while part > MIN_PART and batch * hkv * math.ceil(span / part) < MIN_BLOCKS:
+        part //= 2
+    return part
+
+
+_scales: dict[float, mx.array] = {}
+
+
 def supports(q: mx.array, head_dim: int, g: int, bits: int, kv_group: int) -> bool:
     if q.dtype not in (mx.bfloat16, mx.float16) or head_dim not in (64, 128, 256):
         return False
@@ -327,12 +344,14 @@ def paged_decode(q, k_pool, v_pool, block_tables, context_lens, scale, window, b
     else:
         bs, hkv = k_pool.shape[1], k_pool.shape[2]
     G = HQ // hkv
-    part = part or pick_part(G, D, bits < 16)
     span = block_tables.shape[1] * bs
     if window:
         span = min(span, window)
+    part = part or occupancy_part(pick_part(G, D, bits < 16), B, hkv, span)
     nparts = max(1, math.ceil(span / part))
-    scale_arr = mx.array([scale], dtype=mx.float32)
+    scale_arr = _scales.get(scale)
+    if scale_arr is None:  # one small array per scale value, not one per call
+        scale_arr = _scales[scale] = mx.array([scale], dtype=mx.float32)
     tables = block_tables.astype(mx.int32)
     lens = context_lens.astype(mx.int32)
     tmpl = [("T", q.dtype), ("BITS", bits), ("KG", kv_group if bits < 16 else 32), ("D", D), ("G", G),

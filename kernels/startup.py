@@ -79,10 +79,23 @@ def _paged(spec, dtype):
         sc = mx.ones((2, bs, hkv, d // g), dtype=dtype)
         k = v = (packed, sc, sc)
     q = mx.zeros((1, hq, d), dtype=dtype)
-    out = paged_attention_decode(q, k, v, mx.array([[0, 1]], dtype=mx.int32), mx.array([bs + 1]),
-                                 d ** -0.5, spec.get("window"), kvq)
+    tables, lens = mx.array([[0, 1]], dtype=mx.int32), mx.array([bs + 1])
+    out = paged_attention_decode(q, k, v, tables, lens, d ** -0.5, spec.get("window"), kvq)
     mx.eval(out)
-    return 1
+    if backend.for_op("paged") != "cuda":
+        return 1
+    from . import paged_cuda  # every tokens-per-part template the launch may pick (occupancy_part)
+
+    bits, grp = (16, 32) if kvq is None else kvq
+    top = paged_cuda.pick_part(hq // hkv, d, kvq is not None)
+    if top is None or not paged_cuda.supports(q, d, hq // hkv, bits, grp):
+        return 1
+    part, n = top, 1
+    while part >= paged_cuda.MIN_PART:
+        mx.eval(paged_cuda.paged_decode(q, k, v, tables, lens, d ** -0.5, spec.get("window"), bits, grp, part=part))
+        part //= 2
+        n += 1
+    return n
 
 
 def warmup(shapes: list[dict], dtype=mx.bfloat16, rows=(1, 2, 3, 8, 16, 64, 128)) -> dict:

@@ -155,6 +155,22 @@ def test_cuda_shared_memory_rule():
     assert not paged_cuda.supports(mx.zeros((1, 32, 96), dtype=mx.bfloat16), 96, 4, 16, 32)
 
 
+def test_cuda_parts_shrink_for_small_batches():
+    # batch 1, 8 KV heads, 256 tokens: 512-token parts would be 8 blocks; 32-token parts give 64
+    assert paged_cuda.occupancy_part(512, 1, 8, 256) == 32
+    assert paged_cuda.occupancy_part(512, 4, 8, 2048) == 128     # 4 * 8 * 16 = 512 blocks
+    assert paged_cuda.occupancy_part(512, 64, 8, 2048) == 512    # already 2,048 blocks
+    assert paged_cuda.occupancy_part(128, 1, 1, 16) == paged_cuda.MIN_PART
+    # the split-K merge is exact for any part size: the NumPy port at the smallest part
+    rng = np.random.default_rng(5)
+    q = rng.standard_normal((2, 4, 16)).astype(np.float32)
+    k = rng.standard_normal((2, 200, 2, 16)).astype(np.float32)
+    v = rng.standard_normal((2, 200, 2, 16)).astype(np.float32)
+    a = _split_k_like_cuda(q, k, v, [200, 77], 0.25, None, part=paged_cuda.MIN_PART)
+    b = _split_k_like_cuda(q, k, v, [200, 77], 0.25, None, part=512)
+    assert np.allclose(a, b, atol=1e-5)
+
+
 def test_metal_self_test_failure_falls_back(monkeypatch):
     from jang_serve.kernels import backend, metal_common, paged_metal
 
