@@ -41,7 +41,7 @@ def source_tokenizer(source):
 def calibration_tokens(source, calib=None, n_tokens: int = DEFAULT_TOKENS) -> list[int]:
     """Token ids of the calibration text (calib: a file path, or None for the default)."""
     if calib is None:
-        text = default_text()
+        text = default_text(max(60_000, 5 * n_tokens))  # ~4 characters per token; more for long budgets
     else:
         p = Path(calib)
         if not p.is_file():

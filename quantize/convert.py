@@ -90,12 +90,15 @@ def _check_args(out: Path, method: str, group_size: int) -> None:
 
 
 def convert(src, out, profile=None, bits=None, method=None, group_size=None, calib=None,
-            progress: Callable[[dict], None] | None = None, widths: dict[str, int] | None = None) -> ConvertResult:
+            progress: Callable[[dict], None] | None = None, widths: dict[str, int] | None = None,
+            calib_tokens: int | None = None, gptq_options: dict | None = None) -> ConvertResult:
     """Quantize `src` (HF folder, mlx/JANG folder or .gguf file) into a new JANG v2 bundle at `out`.
 
     profile: one of profiles.PROFILES, or bits: an average-bits budget in [2, 8] (sensitivity
     allocation); method: rtn | mse | gptq; calib: a text file (or string) for gptq / allocation
-    (default: the built-in calibration text); progress(dict(fraction, tensor, eta_s, message)).
+    (default: the built-in calibration text), or a list of token ids (already tokenized);
+    calib_tokens: how many calibration tokens to use (default calib.DEFAULT_TOKENS);
+    gptq_options: GPTQRunner keywords (damp, act_order); progress(dict(fraction, tensor, eta_s, message)).
     `widths` (module path -> bits or (bits, group size)) overrides the plan entirely (used by the allocator and tests).
     method / group_size default to the profile's options ("JANG_4M:mse:g32"), else rtn / 64.
     """
@@ -112,7 +115,7 @@ def convert(src, out, profile=None, bits=None, method=None, group_size=None, cal
     if allocated:
         from .allocate import allocate
 
-        calib_ids = _calib_ids(source, calib)
+        calib_ids = _calib_ids(source, calib, calib_tokens)
         report({"fraction": 0.0, "tensor": "", "eta_s": None, "message": "measuring tensor sensitivity"})
         widths = allocate(source, plan.budget, group_size, calib_ids, method=method)
         source = open_source(src)  # fresh lazy skeleton for streaming
@@ -121,8 +124,8 @@ def convert(src, out, profile=None, bits=None, method=None, group_size=None, cal
         from .gptq import GPTQRunner
 
         if calib_ids is None:
-            calib_ids = _calib_ids(source, calib)
-        hessians = GPTQRunner(source, calib_ids)
+            calib_ids = _calib_ids(source, calib, calib_tokens)
+        hessians = GPTQRunner(source, calib_ids, **(gptq_options or {}))
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
@@ -144,10 +147,16 @@ def convert(src, out, profile=None, bits=None, method=None, group_size=None, cal
     return result
 
 
-def _calib_ids(source, calib) -> list[int]:
-    from .calib import calibration_tokens
+def _calib_ids(source, calib, n_tokens: int | None = None) -> list[int]:
+    from .calib import DEFAULT_TOKENS, calibration_tokens
 
-    return calibration_tokens(source, calib)
+    n = int(n_tokens or DEFAULT_TOKENS)
+    if calib is not None and not isinstance(calib, (str, os.PathLike)):
+        ids = [int(t) for t in calib][:n]  # already tokenized
+        if len(ids) < 64:
+            raise ValueError(f"calibration ids are too few ({len(ids)}; need at least 64)")
+        return ids
+    return calibration_tokens(source, calib, n)
 
 
 def _stream(source, plan: Plan, method, group_size, widths, hessians, tmp: Path, report, t0,
@@ -211,7 +220,8 @@ def _stream(source, plan: Plan, method, group_size, widths, hessians, tmp: Path,
     calib_info = hessians.describe() if hessians is not None else None
     if calib_info is not None or widths_from_allocator:
         calib_info = dict(calib_info or {"method": "fisher-allocation"})
-        calib_info["text"] = str(calib) if calib is not None else "builtin"
+        calib_info["text"] = ("token ids given" if calib is not None and not isinstance(calib, (str, os.PathLike))
+                              else str(calib) if calib is not None else "builtin")
         if widths_from_allocator:
             calib_info["allocator"] = (f"diagonal Fisher x {'RTN' if method == 'rtn' else 'MSE-clip'} error per "
                                        "(width, group size), greedy under the stored-bits budget")

@@ -96,8 +96,38 @@ def gptq_quantize(w: np.ndarray, H: np.ndarray, bits: int, group_size: int, damp
     return codes, S, Bz
 
 
+def _cuda_torch():
+    """torch when it can use a CUDA GPU (MLX CUDA builds link a reference LAPACK on the CPU, whose 4864-wide
+    Cholesky takes seconds; torch does it on the GPU in milliseconds), else None."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch if torch.cuda.is_available() else None
+
+
+def _upper_chol_torch(H: np.ndarray, torch, device: str) -> np.ndarray:
+    """The same factor as _upper_chol_of_inverse, in float64 with torch on `device`."""
+    Ht = torch.from_numpy(np.ascontiguousarray(H, dtype=np.float64)).to(device)
+    mean = float(Ht.diagonal().mean())
+    eye = torch.eye(H.shape[0], dtype=torch.float64, device=device)
+    for extra in (0.0, 0.1, 1.0):
+        try:
+            L = torch.linalg.cholesky(Ht + extra * mean * eye)
+            U = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+            out = U.float().cpu().numpy()
+            if np.all(np.isfinite(out)) and np.all(np.diag(out) > 0):
+                return out
+        except RuntimeError:
+            continue
+    raise ValueError("GPTQ: the calibration Hessian is not positive definite even with damping")
+
+
 def _upper_chol_of_inverse(H: np.ndarray) -> np.ndarray:
     """U upper-triangular with U^T U = H^-1 (float64 in, float32 out); more damping if H is singular."""
+    torch = _cuda_torch()
+    if torch is not None:
+        return _upper_chol_torch(H, torch, "cuda")
     Hm = mx.array(H.astype(np.float32))
     for extra in (0.0, 0.1, 1.0):
         try:
@@ -139,7 +169,7 @@ class GPTQRunner:
         self.seqs = [ids[i * seq_len : (i + 1) * seq_len] for i in range(n)]
         self.h = None  # calibration hidden states [T, D]
         self.hess: dict[str, np.ndarray] = {}
-        self.tokens = n * seq_len
+        self.tokens = sum(len(s) for s in self.seqs)
         self._quantized: dict[str, mx.array] = {}
 
     def damping(self, in_dim: int) -> float:

@@ -128,3 +128,32 @@ def test_gptq_damps_more_when_calibration_is_thin():
     assert GPTQRunner.damping(r, 896) == 0.01  # Qwen2.5-0.5B q/k/v/o/gate/up inputs
     assert GPTQRunner.damping(r, 4864) == 0.1  # its down_proj input
     assert GPTQRunner.damping(SimpleNamespace(damp=0.2, tokens=512), 4864) == 0.2  # never lowers it
+
+
+def test_gptq_cholesky_on_torch_matches_mlx():
+    """The torch path (used on CUDA machines) gives the same factor U (U^T U = H^-1) as the MLX one; run here
+    with torch on the CPU."""
+    torch = pytest.importorskip("torch")
+    from jang_serve.quantize import gptq
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((300, 96)).astype(np.float64)
+    H = x.T @ x + 0.01 * np.eye(96)
+    a = gptq._upper_chol_torch(H, torch, "cpu")
+    b = gptq._upper_chol_of_inverse(H)
+    assert np.allclose(a.T @ a, np.linalg.inv(H), rtol=1e-3, atol=1e-6)
+    assert np.allclose(a, b, rtol=1e-3, atol=1e-4)
+    assert np.allclose(np.triu(a), a)
+
+
+def test_convert_takes_token_ids_and_gptq_options(tmp_path):
+    """Pre-tokenized calibration (a list of ids), calib_tokens and act-order reach GPTQ and are recorded."""
+    src = make_tiny(tmp_path / "src")
+    ids = list(range(3, 3 + 300))
+    convert(src, tmp_path / "out", profile="JANG_4M", method="gptq", calib=ids, calib_tokens=256,
+            gptq_options={"act_order": True})
+    cal = json.loads((tmp_path / "out" / "jang_config.json").read_text())["quantization"]["calibration"]
+    assert cal["tokens"] == 256 and cal["act_order"] is True and cal["text"] == "token ids given"
+    with pytest.raises(ValueError, match="too few"):
+        convert(src, tmp_path / "out2", profile="JANG_4M", method="gptq", calib=[1, 2, 3])
+    assert not (tmp_path / "out2").exists()
