@@ -20,6 +20,16 @@ for b in (2, 3, 4, 5, 6, 8):
 H = mx.random.normal((512, 512)); H = H @ H.T + mx.eye(512)
 print("cpu cholesky ok", float(mx.linalg.cholesky(H, stream=mx.cpu).sum()) != 0)
 PY
+  source bench/device_env.sh
+  PYTHONPATH="$PYTHONPATH:/tmp/site" python3 - <<'PY'
+import numpy as np
+import jang_serve, mlx.core as mx
+from jang_serve.quantize import gptq
+from jang_serve.engine.loader import gguf  # noqa: F401
+x = np.random.rand(3000, 896)
+U = gptq._upper_chol_of_inverse(x.T @ x)
+print("GPTQ Cholesky via torch:", gptq._cuda_torch() is not None, U.shape, bool(np.isfinite(U).all()))
+PY
   ;;
 piece)
   mkdir -p /tmp/q && cp ".qstage/p$1/piece" "/tmp/q/p$1" && du -cb /tmp/q/p* | tail -1

@@ -26,8 +26,9 @@ def _convert(a) -> int:
         bar.set_postfix_str(d.get("message", "")[:50])
         bar.refresh()
 
+    opts = {k: v for k, v in (("act_order", a.act_order or None), ("damp", a.damp)) if v is not None}
     r = convert(a.src, a.output, profile=a.profile, bits=a.bits, method=a.method, group_size=a.group_size,
-                calib=a.calib, progress=progress)
+                calib=a.calib, progress=progress, calib_tokens=a.calib_tokens, gptq_options=opts or None)
     bar.close()
     print(json.dumps({"path": str(r.path), "profile": r.profile, "method": r.method, "average_bits": r.average_bits,
                       "nominal_bits": r.nominal_bits, "size_bytes": r.size_bytes, "seconds": round(r.seconds, 1)}))
@@ -60,6 +61,9 @@ def main(argv=None) -> int:
     c.add_argument("--method", "-m", choices=["rtn", "mse", "gptq"], help="default: rtn (or the profile's option)")
     c.add_argument("--group-size", "-g", type=int, choices=[32, 64, 128], help="default: 64 (or the profile's)")
     c.add_argument("--calib", help="calibration text file (default: built-in text)")
+    c.add_argument("--calib-tokens", type=int, help="calibration tokens for gptq / --bits (default: 4096)")
+    c.add_argument("--act-order", action="store_true", help="gptq: quantize columns in decreasing Hessian order")
+    c.add_argument("--damp", type=float, help="gptq: damping as a fraction of the mean Hessian diagonal (0.01)")
     c.add_argument("--quiet", "-q", action="store_true")
     c.set_defaults(fn=_convert)
     i = sub.add_parser("inspect", help="table of tensors, bits and bytes of a bundle")
