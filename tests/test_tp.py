@@ -237,9 +237,11 @@ def test_synthetic_shards_equal_the_cut_whole_model(tmp_path):
 
 def test_tp_gpu_bench_smoke_on_cpu(tmp_path):
     """bench/tp_gpu.py end to end with tiny shapes on the ring backend: tp 1 and tp 2 in their own
-    processes, the merged JSON with tokens/s, roofline, scaling, and tp 2 == tp 1 greedy tokens."""
+    processes, the merged JSON with tokens/s, roofline, scaling, and tp 2 == tp 1 greedy tokens; and
+    the all_sum latency entry (bench/tp_collectives.py)."""
     out = tmp_path / "tp.json"
-    p = subprocess.run([sys.executable, str(HERE.parent / "bench" / "tp_gpu.py"), str(out), "--plan", "tiny:1,tiny:2",
+    p = subprocess.run([sys.executable, str(HERE.parent / "bench" / "tp_gpu.py"), str(out), "--plan",
+                        "tiny:1,tiny:2,collectives:2",
                         "--prompt", "16", "--gen1", "8", "--genb", "6", "--conc", "4", "--kv-gb", "0.02"],
                        capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
@@ -254,6 +256,9 @@ def test_tp_gpu_bench_smoke_on_cpu(tmp_path):
     sc = res["scaling"]["tiny:2"]
     assert sc["batch1_greedy_tokens_agreeing"] == "8/8" and sc["batched_greedy_tokens_agreeing"] == "6/6"
     assert sc["batched_tok_s_vs_tp1"] > 0
+    coll = res["configs"]["collectives:2"]  # all_sum latency over the same launch path
+    assert coll["exit"] == 0 and coll["backend"] == "ring" and coll["follower_exit"] == [0]
+    assert all(v["chained_us"] > 0 and v["synced_us"] > 0 for v in coll["all_sum"].values())
 
 
 # -- multi-process --------------------------------------------------------------------------------
@@ -508,8 +513,10 @@ def _driver_equal(path: str, reqs: list[dict], kv_dtype: str = "auto", size: str
     t4 = time.perf_counter()
     time.sleep(0.1)
     stats = tp.stats()
+    means = getattr(getattr(tp.core.pool, "transform", None), "k_mean", None) or []
     tp.shutdown()
     return {"ref": ref, "tp": got, "stats": stats, "shard": tp.shard_info,
+            "kv_centered": any(m is not None for m in means),
             "seconds": {"load": t1 - t0, "single": t2 - t1, "tp_start": t3 - t2, "tp": t4 - t3}}
 
 
