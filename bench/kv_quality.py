@@ -62,11 +62,16 @@ def window_nll(model, pool: KVPool, ids: list[int], chunk: int) -> tuple[float, 
     return nll, len(ids) - 1
 
 
-def perplexity(model, dtype, ids: list[int], window: int, kv: str, chunk: int) -> float:
-    """kv: auto | q8 | q4, with "-plain" for no change of basis (EngineConfig.kv_transform=False)."""
-    kv_dtype, _, plain = kv.partition("-")
-    cfg = EngineConfig(num_blocks=-(-window // BLOCK), kv_dtype=kv_dtype, kv_transform=False if plain else None)
-    pool = KVPool.for_model(model, cfg, dtype)
+VARIANTS = {"": {}, "plain": dict(kv_transform=False), "nocenter": dict(kv_center="none"),
+            "k": dict(kv_center="k")}
+
+
+def perplexity(model, tokenizer, dtype, ids: list[int], window: int, kv: str, chunk: int) -> float:
+    """kv: auto | q8 | q4, with "-plain" for no change of basis (EngineConfig.kv_transform=False),
+    "-nocenter" for the change of basis without centring, "-k" for centring keys only."""
+    kv_dtype, _, variant = kv.partition("-")
+    cfg = EngineConfig(num_blocks=-(-window // BLOCK), kv_dtype=kv_dtype, **VARIANTS[variant])
+    pool = KVPool.for_model(model, cfg, dtype, tokenizer)
     nll = n = 0
     for w in range(0, len(ids) - window + 1, window):
         a, b = window_nll(model, pool, ids[w:w + window], chunk)
@@ -88,7 +93,8 @@ def main():
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--windows", default="512,2048", help="window lengths (tokens), comma separated")
     ap.add_argument("--chunk", type=int, default=512, help="prefill chunk inside a window")
-    ap.add_argument("--kv", default="auto,q8,q4", help="auto, q8, q4; q4-plain: without kv_transform")
+    ap.add_argument("--kv", default="auto,q8,q4",
+                    help="auto, q8, q4; q4-plain: without kv_transform; q4-nocenter / q4-k: without centring / keys only")
     ap.add_argument("--out", default=str(ROOT / "bench/results/kv-quality-smollm2.json"))
     ap.add_argument("--merge", action="store_true", help="add these rows to an existing --out file")
     args = ap.parse_args()
@@ -103,7 +109,7 @@ def main():
         ppl = {}
         for kv in args.kv.split(","):
             t = time.perf_counter()
-            ppl[kv] = perplexity(lm.model, dtype, ids, window, kv, min(args.chunk, window))
+            ppl[kv] = perplexity(lm.model, lm.tokenizer, dtype, ids, window, kv, min(args.chunk, window))
             print(f"window {window} kv {kv}: ppl {ppl[kv]:.4f} ({time.perf_counter() - t:.0f} s)", flush=True)
         base = ppl.get("auto")
         if base is None and args.merge and Path(args.out).is_file():  # the auto row of an earlier run

@@ -15,7 +15,7 @@ class EngineConfig:
     kv_group_size: int | None = None  # 32 or 64; None: 32 for q4, 64 for q8
     kv_transform: bool | None = None  # store K/V smoothed + Hadamard-rotated (engine/kv_transform.py); None: q4 only
     # With kv_transform: centre keys and/or values on means from a calibration pass at pool creation
-    # (engine/kv_calibration.py; needs a tokenizer): "kv", "k" or "none". None: "kv".
+    # (engine/kv_calibration.py; needs a tokenizer): "k", "kv" or "none". None: "k".
     kv_center: str | None = None
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
@@ -41,7 +41,7 @@ class EngineConfig:
         if self.kv_transform is None:
             self.kv_transform = self.kv_dtype == "q4"
         if self.kv_center is None:
-            self.kv_center = "kv"
+            self.kv_center = "k"
         if self.kv_center not in ("kv", "k", "none"):
             raise ValueError(f"kv_center must be kv, k or none, got {self.kv_center!r}")
         if self.kv_group_size not in (32, 64):

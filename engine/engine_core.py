@@ -45,7 +45,7 @@ class EngineCore:
         self.model, self.tokenizer, self.model_config = unpack_loaded(loaded)
         self.config = config or EngineConfig()
         self.dtype = model_dtype(self.model)
-        self.pool = KVPool.for_model(self.model, self.config, self.dtype)
+        self.pool = KVPool.for_model(self.model, self.config, self.dtype, self.tokenizer)
         fuse = self.config.fuse_projections
         if fuse or (fuse is None and mx.default_device() != mx.cpu):  # after the pool: its KV transform reads q/k/v
             from .models.layers import fuse_projections

@@ -48,6 +48,16 @@ def available_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
 
 
+def kv_calibration(model, tokenizer, center: str) -> dict | None:
+    """Calibration statistics for the KV transform (kv_calibration.kv_stats), or None without a
+    tokenizer (no text to run) or with center "none"."""
+    if tokenizer is None or center == "none":
+        return None
+    from .kv_calibration import kv_stats
+
+    return kv_stats(model, tokenizer)
+
+
 class KVPool:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
                  dtype=mx.float32, kv_bits: int | None = None, group_size: int = 64):
@@ -114,8 +124,9 @@ class KVPool:
         mx.eval(self.arrays())
 
     @classmethod
-    def for_model(cls, model, cfg, dtype) -> "KVPool":
-        """Size the pool from cfg.num_blocks, cfg.kv_memory_gb or cfg.kv_memory_fraction."""
+    def for_model(cls, model, cfg, dtype, tokenizer=None) -> "KVPool":
+        """Size the pool from cfg.num_blocks, cfg.kv_memory_gb or cfg.kv_memory_fraction. With a KV
+        transform and a tokenizer, a calibration pass gives the keys' / values' means (cfg.kv_center)."""
         per_tok = bytes_per_token(model.num_layers, model.kv_heads, model.head_dim, dtype, cfg.kv_bits,
                                   cfg.kv_group_size)
         if cfg.num_blocks is not None:
@@ -132,5 +143,5 @@ class KVPool:
         if cfg.kv_bits is not None and cfg.kv_transform:
             from .kv_transform import KVTransform
 
-            pool.transform = KVTransform(model, dtype)
+            pool.transform = KVTransform(model, dtype, kv_calibration(model, tokenizer, cfg.kv_center), cfg.kv_center)
         return pool

@@ -11,6 +11,13 @@ scale t the same way (v' = (v / t) H, out = (out' H) * t). The scales come from 
 (`channel_scales`): s = sqrt(|k| / |q|), t = sqrt(|v| / |o_proj column|) per channel, which
 balances each channel's quantization error against how much it counts; H spreads the error evenly
 over the group. The paged attention itself is unchanged: it sees q', k', v'.
+
+With a calibration pass (engine/kv_calibration.py) the key scales use the measured per-channel RMS of
+the centred keys and of the queries instead of the weights' estimate, and keys (optionally values)
+are first centred on per-channel means c_k, c_v:
+k' = ((k - c_k) / s) H shifts every score of a query by the same -q·c_k (softmax is unchanged), and
+v' = ((v - c_v) / t) H gives out = (out' H) * t + c_v (the softmax weights sum to one). Exact too;
+it takes the shared offset out of the range each quantization group must cover.
 """
 
 from __future__ import annotations
@@ -103,25 +110,43 @@ def channel_scales(model) -> tuple[list[np.ndarray | None], list[np.ndarray | No
 
 
 class KVTransform:
-    def __init__(self, model, dtype=mx.float32):
+    """`calib`: optional statistics of a calibration pass (kv_calibration.kv_stats): with them, keys
+    (and with center="kv" values) are centred on their means, and the key scales come from the
+    measured sizes of the centred keys and of the queries instead of the weights' estimate."""
+
+    def __init__(self, model, dtype=mx.float32, calib: dict | None = None, center: str = "k"):
         d = model.head_dim
         self.h = mx.array(block_hadamard(d), dtype=dtype)
         self.group = None
         k_scales, v_scales = channel_scales(model)
+        n = len(k_scales)
+        calib = calib or {}
+        k_means = calib.get("k_mean") if center in ("k", "kv") else None
+        v_means = calib.get("v_mean") if center == "kv" else None
+        k_means, v_means = k_means or [None] * n, v_means or [None] * n
+        if calib.get("k_rms"):  # measured sizes: centred keys against the queries that multiply them
+            k_scales = [s if kr is None or qr is None or s is None else _balance(kr, qr)
+                        for s, kr, qr in zip(k_scales, calib["k_rms"], calib["q_rms"])]
         self.k_scale = [None if s is None else mx.array(s, dtype=dtype) for s in k_scales]
         self.v_scale = [None if s is None else mx.array(s, dtype=dtype) for s in v_scales]
-        mx.eval(self.h, [s for s in self.k_scale + self.v_scale if s is not None])
+        self.k_mean = [None if c is None else mx.array(c, dtype=dtype) for c in k_means]
+        self.v_mean = [None if c is None else mx.array(c, dtype=dtype) for c in v_means]
+        mx.eval(self.h, [a for a in self.k_scale + self.v_scale + self.k_mean + self.v_mean if a is not None])
 
     @staticmethod
     def _per_query_head(s: mx.array, hq: int) -> mx.array:
         return s if hq == s.shape[0] else mx.repeat(s, hq // s.shape[0], axis=0)
 
     def keys(self, layer: int, k: mx.array) -> mx.array:
-        s = self.k_scale[layer]
+        s, c = self.k_scale[layer], self.k_mean[layer]
+        if c is not None:
+            k = k - c
         return (k if s is None else k / s) @ self.h
 
     def values(self, layer: int, v: mx.array) -> mx.array:
-        t = self.v_scale[layer]
+        t, c = self.v_scale[layer], self.v_mean[layer]
+        if c is not None:
+            v = v - c
         return (v if t is None else v / t) @ self.h
 
     def queries(self, layer: int, q: mx.array) -> mx.array:
@@ -133,5 +158,7 @@ class KVTransform:
     def output(self, layer: int, o: mx.array) -> mx.array:
         """Attention output [T, Hq, D] in the stored basis -> the model's basis."""
         o = o @ self.h
-        t = self.v_scale[layer]
-        return o if t is None else o * self._per_query_head(t, o.shape[1])
+        t, c = self.v_scale[layer], self.v_mean[layer]
+        if t is not None:
+            o = o * self._per_query_head(t, o.shape[1])
+        return o if c is None else o + self._per_query_head(c, o.shape[1])

@@ -27,11 +27,12 @@ def _text_ids(tok, n):
     return tok.encode(text[start:start + 8 * n])[:n]
 
 
-def perplexity(model, ids: list[int], kv_dtype: str, chunk: int, **kw) -> float:
+def perplexity(model, ids: list[int], kv_dtype: str, chunk: int, tokenizer=None, **kw) -> float:
     """Perplexity of ids through the paged KV pool, prefilled in chunks (later chunks read the
-    earlier chunks' K/V back from the possibly quantized pool)."""
+    earlier chunks' K/V back from the possibly quantized pool). With a tokenizer the q4 pool
+    calibrates its key means and scales (engine/kv_calibration.py), as the engine's pool does."""
     cfg = EngineConfig(num_blocks=-(-len(ids) // 16), kv_dtype=kv_dtype, **kw)
-    pool = KVPool.for_model(model, cfg, mx.float32)
+    pool = KVPool.for_model(model, cfg, mx.float32, tokenizer)
     table = list(range(pool.num_blocks))
     nll = 0.0
     for s in range(0, len(ids), chunk):
@@ -50,7 +51,7 @@ def _kv_ppl_check(lm, n, chunk):
     ids = _text_ids(lm.tokenizer, n)
     base = perplexity(lm.model, ids, "auto", chunk)
     q8 = perplexity(lm.model, ids, "q8", chunk)
-    q4 = perplexity(lm.model, ids, "q4", chunk)
+    q4 = perplexity(lm.model, ids, "q4", chunk, lm.tokenizer)
     assert 1 < base < 100, base
     assert abs(q8 / base - 1) <= 0.005, (base, q8)
     assert abs(q4 / base - 1) <= 0.03, (base, q4)

@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = EngineConfig(**json.loads(args.engine_config))
     dtype = model_dtype(model)
     n = agree_num_blocks(model, cfg, dtype, group)
-    runner = ModelRunner(model, KVPool.for_model(model, replace(cfg, num_blocks=n), dtype))
+    runner = ModelRunner(model, KVPool.for_model(model, replace(cfg, num_blocks=n), dtype, loaded.tokenizer))
     fuse = cfg.fuse_projections
     if fuse or (fuse is None and mx.default_device() != mx.cpu):  # as EngineCore does on rank 0
         fuse_projections(model)
