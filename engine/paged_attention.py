@@ -77,7 +77,7 @@ def paged_attention(q: mx.array, k_pool, v_pool, block_tables: mx.array, context
             j = i
             while j < n and query_lens[j] == 1:
                 j += 1
-            # kernels.paged_attention_decode: the CUDA/Metal kernel on a GPU, else the same math as _decode
+            # kernels.paged_attention_decode: the CUDA/Metal kernel on a GPU, else its pure-MLX reference
             outs.append(paged_attention_decode(q[start:start + j - i], k_pool, v_pool, block_tables[i:j],
                                                context_lens_arr[i:j], scale, window, kv_quant))
             start += j - i
@@ -91,22 +91,6 @@ def paged_attention(q: mx.array, k_pool, v_pool, block_tables: mx.array, context
         start += t
         i += 1
     return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=0)
-
-
-def _decode(q, k_pool, v_pool, block_tables, context_lens, bs, scale, window, kv_quant):
-    b = q.shape[0]
-    nblk = -(-max(context_lens) // bs)
-    bt = block_tables[:, :nblk]
-    k = gather_kv(k_pool, bt, kv_quant, q.dtype).transpose(0, 2, 1, 3)  # [B, Hkv, L, D]
-    v = gather_kv(v_pool, bt, kv_quant, q.dtype).transpose(0, 2, 1, 3)
-    ctx = mx.array(context_lens)[:, None]
-    kpos = mx.arange(nblk * bs)[None, :]
-    mask = kpos < ctx
-    if window is not None:
-        mask = mask & (kpos >= ctx - window)
-    qh = q[:, :, None, :]  # [B, Hq, 1, D]
-    out = mx.fast.scaled_dot_product_attention(qh, k, v, scale=scale, mask=mask.reshape(b, 1, 1, -1))
-    return out[:, :, 0, :]
 
 
 class PagedBackend:

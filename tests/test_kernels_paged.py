@@ -1,6 +1,7 @@
-"""Paged attention decode and the KV write on the CPU: the kernels' reference against the engine's
-reference (same pool layout), write_kv against the engine's, and a NumPy port of the CUDA kernel's
-split-K algorithm (parts over the window, per-part max / sum, merge) against the reference."""
+"""Paged attention decode and the KV write on the CPU: the kernels' batched decode reference against
+the engine's per-sequence path (gather the blocks, attend one sequence with its causal/window mask),
+write_kv against the engine's, and a NumPy port of the CUDA kernel's split-K algorithm (parts over
+the window, per-part max / sum, merge) against the reference."""
 
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ import pytest
 import mlx.core as mx
 
 from jang_serve.engine import paged_attention as engine_pa
+from jang_serve.engine.attention import attend_one
 from jang_serve.kernels import paged_attention_decode, paged_decode_reference, write_kv
 from jang_serve.kernels import paged_cuda
 
@@ -33,8 +35,23 @@ def test_fp16_scales_dequantize_in_the_compute_dtype():
     tables, lens = _tables(2, 6), [40, 7]
     q = mx.random.normal((2, 8, 64))
     ours = paged_attention_decode(q, kp, vp, tables, lens, 0.125, None, (4, 32))
-    theirs = engine_pa._decode(q, kp, vp, tables, lens, BS, 0.125, None, (4, 32))
+    theirs = _engine_decode(q, kp, vp, tables, lens, 0.125, None, (4, 32))
     assert mx.allclose(ours, theirs, atol=1e-6).item()
+
+
+def _engine_decode(q, kp, vp, tables, lens, scale, window, kv_quant):
+    """The engine's own path for one query per sequence: gather_kv of the sequence's blocks, then
+    attend_one (its prefill attention) with the query at position ctx - 1; zeros for an empty context."""
+    outs = []
+    for b, ctx in enumerate(lens):
+        if ctx == 0:
+            outs.append(mx.zeros(q.shape[1:], dtype=q.dtype))
+            continue
+        nblk = -(-ctx // BS)
+        k = engine_pa.gather_kv(kp, tables[b, :nblk], kv_quant, q.dtype)[:ctx]
+        v = engine_pa.gather_kv(vp, tables[b, :nblk], kv_quant, q.dtype)[:ctx]
+        outs.append(attend_one(q[b:b + 1], k, v, scale, window)[0])
+    return mx.stack(outs)
 
 
 def _tables(b, nblk, seed=1):
@@ -51,8 +68,8 @@ def test_kernels_reference_matches_engine_reference(kv_quant, window):
     lens = [45, 1, 20]
     q = mx.random.normal((3, hq, d))
     ours = paged_attention_decode(q, kp, vp, tables, lens, d ** -0.5, window, kv_quant)
-    # the engine's own decode reference (engine.paged_attention now routes decodes to the kernels)
-    theirs = engine_pa._decode(q, kp, vp, tables, lens, BS, d ** -0.5, window, kv_quant)
+    # the engine's per-sequence path (engine.paged_attention routes decodes to the kernels)
+    theirs = _engine_decode(q, kp, vp, tables, lens, d ** -0.5, window, kv_quant)
     assert ours.shape == (3, hq, d)
     assert mx.allclose(ours, theirs, atol=1e-5).item()
 
