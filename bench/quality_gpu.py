@@ -34,6 +34,8 @@ CALIB_POOL = 32768 + HELD_OUT  # GPTQ uses at most the first 32,768; the rest is
 # name -> (model, convert() keywords). "calib": number of calibration tokens (default 4096, the CPU default).
 VARIANTS = {
     "qwen2.5-coder": {
+        "ours JANG_2S (gptq, 4k calib, previous text)": {"profile": "JANG_2S", "method": "gptq", "calib": 4096,
+                                                         "pool": "calib4k-old"},
         "ours JANG_2S (gptq, 4k calib)": {"profile": "JANG_2S", "method": "gptq", "calib": 4096},
         "ours JANG_2S (gptq, 16k calib)": {"profile": "JANG_2S", "method": "gptq", "calib": 16384},
         "ours JANG_2S (gptq, 32k calib)": {"profile": "JANG_2S", "method": "gptq", "calib": 32768},
@@ -49,10 +51,11 @@ VARIANTS = {
         "ours JANG_2M (gptq, 32k calib)": {"profile": "JANG_2M", "method": "gptq", "calib": 32768},
         "ours JANG_3M (gptq, 32k calib)": {"profile": "JANG_3M", "method": "gptq", "calib": 32768},
     },
-    "smollm2": {  # the --bits 4 window's fixed profiles, with the calibration of the CPU rows (4096 tokens)
-        "ours JANG_1L (gptq)": {"profile": "JANG_1L", "method": "gptq", "calib": 4096},
-        "ours JANG_2L (gptq)": {"profile": "JANG_2L", "method": "gptq", "calib": 4096},
-        "ours JANG_3L (gptq)": {"profile": "JANG_3L", "method": "gptq", "calib": 4096},
+    "smollm2": {  # the --bits 4 window's fixed profiles, with the calibration of the CPU rows (4096 tokens of
+        # the previous default text: "calib4k-old", tokenized before calib.py changed)
+        "ours JANG_1L (gptq)": {"profile": "JANG_1L", "method": "gptq", "calib": 4096, "pool": "calib4k-old"},
+        "ours JANG_2L (gptq)": {"profile": "JANG_2L", "method": "gptq", "calib": 4096, "pool": "calib4k-old"},
+        "ours JANG_3L (gptq)": {"profile": "JANG_3L", "method": "gptq", "calib": 4096, "pool": "calib4k-old"},
     },
 }
 GGUF_NAMES = {"qwen2.5-coder": "qwen2.5-coder-0.5b-instruct.gguf", "smollm2": "SmolLM2-135M-Instruct.Q4_1.gguf"}
@@ -149,7 +152,7 @@ def convert_one(a) -> int:
     mx.set_cache_limit(1 << 30)
     kw = json.loads(a.kwargs)
     n = kw.pop("calib", 4096)
-    pool = "calib4k" if n == 4096 else "calib"  # 4096 = the CPU default calibration, exactly
+    pool = kw.pop("pool", None) or ("calib4k" if n == 4096 else "calib")  # 4096 = the CPU default, exactly
     ids = np.load(STAGE / "ids" / f"{a.model}-{pool}.npy")[:n].tolist()
     t = time.time()
     r = convert(a.src, a.dest, calib=ids, calib_tokens=n, **kw)  # rtn / mse fixed profiles ignore calib
@@ -402,6 +405,15 @@ def report(a) -> int:
                    "deviation": None, "results": new, "failed": failed,
                    "history": "replaces the 4,096-token CPU run of the previous session (git history of this file)"}
             tag = "(gptq, 32k calib)"
+        js = [r for r in new if r["variant"].startswith("ours JANG_2S (") and "heldout_calib_ppl" in r]
+        if model != "smollm2" and js:
+            best = min(js, key=lambda r: r["heldout_calib_ppl"])
+            out["selection"] = {
+                "rule": "the JANG_2S variant (calibration tokens, act-order, damping, method) with the lowest "
+                        f"perplexity on the held-out calibration slice ({HELD_OUT} tokens of the default calibration "
+                        "text that no conversion used) is the shipped default; the eval text plays no part",
+                "heldout_calib_ppl": {r["variant"]: round(r["heldout_calib_ppl"], 4) for r in js},
+                "chosen": best["variant"]}
         measured = {r["variant"] for r in out["results"]}
         for (bits, name, ppl), (kl, top1) in zip(quality.ANCHORS[model], quality.ANCHOR_KL[model]):
             full = name.replace("jang ", "jang 2.5.50 ")
