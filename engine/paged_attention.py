@@ -67,6 +67,8 @@ def paged_attention(q: mx.array, k_pool, v_pool, block_tables: mx.array, context
     `context_lens_arr` is context_lens as an int32 array, built once per step by the caller."""
     if context_lens_arr is None:
         context_lens_arr = mx.array(context_lens, dtype=mx.int32)
+    if q.shape[0] == len(query_lens) and all(n == 1 for n in query_lens):  # pure decode: no slicing
+        return paged_attention_decode(q, k_pool, v_pool, block_tables, context_lens_arr, scale, window, kv_quant)
     bs = (k_pool[0] if isinstance(k_pool, tuple) else k_pool).shape[1]
     outs, start, i, n = [], 0, 0, len(query_lens)
     while i < n:
