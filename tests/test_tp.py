@@ -397,6 +397,25 @@ def test_tp2_q4_kv_equals_single_process(tmp_path):
     assert out["stats"]["kv_dtype"] == "q4"
 
 
+def test_tp2_q4_kv_with_key_centering_calibration_equals_single_process(tmp_path):
+    """With a tokenizer, a q4 KV pool runs a calibration pass at creation (engine/kv_calibration.py,
+    per-channel key/value means): every rank runs it at the same point (collectives line up, no
+    hang), each for its own KV heads, and the greedy tokens still equal the single process."""
+    import shutil
+
+    from serve_helpers import tiny_model_dir
+
+    src = tiny_model_dir()
+    vocab = json.loads((src / "config.json").read_text())["vocab_size"]
+    d = tiny_dir(tmp_path, hidden_size=128, num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab)
+    for f in src.iterdir():
+        if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
+            shutil.copy(f, d / f.name)
+    out = run_driver("equal", str(d), json.dumps(_requests(vocab, 8)), "q4", "2", "1")
+    assert out["kv_centered"] and out["stats"]["kv_dtype"] == "q4"
+    assert out["tp"] == out["ref"]
+
+
 def test_a_stuck_rank_trips_the_step_timeout(tmp_path):
     """A rank that is alive but stopped (SIGSTOP) cannot hang the service: the step watchdog fails it."""
     d = tiny_dir(tmp_path, num_attention_heads=4, num_key_value_heads=2)
