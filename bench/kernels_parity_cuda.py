@@ -139,6 +139,13 @@ def paged_cases():
     out.append(dict(op="paged_attention_decode", dtype="bfloat16", kv="(4, 64)", hq=32, hkv=8, d=128,
                     window=None, err=relerr(y, ref), ref_err=relerr(
                         paged.paged_decode_reference(q, kp, vp, tables, lens, 0.088, None, (4, 64)), ref)))
+    # the per-step plan the engine uses for every layer (launch arguments computed once)
+    run = paged.paged_decode_plan(q, kp, vp, tables, mx.array(lens, dtype=mx.int32), 0.088, None, (4, 64))
+    for _ in range(2):  # reused, as for a second layer
+        y = run(q, kp, vp)
+        out.append(dict(op="paged_decode_plan", dtype="bfloat16", kv="(4, 64)", hq=32, hkv=8, d=128,
+                        window=None, err=relerr(y, ref), ref_err=relerr(
+                            paged.paged_decode_reference(q, kp, vp, tables, lens, 0.088, None, (4, 64)), ref)))
     return out
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from jang_serve.kernels import paged_attention_decode
+from jang_serve.kernels.paged import paged_decode_plan
 
 from .attention import StepLayout, attend_one
 
@@ -106,6 +107,8 @@ class PagedBackend:
         self.layout = StepLayout(list(query_lens), list(context_lens))
         self.context_lens_arr = mx.array(self.layout.context_lens, dtype=mx.int32)  # once per step, not per layer
         self.slot_mapping, self.block_tables = slot_mapping, block_tables
+        self.decode_only = bool(query_lens) and all(n == 1 for n in self.layout.query_lens)
+        self._plans: dict = {}
 
     def attend(self, layer, q, k, v, *, scale, window=None):
         pool, tf = self.pool, self.pool.transform
@@ -113,6 +116,14 @@ class PagedBackend:
             q, k, v = tf.queries(layer, q), tf.keys(layer, k), tf.values(layer, v)
         pool.k[layer], pool.v[layer] = write_kv(pool.k[layer], pool.v[layer], k, v, self.slot_mapping,
                                                 pool.kv_quant)
-        out = paged_attention(q, pool.k[layer], pool.v[layer], self.block_tables, self.layout.context_lens,
-                              self.layout.query_lens, scale, window, pool.kv_quant, self.context_lens_arr)
+        if self.decode_only:  # one decode plan per (scale, window) for all layers of the step
+            key = (scale, window, q.shape, q.dtype)
+            run = self._plans.get(key)
+            if run is None:
+                run = self._plans[key] = paged_decode_plan(q, pool.k[layer], pool.v[layer], self.block_tables,
+                                                           self.context_lens_arr, scale, window, pool.kv_quant)
+            out = run(q, pool.k[layer], pool.v[layer])
+        else:
+            out = paged_attention(q, pool.k[layer], pool.v[layer], self.block_tables, self.layout.context_lens,
+                                  self.layout.query_lens, scale, window, pool.kv_quant, self.context_lens_arr)
         return out if tf is None else tf.output(layer, out)

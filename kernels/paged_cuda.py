@@ -333,6 +333,39 @@ def supports(q: mx.array, head_dim: int, g: int, bits: int, kv_group: int) -> bo
     return pick_part(g, head_dim, bits < 16) is not None
 
 
+def plan(q, k_pool, block_tables, context_lens, scale, window, bits, kv_group):
+    """A callable f(q, k_pool, v_pool) -> out with every launch argument of this step computed once:
+    the engine calls it for each layer (same shapes, tables and lengths)."""
+    B, HQ, D = q.shape
+    shp = (k_pool[0] if bits < 16 else k_pool).shape
+    bs, hkv = shp[1], shp[2]
+    G = HQ // hkv
+    span = block_tables.shape[1] * bs
+    if window:
+        span = min(span, window)
+    part = occupancy_part(pick_part(G, D, bits < 16), B, hkv, span)
+    nparts = max(1, math.ceil(span / part))
+    scale_arr = _scales.get(scale)
+    if scale_arr is None:
+        scale_arr = _scales[scale] = mx.array([scale], dtype=mx.float32)
+    tables, lens = block_tables.astype(mx.int32), context_lens.astype(mx.int32)
+    tmpl = [("T", q.dtype), ("BITS", bits), ("KG", kv_group if bits < 16 else 32), ("D", D), ("G", G),
+            ("PART", part), ("WINDOW", int(window or 0))]
+    kern, comb = _get("q" if bits < 16 else "f"), _get("c")
+    grid, tg = (nparts * THREADS, hkv, B), (THREADS, 1, 1)
+    shapes, f32 = [(B, HQ, nparts, D), (B, HQ, nparts), (B, HQ, nparts)], [mx.float32] * 3
+    ctmpl, cgrid, cshape, cdt = [("T", q.dtype), ("D", D)], (B * HQ * THREADS, 1, 1), [(B, HQ, D)], [q.dtype]
+    tail = [tables, lens, scale_arr]
+
+    def run(q, k_pool, v_pool):
+        inputs = [q, *k_pool, *v_pool, *tail] if bits < 16 else [q, k_pool, v_pool, *tail]
+        po, pm, pl = kern(inputs=inputs, template=tmpl, grid=grid, threadgroup=tg, output_shapes=shapes,
+                          output_dtypes=f32)
+        return comb(inputs=[po, pm, pl], template=ctmpl, grid=cgrid, threadgroup=tg, output_shapes=cshape,
+                    output_dtypes=cdt)[0]
+    return run
+
+
 def paged_decode(q, k_pool, v_pool, block_tables, context_lens, scale, window, bits, kv_group,
                  part: int | None = None):
     """q [B, Hq, D]; pools as in the layout (tuples (packed, scales, biases) when bits < 16)."""

@@ -188,6 +188,20 @@ def test_cuda_parts_shrink_for_small_batches():
     assert np.allclose(a, b, atol=1e-5)
 
 
+def test_decode_plan_equals_the_entry_point():
+    from jang_serve.kernels.paged import paged_decode_plan
+
+    kp, vp = _pools(2, 64, (8, 64))
+    tables, lens = _tables(3, 6), mx.array([45, 1, 20], dtype=mx.int32)
+    q1, q2 = mx.random.normal((3, 8, 64)), mx.random.normal((3, 8, 64))
+    run = paged_decode_plan(q1, kp, vp, tables, lens, 0.125, 13, (8, 64))
+    for q in (q1, q2):  # one plan, several layers
+        want = paged_attention_decode(q, kp, vp, tables, lens, 0.125, 13, (8, 64))
+        assert mx.allclose(run(q, kp, vp), want, atol=1e-6).item()
+    with pytest.raises(ValueError, match="kv_quant"):
+        paged_decode_plan(q1, kp, vp, tables, lens, 0.125, None, None)
+
+
 def test_metal_self_test_failure_falls_back(monkeypatch):
     from jang_serve.kernels import backend, metal_common, paged_metal
 
