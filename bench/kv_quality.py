@@ -129,8 +129,10 @@ def main():
         model=dict(path=str(args.model), format=lm.format, activations="float32"),
         text=dict(source="python3.11-doc, from 'The Python Tutorial'", tokens=len(ids)),
         settings=dict(block_size=BLOCK, prefill_chunk=args.chunk,
-                      q8="group 64, float16 scales/biases", q4="group 32, float16 scales/biases, "
-                      "smoothed + Hadamard-rotated basis (engine/kv_transform.py)"),
+                      q8="group 64, float16 scales/biases", q4="group 32, float16 scales/biases, smoothed + Hadamard-rotated basis "
+                      "(engine/kv_transform.py), keys centred on calibration means with measured scales "
+                      "(engine/kv_calibration.py)", variants="q4-nocenter: no calibration pass "
+                      "(weights' scale estimate only); q4-plain: no change of basis at all"),
         acceptance=dict(q8_max_change_pct=0.5, q4_max_change_pct=3.0),
         results=rows,
         passed=all(abs(r["change_pct"]) <= (0.5 if r["kv"] == "q8" else 3.0) for r in rows
