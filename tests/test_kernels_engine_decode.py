@@ -198,3 +198,18 @@ def test_compiled_blocks_same_tokens(quant):
     assert blocks[0].compiled.calls >= 5  # decode batches went through the compiled halves
     del model.model.layers[0].compiled  # instance attribute: back to the class default (eager)
     assert model.model.layers[0].compiled is None
+
+
+def test_fused_single_token_rope_path_same_qkv():
+    """At one token the fused q/k/v rotate q and k in one RoPE call: same q, k, v as unfused."""
+    from jang_serve.engine.models.layers import fuse_projections
+
+    model, cfg = tiny_model(seed=21)
+    attn = model.model.layers[1].self_attn
+    x = mx.random.normal((1, cfg["hidden_size"]))
+    pos = mx.array([37], dtype=mx.int32)
+    before = attn.qkv(x, pos)
+    fuse_projections(model)
+    after = attn.qkv(x, pos)
+    for a, b in zip(before, after):
+        assert a.shape == b.shape and mx.allclose(a, b, atol=1e-5).item()

@@ -93,6 +93,11 @@ class Attention(nn.Module):
     def qkv(self, x, positions):
         """Queries, keys and values [T, heads, head_dim], normed and rotated, ready to attend."""
         t = x.shape[0]
+        if t == 1 and "qkv_fused" in self and "q_norm" not in self:
+            # one token, fused projection: rotate q and k heads in one RoPE call (one kernel less per layer)
+            y = self.qkv_fused.joint(x).reshape(t, self.n_heads + 2 * self.n_kv, self.hd)
+            qk = self.rope(y[:, :self.n_heads + self.n_kv], positions)
+            return qk[:, :self.n_heads], qk[:, self.n_heads:], y[:, self.n_heads + self.n_kv:]
         q, k, v = self.project(x)
         q = q.reshape(t, self.n_heads, self.hd)
         k = k.reshape(t, self.n_kv, self.hd)

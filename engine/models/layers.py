@@ -176,14 +176,18 @@ class FusedLinear(nn.Module):
         return all(type(p) is nn.Linear and p.weight.shape[1] == first.weight.shape[1]
                    and p.weight.dtype == first.weight.dtype for p in parts)
 
-    def __call__(self, x: mx.array) -> list[mx.array]:
+    def joint(self, x: mx.array) -> mx.array:
+        """The parts' outputs side by side, unsplit: [..., sum of output sizes]."""
         if self.quantized:
             y = qmm(x, self.weight, self.scales, self.biases, self.bits, self.group_size)
         else:
             y = x @ self.weight.T
         if "bias" in self:
             y = y + self.bias
-        return mx.split(y, self.splits, axis=-1)
+        return y
+
+    def __call__(self, x: mx.array) -> list[mx.array]:
+        return mx.split(self.joint(x), self.splits, axis=-1)
 
 
 def fuse_projections(model: nn.Module) -> int:
