@@ -280,7 +280,8 @@ def main():
                              concurrency=args.conc, our_max_num_batched_tokens=args.budget, kv_gb=args.kv_gb,
                              greedy=True, ignore_eos=True, block_size=16, kv="auto (model dtype)",
                              kernels=os.environ.get("JANG_KERNELS", "auto"), async_decode=args.async_decode,
-                             fuse_projections=args.fuse, compile_decode=args.compile),
+                             fuse_projections=args.fuse, compile_decode=args.compile,
+                             mlx_env={k: v for k, v in os.environ.items() if k.startswith("MLX_")}),
                runs={}, timings_s={})
     out = Path(args.out)
 
