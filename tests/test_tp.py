@@ -186,6 +186,61 @@ def test_shard_aware_load_equals_cutting_the_loaded_model(tmp_path):
     assert part.model.model.layers[0].mlp.gate_up_proj.weight.shape == (128, 64)  # phi3 rank 1: 64 gate + 64 up rows
 
 
+def _hf_experts(model, cfg: dict, out: Path, names: dict[str, str] | None, quant=None) -> Path:
+    """A MoE folder in Hugging Face layout: one tensor per expert (`...experts.<e>.<name>.<suffix>`),
+    or with names=None the transformers-5 fused `experts.gate_up_proj` [E, 2I, D] / `experts.down_proj`."""
+    if quant:
+        quantize_model(model, lambda p, m: quant)
+        cfg = dict(cfg, quantization={"bits": quant[0], "group_size": quant[1]})
+    mx.eval(model.parameters())
+    params, w = _params(model), {}
+    for k, v in params.items():
+        if ".switch_mlp." not in k:
+            w[k] = v
+            continue
+        pre, proj_suffix = k.split(".switch_mlp.")
+        proj, suffix = proj_suffix.split(".")
+        if names is not None:
+            w.update({f"{pre}.experts.{e}.{names[proj]}.{suffix}": v[e] for e in range(v.shape[0])})
+        elif proj == "down_proj":  # fused (float): down as is, gate rows then up rows of every expert
+            g, u = params[f"{pre}.switch_mlp.gate_proj.weight"], params[f"{pre}.switch_mlp.up_proj.weight"]
+            w[f"{pre}.experts.down_proj"] = v
+            w[f"{pre}.experts.gate_up_proj"] = mx.concatenate([g, u], axis=1)
+    out.mkdir(parents=True)
+    mx.save_safetensors(str(out / "model.safetensors"), w)
+    (out / "config.json").write_text(json.dumps(cfg))
+    return out
+
+
+def test_shard_aware_load_of_per_expert_checkpoints(tmp_path):
+    """Per-expert tensors (which sanitize stacks with mx.stack) are read by slice too: sanitize runs
+    on index probes, each stack becomes a StackedTensor of file windows. A layout sanitize has to
+    slice (transformers-5 fused gate_up) falls back to reading whole, then cutting. Same arrays as
+    loading whole and cutting in every case."""
+    from jang_serve.engine.distributed.shard_load import bytes_read
+    from jang_serve.engine.loader import load_model
+
+    from engine_helpers import tiny_model
+
+    mix = dict(model_type="mixtral", num_local_experts=4, num_experts_per_tok=2)
+    q3 = dict(model_type="qwen3_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, head_dim=16)
+    same = {n: n for n in ("gate_proj", "up_proj", "down_proj")}
+    cases = [(_hf_experts(*tiny_model(2, **mix), tmp_path / "mixtral", {"gate_proj": "w1", "up_proj": "w3",
+                                                                         "down_proj": "w2"}), 0.5),
+             (_hf_experts(*tiny_model(2, **q3, mlp_only_layers=[0]), tmp_path / "q3-q4", same, (4, 32)), 0.47),
+             (_hf_experts(*tiny_model(2, **q3), tmp_path / "q3-fused", None), 1.0)]
+    for path, share in cases:
+        total = (path / "model.safetensors").stat().st_size
+        for rank in range(2):
+            whole = load_model(path)
+            info = shard_model(whole.model, None, rank, 2)
+            before = bytes_read()
+            part = load_model(path, shard=(rank, 2))
+            _same_params(whole.model, part.model)
+            assert part.shard == info
+            assert abs((bytes_read() - before) / total - share) < 0.03, (path.name, (bytes_read() - before) / total)
+
+
 def test_a_rank_reads_and_holds_about_1_over_n_of_the_model(tmp_path):
     """Bytes copied out of the safetensors file, and the peak MLX memory of the load, are ~1/N of
     the whole model's (a whole load peaks at the whole model), for float32 and 4-bit weights."""

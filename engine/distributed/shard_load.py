@@ -11,8 +11,8 @@ How (`engine.loader.load_model(path, shard=(rank, size))` drives it):
      group boundaries, so the slice is whole packed words); every parameter it did not cut (norms,
      routers, o_proj / down_proj biases) is read whole at the end (`materialize_rest`).
 Peak memory is this rank's shard plus one slice in flight; `bytes_read()` counts what was copied
-out of the files. Per-expert checkpoint tensors (`...experts.<e>...`, stacked by `sanitize` with
-mx.stack) are read whole, then cut; stacked (switch_mlp) bundles are read by slice.
+out of the files. `sanitize` runs on index probes (`sanitize_lazy`), so per-expert checkpoint
+tensors it stacks become a `StackedTensor` of DiskTensors, read by slice too.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import re
 import threading
 
 import mlx.core as mx
@@ -33,7 +32,6 @@ log = logging.getLogger("jang_serve.engine.tp")
 _MX = {"F64": mx.float32, "F32": mx.float32, "F16": mx.float16, "BF16": mx.bfloat16, "I64": mx.int64,
        "I32": mx.int32, "I16": mx.int16, "I8": mx.int8, "U64": mx.uint64, "U32": mx.uint32, "U16": mx.uint16,
        "U8": mx.uint8, "BOOL": mx.bool_}
-_EXPERT = re.compile(r"\.experts\.\d+\.")
 _local = threading.local()
 _counter_lock = threading.Lock()
 _bytes_read = [0]
@@ -117,20 +115,53 @@ class DiskTensor(LazyTensor):
         return a.view(view) if view is not None else a
 
 
+class StackedTensor(LazyTensor):
+    """Tensors of one shape stacked along a new first axis (per-expert checkpoint tensors that
+    `sanitize` stacks): `read()` reads the window of each part it covers, then stacks."""
+
+    def __init__(self, parts: list[LazyTensor]):
+        super().__init__((len(parts), *parts[0].shape))
+        self.parts, self.stored_dtype = parts, parts[0].dtype
+        self.name = f"stack of {parts[0].name} and {len(parts) - 1} more"
+
+    def _read(self) -> mx.array:
+        (e0, e1), rest = self.window[0], tuple(slice(a, b) for a, b in self.window[1:])
+        return mx.stack([p[rest].read() for p in self.parts[e0:e1]])
+
+
 def disk_weights(infos: dict[str, TensorInfo]) -> tuple[dict, dict]:
-    """-> ({name: DiskTensor}, {name: file}) for a folder's tensors, reading nothing (per-expert
-    tensors, which sanitize stacks with mx.stack, are read whole)."""
-    weights, files, whole = {}, {}, 0
-    for name, info in infos.items():
-        files[name] = info.file
-        if _EXPERT.search(name):
-            weights[name] = DiskTensor(info).read()
-            whole += 1
-        else:
-            weights[name] = DiskTensor(info)
-    if whole:
-        log.info("shard-aware load: %d per-expert tensors are read whole (stacked at load), then cut", whole)
-    return weights, files
+    """-> ({name: DiskTensor}, {name: file}) for a folder's tensors, reading nothing."""
+    return {n: DiskTensor(i) for n, i in infos.items()}, {n: i.file for n, i in infos.items()}
+
+
+_PROBE = (1.0, 0.0), (3.0, 1000003.0)  # two encodings of a tensor's index: value = a * index + b
+
+
+def sanitize_lazy(model, weights: dict) -> dict:
+    """`model.sanitize` for LazyTensors. sanitize renames, drops and stacks tensors (mx.stack), so it
+    runs on probes: each tensor is a [1] array holding its index, under two encodings; what comes
+    out says, per output name, which input tensor (shape [1]) or which stack of them ([E, 1]) it
+    is. A sanitize that does anything else to the values (the two encodings disagree, or a probe
+    cannot be sliced) falls back to reading every tensor whole (a log line says so)."""
+    names = list(weights)
+    outs = []
+    try:
+        for a, b in _PROBE:
+            outs.append(model.sanitize({k: mx.array([a * i + b], mx.float32) for i, k in enumerate(names)}))
+        res = {}
+        for k, v in outs[0].items():
+            ids = np.array(v).reshape(-1)
+            ids2 = (np.array(outs[1][k]).reshape(-1) - _PROBE[1][1]) / _PROBE[1][0]
+            if v.shape not in ((1,), (ids.size, 1)) or not np.array_equal(ids, ids2) or \
+                    np.any(ids != np.round(ids)) or ids.min() < 0 or ids.max() >= len(names):
+                raise ValueError(f"sanitize changes the values of {k}")
+            parts = [weights[names[int(i)]] for i in ids]
+            res[k] = parts[0] if v.shape == (1,) else StackedTensor(parts)
+        return res
+    except (TypeError, ValueError, IndexError, KeyError) as e:
+        log.info("shard-aware load: %s's sanitize needs the tensors themselves (%s): reading the "
+                 "checkpoint whole, then cutting", type(model).__name__, e)
+        return model.sanitize({k: v.read() if isinstance(v, LazyTensor) else v for k, v in weights.items()})
 
 
 def take(a, *idx):

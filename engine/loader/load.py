@@ -100,7 +100,7 @@ def load_model(path, dtype="auto", shard: tuple[int, int] | None = None) -> Load
     if shard is None:
         weights, files = load_weights(p, infos)
     else:
-        from jang_serve.engine.distributed.shard_load import disk_weights, load_sharded
+        from jang_serve.engine.distributed.shard_load import disk_weights, load_sharded, sanitize_lazy
 
         weights, files = disk_weights(infos)  # nothing read yet: names, shapes, offsets
     qcfg = quant_config(config, p / "config.json")
@@ -117,7 +117,7 @@ def load_model(path, dtype="auto", shard: tuple[int, int] | None = None) -> Load
 
     model = family_model
     try:
-        weights = model.sanitize(weights)
+        weights = model.sanitize(weights) if shard is None else sanitize_lazy(model, weights)
     except (KeyError, ValueError, IndexError) as e:
         raise LoadError(p, f"checkpoint tensors do not fit the {config.get('model_type')} model: {e}") from None
     plan = None
