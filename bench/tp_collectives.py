@@ -105,7 +105,8 @@ def main():
             os.unlink(contact["hostfile"])
     from e2e_gpu import device_name
 
-    doc = dict(benchmark="tp_collectives", date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    doc = dict(benchmark="tp_collectives", date=now,
                device=device_name(), versions=dict(mlx=version("mlx"), python=platform.python_version()),
                tp=a.tp, backend=backend, hidden=a.hidden, iters=a.iters, follower_exit=codes,
                machine_shared=mx.default_device() != mx.gpu, all_sum=res)

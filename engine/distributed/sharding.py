@@ -90,7 +90,8 @@ def slice_cols(lin, c0: int, c1: int):
             raise ShardError(f"input columns {c0}..{c1} do not fall on the quantization groups of {gs}")
         q = QLinear(c1 - c0, lin.weight.shape[0], False, bits, gs)
         q.weight = take(lin.weight, slice(None), slice(c0 * bits // 32, c1 * bits // 32))
-        q.scales, q.biases = (take(getattr(lin, n), slice(None), slice(c0 // gs, c1 // gs)) for n in ("scales", "biases"))
+        q.scales, q.biases = (take(getattr(lin, n), slice(None), slice(c0 // gs, c1 // gs))
+                              for n in ("scales", "biases"))
         return q
     out = nn.Linear(c1 - c0, lin.weight.shape[0], bias=False)
     out.weight = take(lin.weight, slice(None), slice(c0, c1))

@@ -195,9 +195,9 @@ def start_tp_engine(loaded, config, size: int, backend: str | None = None, ready
                     step_timeout: float = 300.0) -> TPAsyncEngine:
     """Start ranks 1..size-1 on `loaded.path` (each loads only its own shard), join the group as
     rank 0, shard `loaded.model` in place (or take it as loaded with `load_model(path, shard=(0,
-    size))`, which reads only rank 0's shard) and return the engine. One tensor-parallel group per process. `ready_timeout`: seconds
-    the other ranks may take to load the model; `step_timeout`: seconds one step may take before
-    the engine declares a rank stuck."""
+    size))`, which reads only rank 0's shard) and return the engine. One tensor-parallel group per
+    process. `ready_timeout`: seconds the other ranks may take to load the model; `step_timeout`:
+    seconds one step may take before the engine declares a rank stuck."""
     if size < 2:
         raise ValueError(f"tensor parallelism needs at least 2 ranks, got {size}")
     model, _, _ = unpack_loaded(loaded)
