@@ -18,6 +18,8 @@ logit_bias, grammar or logprobs); anything else flushes the pipeline and runs sy
 
 from __future__ import annotations
 
+import time
+
 import mlx.core as mx
 
 from .paged_attention import PagedBackend
@@ -62,6 +64,7 @@ class DecodePipeline:
         self.tokens: mx.array | None = None   # device tokens of the in-flight step
         self.seqs: list[Sequence] = []        # their sequences, row by row
         self.rows: dict[int, int] = {}        # seq_id -> row, for sequences holding a placeholder
+        self.timing: dict | None = None       # set to {} to accumulate host time per phase (benchmarks)
 
     @property
     def pending(self) -> bool:
@@ -82,10 +85,18 @@ class DecodePipeline:
             raise RuntimeError("pipelined decode got a batch that is not a pure decode")
         core.num_steps += 1
         seqs = batch.seqs
+        t0 = time.perf_counter()
         logits = self._forward(seqs)
         toks = sample_on_device(logits, seqs)
+        t1 = time.perf_counter()
         mx.async_eval(toks, core.pool.arrays())
+        t2 = time.perf_counter()
         out = self.resolve()  # the previous step's tokens, read while this one runs
+        if self.timing is not None:  # build the graph / dispatch it / wait for and process the previous step
+            t3, tm = time.perf_counter(), self.timing
+            for key, dt in (("build_s", t1 - t0), ("dispatch_s", t2 - t1), ("resolve_s", t3 - t2)):
+                tm[key] = tm.get(key, 0.0) + dt
+            tm["steps"] = tm.get("steps", 0) + 1
         for seq in seqs:
             seq.num_computed += 1
             if seq.is_finished:   # stopped on the previous token: this step's row is thrown away
