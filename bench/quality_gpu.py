@@ -403,7 +403,16 @@ def report(a) -> int:
                               "heldout_calib_ppl": f"perplexity on {HELD_OUT} calibration tokens that no conversion "
                                                    "used (the end of the default calibration text)"},
                    "deviation": None, "results": new, "failed": failed,
-                   "history": "replaces the 4,096-token CPU run of the previous session (git history of this file)"}
+                   "history": "replaces the 4,096-token CPU run of the previous session (git history of this file)",
+                   "calibration_tags": {
+                       "4k calib, previous text": "the default: 4,096 tokens of the built-in text + the docs tail "
+                                                  "(jangq convert --method gptq)",
+                       "4k calib": "--calib docs-mix (4,096 tokens)",
+                       "16k calib": "--calib docs-mix --calib-tokens 16384",
+                       "32k calib": "--calib docs-mix --calib-tokens 32768 (the allocator's Fisher pass uses the same "
+                                    "tokens)",
+                       "act-order": "--act-order", "10% damping": "--damp 0.1",
+                       "rtn / mse": "no calibration (fixed profiles)"}}
             tag = "(gptq, 32k calib)"
         js = [r for r in new if r["variant"].startswith("ours JANG_2S (") and "heldout_calib_ppl" in r]
         if model != "smollm2" and js:

@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     g.add_argument("--bits", "-b", type=float, help="average bits budget (2-8), sensitivity-allocated")
     c.add_argument("--method", "-m", choices=["rtn", "mse", "gptq"], help="default: rtn (or the profile's option)")
     c.add_argument("--group-size", "-g", type=int, choices=[32, 64, 128], help="default: 64 (or the profile's)")
-    c.add_argument("--calib", help="calibration text file (default: built-in text)")
+    c.add_argument("--calib", help="calibration text file, or docs-mix (default: built-in text + the docs tail)")
     c.add_argument("--calib-tokens", type=int, help="calibration tokens for gptq / --bits (default: 4096)")
     c.add_argument("--act-order", action="store_true", help="gptq: quantize columns in decreasing Hessian order")
     c.add_argument("--damp", type=float, help="gptq: damping as a fraction of the mean Hessian diagonal (0.01)")

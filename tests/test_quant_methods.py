@@ -159,15 +159,17 @@ def test_convert_takes_token_ids_and_gptq_options(tmp_path):
     assert not (tmp_path / "out2").exists()
 
 
-def test_default_calibration_text_skips_the_eval_text():
-    """The default calibration text never contains the docs the evaluation reads, and mixes many files."""
+def test_docs_mix_calibration_text_skips_the_eval_text():
+    """The "docs-mix" text never contains the docs the evaluation reads and mixes many files; nor does the tail."""
     from jang_serve.quantize.calib import BUILTIN, FILE_CHARS, default_text
     from jang_serve.quantize.evaluate import load_text
 
     ev = load_text()
-    cal = default_text(200_000)
+    cal = default_text(200_000, mix=True)
     assert cal.startswith(BUILTIN.read_text(encoding="utf-8"))
     hits = [i for i in range(0, len(ev) - 300, 5_000) if ev[i : i + 300] in cal]
     assert hits == []
     assert len(cal) - len(BUILTIN.read_text(encoding="utf-8")) > 20 * FILE_CHARS // 2  # many files, not one
-    assert cal.startswith(default_text(60_000))  # the 4,096-token default is a prefix of longer budgets
+    assert cal.startswith(default_text(60_000, mix=True))  # 4,096 tokens are a prefix of longer budgets
+    tail = default_text(60_000)
+    assert [i for i in range(0, len(ev) - 300, 5_000) if ev[i : i + 300] in tail] == []
