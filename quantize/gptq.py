@@ -99,6 +99,8 @@ def gptq_quantize(w: np.ndarray, H: np.ndarray, bits: int, group_size: int, damp
 def _cuda_torch():
     """torch when it can use a CUDA GPU (MLX CUDA builds link a reference LAPACK on the CPU, whose 4864-wide
     Cholesky takes seconds; torch does it on the GPU in milliseconds), else None."""
+    if mx.default_device() != mx.gpu:
+        return None  # CPU machines keep the MLX path (and never pay for importing torch)
     try:
         import torch
     except ImportError:
