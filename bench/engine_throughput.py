@@ -175,6 +175,31 @@ def profile_decode(lm, prompts, steps: int = 8) -> dict:
     return dict(sequences=len(prompts), **{k: round(v, 2) for k, v in tot.items()})
 
 
+# A proposed CPU routing rule for kernels.qmm, applied by this benchmark only with --qmm-cpu-rule small4:
+# below CPU_DEQUANT_ROWS rows, weights of at most SMALL4_MAX_ELEMENTS also take the dequantize + BLAS
+# route from 4 rows (MLX's CPU quantized_matmul costs one pass over the weight per row).
+SMALL4_MIN_ROWS, SMALL4_MAX_ELEMENTS = 4, 8_000_000
+
+
+def apply_qmm_cpu_rule(rule: str) -> str | None:
+    """Patch kernels.qmm's CPU route for this process; returns a description for the JSON."""
+    if rule == "current":
+        return None
+    qmod = sys.modules["jang_serve.kernels.qmm"]
+    reference = qmod.qmm_reference
+
+    def routed(x, w, scales, biases, bits, group_size):
+        m = x.size // x.shape[-1]
+        if m >= SMALL4_MIN_ROWS and w.shape[0] * x.shape[-1] <= SMALL4_MAX_ELEMENTS:
+            return qmod.qmm_dequant_matmul(x, w, scales, biases, bits, group_size)
+        return reference(x, w, scales, biases, bits, group_size)
+
+    qmod.qmm_reference = routed
+    return (f"kernels.qmm CPU route patched by this benchmark (a proposal, not the shipped rule): dequantize + "
+            f"BLAS from {SMALL4_MIN_ROWS} rows for weights of <= {SMALL4_MAX_ELEMENTS} elements, "
+            f"from {qmod.CPU_DEQUANT_ROWS} rows otherwise (the 49152x576 tied lm_head)")
+
+
 def spread(xs: list[float]) -> dict:
     return dict(median=round(statistics.median(xs), 3), min=round(min(xs), 3), max=round(max(xs), 3))
 
@@ -197,7 +222,10 @@ def main():
     ap.add_argument("--ttft-tokens", type=int, default=1000)
     ap.add_argument("--budget", type=int, default=2048, help="our max_num_batched_tokens")
     ap.add_argument("--out", default=str(ROOT / "bench/results/engine-cpu.json"))
+    ap.add_argument("--qmm-cpu-rule", default="current", choices=["current", "small4"],
+                    help="small4: a proposed kernels.qmm CPU route for our engine (mlx-lm calls quantized_matmul itself)")
     args = ap.parse_args()
+    qmm_rule = apply_qmm_cpu_rule(args.qmm_cpu_rule)
 
     lm = load_model(args.model)
     if args.quantize == "q4g64":
@@ -259,7 +287,8 @@ def main():
         settings=dict(gen_tokens=args.gen, prompt_tokens=[args.prompt_min, args.prompt_max], greedy=True,
                       repeats=args.repeats, our_max_num_batched_tokens=args.budget, kv="auto (float32)",
                       block_size=16, mlx_lm="BatchGenerator(completion_batch_size=concurrency, "
-                                            "prefill_batch_size=min(concurrency, 8))"),
+                                            "prefill_batch_size=min(concurrency, 8))",
+                      qmm_cpu_rule=qmm_rule or "kernels.qmm as shipped"),
         throughput=rows,
         ttft=ttft_row,
         decode_step_profile_ms=prof,
