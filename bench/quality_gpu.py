@@ -58,6 +58,20 @@ VARIANTS = {
         "ours JANG_3L (gptq)": {"profile": "JANG_3L", "method": "gptq", "calib": 4096, "pool": "calib4k-old"},
     },
 }
+# second run: GPTQ with plain min/max rounding for 2-bit gate/up (diagnosed on the CPU: GPTQ there hurt Qwen)
+FOLLOWUP = {
+    "qwen2.5-coder": {
+        "ours JANG_2S (gptq, min/max gate-up)": {"profile": "JANG_2S", "method": "gptq", "calib": 4096,
+                                                 "pool": "calib4k-old", "gptq_options": {"minmax_mlp_in_bits": 2}},
+        "ours JANG_2S (gptq, 32k calib, min/max gate-up)": {"profile": "JANG_2S", "method": "gptq", "calib": 32768,
+                                                            "gptq_options": {"minmax_mlp_in_bits": 2}},
+    },
+    "smollm2": {
+        "ours JANG_2S (gptq, min/max gate-up)": {"profile": "JANG_2S", "method": "gptq", "calib": 4096,
+                                                 "pool": "calib4k-old", "gptq_options": {"minmax_mlp_in_bits": 2}},
+        "ours JANG_2S (rtn)": {"profile": "JANG_2S", "method": "rtn"},
+    },
+}
 GGUF_NAMES = {"qwen2.5-coder": "qwen2.5-coder-0.5b-instruct.gguf", "smollm2": "SmolLM2-135M-Instruct.Q4_1.gguf"}
 
 
@@ -228,7 +242,7 @@ def run(a) -> int:
         tokens, kl_tokens, held = 2 * WINDOW, WINDOW, WINDOW
     else:
         ggufs = join_pieces(Path(a.gguf_dir), a.models)
-        plan = {m: VARIANTS[m] for m in a.models}
+        plan = {m: (FOLLOWUP if a.followup else VARIANTS)[m] for m in a.models}
         tokens, kl_tokens, held = TOKENS, KL_TOKENS, HELD_OUT
     info = {"device": str(mx.default_device()), "mlx": mx.__version__, "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     try:
@@ -460,6 +474,7 @@ def main() -> int:
     r.add_argument("--models", nargs="*", default=["qwen2.5-coder", "smollm2"])
     r.add_argument("--jobs", type=int, default=12)
     r.add_argument("--smoke", action="store_true")
+    r.add_argument("--followup", action="store_true", help="the second run's variants (FOLLOWUP)")
     rp = sub.add_parser("report")
     rp.add_argument("rows")
     rp.add_argument("--dest-dir", default=str(REPO / "bench" / "results"))

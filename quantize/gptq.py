@@ -15,6 +15,8 @@ order and the group parameters are fixed up front from the original weights (sta
 
 from __future__ import annotations
 
+import re
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -23,6 +25,7 @@ from . import affine
 from .roles import module_path
 
 BLOCK = 128
+_MLP_IN = re.compile(r"(^|\.)(gate_proj|up_proj|gate_up_proj|w1|w3|fc1|c_fc)$")
 # smallest clip factor of the group-range search per width (1.0 = plain min/max); see clip_search
 MIN_SHRINK: dict[int, float] = {}
 
@@ -163,10 +166,14 @@ def clip_search(cols: np.ndarray, bits: int, grid: int = 10, min_shrink: float =
 class GPTQRunner:
     """Feeds calibration activations layer by layer during the streaming conversion."""
 
-    def __init__(self, source, ids: list[int], seq_len: int = 512, damp: float = 0.01, act_order: bool = False):
+    def __init__(self, source, ids: list[int], seq_len: int = 512, damp: float = 0.01, act_order: bool = False,
+                 minmax_mlp_in_bits: int = 0):
         single_thread_blas()
         self.model = source.model
         self.damp, self.act_order = damp, act_order
+        # MLP input projections (gate/up) at this width or below get plain min/max rounding instead of GPTQ:
+        # on Qwen2.5-0.5B at 2 bits GPTQ there hurt held-out perplexity (docs/quantizer.md); 0 = off
+        self.minmax_mlp_in_bits = int(minmax_mlp_in_bits)
         n = max(1, len(ids) // seq_len)
         self.seqs = [ids[i * seq_len : (i + 1) * seq_len] for i in range(n)]
         self.h = None  # calibration hidden states [T, D]
@@ -184,7 +191,8 @@ class GPTQRunner:
     def describe(self) -> dict:
         return {"method": "gptq", "tokens": self.tokens, "sequences": len(self.seqs), "damp": self.damp,
                 "damp_when_tokens_below_2x_input_dim": max(self.damp, 0.1),
-                "act_order": self.act_order, "group_params": "mse clip search per group"}
+                "act_order": self.act_order, "group_params": "mse clip search per group",
+                "minmax_mlp_in_bits": self.minmax_mlp_in_bits}
 
     def see_group(self, key: int, tensors: dict) -> None:
         if key == -1:
@@ -241,6 +249,10 @@ class GPTQRunner:
         H = self.hess.get(path)
         if H is None or H.shape[0] != w.shape[1]:
             return affine.quantize(w, bits, group_size, "mse")
+        if bits <= self.minmax_mlp_in_bits and _MLP_IN.search(path):
+            wq, s16, b16 = affine.quantize(w, bits, group_size, "rtn")
+            self._quantized[path] = affine.dequantize(wq, s16, b16, bits, group_size)
+            return wq, s16, b16
         codes, s, b = gptq_quantize(np.array(w.astype(mx.float32)), H, bits, group_size,
                                     self.damping(w.shape[1]), self.act_order)
         wq = affine.pack(codes, bits)

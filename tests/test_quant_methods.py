@@ -173,3 +173,19 @@ def test_docs_mix_calibration_text_skips_the_eval_text():
     assert cal.startswith(default_text(60_000, mix=True))  # 4,096 tokens are a prefix of longer budgets
     tail = default_text(60_000)
     assert [i for i in range(0, len(ev) - 300, 5_000) if ev[i : i + 300] in tail] == []
+
+
+def test_gptq_minmax_for_mlp_inputs_option(tmp_path):
+    """minmax_mlp_in_bits=4: gate/up at <= 4 bits are exactly mx.quantize (min/max), down_proj stays GPTQ."""
+    src = make_tiny(tmp_path / "src")
+    convert(src, tmp_path / "a", profile="JANG_4M", method="gptq", calib=list(range(3, 300)),
+            gptq_options={"minmax_mlp_in_bits": 4})
+    w = mx.load(str(next((tmp_path / "a").glob("*.safetensors"))))
+    ref = mx.load(str(next(src.glob("*.safetensors"))))
+    for name in ("model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj"):
+        f = ref[name + ".weight"].astype(mx.float32)
+        wq, _, _ = mx.quantize(f, group_size=64, bits=4)
+        same = bool(mx.array_equal(w[name + ".weight"], wq))
+        assert same == ("up_proj" in name), name
+    cal = json.loads((tmp_path / "a" / "jang_config.json").read_text())["quantization"]["calibration"]
+    assert cal["minmax_mlp_in_bits"] == 4
