@@ -189,3 +189,17 @@ def test_gptq_minmax_for_mlp_inputs_option(tmp_path):
         assert same == ("up_proj" in name), name
     cal = json.loads((tmp_path / "a" / "jang_config.json").read_text())["quantization"]["calibration"]
     assert cal["minmax_mlp_in_bits"] == 4
+
+
+def test_cli_passes_gptq_options(tmp_path, capsys):
+    """jangq convert --calib-tokens / --act-order / --damp / --minmax-mlp-in-bits reach GPTQ and are recorded."""
+    from jang_serve.quantize.cli import main
+
+    src = make_tiny(tmp_path / "src")
+    calib = tmp_path / "calib.txt"
+    calib.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    assert main(["convert", str(src), "-o", str(tmp_path / "q"), "--profile", "JANG_4M", "--method", "gptq",
+                 "--calib", str(calib), "--calib-tokens", "256", "--act-order", "--damp", "0.05",
+                 "--minmax-mlp-in-bits", "2", "--quiet"]) == 0
+    cal = json.loads((tmp_path / "q" / "jang_config.json").read_text())["quantization"]["calibration"]
+    assert (cal["tokens"], cal["act_order"], cal["damp"], cal["minmax_mlp_in_bits"]) == (256, True, 0.05, 2)
