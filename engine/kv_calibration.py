@@ -1,14 +1,15 @@
-"""Per-channel means of a model's keys and values, from one forward pass over a short built-in text.
+"""Statistics of a model's keys, values and queries from one forward pass over a short built-in text.
 
-Quantized KV subtracts these means before storing (engine/kv_transform.py): q·(k - c) differs from
-q·k by the same amount for every key a query sees, so softmax is unchanged, and because the
-softmax weights sum to one, softmax·(v - c_v) + c_v equals softmax·v. Both are exact; what changes
-is the range each quantization group has to cover. The means must be fixed for the pool's life
-(cached prefix blocks are shared between requests), hence one calibration pass at pool creation.
+Quantized KV (engine/kv_transform.py) subtracts the keys' per-channel means before storing:
+q·(k - c) differs from q·k by the same amount for every key a query sees, so softmax is unchanged
+(values may be centred too: softmax·(v - c_v) + c_v equals softmax·v, the weights sum to one).
+What changes is the range each quantization group has to cover. The key smoothing scales come from
+the measured RMS of the centred keys and of the queries. All of it must stay fixed for the pool's
+life (cached prefix blocks are shared between requests), hence one calibration pass at pool creation.
 
 Under tensor parallelism every rank creates its pool at the same point and runs this same pass
 (same text, same tokens), so the collectives inside the sharded model line up; each rank gets the
-means of its own KV heads.
+statistics of its own KV heads.
 """
 
 from __future__ import annotations
