@@ -1,5 +1,5 @@
 """Where a prefix hit's time to first token goes, with kernels.qmm's CPU route as shipped and with
-the proposed `small4` rule (bench/engine_throughput.py --qmm-cpu-rule):
+its earlier `rows16` rule (bench/engine_throughput.py --qmm-cpu-rule):
 
     .venv/bin/python bench/engine_hit_profile.py [--model PATH] [--quantize none|q4g64] [--out JSON]
 
@@ -98,8 +98,8 @@ def main():
     text_ids = docs_prompts(lm.tokenizer, 2, args.ttft_tokens, args.ttft_tokens)
     a = text_ids[0]
     b = a[:992] + text_ids[1][: args.ttft_tokens - 992]
-    out = {"current": profile_hit(lm, a, b)}
-    out["small4"] = dict(rule=apply_qmm_cpu_rule("small4"), **profile_hit(lm, a, b, matmuls=False))
+    out = {"shipped": profile_hit(lm, a, b, matmuls=False)}
+    out["rows16"] = dict(rule=apply_qmm_cpu_rule("rows16"), **profile_hit(lm, a, b))
     for k, v in out.items():
         print(k, {x: y for x, y in v.items() if x != "matmuls_at_new_tokens_rows"}, flush=True)
     result = dict(benchmark="engine_hit_profile",

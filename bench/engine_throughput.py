@@ -175,29 +175,16 @@ def profile_decode(lm, prompts, steps: int = 8) -> dict:
     return dict(sequences=len(prompts), **{k: round(v, 2) for k, v in tot.items()})
 
 
-# A proposed CPU routing rule for kernels.qmm, applied by this benchmark only with --qmm-cpu-rule small4:
-# below CPU_DEQUANT_ROWS rows, weights of at most SMALL4_MAX_ELEMENTS also take the dequantize + BLAS
-# route from 4 rows (MLX's CPU quantized_matmul costs one pass over the weight per row).
-SMALL4_MIN_ROWS, SMALL4_MAX_ELEMENTS = 4, 8_000_000
-
-
 def apply_qmm_cpu_rule(rule: str) -> str | None:
-    """Patch kernels.qmm's CPU route for this process; returns a description for the JSON."""
-    if rule == "current":
+    """"rows16" restores kernels.qmm's earlier CPU route (dequantize + BLAS from 16 rows for every
+    weight) for this process, to compare with the shipped one; returns a description for the JSON."""
+    if rule == "shipped":
         return None
     qmod = sys.modules["jang_serve.kernels.qmm"]
-    reference = qmod.qmm_reference
-
-    def routed(x, w, scales, biases, bits, group_size):
-        m = x.size // x.shape[-1]
-        if m >= SMALL4_MIN_ROWS and w.shape[0] * x.shape[-1] <= SMALL4_MAX_ELEMENTS:
-            return qmod.qmm_dequant_matmul(x, w, scales, biases, bits, group_size)
-        return reference(x, w, scales, biases, bits, group_size)
-
-    qmod.qmm_reference = routed
-    return (f"kernels.qmm CPU route patched by this benchmark (a proposal, not the shipped rule): dequantize + "
-            f"BLAS from {SMALL4_MIN_ROWS} rows for weights of <= {SMALL4_MAX_ELEMENTS} elements, "
-            f"from {qmod.CPU_DEQUANT_ROWS} rows otherwise (the 49152x576 tied lm_head)")
+    qmod.CPU_SMALL_DEQUANT_ROWS = qmod.CPU_DEQUANT_ROWS
+    return (f"kernels.qmm CPU route set back by this benchmark to the earlier rule: dequantize + BLAS "
+            f"from {qmod.CPU_DEQUANT_ROWS} rows for every weight (shipped: from {qmod.CPU_SMALL_DEQUANT_ROWS_SHIPPED} "
+            f"rows for weights of <= {qmod.CPU_SMALL_MAX_ELEMENTS} elements)")
 
 
 def spread(xs: list[float]) -> dict:
@@ -222,8 +209,8 @@ def main():
     ap.add_argument("--ttft-tokens", type=int, default=1000)
     ap.add_argument("--budget", type=int, default=2048, help="our max_num_batched_tokens")
     ap.add_argument("--out", default=str(ROOT / "bench/results/engine-cpu.json"))
-    ap.add_argument("--qmm-cpu-rule", default="current", choices=["current", "small4"],
-                    help="small4: a proposed kernels.qmm CPU route for our engine (mlx-lm calls quantized_matmul itself)")
+    ap.add_argument("--qmm-cpu-rule", default="shipped", choices=["shipped", "rows16"],
+                    help="rows16: kernels.qmm's earlier CPU route, for comparison (mlx-lm calls quantized_matmul itself)")
     args = ap.parse_args()
     qmm_rule = apply_qmm_cpu_rule(args.qmm_cpu_rule)
 

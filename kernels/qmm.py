@@ -5,9 +5,10 @@
 
 Paths by backend (kernels/backend.py) and by activation rows M = prod(x.shape[:-1]):
   reference    mx.quantized_matmul (the specification)
-  cpu, M<16    the reference
-  cpu, M>=16   dequantize, then the dense float32 matmul (BLAS): MLX's CPU quantized_matmul does
-               ~1 GFLOP/s, dense float32 with OpenBLAS ~45 (bench/results/qmm-cpu.json)
+  cpu, M>=16 (M>=4 for weights of <= 8M elements)  dequantize, then the dense float32 matmul (BLAS):
+               MLX's CPU quantized_matmul does ~1 GFLOP/s, dense float32 with OpenBLAS ~45
+               (bench/results/qmm-cpu.json)
+  cpu, else    the reference
   cuda, M<=4   fused dequant + GEMV kernel (kernels/qmm_cuda.py)
   cuda, 17<=M<DEQUANT_ROWS, 2/4 bits  tiled dequant + tensor-core GEMM (kernels/qgemm_cuda.py,
                N % 128 == 0), checked once per template against the reference at first use
@@ -39,6 +40,12 @@ DEQUANT_ROWS_8BIT = 384   # 8-bit: mx.quantized_matmul beats dequantize + matmul
 # CPU: from this many rows, dequantize + dense matmul beats mx.quantized_matmul for every SmolLM2 shape
 # (bench/qmm_cpu.py: small matrices win from 4 rows, the 49152x576 tied lm_head only from ~16).
 CPU_DEQUANT_ROWS = 16
+# ... and weights of at most CPU_SMALL_MAX_ELEMENTS already from CPU_SMALL_DEQUANT_ROWS rows: MLX's CPU
+# quantized_matmul makes one pass over the weight per row (a prefix hit's 8 new tokens spent 873 of
+# 954 ms in it; 405 ms on this route, bench/results/engine-cpu-jang4l-hit-profile.json). Large weights
+# (the tied 49152x576 lm_head: dequantizing costs ~0.9 s) keep the 16-row threshold.
+CPU_SMALL_DEQUANT_ROWS = CPU_SMALL_DEQUANT_ROWS_SHIPPED = 4
+CPU_SMALL_MAX_ELEMENTS = 8_000_000
 
 
 def qgemm_on() -> bool:
@@ -94,6 +101,13 @@ def _cuda_route(m: int, x, w, bits: int, group_size: int) -> str:
 _routes: dict[tuple, tuple] = {}   # key -> (route, prepared kernel call or None)
 
 
+def cpu_dequant_route(m: int, weight_elements: int) -> bool:
+    """Whether the CPU path dequantizes and runs BLAS for m rows of a weight of this many elements."""
+    if m >= CPU_DEQUANT_ROWS:
+        return True
+    return m >= CPU_SMALL_DEQUANT_ROWS and weight_elements <= CPU_SMALL_MAX_ELEMENTS
+
+
 def qmm(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: int, group_size: int) -> mx.array:
     """x: [..., K] activations; w: [N, K*bits/32] uint32 packed; scales/biases: [N, K/group_size].
 
@@ -110,7 +124,7 @@ def qmm(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: int,
         m *= d
     k = x.shape[-1]
     if b == "reference":
-        if m >= CPU_DEQUANT_ROWS and backend.cpu_fast_paths():
+        if cpu_dequant_route(m, w.shape[0] * k) and backend.cpu_fast_paths():
             return qmm_dequant_matmul(x, w, scales, biases, bits, group_size)
         return qmm_reference(x, w, scales, biases, bits, group_size)
     if b == "cuda":

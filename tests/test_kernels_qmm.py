@@ -191,8 +191,9 @@ def test_float32_activations_stay_on_the_reference():
 @pytest.mark.parametrize("rows", [1, 3, 4, 16, 65])
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_cpu_route_matches_reference(rows, bits, monkeypatch):
-    """On the CPU, from CPU_DEQUANT_ROWS rows qmm dequantizes and runs the dense matmul (same math,
-    float rounding apart); below that it is the reference itself; JANG_KERNELS=reference forces it."""
+    """On the CPU, from CPU_SMALL_DEQUANT_ROWS rows (this weight is small) qmm dequantizes and runs the
+    dense matmul (same math, float rounding apart); below that it is the reference itself;
+    JANG_KERNELS=reference forces it."""
     qmm_mod = importlib.import_module("jang_serve.kernels.qmm")  # the module (the package exports the function)
 
     monkeypatch.delenv("JANG_KERNELS", raising=False)
@@ -204,7 +205,15 @@ def test_cpu_route_matches_reference(rows, bits, monkeypatch):
     assert got.dtype == x.dtype and got.shape == ref.shape
     assert float(mx.abs(got - ref).max()) < 1e-4 * (1 + float(mx.abs(ref).max()))
     fast = qmm_mod.qmm_dequant_matmul(x, q, s, b, bits, 64)
-    expect_fast = rows >= qmm_mod.CPU_DEQUANT_ROWS
+    expect_fast = rows >= qmm_mod.CPU_SMALL_DEQUANT_ROWS
     assert mx.array_equal(got, fast).item() == expect_fast or mx.array_equal(fast, ref).item()
     monkeypatch.setenv("JANG_KERNELS", "reference")
     assert mx.array_equal(qmm_mod.qmm(x, q, s, b, bits, 64), ref).item()
+
+
+def test_cpu_route_keeps_large_weights_on_the_reference_below_16_rows():
+    qmm_mod = importlib.import_module("jang_serve.kernels.qmm")
+    big = qmm_mod.CPU_SMALL_MAX_ELEMENTS + 1  # e.g. a tied 49152x576 lm_head (28M elements)
+    assert [qmm_mod.cpu_dequant_route(m, 49152 * 576) for m in (1, 4, 8, 15, 16)] == [False] * 4 + [True]
+    assert [qmm_mod.cpu_dequant_route(m, big) for m in (4, 16)] == [False, True]
+    assert [qmm_mod.cpu_dequant_route(m, 576 * 1536) for m in (1, 3, 4, 8)] == [False, False, True, True]
