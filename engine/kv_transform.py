@@ -47,6 +47,17 @@ def _dense_weight(lin) -> np.ndarray | None:
     return np.array(w.astype(mx.float32))
 
 
+def _projection(attn, name: str) -> np.ndarray | None:
+    """Dense weight of attn.<name>, also after fuse_projections stacked it into a FusedLinear."""
+    if name in attn:
+        return _dense_weight(attn[name])
+    for fused, names in getattr(type(attn), "FUSE", {}).items():
+        if name in names and fused in attn:
+            w = _dense_weight(attn[fused])
+            return None if w is None else np.split(w, attn[fused].splits)[names.index(name)]
+    return None
+
+
 def _attn_magnitudes(model, blk):
     """Per-channel magnitude estimates [Hkv, D] of a layer's keys, queries (RMS over the query heads
     sharing a KV head), values, and of the o_proj columns each value channel feeds (same RMS), from
@@ -54,7 +65,7 @@ def _attn_magnitudes(model, blk):
     h, d = model.kv_heads, model.head_dim
     attn = blk.self_attn
     gamma = np.array(blk.input_layernorm.weight.astype(mx.float32))
-    wk, wq, wv, wo = (_dense_weight(getattr(attn, n)) for n in ("k_proj", "q_proj", "v_proj", "o_proj"))
+    wk, wq, wv, wo = (_projection(attn, n) for n in ("k_proj", "q_proj", "v_proj", "o_proj"))
     if any(w is None for w in (wk, wq, wv, wo)) or wk.shape != (h * d, gamma.shape[0]) \
             or wv.shape != wk.shape or wq.shape[0] % (h * d) or wo.shape[1] != wq.shape[0]:
         raise ValueError("not a plain q/k/v/o attention")

@@ -114,3 +114,18 @@ def test_kv_transform_is_exact():
     assert all(t is not None and t.shape == (2, 32) for t in tf.v_scale)
     out = tf.output(1, attend_one(tf.queries(1, q), tf.keys(1, k), tf.values(1, v), 0.2))
     assert mx.allclose(out, ref, atol=1e-5).item()
+
+
+def test_kv_transform_reads_fused_projections():
+    """GPU engines fuse q/k/v (layers.fuse_projections); a KV transform built on the fused model
+    gets the same scales as on the separate projections."""
+    from engine_helpers import tiny_model
+    from jang_serve.engine.kv_transform import KVTransform
+    from jang_serve.engine.models.layers import fuse_projections
+
+    model, _ = tiny_model(num_attention_heads=4, num_key_value_heads=2, hidden_size=128)
+    before = KVTransform(model)
+    assert fuse_projections(model) > 0 and "k_proj" not in model.model.layers[0].self_attn
+    after = KVTransform(model)
+    for a, b in zip(before.k_scale + before.v_scale, after.k_scale + after.v_scale):
+        assert mx.allclose(a, b, atol=1e-6).item()
