@@ -51,6 +51,9 @@ class EngineCore:
             from .models.layers import fuse_projections
 
             fuse_projections(self.model)
+            # The fused weights are lazy concatenations on this thread's stream; the engine thread that
+            # runs the steps has no such stream ("There is no Stream(gpu, 0) in current thread").
+            mx.eval(self.model.parameters())
         comp = self.config.compile_decode
         from .models.compiled import compile_blocks
 

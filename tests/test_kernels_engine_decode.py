@@ -213,3 +213,34 @@ def test_fused_single_token_rope_path_same_qkv():
     after = attn.qkv(x, pos)
     for a, b in zip(before, after):
         assert a.shape == b.shape and mx.allclose(a, b, atol=1e-5).item()
+
+
+def test_gpu_defaults_run_in_the_async_engine_thread():
+    """The server runs steps in AsyncEngine's own thread, not the one that built the engine: with the
+    GPU's defaults (fused projections, compiled blocks, pipelined decode) forced on, every array the
+    steps touch must exist there (lazily fused weights once failed with "There is no Stream(..., 0)
+    in current thread"). Same tokens as the plain synchronous engine."""
+    import asyncio
+
+    from jang_serve.engine.async_engine import AsyncEngine
+
+    async def generate(engine, prompts):
+        async def one(i, p):
+            ids = []
+            async for d in engine.generate(p, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True), f"r{i}"):
+                ids += d.token_ids
+            return ids
+        return await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+
+    prompts = [[1, 2, 3, 4], [5, 6, 7, 8, 9, 10], [11, 12]]
+    outs = []
+    for gpu_like in (False, True):
+        model, cfg = tiny_model(seed=5)  # a fresh model each time: fusing changes it
+        engine = AsyncEngine((model, None, cfg), EngineConfig(
+            num_blocks=64, fuse_projections=gpu_like, compile_decode=gpu_like, async_decode=gpu_like))
+        engine.start()
+        try:
+            outs.append(asyncio.run(generate(engine, prompts)))
+        finally:
+            engine.shutdown()
+    assert outs[1] == outs[0] and all(len(o) == 6 for o in outs[0])
