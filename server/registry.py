@@ -103,8 +103,8 @@ class ModelRegistry:
                 vocab = entry.config.get("vocab_size") or getattr(entry.tokenizer, "vocab_size", None) or 2
                 try:
                     entry.info["warmup"] = warmup.warm_up(entry.engine, self.cfg.max_num_seqs, vocab)
-                except Exception as e:  # only a speed-up: serve anyway, say why it was skipped
-                    log.warning("warm-up of %s failed, serving without it: %s: %s", entry.name, type(e).__name__, e)
+                except Exception as e:  # an engine that cannot generate its warm-up is not ready
+                    raise RuntimeError(f"warm-up generation failed: {type(e).__name__}: {e}") from e
             entry.state = "ready"
             if hasattr(entry.engine, "on_fatal"):  # tensor parallel: a dead rank fails the model
                 entry.engine.on_fatal = lambda msg, e=entry: _mark_failed(e, msg)
