@@ -6,4 +6,10 @@ mkdir -p /tmp/shim/jang_serve
 cp -r jang_serve/. /tmp/shim/jang_serve/
 for d in engine kernels quantize server; do ln -sfn "$PWD/$d" "/tmp/shim/jang_serve/$d"; done
 export PYTHONPATH=/tmp/shim${PYTHONPATH:+:$PYTHONPATH}
+# `python -m jang_serve...` (the servers, tensor-parallel followers) puts the working directory first on
+# sys.path, where the repo's own jang_serve/ (without engine/ ...) shadows the shim: link the
+# subpackages there too. Only on the device machine (nvidia-smi present): the copy there is scratch.
+if command -v nvidia-smi >/dev/null 2>&1; then
+  for d in engine kernels quantize server; do ln -sfn "$PWD/$d" "jang_serve/$d"; done
+fi
 if [ -f .ptx/ptx.tgz ] && [ ! -d /tmp/mlx ]; then tar xzf .ptx/ptx.tgz -C /tmp; fi
