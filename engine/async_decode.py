@@ -23,7 +23,7 @@ import time
 import mlx.core as mx
 
 from .paged_attention import PagedBackend
-from .sampler import _gumbel, filter_logits
+from .sampler import draw_tokens
 from .sequence import Sequence
 
 PLACEHOLDER = -1
@@ -39,21 +39,7 @@ def device_samplable(seq: Sequence) -> bool:
 
 def sample_on_device(logits: mx.array, seqs: list[Sequence]) -> mx.array:
     """Token ids [S] (int32, lazy) with the math of sampler.sample for penalty-free rows."""
-    greedy = [s.params.temperature == 0 for s in seqs]
-    tokens = mx.argmax(logits, axis=-1)
-    if all(greedy):
-        return tokens.astype(mx.int32)
-    idx = [r for r, g in enumerate(greedy) if not g]
-    sub = seqs if len(idx) == len(seqs) else [seqs[r] for r in idx]
-    rows = logits if len(idx) == len(seqs) else logits[mx.array(idx)]
-    temps = mx.array([s.params.temperature for s in sub])[:, None]
-    scaled = filter_logits(rows / temps, [s.params.top_k for s in sub], [s.params.top_p for s in sub],
-                           [s.params.min_p for s in sub])
-    drawn = mx.argmax(scaled + _gumbel(sub, logits.shape[-1]), axis=-1)
-    if len(idx) == len(seqs):
-        return drawn.astype(mx.int32)
-    tokens[mx.array(idx)] = drawn
-    return tokens.astype(mx.int32)
+    return draw_tokens(logits, seqs).astype(mx.int32)
 
 
 class DecodePipeline:

@@ -85,30 +85,35 @@ def _gumbel(seqs: list[Sequence], vocab: int) -> mx.array:
     return mx.stack(rows)
 
 
+def draw_tokens(logits: mx.array, seqs: list[Sequence]) -> mx.array:
+    """Token ids [S] (lazy): argmax for greedy rows (temperature 0), else a Gumbel-max draw from the
+    temperature-scaled logits after top-k / top-p / min-p (each sampled row advances its own key)."""
+    greedy = [s.params.temperature == 0 for s in seqs]
+    tokens = mx.argmax(logits, axis=-1)
+    if all(greedy):
+        return tokens
+    idx = [r for r, g in enumerate(greedy) if not g]
+    sub = seqs if len(idx) == len(seqs) else [seqs[r] for r in idx]
+    rows = logits if len(idx) == len(seqs) else logits[mx.array(idx)]
+    temps = mx.array([s.params.temperature for s in sub])[:, None]
+    scaled = filter_logits(rows / temps, [s.params.top_k for s in sub], [s.params.top_p for s in sub],
+                           [s.params.min_p for s in sub])
+    drawn = mx.argmax(scaled + _gumbel(sub, logits.shape[-1]), axis=-1)
+    if len(idx) == len(seqs):
+        return drawn
+    tokens[mx.array(idx)] = drawn
+    return tokens
+
+
 def sample(logits: mx.array, seqs: list[Sequence], masks: np.ndarray | None = None):
     """logits [S, V] float32 (row r belongs to seqs[r]); masks: optional bool numpy [S, V] of
     allowed tokens (grammar). Returns (token ids, per-row TokenLogprob or None)."""
-    vocab = logits.shape[-1]
     logits = apply_penalties(logits, seqs)
     if masks is not None:
         logits = mx.where(mx.array(masks), logits, NEG_INF)
     want_lp = [s.params.logprobs or s.params.top_logprobs > 0 for s in seqs]
     lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True) if any(want_lp) else None
-    greedy = [s.params.temperature == 0 for s in seqs]
-    tokens = mx.argmax(logits, axis=-1)
-    if not all(greedy):
-        idx = [r for r, g in enumerate(greedy) if not g]
-        sub = seqs if len(idx) == len(seqs) else [seqs[r] for r in idx]
-        rows = logits if len(idx) == len(seqs) else logits[mx.array(idx)]
-        temps = mx.array([s.params.temperature for s in sub])[:, None]
-        scaled = filter_logits(rows / temps, [s.params.top_k for s in sub], [s.params.top_p for s in sub],
-                               [s.params.min_p for s in sub])
-        drawn = mx.argmax(scaled + _gumbel(sub, vocab), axis=-1)
-        if len(idx) == len(seqs):
-            tokens = drawn
-        else:
-            tokens[mx.array(idx)] = drawn
-    toks = tokens.tolist()
+    toks = draw_tokens(logits, seqs).tolist()
     out_lp: list[TokenLogprob | None] = [None] * len(seqs)
     if lp is not None:
         rows_np = np.array(lp[mx.array([r for r, w in enumerate(want_lp) if w])])
