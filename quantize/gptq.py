@@ -111,21 +111,29 @@ def _cuda_torch():
     return torch if torch.cuda.is_available() else None
 
 
+def _with_damping(H: np.ndarray, factor) -> np.ndarray:
+    """factor(shift) -> U for H + shift * I; tried with more damping while H is (near) singular."""
+    mean = float(np.mean(np.diag(H)))
+    for extra in (0.0, 0.1, 1.0):
+        try:
+            out = factor(extra * mean)
+        except (ValueError, RuntimeError):
+            continue
+        if np.all(np.isfinite(out)) and np.all(np.diag(out) > 0):
+            return out
+    raise ValueError("GPTQ: the calibration Hessian is not positive definite even with damping")
+
+
 def _upper_chol_torch(H: np.ndarray, torch, device: str) -> np.ndarray:
     """The same factor as _upper_chol_of_inverse, in float64 with torch on `device`."""
     Ht = torch.from_numpy(np.ascontiguousarray(H, dtype=np.float64)).to(device)
-    mean = float(Ht.diagonal().mean())
     eye = torch.eye(H.shape[0], dtype=torch.float64, device=device)
-    for extra in (0.0, 0.1, 1.0):
-        try:
-            L = torch.linalg.cholesky(Ht + extra * mean * eye)
-            U = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
-            out = U.float().cpu().numpy()
-            if np.all(np.isfinite(out)) and np.all(np.diag(out) > 0):
-                return out
-        except RuntimeError:
-            continue
-    raise ValueError("GPTQ: the calibration Hessian is not positive definite even with damping")
+
+    def factor(shift: float) -> np.ndarray:
+        L = torch.linalg.cholesky(Ht + shift * eye)
+        return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).float().cpu().numpy()
+
+    return _with_damping(H, factor)
 
 
 def _upper_chol_of_inverse(H: np.ndarray) -> np.ndarray:
@@ -133,18 +141,13 @@ def _upper_chol_of_inverse(H: np.ndarray) -> np.ndarray:
     torch = _cuda_torch()
     if torch is not None:
         return _upper_chol_torch(H, torch, "cuda")
-    Hm = mx.array(H.astype(np.float32))
-    for extra in (0.0, 0.1, 1.0):
-        try:
-            Hd = Hm + extra * float(np.mean(np.diag(H))) * mx.eye(H.shape[0])
-            Hi = mx.linalg.cholesky_inv(mx.linalg.cholesky(Hd, stream=mx.cpu), stream=mx.cpu)
-            U = mx.linalg.cholesky(Hi, upper=True, stream=mx.cpu)
-            out = np.array(U)
-            if np.all(np.isfinite(out)) and np.all(np.diag(out) > 0):
-                return out
-        except (ValueError, RuntimeError):
-            continue
-    raise ValueError("GPTQ: the calibration Hessian is not positive definite even with damping")
+    Hm, eye = mx.array(H.astype(np.float32)), mx.eye(H.shape[0])
+
+    def factor(shift: float) -> np.ndarray:
+        Hi = mx.linalg.cholesky_inv(mx.linalg.cholesky(Hm + shift * eye, stream=mx.cpu), stream=mx.cpu)
+        return np.array(mx.linalg.cholesky(Hi, upper=True, stream=mx.cpu))
+
+    return _with_damping(H, factor)
 
 
 def clip_search(cols: np.ndarray, bits: int, grid: int = 10, min_shrink: float = 0.5):
