@@ -57,6 +57,15 @@ class EngineConfig:
         if not 0 < self.kv_memory_fraction <= 1:
             raise ValueError(f"kv_memory_fraction must be in (0, 1], got {self.kv_memory_fraction}")
 
+    def on_gpu_by_default(self, name: str) -> bool:
+        """A switch whose None means "on a GPU, off on the CPU" (async_decode, fuse_projections, compile_decode)."""
+        value = getattr(self, name)
+        if value is not None:
+            return bool(value)
+        import mlx.core as mx
+
+        return mx.default_device() != mx.cpu
+
     def prefill_chunk(self) -> int:
         """max_prefill_chunk, or its default for the current device."""
         if self.max_prefill_chunk is not None:

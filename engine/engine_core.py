@@ -46,18 +46,13 @@ class EngineCore:
         self.config = config or EngineConfig()
         self.dtype = model_dtype(self.model)
         self.pool = KVPool.for_model(self.model, self.config, self.dtype, self.tokenizer)
-        fuse = self.config.fuse_projections
-        if fuse or (fuse is None and mx.default_device() != mx.cpu):  # after the pool: its KV transform reads q/k/v
+        if self.config.on_gpu_by_default("fuse_projections"):  # after the pool: its KV transform reads q/k/v
             from .models.layers import fuse_projections
 
             fuse_projections(self.model)
-            # The fused weights are lazy concatenations on this thread's stream; the engine thread that
-            # runs the steps has no such stream ("There is no Stream(gpu, 0) in current thread").
-            mx.eval(self.model.parameters())
-        comp = self.config.compile_decode
         from .models.compiled import compile_blocks
 
-        compile_blocks(self.model, self.config.max_num_seqs, on=bool(comp or (comp is None and mx.default_device() != mx.cpu)))
+        compile_blocks(self.model, self.config.max_num_seqs, on=self.config.on_gpu_by_default("compile_decode"))
         self.blocks = BlockManager(self.pool.num_blocks, self.config.block_size, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, self.config.max_num_seqs, self.config.max_num_batched_tokens,
                                    self.config.prefill_chunk())
@@ -152,10 +147,7 @@ class EngineCore:
     def _async_decode(self) -> bool:
         """Pipelined decode is on: config.async_decode (None: on a GPU), and a plain ModelRunner
         (tensor-parallel followers replay host-side batches, so TP runs synchronously)."""
-        on = self.config.async_decode
-        if on is None:
-            on = mx.default_device() != mx.cpu
-        return bool(on) and type(self.runner) is ModelRunner
+        return self.config.on_gpu_by_default("async_decode") and type(self.runner) is ModelRunner
 
     # -- one step -----------------------------------------------------------------------------
     def step(self) -> list[Delta]:

@@ -44,8 +44,6 @@ def main(argv: list[str] | None = None) -> int:
     threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: rank 0 stops us (EOF)
 
-    import mlx.core as mx
-
     from jang_serve.engine.engine_config import EngineConfig
     from jang_serve.engine.engine_core import model_dtype
     from jang_serve.engine.kv_pool import KVPool
@@ -74,8 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = model_dtype(model)
     n = agree_num_blocks(model, cfg, dtype, group)
     runner = ModelRunner(model, KVPool.for_model(model, replace(cfg, num_blocks=n), dtype, loaded.tokenizer))
-    fuse = cfg.fuse_projections
-    if fuse or (fuse is None and mx.default_device() != mx.cpu):  # as EngineCore does on rank 0
+    if cfg.on_gpu_by_default("fuse_projections"):  # as EngineCore does on rank 0
         fuse_projections(model)
     steps = 0
     stdin = sys.stdin.buffer

@@ -162,6 +162,9 @@ class FusedLinear(nn.Module):
         sizes = [p.weight.shape[0] for p in parts]
         self.splits = [sum(sizes[:i + 1]) for i in range(len(sizes) - 1)]
         self.freeze()
+        # Materialise now: lazy concatenations keep the parts alive and belong to this thread's stream,
+        # which the engine's own thread does not have ("There is no Stream(gpu, 0) in current thread").
+        mx.eval(self.parameters())
 
     @staticmethod
     def can_fuse(parts: list[nn.Module]) -> bool:
