@@ -98,31 +98,20 @@ class DecodePipeline:
     def _forward(self, seqs: list[Sequence]) -> mx.array:
         """The model on one new token per sequence, lazy; inputs come from the in-flight step's
         device tokens where a sequence holds a placeholder."""
-        runner, bs = self.core.runner, self.core.pool.block_size
-        host, src = [], []
-        for seq in seqs:
-            r = self.rows.get(seq.seq_id)
-            if r is None:
-                src.append(-1)
-                host.append(seq.token_ids[-1])
-            else:
-                src.append(r)
-                host.append(0)
-        if self.tokens is not None and src == list(range(len(self.seqs))) and len(seqs) == len(self.seqs):
+        runner = self.core.runner
+        # the runner's flat batch (positions, slots, block tables); placeholder rows hold PLACEHOLDER
+        host, positions, slots, tables, qlens, clens, _, _ = runner.prepare(seqs, [1] * len(seqs))
+        src = [self.rows.get(seq.seq_id, -1) for seq in seqs]
+        if self.tokens is None or all(r < 0 for r in src):
+            tokens = host
+        elif src == list(range(len(self.seqs))) and len(seqs) == len(self.seqs):
             tokens = self.tokens  # the same sequences in the same order: feed the samples straight back
-        elif self.tokens is None or all(r < 0 for r in src):
-            tokens = mx.array(host, dtype=mx.int32)
         else:
             n = self.tokens.shape[0]
-            both = mx.concatenate([self.tokens, mx.array(host, dtype=mx.int32)])
+            both = mx.concatenate([self.tokens, host])
             tokens = both[mx.array([r if r >= 0 else n + i for i, r in enumerate(src)], dtype=mx.int32)]
-        pos = [s.num_computed for s in seqs]
-        slots = [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, pos)]
-        width = max(len(s.block_table) for s in seqs)
-        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
-        backend = PagedBackend(self.core.pool, mx.array(slots, dtype=mx.int32), mx.array(tables, dtype=mx.int32),
-                               [1] * len(seqs), [p + 1 for p in pos])
-        logits = runner.model(tokens, mx.array(pos, dtype=mx.int32), backend, logits_rows=None)
+        backend = PagedBackend(self.core.pool, slots, tables, qlens, clens)
+        logits = runner.model(tokens, positions, backend, logits_rows=None)
         return logits.astype(mx.float32)
 
     def resolve(self) -> list:
