@@ -129,3 +129,73 @@ def test_kv_transform_reads_fused_projections():
     after = KVTransform(model)
     for a, b in zip(before.k_scale + before.v_scale, after.k_scale + after.v_scale):
         assert mx.allclose(a, b, atol=1e-6).item()
+
+
+def _prefill_scenario(ctx, qlen, kv_quant=None, seed=1):
+    mx.random.seed(seed)
+    rng = np.random.default_rng(seed)
+    nblocks = sum(-(-c // BS) for c in ctx) + 4
+    pool = KVPool(1, nblocks, BS, HKV, D, mx.float32, kv_quant[0] if kv_quant else None,
+                  kv_quant[1] if kv_quant else 64)
+    perm = rng.permutation(nblocks).tolist()
+    tables, dk, dv = [], [], []
+    for c in ctx:
+        tables.append([perm.pop() for _ in range(-(-c // BS))])
+        k, v = mx.random.normal((c, HKV, D)), mx.random.normal((c, HKV, D))
+        slots = mx.array([tables[-1][p // BS] * BS + p % BS for p in range(c)])
+        pool.k[0], pool.v[0] = write_kv(pool.k[0], pool.v[0], k, v, slots, pool.kv_quant)
+        if kv_quant:  # what the pool holds: the reference attends over the same rounded KV
+            from jang_serve.engine.paged_attention import gather_kv
+            blocks = mx.array(tables[-1])
+            k = gather_kv(pool.k[0], blocks, kv_quant, mx.float32)[:c]
+            v = gather_kv(pool.v[0], blocks, kv_quant, mx.float32)[:c]
+        dk.append(k)
+        dv.append(v)
+    width = max(len(t) for t in tables)
+    bt = mx.array([t + [0] * (width - len(t)) for t in tables])
+    return pool, bt, mx.random.normal((sum(qlen), HQ, D)), dk, dv
+
+
+@pytest.mark.parametrize("kv_quant,window", [(None, None), (None, 9), ((8, 32), None), ((4, 64), 20)])
+def test_padded_prefill_batch_matches_per_sequence(kv_quant, window):
+    """Decodes, then six prefill sequences of different lengths (fresh prompts and chunks after a
+    cached prefix) that the step pads into one attention call; every row equals dense attention."""
+    from jang_serve.engine.paged_prefill import worth_batching
+
+    ctx = [40, 3, 33, 48, 20, 60, 45, 17]
+    qlen = [1, 1, 33, 30, 20, 28, 45, 17]
+    assert worth_batching(qlen[2:], ctx[2:], BS)
+    pool, bt, q, dk, dv = _prefill_scenario(ctx, qlen, kv_quant)
+    plans: dict = {}
+    out = paged_attention(q, pool.k[0], pool.v[0], bt, ctx, qlen, 0.125, window, pool.kv_quant,
+                          prefill_plans=plans)
+    assert list(plans) == [(2, 8, window)]  # the six prefills went through one padded plan
+    refs, s = [], 0
+    for n, k, v in zip(qlen, dk, dv):
+        refs.append(attend_one(q[s:s + n], k, v, 0.125, window))
+        s += n
+    assert mx.allclose(out, mx.concatenate(refs), atol=2e-5).item()
+    # a second layer of the same step reuses the plan
+    again = paged_attention(q, pool.k[0], pool.v[0], bt, ctx, qlen, 0.125, window, pool.kv_quant,
+                            prefill_plans=plans)
+    assert len(plans) == 1 and mx.array_equal(again, out).item()
+
+
+def test_padded_prefill_skips_wasteful_runs():
+    """A long chunk beside short prompts would pad every short one to the long context: attended one
+    by one instead (the run after the outlier may still be batched), with the same result."""
+    from jang_serve.engine.paged_prefill import worth_batching
+
+    ctx = [3000, 12, 9, 14]
+    qlen = [512, 12, 9, 14]
+    assert not worth_batching(qlen, ctx, BS)
+    assert worth_batching(qlen[1:], ctx[1:], BS)
+    pool, bt, q, dk, dv = _prefill_scenario(ctx, qlen)
+    plans: dict = {}
+    out = paged_attention(q, pool.k[0], pool.v[0], bt, ctx, qlen, 0.125, None, None, prefill_plans=plans)
+    assert list(plans) == [(1, 4, None)]
+    refs, s = [], 0
+    for n, k, v in zip(qlen, dk, dv):
+        refs.append(attend_one(q[s:s + n], k, v, 0.125))
+        s += n
+    assert mx.allclose(out, mx.concatenate(refs), atol=2e-5).item()
