@@ -25,6 +25,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -258,6 +259,8 @@ def main():
     ap.add_argument("--budget", type=int, default=2048, help="our max_num_batched_tokens")
     ap.add_argument("--kv-gb", type=float, default=4.0)
     ap.add_argument("--only", default="", help="comma list of runs to do (default all)")
+    ap.add_argument("--prefill-chunk-alt", type=int, default=2048,
+                    help="also run the 64-sequence cases with this EngineConfig.max_prefill_chunk (0: skip)")
     ap.add_argument("--commit", default=os.environ.get("JANG_COMMIT", ""))
     ap.add_argument("--force-routes", action="store_true", help="probe route configs on the CPU too (a test)")
     ap.add_argument("--note", default="")
@@ -283,6 +286,7 @@ def main():
                           weights="random normal(0, 0.02), generated on the device"),
                settings=dict(prompt_tokens=args.prompt, gen_batch1=args.gen1, gen_batched=args.genb,
                              concurrency=args.conc, our_max_num_batched_tokens=args.budget, kv_gb=args.kv_gb,
+                             our_prefill_chunk_default=EngineConfig().prefill_chunk(),
                              greedy=True, ignore_eos=True, block_size=16, kv="auto (model dtype)",
                              kernels=os.environ.get("JANG_KERNELS", "auto"), async_decode=args.async_decode,
                              fuse_projections=args.fuse, compile_decode=args.compile,
@@ -371,6 +375,13 @@ def main():
             ("batched/ours-bf16", ours_run("ours-bf16", warmb, args.genb), ours_run("ours-bf16", pb, args.genb)),
             ("batched/mlxlm-4bit", lambda: run_mlx_lm_batch(models["mlxlm-4bit"], warmb, args.genb),
              lambda: run_mlx_lm_batch(models["mlxlm-4bit"], pb, args.genb)),
+            # the same runs with a larger prefill cap while sequences decode (fewer, longer mixed steps)
+            *([(f"batched/ours-{m}-chunk{args.prefill_chunk_alt}",
+                (lambda m=m: run_ours(models[f"ours-{m}"], cfg, warmb, args.genb, args.kv_gb, args.budget,
+                                      max_prefill_chunk=args.prefill_chunk_alt)),
+                (lambda m=m: run_ours(models[f"ours-{m}"], cfg, pb, args.genb, args.kv_gb, args.budget,
+                                      max_prefill_chunk=args.prefill_chunk_alt)))
+               for m in ("jang4m", "bf16")] if args.prefill_chunk_alt else []),
             # the same JANG run with the tiled GEMM off (5-191 rows through mx.quantized_matmul)
             ("batched/ours-jang4m-noqgemm",
              lambda: no_qgemm(run_ours, models["ours-jang4m"], cfg, warmb, args.genb, args.kv_gb, args.budget),
@@ -383,7 +394,7 @@ def main():
             warm()
             res["timings_s"][name + "/warmup"] = round(time.perf_counter() - t, 1)
             r = run()
-            mname = name.split("/")[1].replace("-noqgemm", "").replace("-sync", "").replace("-nocompile", "")
+            mname = re.sub(r"-(noqgemm|sync|nocompile|chunk\d+)$", "", name.split("/")[1])
             roof = res["models"][mname]["roofline_tok_s_batch1" if name.startswith("batch1") else "roofline_tok_s_batched"]
             r["roofline_tok_s"] = roof
             r["pct_of_roofline"] = round(100 * r["decode_tok_s"] / roof, 1) if r.get("decode_tok_s") else None
