@@ -22,7 +22,8 @@ from . import backend
 
 def qmm_shapes(module) -> list[dict]:
     """One qmm entry per distinct (bits, group_size, N>=8192) among a module tree's quantized linears
-    (anything with a uint32 `weight`, `scales`, `biases`, `bits` and `group_size`)."""
+    (anything with a uint32 `weight`, `scales`, `biases`, `bits` and `group_size`); stacked expert
+    weights ([E, N, packed K], the MoE switch layers) give op="gather_qmm" entries, one per shape."""
     seen, out = set(), []
     for _, m in module.named_modules() if hasattr(module, "named_modules") else []:
         w = getattr(m, "weight", None)
@@ -30,10 +31,11 @@ def qmm_shapes(module) -> list[dict]:
                 and hasattr(m, "bits") and hasattr(m, "group_size")):
             continue
         n, k = w.shape[-2], w.shape[-1] * 32 // m.bits
-        key = (m.bits, m.group_size, n >= 8192, k % 128 == 0)
+        op = "gather_qmm" if w.ndim == 3 else "qmm"     # stacked experts [E, N, packed K]
+        key = (op, m.bits, m.group_size, n >= 8192, k % 128 == 0) + ((n, k) if w.ndim == 3 else ())
         if key not in seen:
             seen.add(key)
-            out.append(dict(op="qmm", n=n, k=k, bits=m.bits, group_size=m.group_size,
+            out.append(dict(op=op, n=n, k=k, bits=m.bits, group_size=m.group_size,
                             scale_dtype=m.scales.dtype))
     return out
 
@@ -101,18 +103,21 @@ def _paged(spec, dtype):
 def warmup(shapes: list[dict], dtype=mx.bfloat16, rows=(1, 2, 3, 8, 16, 64, 128)) -> dict:
     """Run every listed op once per activation-row bucket; returns what was done and how long.
 
-    shapes: dicts with op="qmm" (n, k, bits, group_size[, scale_dtype]) or op="paged" (heads,
+    shapes: dicts with op="qmm" or "gather_qmm" (n, k, bits, group_size[, scale_dtype]) or op="paged" (heads,
     kv_heads, head_dim[, kv_quant, window, block_size]). Unknown ops raise ValueError."""
     t0 = time.perf_counter()
     b = backend.current()
     calls = 0
     for spec in shapes:
         op = spec.get("op")
-        if op not in ("qmm", "paged"):
-            raise ValueError(f"warmup: unknown op {op!r} (expected 'qmm' or 'paged')")
+        if op not in ("qmm", "paged", "gather_qmm"):
+            raise ValueError(f"warmup: unknown op {op!r} (expected 'qmm', 'gather_qmm' or 'paged')")
         if b == "reference":
             continue    # the reference has nothing to compile ahead
-        if op == "qmm":
+        if op == "gather_qmm":
+            from .gather import warmup_spec
+            calls += warmup_spec(spec, dtype, b)
+        elif op == "qmm":
             if b == "cuda":
                 calls += _qmm(spec, dtype, rows)
             else:
