@@ -241,6 +241,19 @@ class env_set:
                 os.environ[k] = v
 
 
+def no_fused(fn, model, *a, **kw):
+    """fn with the fused norm/SwiGLU/residual GEMVs off (JANG_FUSED_GEMV=0); the compiled decode blocks
+    are traced anew inside (and dropped after), since a trace keeps the kernels it was made with."""
+    from jang_serve.engine.models.compiled import compile_blocks
+
+    compile_blocks(model, on=False)
+    try:
+        with env_set({"JANG_FUSED_GEMV": "0"}):
+            return fn(model, *a, **kw)
+    finally:
+        compile_blocks(model, on=False)
+
+
 def no_qgemm(fn, *a):
     with env_set({"JANG_QGEMM": "0"}):
         return fn(*a)
@@ -368,6 +381,10 @@ def main():
             ("batch1/ours-jang4m-nocompile",
              lambda: run_ours(models["ours-jang4m"], cfg, warm1, args.gen1, args.kv_gb, args.budget, compile_decode=False),
              lambda: run_ours(models["ours-jang4m"], cfg, p1, args.gen1, args.kv_gb, args.budget, compile_decode=False)),
+            # ... without the fused norm / SwiGLU / residual GEMVs (kernels.qmm_fused)
+            ("batch1/ours-jang4m-nofused",
+             lambda: no_fused(run_ours, models["ours-jang4m"], cfg, warm1, args.gen1, args.kv_gb, args.budget),
+             lambda: no_fused(run_ours, models["ours-jang4m"], cfg, p1, args.gen1, args.kv_gb, args.budget)),
             ("batch1/ours-jang4m-sync",
              lambda: run_ours(models["ours-jang4m"], cfg, warm1, args.gen1, args.kv_gb, args.budget, async_decode=False),
              lambda: run_ours(models["ours-jang4m"], cfg, p1, args.gen1, args.kv_gb, args.budget, async_decode=False)),
@@ -394,7 +411,7 @@ def main():
             warm()
             res["timings_s"][name + "/warmup"] = round(time.perf_counter() - t, 1)
             r = run()
-            mname = re.sub(r"-(noqgemm|sync|nocompile|chunk\d+)$", "", name.split("/")[1])
+            mname = re.sub(r"-(noqgemm|sync|nocompile|nofused|chunk\d+)$", "", name.split("/")[1])
             roof = res["models"][mname]["roofline_tok_s_batch1" if name.startswith("batch1") else "roofline_tok_s_batched"]
             r["roofline_tok_s"] = roof
             r["pct_of_roofline"] = round(100 * r["decode_tok_s"] / roof, 1) if r.get("decode_tok_s") else None

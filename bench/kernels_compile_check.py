@@ -82,6 +82,22 @@ def check_qmm():
     return ok
 
 
+def check_fused():
+    """The fused GEMV variants of kernels/qmm_fused.py (norm prologue, residual / SwiGLU epilogues)."""
+    ok = True
+    for epi, norm in ((0, True), (1, False), (2, True), (2, False)):
+        for bits, m, r, w in ((4, 1, 8, 1), (8, 1, 8, 4), (4, 4, 2, 2), (3, 2, 4, 2)):
+            hdr = f"#define JANG_EPI {epi}\n#define JANG_NORM {int(norm)}\n" + \
+                ("#define JANG_EPS 1e-05f\n" if norm else "") + cuda_common.HEADER
+            ins = [("x", "bfloat16"), ("w", "uint32"), ("scales", "bfloat16"), ("biases", "bfloat16")] + \
+                ([("nw", "bfloat16")] if norm else []) + ([("res", "bfloat16")] if epi == 1 else [])
+            tmpl = [("T", "bfloat16"), ("S", "bfloat16"), ("BITS", bits), ("GS", 64), ("MM", m), ("R", r),
+                    ("W", w), ("FAST", True), ("PF", False)]
+            src = build("qgemv_fused", qmm_cuda.SOURCE, hdr, ins, [("y", "bfloat16")], tmpl)
+            ok &= compile_one(f"qgemv fused epi={epi} norm={norm} bits={bits} M={m} R={r} W={w}", src)
+    return ok
+
+
 def check_qgemm():
     ok = True
     for bits in (2, 4, 8):
@@ -124,6 +140,8 @@ if __name__ == "__main__":
     ok = True
     if what in ("qmm", "all"):
         ok &= check_qmm()
+    if what in ("fused", "all"):
+        ok &= check_fused()
     if what in ("qgemm", "all"):
         ok &= check_qgemm()
     if what in ("paged", "all"):

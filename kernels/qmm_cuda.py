@@ -25,6 +25,13 @@ import mlx.core as mx
 from .cuda_common import HEADER
 
 SOURCE = r"""
+  // Fused variants (kernels/qmm_fused.py) define these in their header; the plain GEMV has neither.
+#ifndef JANG_EPI
+#define JANG_EPI 0      // output: 0 plain, 1 plus residual `res`, 2 silu(gate) * up of row pairs
+#endif
+#ifndef JANG_NORM
+#define JANG_NORM 0     // 1: x is RMS-normalised with weight `nw` (and JANG_EPS) on the fly
+#endif
   constexpr int NW = 4;
   constexpr bool POW2 = (BITS == 2 || BITS == 4 || BITS == 8);
   constexpr int VALS = POW2 ? 128 / BITS : 32;          // values per unit
@@ -47,14 +54,26 @@ SOURCE = r"""
   const int tid = threadIdx.x;
   const int team = tid / TPT;
   const int t = tid % TPT;
-  const int row0 = (blockIdx.x * TEAMS + team) * R;
+#if JANG_EPI == 2
+  // A team's first R/2 rows are gate rows, the other R/2 the matching up rows (N/2 further on).
+  constexpr int RO = R / 2;                             // output rows per team
+  const int NO = N / 2;
+#else
+  constexpr int RO = R;
+  const int NO = N;
+#endif
+  const int row0 = (blockIdx.x * TEAMS + team) * RO;
 
   const uint32_t* wrow[R];
   const S* srow[R];
   const S* brow[R];
 #pragma unroll
   for (int r = 0; r < R; ++r) {
+#if JANG_EPI == 2
+    int n = r < RO ? min(row0 + r, NO - 1) : NO + min(row0 + r - RO, NO - 1);
+#else
     int n = min(row0 + r, N - 1);
+#endif
     wrow[r] = w + (size_t)n * KW;
     srow[r] = scales + (size_t)n * NGR;
     brow[r] = biases + (size_t)n * NGR;
@@ -69,6 +88,9 @@ SOURCE = r"""
   for (int m = 0; m < MM; ++m)
 #pragma unroll
     for (int r = 0; r < R; ++r) acc[m][r] = 0.f;
+  float ss[MM];                                         // sum of x^2 (JANG_NORM)
+#pragma unroll
+  for (int m = 0; m < MM; ++m) ss[m] = 0.f;
 
   // 1. packed weights of R rows, then their scales and biases: all loads issued up front.
   auto load_unit = [&](int u, uint32_t (&wv)[R][WORDS], float (&sc)[R][NG], float (&bi)[R][NG]) {
@@ -115,9 +137,21 @@ SOURCE = r"""
       for (int c = 0; c < GV / 8; ++c) {
         const int v0 = gi * GV + c * 8;            // first value of this slice within the unit
         float xf[MM][8];
+#if JANG_NORM
+        float nwf[8];
+        jang::load8<T>(nw + (size_t)u * VALS + v0, nwf);
+#endif
 #pragma unroll
         for (int m = 0; m < MM; ++m) {
           jang::load8<T>(xrow[m] + (size_t)u * VALS + v0, xf[m]);
+#if JANG_NORM
+          // rms_norm(x) * nw = (x * nw) * inv_rms: the scalar inv_rms is applied to the sums at the end
+#pragma unroll
+          for (int i = 0; i < 8; ++i) {
+            ss[m] = fmaf(xf[m][i], xf[m][i], ss[m]);
+            xf[m][i] *= nwf[i];
+          }
+#endif
 #pragma unroll
           for (int i = 0; i < 8; ++i) xs[m] += xf[m][i];
           if constexpr (FAST && POW2) {
@@ -182,35 +216,64 @@ SOURCE = r"""
 
   // 3. reduce: across the warp, then across the W warps of the team.
 #pragma unroll
-  for (int m = 0; m < MM; ++m)
+  for (int m = 0; m < MM; ++m) {
 #pragma unroll
     for (int r = 0; r < R; ++r) acc[m][r] = jang::warp_sum(acc[m][r]);
+    if (JANG_NORM) ss[m] = jang::warp_sum(ss[m]);
+  }
+
+  // Output row r of x-row m from the team's sums (s: the R row sums of x-row m; inv: 1/rms).
+  auto emit = [&](int m, const float* s, float inv) {
+#pragma unroll
+    for (int r = 0; r < RO; ++r) {
+      const int n = row0 + r;
+      if (m >= M || n >= NO) continue;
+#if JANG_EPI == 2
+      const float g = s[r] * inv, u = s[r + RO] * inv;
+      const float v = g / (1.f + __expf(-g)) * u;
+#elif JANG_EPI == 1
+      const float v = s[r] * inv + jang::to_f(res[(size_t)m * NO + n]);
+#else
+      const float v = s[r] * inv;
+#endif
+      y[(size_t)m * NO + n] = jang::from_f<T>(v);
+    }
+  };
+  auto inv_rms = [&](float sumsq) {
+#if JANG_NORM
+    return rsqrtf(sumsq / (float)K + JANG_EPS);
+#else
+    return 1.f;
+#endif
+  };
 
   const int lane = tid & 31;
   if constexpr (W == 1) {
     if (lane == 0) {
 #pragma unroll
-      for (int m = 0; m < MM; ++m)
-#pragma unroll
-        for (int r = 0; r < R; ++r)
-          if (m < M && row0 + r < N) y[(size_t)m * N + row0 + r] = jang::from_f<T>(acc[m][r]);
+      for (int m = 0; m < MM; ++m) emit(m, acc[m], inv_rms(ss[m]));
     }
   } else {
-    __shared__ float red[NW][MM * R];
+    __shared__ float red[NW][MM * (R + 1)];
     const int warp = tid >> 5;
     if (lane == 0) {
 #pragma unroll
-      for (int m = 0; m < MM; ++m)
+      for (int m = 0; m < MM; ++m) {
 #pragma unroll
-        for (int r = 0; r < R; ++r) red[warp][m * R + r] = acc[m][r];
+        for (int r = 0; r < R; ++r) red[warp][m * (R + 1) + r] = acc[m][r];
+        red[warp][m * (R + 1) + R] = ss[m];
+      }
     }
     __syncthreads();
-    for (int i = t; i < MM * R; i += TPT) {
-      float s = 0.f;
+    for (int m = t; m < MM; m += TPT) {
+      float s[R + 1];
 #pragma unroll
-      for (int k = 0; k < W; ++k) s += red[team * W + k][i];
-      const int m = i / R, r = i % R;
-      if (m < M && row0 + r < N) y[(size_t)m * N + row0 + r] = jang::from_f<T>(s);
+      for (int r = 0; r <= R; ++r) {
+        s[r] = 0.f;
+#pragma unroll
+        for (int k = 0; k < W; ++k) s[r] += red[team * W + k][m * (R + 1) + r];
+      }
+      emit(m, s, inv_rms(s[R]));
     }
   }
 """

@@ -5,6 +5,9 @@ Building a decode step's lazy graph op by op in Python costs ~0.2 ms per layer (
 each plain decoder Block in two `mx.compile`d halves around attention:
   pre(x, positions)  -> q, k, v     input norm, q/k/v projections, q/k norm, RoPE
   post(x, o)         -> block out   o_proj + residual, post-attention norm, MLP + residual
+Where the block is plain enough (RMSNorm, fused quantized q/k/v and gate/up, SwiGLU, no biases),
+the norms, the SwiGLU and the residual adds go inside the quantized matmuls (kernels.qmm_fused:
+one GPU op instead of two or three at decode sizes).
 Attention itself (KV write, paged kernels over block tables whose width changes every few
 tokens) stays eager. MLX traces each half once per token count and replays the recorded graph
 afterwards (and fuses its elementwise ops). Only decode steps of up to `max_tokens` sequences use it; the first call at a new token count runs eagerly, so one-time work the kernels
@@ -14,8 +17,12 @@ do at first use (route choice, self-tests that evaluate arrays) never happens in
 from __future__ import annotations
 
 import mlx.core as mx
+import mlx.nn as nn
 
-from .decoder import Attention, Block
+from jang_serve.kernels.qmm_fused import qmm_fused
+
+from .decoder import MLP, Attention, Block
+from .layers import FusedLinear, QLinear
 
 
 class CompiledBlock:
@@ -24,34 +31,68 @@ class CompiledBlock:
         self.seen: set[tuple] = set()
         self.calls = 0
         attn, mlp = block.self_attn, getattr(block, block.mlp_name)
+        ln, post_ln = block.input_layernorm, block.post_attention_layernorm
+        # Norms and residuals folded into the quantized matmuls (kernels.qmm_fused): fewer GPU ops per layer
+        norm_qkv = _plain_norm(ln) and attn.joint_rope_ok() and _plain_q(attn.qkv_fused)
+        swiglu = (type(mlp) is MLP and _plain_norm(post_ln) and mlp.act is nn.silu
+                  and "gate_up_fused" in mlp and _plain_q(mlp.gate_up_fused))
+        self.fused = dict(norm_qkv=norm_qkv, swiglu=swiglu)
 
         def pre(x, positions):
-            return attn.qkv(block.input_layernorm(x), positions)
+            if norm_qkv:
+                q = attn.qkv_fused
+                y = qmm_fused(x, q.weight, q.scales, q.biases, q.bits, q.group_size, norm_weight=ln.weight, eps=ln.eps)
+                return attn.split_rotate(y, positions)
+            return attn.qkv(ln(x), positions)
 
         def post(x, o):
-            h = x + attn.o_proj(o.reshape(x.shape[0], -1))
-            return h + mlp(block.post_attention_layernorm(h))
+            h = _plus(attn.o_proj, o.reshape(x.shape[0], -1), x)
+            if swiglu:
+                g = mlp.gate_up_fused
+                a = qmm_fused(h, g.weight, g.scales, g.biases, g.bits, g.group_size, norm_weight=post_ln.weight,
+                              eps=post_ln.eps, swiglu=True)
+                return _plus(mlp.down_proj, a, h)
+            return h + mlp(post_ln(h))
 
+        self.pre_eager, self.post_eager = pre, post
         self.pre, self.post = mx.compile(pre), mx.compile(post)
 
     def takes(self, x: mx.array, attn) -> bool:
         """Compiled path for this input? Decode steps only (one token per sequence: prefill token
-        counts vary too much to trace each); the first call per (tokens, dtype) runs eagerly."""
+        counts vary too much to trace each)."""
         layout = getattr(attn, "layout", None)
-        if x.shape[0] > self.max_tokens or layout is None or len(layout.query_lens) != x.shape[0]:
-            return False
-        key = (x.shape, x.dtype)
-        if key in self.seen:
-            return True
-        self.seen.add(key)
-        return False
+        return x.shape[0] <= self.max_tokens and layout is not None and len(layout.query_lens) == x.shape[0]
 
     def __call__(self, x, positions, attn_backend):
         a = self.block.self_attn
-        self.calls += 1
-        q, k, v = self.pre(x, positions)
+        key = (x.shape, x.dtype)
+        if key in self.seen:
+            self.calls += 1
+            pre, post = self.pre, self.post
+        else:  # the first call per (tokens, dtype) runs the same halves eagerly: kernels' first-use
+            self.seen.add(key)  # work (route choice, self-tests that evaluate arrays) stays out of the trace
+            pre, post = self.pre_eager, self.post_eager
+        q, k, v = pre(x, positions)
         o = attn_backend.attend(a.layer, q, k, v, scale=a.scale, window=a.window)
-        return self.post(x, o)
+        return post(x, o)
+
+
+def _plain_norm(m) -> bool:
+    return type(m) is nn.RMSNorm
+
+
+def _plain_q(lin) -> bool:
+    """A quantized linear (or fused group) without bias: its matmul can take a fused norm/epilogue."""
+    if "bias" in lin:
+        return False
+    return type(lin) is QLinear or (type(lin) is FusedLinear and lin.quantized)
+
+
+def _plus(lin, a, r):
+    """r + lin(a), with the add inside the matmul for a plain quantized linear."""
+    if type(lin) is QLinear and "bias" not in lin:
+        return qmm_fused(a, lin.weight, lin.scales, lin.biases, lin.bits, lin.group_size, residual=r)
+    return r + lin(a)
 
 
 def compilable(block) -> bool:

@@ -1,0 +1,138 @@
+"""The fused GEMV variants (kernels/qmm_fused.py) on the device: parity, then timing against the
+unfused op sequence they replace, in the same run.
+
+    python3 bench/kernels_fused_cuda.py OUT.json
+
+Parity: every mode (norm, residual, norm+SwiGLU, SwiGLU) x bits 2/3/4/5/6/8 x group 32/64/128 x
+1-4 rows x bf16/fp16, against a float32 composition of the same dequantized weights (rms_norm,
+matmul, epilogue); passes when the relative error is below max(2e-2, 3 x that of the unfused
+composition in the activation dtype). Timing: Llama-3-8B layer shapes at one row (JANG_4M bits:
+q/k/v 8, gate/up 4, o 8, down 4), 100 calls queued and one eval, median of 5, weights rotated over
+> 8x L2: fused call vs the unfused sequence (rms_norm + qmm, qmm + silu*mul, qmm + add).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+from importlib.metadata import version
+
+import mlx.core as mx
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from kernels_bench import CALLS, ROTATE_BYTES, rec, timed  # noqa: E402
+
+from jang_serve.kernels.qmm import qmm  # noqa: E402
+from jang_serve.kernels.qmm_fused import qgemv_fused, qmm_fused_reference  # noqa: E402
+
+MODES = {"norm": dict(norm=True), "residual": dict(residual=True), "norm+swiglu": dict(norm=True, swiglu=True),
+         "swiglu": dict(swiglu=True)}
+
+
+def relerr(a, b):
+    a = np.array(a.astype(mx.float32)).astype(np.float64)
+    b = np.array(b.astype(mx.float32)).astype(np.float64)
+    if not np.isfinite(a).all():
+        return float("inf")
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def inputs(n, k, m, bits, gs, dtype, mode):
+    wq, s, b = mx.quantize((mx.random.normal((n, k)) * 0.05).astype(dtype), group_size=gs, bits=bits)
+    x = mx.random.normal((m, k)).astype(dtype)
+    nw = (mx.random.normal((k,)) * 0.2 + 1).astype(dtype) if mode.get("norm") else None
+    n_out = n // 2 if mode.get("swiglu") else n
+    res = mx.random.normal((m, n_out)).astype(dtype) if mode.get("residual") else None
+    return x, wq, s, b, nw, res
+
+
+def f32_reference(x, wq, s, b, bits, gs, nw, eps, res, swiglu):
+    xf = x.astype(mx.float32)
+    h = xf if nw is None else mx.fast.rms_norm(xf, nw.astype(mx.float32), eps)
+    y = h @ mx.dequantize(wq, s, b, group_size=gs, bits=bits).astype(mx.float32).T
+    if swiglu:
+        g, u = mx.split(y, 2, axis=-1)
+        y = g * mx.sigmoid(g) * u
+    return y if res is None else y + res.astype(mx.float32)
+
+
+def parity():
+    rows, fails = [], 0
+    for name, mode in MODES.items():
+        for dtype in (mx.bfloat16, mx.float16):
+            for bits in (2, 3, 4, 5, 6, 8):
+                for gs in (32, 64, 128):
+                    for m in ((1, 4) if gs != 64 else (1, 2, 3, 4)):
+                        n, k = (520, 1024) if name != "residual" else (264, 1024)  # partial last team
+                        x, wq, s, b, nw, res = inputs(n, k, m, bits, gs, dtype, mode)
+                        sw = bool(mode.get("swiglu"))
+                        ref = f32_reference(x, wq, s, b, bits, gs, nw, 1e-5, res, sw)
+                        y = qgemv_fused(x, wq, s, b, bits, gs, nw, 1e-5, res, sw)
+                        base = qmm_fused_reference(x, wq, s, b, bits, gs, nw, 1e-5, res, sw)
+                        e, be = relerr(y, ref), relerr(base, ref)
+                        ok = e <= max(2e-2, 3 * be) and y.shape == ref.shape
+                        fails += not ok
+                        rows.append(dict(mode=name, dtype=str(dtype), bits=bits, gs=gs, m=m, n=n, k=k, err=e,
+                                         composition_err=be, ok=ok))
+    return rows, fails
+
+
+def timing():
+    """One row, Llama-3-8B shapes: the fused call vs the unfused sequence it replaces."""
+    cases = [("norm+qkv 6144x4096 8-bit", 6144, 4096, 8, dict(norm=True)),
+             ("norm+gate_up+swiglu 28672x4096 4-bit", 28672, 4096, 4, dict(norm=True, swiglu=True)),
+             ("o_proj+residual 4096x4096 8-bit", 4096, 4096, 8, dict(residual=True)),
+             ("down+residual 4096x14336 4-bit", 4096, 14336, 4, dict(residual=True))]
+    out = []
+    for label, n, k, bits, mode in cases:
+        one = inputs(n, k, 1, bits, 64, mx.bfloat16, mode)
+        copies = max(2, int(ROTATE_BYTES // (one[1].nbytes + 1)) + 1)
+        sets = [one] + [inputs(n, k, 1, bits, 64, mx.bfloat16, mode) for _ in range(copies - 1)]
+        mx.eval(sets)
+        sw = bool(mode.get("swiglu"))
+
+        def fused():
+            return [qgemv_fused(*(sets[i % copies][:4]), bits, 64, sets[i % copies][4], 1e-5, sets[i % copies][5], sw)
+                    for i in range(CALLS)]
+
+        def unfused():
+            outs = []
+            for i in range(CALLS):
+                x, wq, s, b, nw, res = sets[i % copies]
+                outs.append(qmm_fused_reference(x, wq, s, b, bits, 64, nw, 1e-5, res, sw))
+            return outs
+
+        tf, tu = timed(fused), timed(unfused)
+        wbytes = one[1].nbytes + one[2].nbytes + one[3].nbytes
+        out.append(dict(case=label, fused=rec("fused", tf, wbytes), unfused=rec("unfused", tu, wbytes),
+                        speedup=round(tu[0] / tf[0], 3)))
+        print(json.dumps(out[-1]), flush=True)
+    return out
+
+
+def main(path):
+    dev = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                         text=True).stdout.strip() or str(mx.default_device())
+    res = dict(benchmark="kernels_fused_cuda", device=dev,
+               date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               versions=dict(mlx=version("mlx"), python=platform.python_version()),
+               commit=os.environ.get("JANG_COMMIT", ""))
+    rows, fails = parity()
+    res["parity"] = dict(cases=len(rows), failed=fails, worst_err=max(r["err"] for r in rows), rows=rows)
+    print(f"parity: {len(rows) - fails}/{len(rows)} pass, worst {res['parity']['worst_err']:.2e}", flush=True)
+    with open(path, "w") as f:
+        json.dump(res, f, indent=1)
+    res["timing"] = dict(method=f"{CALLS} calls queued, one eval, median of 5, weights rotated over > {ROTATE_BYTES/1e6:.0f} MB",
+                         cases=timing())
+    with open(path, "w") as f:
+        json.dump(res, f, indent=1)
+    return 1 if fails else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

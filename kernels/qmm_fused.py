@@ -1,0 +1,122 @@
+"""Quantized matmul with the neighbouring elementwise work folded in, for decode-sized inputs.
+
+    qmm_fused(x, w, scales, biases, bits, group_size, norm_weight=None, eps=1e-5,
+              residual=None, swiglu=False)
+      = epilogue(qmm(prologue(x)))
+      prologue: mx.fast.rms_norm(x, norm_weight, eps)          when norm_weight is given
+      epilogue: silu(y[..., :N/2]) * y[..., N/2:]              when swiglu (w stacks gate over up)
+                then + residual                                when residual is given
+
+A decoder layer at one token runs ~14 GPU operations, and at batch 1 MLX's host-side dispatch of
+each (~9 us) costs more than the GPU work (kernels/qmm.md, "End to end"). The fused forms cut five
+of them per layer: input norm + q/k/v, o_proj + residual, post norm + gate/up + SwiGLU,
+down + residual. On CUDA, for 1-4 activation rows, they run as variants of the fused GEMV
+(kernels/qmm_cuda.py built with JANG_NORM / JANG_EPI): the norm's 1/rms is a per-row scalar, so the
+kernel multiplies x by the norm weight as it loads it, sums x^2 alongside, and scales the finished
+dot products; SwiGLU teams own matching gate and up rows; the residual is added before the single
+rounding to the output dtype. Everywhere else (CPU, Metal, more rows, JANG_KERNELS=reference,
+JANG_FUSED_GEMV=0) the composition above runs, with `kernels.qmm` for the matmul: the specification.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import mlx.core as mx
+
+from . import backend, qmm_cuda
+from .cuda_common import HEADER
+from .qmm import GEMV_ROWS, qmm
+
+
+def fused_on() -> bool:
+    return os.environ.get("JANG_FUSED_GEMV", "1").strip() not in ("0", "false", "off")
+
+
+def qmm_fused_reference(x, w, scales, biases, bits, group_size, norm_weight=None, eps=1e-5, residual=None,
+                        swiglu=False):
+    """The composition: the specification of the fused kernels, and their path off CUDA."""
+    h = x if norm_weight is None else mx.fast.rms_norm(x, norm_weight, eps)
+    y = qmm(h, w, scales, biases, bits, group_size)
+    if swiglu:
+        g, u = mx.split(y, 2, axis=-1)
+        y = g * mx.sigmoid(g) * u
+    return y if residual is None else y + residual
+
+
+def _check(x, w, norm_weight, residual, swiglu):
+    n = w.shape[0]
+    if swiglu and n % 2:
+        raise ValueError(f"qmm_fused: swiglu needs stacked gate and up rows (an even N), got N={n}")
+    if norm_weight is not None and norm_weight.shape != (x.shape[-1],):
+        raise ValueError(f"qmm_fused: norm_weight must be [{x.shape[-1]}], got {tuple(norm_weight.shape)}")
+    n_out = n // 2 if swiglu else n
+    if residual is not None and residual.shape != (*x.shape[:-1], n_out):
+        raise ValueError(f"qmm_fused: residual must be {(*x.shape[:-1], n_out)}, got {tuple(residual.shape)}")
+
+
+def cuda_supported(x, w, bits, group_size, norm_weight, residual, swiglu) -> bool:
+    rows = math.prod(x.shape[:-1])
+    return (rows <= GEMV_ROWS and qmm_cuda.supports(x.reshape(-1, x.shape[-1]), w, bits, group_size)
+            and (norm_weight is None or norm_weight.dtype == x.dtype)
+            and (residual is None or residual.dtype == x.dtype)
+            and not (swiglu and residual is not None))   # no layer needs both; the kernel has one epilogue
+
+
+_kernels: dict = {}
+
+
+def _kernel(epi: int, norm: bool, eps: float):
+    key = (epi, norm, float(eps) if norm else None)
+    k = _kernels.get(key)
+    if k is None:
+        defines = f"#define JANG_EPI {epi}\n#define JANG_NORM {int(norm)}\n"
+        if norm:
+            defines += f"#define JANG_EPS {float(eps)!r}f\n"
+        names = ["x", "w", "scales", "biases"] + (["nw"] if norm else []) + (["res"] if epi == 1 else [])
+        tag = f"e{epi}n{int(norm)}" + (f"_{len(_kernels)}" if norm else "")
+        k = _kernels[key] = mx.fast.cuda_kernel(name=f"jang_qgemv_fused_{tag}", input_names=names,
+                                                output_names=["y"], source=qmm_cuda.SOURCE,
+                                                header=defines + HEADER)
+    return k
+
+
+def qgemv_fused(x2d, w, scales, biases, bits, group_size, norm_weight=None, eps=1e-5, residual=None,
+                swiglu=False):
+    """The CUDA kernel: x2d [M<=4, K] -> [M, N or N/2]."""
+    m, k = x2d.shape
+    n = w.shape[0]
+    cfg = qmm_cuda.default_config(m, n // 2 if swiglu else n, k, bits)
+    r, wv = cfg["R"], cfg["W"]
+    if swiglu:
+        r = max(2, r)                    # R/2 gate rows + R/2 up rows per team
+    n_out = n // 2 if swiglu else n
+    rows_out = r // 2 if swiglu else r
+    blocks = math.ceil(n_out / (rows_out * (4 // wv)))
+    epi = 2 if swiglu else 1 if residual is not None else 0
+    inputs = [x2d, w, scales, biases] + ([norm_weight] if norm_weight is not None else []) + \
+             ([residual] if residual is not None else [])
+    return _kernel(epi, norm_weight is not None, eps)(
+        inputs=inputs,
+        template=[("T", x2d.dtype), ("S", scales.dtype), ("BITS", bits), ("GS", group_size),
+                  ("MM", qmm_cuda.rows_bucket(m)), ("R", r), ("W", wv), ("FAST", True), ("PF", False)],
+        grid=(blocks * qmm_cuda.THREADS, 1, 1),
+        threadgroup=(qmm_cuda.THREADS, 1, 1),
+        output_shapes=[(m, n_out)],
+        output_dtypes=[x2d.dtype],
+    )[0]
+
+
+def qmm_fused(x, w, scales, biases, bits, group_size, norm_weight=None, eps=1e-5, residual=None,
+              swiglu=False):
+    """See the module docstring. x [..., K] -> [..., N] (N/2 with swiglu)."""
+    _check(x, w, norm_weight, residual, swiglu)
+    if (backend.current() == "cuda" and fused_on()
+            and cuda_supported(x, w, bits, group_size, norm_weight, residual, swiglu)):
+        lead = x.shape[:-1]
+        x2d = x.reshape(-1, x.shape[-1])
+        res2d = None if residual is None else residual.reshape(x2d.shape[0], -1)
+        y = qgemv_fused(x2d, w, scales, biases, bits, group_size, norm_weight, eps, res2d, swiglu)
+        return y.reshape(*lead, y.shape[-1])
+    return qmm_fused_reference(x, w, scales, biases, bits, group_size, norm_weight, eps, residual, swiglu)
