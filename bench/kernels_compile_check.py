@@ -95,6 +95,15 @@ def check_fused():
                     ("W", w), ("FAST", True), ("PF", False)]
             src = build("qgemv_fused", qmm_cuda.SOURCE, hdr, ins, [("y", "bfloat16")], tmpl)
             ok &= compile_one(f"qgemv fused epi={epi} norm={norm} bits={bits} M={m} R={r} W={w}", src)
+    for norm in (True, False):  # the RoPE epilogue (kernels.qmm_fused.qkv_rope)
+        hdr = f"#define JANG_EPI 3\n#define JANG_NORM {int(norm)}\n#define JANG_HD 128\n#define JANG_NROT 40\n" + \
+            ("#define JANG_EPS 1e-05f\n" if norm else "") + cuda_common.HEADER
+        ins = [("x", "bfloat16"), ("w", "uint32"), ("scales", "bfloat16"), ("biases", "bfloat16")] + \
+            ([("nw", "bfloat16")] if norm else []) + [("rpos", "int32"), ("rfreq", "float32")]
+        tmpl = [("T", "bfloat16"), ("S", "bfloat16"), ("BITS", 8), ("GS", 64), ("MM", 1), ("R", 8),
+                ("W", 4), ("FAST", True), ("PF", False)]
+        src = build("qgemv_rope", qmm_cuda.SOURCE, hdr, ins, [("y", "bfloat16")], tmpl)
+        ok &= compile_one(f"qgemv fused rope norm={norm}", src)
     return ok
 
 

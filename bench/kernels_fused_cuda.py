@@ -27,7 +27,9 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from kernels_bench import CALLS, ROTATE_BYTES, rec, timed  # noqa: E402
 
-from jang_serve.kernels.qmm_fused import qgemv_fused, qmm_fused_reference  # noqa: E402
+from jang_serve.engine.models.layers import RoPE  # noqa: E402
+from jang_serve.kernels.qmm_fused import (_qgemv_rope, qgemv_fused, qkv_rope, qmm_fused_reference,  # noqa: E402
+                                          rope_inv_freq)
 
 MODES = {"norm": dict(norm=True), "residual": dict(residual=True), "norm+swiglu": dict(norm=True, swiglu=True),
          "swiglu": dict(swiglu=True)}
@@ -83,6 +85,38 @@ def parity():
     return rows, fails
 
 
+ROPE_SCALINGS = {"default": None, "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                              "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}
+
+
+def rope_parity():
+    """qkv_rope's kernel (norm + q/k/v + RoPE) against float32: rms_norm, matmul, mx.fast.rope."""
+    rows, fails = [], 0
+    for sname, scaling in ROPE_SCALINGS.items():
+        for dtype, bits, gs, m, norm in ((mx.bfloat16, 8, 64, 1, True), (mx.bfloat16, 4, 32, 1, True),
+                                         (mx.bfloat16, 8, 64, 4, True), (mx.float16, 8, 64, 2, False)):
+            nh, nkv, hd = 8, 2, 128
+            n, k = (nh + 2 * nkv) * hd, 1024
+            x, wq, s, b, nw, _ = inputs(n, k, m, bits, gs, dtype, dict(norm=norm))
+            rope = RoPE(hd, base=500000.0, scaling=scaling)
+            inv = rope_inv_freq(hd, rope.base, rope.scale, rope._freqs)
+            pos = mx.array([5, 1000, 7000, 130000][:m], dtype=mx.int32)
+            ref = f32_reference(x, wq, s, b, bits, gs, nw, 1e-5, None, False).reshape(m, nh + 2 * nkv, hd)
+            ref = mx.concatenate([rope(ref[:, :nh + nkv], pos), ref[:, nh + nkv:]], axis=1).reshape(m, n)
+            y = _qgemv_rope(x, wq, s, b, bits, gs, nw, 1e-5, pos, inv, hd, nh + nkv)
+            q, kk, v = qkv_rope(x, wq, s, b, bits, gs, n_heads=nh, n_kv=nkv, head_dim=hd, positions=pos,
+                                inv_freq=inv, rope=rope, norm_weight=nw, eps=1e-5)   # the routed entry point
+            routed = mx.concatenate([q, kk, v], axis=1).reshape(m, n)
+            base_y = qmm_fused_reference(x, wq, s, b, bits, gs, nw, 1e-5).reshape(m, nh + 2 * nkv, hd)
+            base = mx.concatenate([rope(base_y[:, :nh + nkv], pos), base_y[:, nh + nkv:]], axis=1).reshape(m, n)
+            e, er, be = relerr(y, ref), relerr(routed, ref), relerr(base, ref)
+            ok = max(e, er) <= max(2e-2, 3 * be)
+            fails += not ok
+            rows.append(dict(mode="norm+qkv+rope" if norm else "qkv+rope", rope=sname, dtype=str(dtype), bits=bits,
+                             gs=gs, m=m, err=e, routed_err=er, composition_err=be, ok=ok))
+    return rows, fails
+
+
 def timing():
     """One row, Llama-3-8B shapes: the fused call vs the unfused sequence it replaces."""
     cases = [("norm+qkv 6144x4096 8-bit", 6144, 4096, 8, dict(norm=True)),
@@ -113,6 +147,34 @@ def timing():
         out.append(dict(case=label, fused=rec("fused", tf, wbytes), unfused=rec("unfused", tu, wbytes),
                         speedup=round(tu[0] / tf[0], 3)))
         print(json.dumps(out[-1]), flush=True)
+    # norm + q/k/v + RoPE (one kernel) vs rms_norm + qmm + mx.fast.rope (Llama-3-8B: 32 + 8 + 8 heads of 128)
+    rope = RoPE(128, base=500000.0, scaling=ROPE_SCALINGS["llama3"])
+    inv = rope_inv_freq(128, rope.base, rope.scale, rope._freqs)
+    pos = mx.array([700], dtype=mx.int32)
+    one = inputs(6144, 4096, 1, 8, 64, mx.bfloat16, dict(norm=True))
+    copies = max(2, int(ROTATE_BYTES // (one[1].nbytes + 1)) + 1)
+    sets = [one] + [inputs(6144, 4096, 1, 8, 64, mx.bfloat16, dict(norm=True)) for _ in range(copies - 1)]
+    mx.eval(sets, inv)
+
+    def fused_rope():
+        return [_qgemv_rope(*(sets[i % copies][:4]), 8, 64, sets[i % copies][4], 1e-5, pos, inv, 128, 40)
+                for i in range(CALLS)]
+
+    def unfused_rope():
+        outs = []
+        for i in range(CALLS):
+            x, wq, s, b, nw, _ = sets[i % copies]
+            y = qmm_fused_reference(x, wq, s, b, 8, 64, nw, 1e-5).reshape(1, 48, 128)
+            outs.append(rope(y[:, :40], pos))
+            outs.append(y[:, 40:])
+        return outs
+
+    tf, tu = timed(fused_rope), timed(unfused_rope)
+    tu = tuple(2 * v for v in tu)   # timed() divides by the list length: two outputs per call there
+    wbytes = one[1].nbytes + one[2].nbytes + one[3].nbytes
+    out.append(dict(case="norm+qkv+rope 6144x4096 8-bit", fused=rec("fused", tf, wbytes),
+                    unfused=rec("unfused", tu, wbytes), speedup=round(tu[0] / tf[0], 3)))
+    print(json.dumps(out[-1]), flush=True)
     return out
 
 
@@ -124,6 +186,9 @@ def main(path):
                versions=dict(mlx=version("mlx"), python=platform.python_version()),
                commit=os.environ.get("JANG_COMMIT", ""))
     rows, fails = parity()
+    rrows, rfails = rope_parity()
+    rows += rrows
+    fails += rfails
     res["parity"] = dict(cases=len(rows), failed=fails, worst_err=max(r["err"] for r in rows), rows=rows)
     print(f"parity: {len(rows) - fails}/{len(rows)} pass, worst {res['parity']['worst_err']:.2e}", flush=True)
     with open(path, "w") as f:

@@ -27,8 +27,8 @@ from .cuda_common import HEADER
 SOURCE = r"""
   // Fused variants (kernels/qmm_fused.py) define these in their header; the plain GEMV has neither.
 #ifndef JANG_EPI
-#define JANG_EPI 0      // output: 0 plain, 1 plus residual `res`, 2 silu(gate) * up of row pairs
-#endif
+#define JANG_EPI 0      // output: 0 plain, 1 plus residual `res`, 2 silu(gate) * up of row pairs,
+#endif                  // 3 RoPE (JANG_HD head dim, first JANG_NROT heads rotated by rpos * rfreq)
 #ifndef JANG_NORM
 #define JANG_NORM 0     // 1: x is RMS-normalised with weight `nw` (and JANG_EPS) on the fly
 #endif
@@ -58,6 +58,11 @@ SOURCE = r"""
   // A team's first R/2 rows are gate rows, the other R/2 the matching up rows (N/2 further on).
   constexpr int RO = R / 2;                             // output rows per team
   const int NO = N / 2;
+#elif JANG_EPI == 3
+  // A team owns R/2 rotation pairs: rows (h*HD + j, h*HD + j + HD/2) of head h (v heads pass through).
+  constexpr int RO = R / 2;                             // pairs per team
+  constexpr int HH = JANG_HD / 2;
+  const int NO = N / 2;                                 // pairs in all
 #else
   constexpr int RO = R;
   const int NO = N;
@@ -71,6 +76,9 @@ SOURCE = r"""
   for (int r = 0; r < R; ++r) {
 #if JANG_EPI == 2
     int n = r < RO ? min(row0 + r, NO - 1) : NO + min(row0 + r - RO, NO - 1);
+#elif JANG_EPI == 3
+    const int pr = min(row0 + (r % RO), NO - 1);
+    int n = (pr / HH) * JANG_HD + pr % HH + (r < RO ? 0 : HH);
 #else
     int n = min(row0 + r, N - 1);
 #endif
@@ -228,6 +236,20 @@ SOURCE = r"""
     for (int r = 0; r < RO; ++r) {
       const int n = row0 + r;
       if (m >= M || n >= NO) continue;
+#if JANG_EPI == 3
+      const int h = n / HH, j = n % HH;
+      float a = s[r] * inv, b = s[r + RO] * inv;
+      if (h < JANG_NROT) {
+        float sn, cs;
+        sincosf((float)rpos[m] * rfreq[j], &sn, &cs);
+        const float a2 = a * cs - b * sn;
+        b = a * sn + b * cs;
+        a = a2;
+      }
+      y[(size_t)m * N + h * JANG_HD + j] = jang::from_f<T>(a);
+      y[(size_t)m * N + h * JANG_HD + j + HH] = jang::from_f<T>(b);
+      continue;
+#endif
 #if JANG_EPI == 2
       const float g = s[r] * inv, u = s[r + RO] * inv;
       const float v = g / (1.f + __expf(-g)) * u;

@@ -67,15 +67,19 @@ def cuda_supported(x, w, bits, group_size, norm_weight, residual, swiglu) -> boo
 _kernels: dict = {}
 
 
-def _kernel(epi: int, norm: bool, eps: float):
-    key = (epi, norm, float(eps) if norm else None)
+def _kernel(epi: int, norm: bool, eps: float, rope: tuple[int, int] | None = None):
+    """rope: (head_dim, rotated heads) for the RoPE epilogue (epi 3)."""
+    key = (epi, norm, float(eps) if norm else None, rope)
     k = _kernels.get(key)
     if k is None:
         defines = f"#define JANG_EPI {epi}\n#define JANG_NORM {int(norm)}\n"
         if norm:
             defines += f"#define JANG_EPS {float(eps)!r}f\n"
-        names = ["x", "w", "scales", "biases"] + (["nw"] if norm else []) + (["res"] if epi == 1 else [])
-        tag = f"e{epi}n{int(norm)}" + (f"_{len(_kernels)}" if norm else "")
+        if rope:
+            defines += f"#define JANG_HD {rope[0]}\n#define JANG_NROT {rope[1]}\n"
+        names = ["x", "w", "scales", "biases"] + (["nw"] if norm else []) + (["res"] if epi == 1 else []) + \
+            (["rpos", "rfreq"] if epi == 3 else [])
+        tag = f"e{epi}n{int(norm)}" + (f"_{len(_kernels)}" if norm or rope else "")
         k = _kernels[key] = mx.fast.cuda_kernel(name=f"jang_qgemv_fused_{tag}", input_names=names,
                                                 output_names=["y"], source=qmm_cuda.SOURCE,
                                                 header=defines + HEADER)
@@ -120,3 +124,54 @@ def qmm_fused(x, w, scales, biases, bits, group_size, norm_weight=None, eps=1e-5
         y = qgemv_fused(x2d, w, scales, biases, bits, group_size, norm_weight, eps, res2d, swiglu)
         return y.reshape(*lead, y.shape[-1])
     return qmm_fused_reference(x, w, scales, biases, bits, group_size, norm_weight, eps, residual, swiglu)
+
+
+def rope_inv_freq(dims: int, base: float | None, scale: float = 1.0, periods: mx.array | None = None) -> mx.array:
+    """float32 [dims/2]: angle of pair j at position p is p * inv_freq[j], as mx.fast.rope computes it
+    (base ** (-2j/dims), or 1/periods when given, times the position scale)."""
+    if periods is not None:
+        inv = 1.0 / periods.astype(mx.float32)
+    else:
+        inv = mx.power(mx.array(float(base), mx.float32), -mx.arange(0, dims, 2, dtype=mx.float32) / dims)
+    return (inv * scale).astype(mx.float32)
+
+
+def qkv_rope(x, w, scales, biases, bits, group_size, *, n_heads, n_kv, head_dim, positions, inv_freq, rope,
+             norm_weight=None, eps=1e-5):
+    """q [T, n_heads, hd], k and v [T, n_kv, hd] from a joint q/k/v projection (w stacks q, k, v rows),
+    q and k rotated. The composition: qmm_fused(x, norm) -> reshape -> `rope(heads, positions)` (the
+    model's RoPE module) on the q and k heads. On CUDA at 1-4 rows: one kernel, the rotation of each
+    (j, j + hd/2) row pair applied to the finished sums (positions int32 [T], inv_freq float32 [hd/2])."""
+    t = x.shape[0]
+    nrot = n_heads + n_kv
+    if w.shape[0] != (n_heads + 2 * n_kv) * head_dim:
+        raise ValueError(f"qkv_rope: w has {w.shape[0]} rows, expected {(n_heads + 2 * n_kv) * head_dim}")
+    if (backend.current() == "cuda" and fused_on() and x.ndim == 2 and head_dim % 2 == 0
+            and positions.dtype == mx.int32 and inv_freq.shape == (head_dim // 2,)
+            and cuda_supported(x, w, bits, group_size, norm_weight, None, False)):
+        y = _qgemv_rope(x, w, scales, biases, bits, group_size, norm_weight, eps, positions,
+                        inv_freq, head_dim, nrot)
+        y = y.reshape(t, n_heads + 2 * n_kv, head_dim)
+        return y[:, :n_heads], y[:, n_heads:nrot], y[:, nrot:]
+    y = qmm_fused(x, w, scales, biases, bits, group_size, norm_weight=norm_weight, eps=eps)
+    y = y.reshape(t, n_heads + 2 * n_kv, head_dim)
+    qk = rope(y[:, :nrot], positions)
+    return qk[:, :n_heads], qk[:, n_heads:], y[:, nrot:]
+
+
+def _qgemv_rope(x2d, w, scales, biases, bits, group_size, norm_weight, eps, positions, inv_freq, head_dim, nrot):
+    m, k = x2d.shape
+    n = w.shape[0]
+    cfg = qmm_cuda.default_config(m, n, k, bits)
+    r, wv = max(2, cfg["R"]), cfg["W"]
+    blocks = math.ceil((n // 2) / ((r // 2) * (4 // wv)))
+    inputs = [x2d, w, scales, biases] + ([norm_weight] if norm_weight is not None else []) + [positions, inv_freq]
+    return _kernel(3, norm_weight is not None, eps, (head_dim, nrot))(
+        inputs=inputs,
+        template=[("T", x2d.dtype), ("S", scales.dtype), ("BITS", bits), ("GS", group_size),
+                  ("MM", qmm_cuda.rows_bucket(m)), ("R", r), ("W", wv), ("FAST", True), ("PF", False)],
+        grid=(blocks * qmm_cuda.THREADS, 1, 1),
+        threadgroup=(qmm_cuda.THREADS, 1, 1),
+        output_shapes=[(m, n)],
+        output_dtypes=[x2d.dtype],
+    )[0]

@@ -195,7 +195,7 @@ def test_compiled_blocks_same_tokens(quant):
     assert all(b.compiled is not None for b in blocks) and compile_blocks(model) == 0
     assert fast.generate(prompts, sp) == want
     # quantized blocks take the fused norm/SwiGLU/residual matmuls (kernels.qmm_fused) inside the halves
-    assert blocks[0].compiled.fused == dict(norm_qkv=bool(quant), swiglu=bool(quant))
+    assert blocks[0].compiled.fused == dict(norm_qkv=bool(quant), swiglu=bool(quant), rope=bool(quant))
     assert (5, cfg["hidden_size"]) in {k[0] for k in blocks[0].compiled.seen}
     assert blocks[0].compiled.calls >= 5  # decode batches went through the compiled halves
     del model.model.layers[0].compiled  # instance attribute: back to the class default (eager)

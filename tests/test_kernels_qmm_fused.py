@@ -108,3 +108,88 @@ def test_numpy_port_of_fused_kernel_matches_composition(mode, R, W):
     got = _port(x, wq, s, b, nw, 1e-5, res, sw, R=R, W=W)
     assert got.shape == want.shape
     assert np.allclose(got, np.array(want), atol=2e-4, rtol=2e-4)
+
+
+def _rotate_np(y, pos, inv, nrot, hd):
+    """y [T, H, hd] float64: the kernel's epilogue, pair (j, j + hd/2) of the first nrot heads."""
+    out = y.copy()
+    hh = hd // 2
+    for t in range(y.shape[0]):
+        th = pos[t] * inv
+        c, s = np.cos(th), np.sin(th)
+        a, b = y[t, :nrot, :hh], y[t, :nrot, hh:]
+        out[t, :nrot, :hh] = a * c - b * s
+        out[t, :nrot, hh:] = a * s + b * c
+    return out
+
+
+@pytest.mark.parametrize("scaling", [None, {"rope_type": "linear", "factor": 2.0},
+                                     {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64}])
+def test_rope_inv_freq_reproduces_mx_fast_rope(scaling):
+    from jang_serve.engine.models.layers import RoPE
+    from jang_serve.kernels.qmm_fused import rope_inv_freq
+
+    hd = 64
+    rope = RoPE(hd, base=10000.0, scaling=scaling)
+    inv = np.array(rope_inv_freq(rope.dims, rope.base, rope.scale, rope._freqs), dtype=np.float64)
+    y = mx.random.normal((3, 5, hd))
+    pos = mx.array([0, 17, 900], dtype=mx.int32)
+    want = np.array(rope(y, pos))
+    got = _rotate_np(np.array(y, dtype=np.float64), np.array(pos), inv, 5, hd)
+    assert np.allclose(got, want, atol=2e-4)
+
+
+def test_numpy_port_of_rope_epilogue_matches_qkv_rope_composition():
+    """Team -> pair mapping (rows h*hd + j and h*hd + j + hd/2), rotation of q and k heads only, on the
+    normed matmul: against kernels.qmm_fused.qkv_rope's composition with the model's RoPE module."""
+    from jang_serve.engine.models.layers import RoPE
+    from jang_serve.kernels.qmm_fused import qkv_rope, rope_inv_freq
+
+    nh, nkv, hd = 4, 2, 32
+    n = (nh + 2 * nkv) * hd
+    wq, s, b = _weights(n=n, seed=5)
+    x = mx.random.normal((2, K))
+    nw = mx.random.normal((K,)) * 0.2 + 1
+    pos = mx.array([3, 250], dtype=mx.int32)
+    rope = RoPE(hd, base=500000.0)
+    inv = rope_inv_freq(hd, rope.base, rope.scale, None)
+    q, k, v = qkv_rope(x, wq, s, b, BITS, GS, n_heads=nh, n_kv=nkv, head_dim=hd, positions=pos, inv_freq=inv,
+                       rope=rope, norm_weight=nw, eps=1e-5)
+    assert q.shape == (2, nh, hd) and k.shape == (2, nkv, hd) and v.shape == (2, nkv, hd)
+    want = np.concatenate([np.array(q), np.array(k), np.array(v)], axis=1)
+
+    # the kernel's arithmetic: per team R/2 pairs; each pair's two row sums, then the rotation
+    sums = _port(x, wq, s, b, nw, 1e-5)                  # [2, n] normed matmul (the port above)
+    R, teams = 8, 4
+    pairs, ro = n // 2, R // 2
+    got = np.full((2, n), np.nan)
+    hh = hd // 2
+    invn = np.array(inv, dtype=np.float64)
+    for blk in range(math.ceil(pairs / (ro * teams))):
+        for team in range(teams):
+            row0 = (blk * teams + team) * ro
+            for r in range(ro):
+                p = row0 + r
+                if p >= pairs:
+                    continue
+                h, j = p // hh, p % hh
+                n0, n1 = h * hd + j, h * hd + j + hh
+                for m in range(2):
+                    a, bb = sums[m, n0], sums[m, n1]
+                    if h < nh + nkv:
+                        th = int(pos[m]) * invn[j]
+                        a, bb = a * math.cos(th) - bb * math.sin(th), a * math.sin(th) + bb * math.cos(th)
+                    got[m, n0], got[m, n1] = a, bb
+    assert not np.isnan(got).any()
+    assert np.allclose(got.reshape(2, nh + 2 * nkv, hd), want, atol=3e-4, rtol=3e-4)
+
+
+def test_qkv_rope_checks_the_joint_shape():
+    from jang_serve.engine.models.layers import RoPE
+    from jang_serve.kernels.qmm_fused import qkv_rope
+
+    wq, s, b = _weights(n=96)
+    with pytest.raises(ValueError, match="rows"):
+        qkv_rope(mx.zeros((1, K)), wq, s, b, BITS, GS, n_heads=4, n_kv=2, head_dim=32,
+                 positions=mx.array([0], dtype=mx.int32), inv_freq=mx.ones((16,)), rope=RoPE(32))

@@ -19,10 +19,10 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from jang_serve.kernels.qmm_fused import qmm_fused
+from jang_serve.kernels.qmm_fused import qkv_rope, qmm_fused, rope_inv_freq
 
 from .decoder import MLP, Attention, Block
-from .layers import FusedLinear, QLinear
+from .layers import FusedLinear, QLinear, RoPE
 
 
 class CompiledBlock:
@@ -36,9 +36,15 @@ class CompiledBlock:
         norm_qkv = _plain_norm(ln) and attn.joint_rope_ok() and _plain_q(attn.qkv_fused)
         swiglu = (type(mlp) is MLP and _plain_norm(post_ln) and mlp.act is nn.silu
                   and "gate_up_fused" in mlp and _plain_q(mlp.gate_up_fused))
-        self.fused = dict(norm_qkv=norm_qkv, swiglu=swiglu)
+        rope_inv = _rope_inv_freq(attn) if norm_qkv else None  # RoPE inside the q/k/v matmul too
+        self.fused = dict(norm_qkv=norm_qkv, swiglu=swiglu, rope=rope_inv is not None)
 
         def pre(x, positions):
+            if norm_qkv and rope_inv is not None:
+                q = attn.qkv_fused
+                return qkv_rope(x, q.weight, q.scales, q.biases, q.bits, q.group_size, n_heads=attn.n_heads,
+                                n_kv=attn.n_kv, head_dim=attn.hd, positions=positions, inv_freq=rope_inv,
+                                rope=attn.rope, norm_weight=ln.weight, eps=ln.eps)
             if norm_qkv:
                 q = attn.qkv_fused
                 y = qmm_fused(x, q.weight, q.scales, q.biases, q.bits, q.group_size, norm_weight=ln.weight, eps=ln.eps)
@@ -75,6 +81,16 @@ class CompiledBlock:
         q, k, v = pre(x, positions)
         o = attn_backend.attend(a.layer, q, k, v, scale=a.scale, window=a.window)
         return post(x, o)
+
+
+def _rope_inv_freq(attn):
+    """The per-pair angle rates of a plain (non-traditional, full head) RoPE, else None."""
+    rope = attn.rope
+    if type(rope) is not RoPE or rope.traditional or rope.dims != attn.hd:
+        return None
+    inv = rope_inv_freq(rope.dims, rope.base, rope.scale, rope._freqs)
+    mx.eval(inv)  # made here, used from the engine's thread
+    return inv
 
 
 def _plain_norm(m) -> bool:
