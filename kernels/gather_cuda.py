@@ -232,17 +232,18 @@ def kernel():
 
 
 def default_config(entries: int, n: int, k: int, bits: int, sorted_indices: bool) -> dict:
-    """G entries per block (G > 1 only for entries sorted by expert, up to the entries per
-    expert on average is not known here: 8 once there are many), R features per team, W warps
-    per team. Short rows (few units of K) take one warp per team, so threads are not left idle."""
+    """G entries per block (G > 1 only for entries sorted by expert), R features per team, W warps
+    per team. From the H100 run (bench/results/kernels-gather-h100.json, Mixtral 14336x4096 at
+    4 bits): one entry per block with R=4 was fastest at 2-32 unsorted pairs (48 vs 51 us with R=8
+    at 2 pairs, 214 vs 218 at 16), and G=4, R=4 at 64 sorted pairs (615 us; G=8/R=2 1022, G=1 841).
+    Short rows (few units of K) take one warp per team, so threads are not left idle."""
     vals = 128 // bits if bits in (2, 4, 8) else 32
     units = k // vals
     g = 1
     if sorted_indices:
-        g = 1 if entries <= 1 else 2 if entries <= 2 else 4 if entries <= 4 else 8
-    r = 8 if g == 1 else 4 if g == 2 else 2
+        g = 1 if entries <= 1 else 2 if entries <= 3 else 4
     w = 1 if (n >= 8192 or units <= 64) else 2
-    return {"G": g, "R": r, "W": w, "FAST": True}
+    return {"G": g, "R": 4, "W": w, "FAST": True}
 
 
 def supports(x: mx.array, w: mx.array, bits: int, group_size: int) -> bool:

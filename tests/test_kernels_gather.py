@@ -182,12 +182,13 @@ def test_gathered_kernel_clamps_out_of_range_indices_in_numpy():
 
 
 def test_launch_config_and_support_rules():
-    assert gather_cuda.default_config(2, 14336, 4096, 4, False) == {"G": 1, "R": 8, "W": 1, "FAST": True}
+    assert gather_cuda.default_config(2, 14336, 4096, 4, False) == {"G": 1, "R": 4, "W": 1, "FAST": True}
     assert gather_cuda.default_config(8, 4096, 14336, 4, False)["W"] == 2      # long K, narrow N
     assert gather_cuda.default_config(8, 2048, 768, 4, False)["W"] == 1        # short K: 24 units
-    assert [gather_cuda.default_config(m, 768, 2048, 4, True)["G"] for m in (1, 2, 3, 5, 64)] == [1, 2, 4, 8, 8]
+    assert [gather_cuda.default_config(m, 768, 2048, 4, True)["G"] for m in (1, 2, 3, 5, 64)] == [1, 2, 2, 4, 4]
     (gx, gy, gz), tg = gather_cuda._launch(16, 14336, dict(G=1, R=8, W=1))
     assert (gx, gy, gz, tg) == (16 * 128, 448, 1, (128, 1, 1))
+    assert gather_cuda._launch(13, 768, dict(G=4, R=4, W=2))[0] == (4 * 128, 96, 1)
     wq, _, _ = _experts(2, 8, 256, 4, 64)
     assert gather_cuda.supports(mx.zeros((1, 256), dtype=mx.bfloat16), wq, 4, 64)
     assert not gather_cuda.supports(mx.zeros((1, 256), dtype=mx.float32), wq, 4, 64)
