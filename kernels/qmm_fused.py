@@ -11,10 +11,11 @@ A decoder layer at one token runs ~14 GPU operations, and at batch 1 MLX's host-
 each (~9 us) costs more than the GPU work (kernels/qmm.md, "End to end"). The fused forms cut five
 of them per layer: input norm + q/k/v, o_proj + residual, post norm + gate/up + SwiGLU,
 down + residual. On CUDA, for 1-4 activation rows, they run as variants of the fused GEMV
-(kernels/qmm_cuda.py built with JANG_NORM / JANG_EPI): the norm's 1/rms is a per-row scalar, so the
+(kernels/qmm_cuda.py built with JANG_NORM / JANG_EPI; on Metal its port in kernels/qmm_metal.py,
+after a self-test, UNTESTED ON DEVICE): the norm's 1/rms is a per-row scalar, so the
 kernel multiplies x by the norm weight as it loads it, sums x^2 alongside, and scales the finished
 dot products; SwiGLU teams own matching gate and up rows; the residual is added before the single
-rounding to the output dtype. Everywhere else (CPU, Metal, more rows, JANG_KERNELS=reference,
+rounding to the output dtype. Everywhere else (CPU, more rows, JANG_KERNELS=reference,
 JANG_FUSED_GEMV=0) the composition above runs, with `kernels.qmm` for the matmul: the specification.
 """
 
@@ -32,6 +33,22 @@ from .qmm import GEMV_ROWS, qmm
 
 def fused_on() -> bool:
     return os.environ.get("JANG_FUSED_GEMV", "1").strip() not in ("0", "false", "off")
+
+
+def _metal():
+    from . import qmm_metal
+
+    return qmm_metal
+
+
+def _kernel_backend() -> str | None:
+    """"cuda" or "metal" when a fused kernel may run (the Metal twin after its self-test), else None."""
+    if not fused_on():
+        return None
+    b = backend.for_op("qmm_fused")
+    if b == "cuda" or (b == "metal" and _metal().fused_ready(qmm_fused_reference)):
+        return b
+    return None
 
 
 def qmm_fused_reference(x, w, scales, biases, bits, group_size, norm_weight=None, eps=1e-5, residual=None,
@@ -56,7 +73,7 @@ def _check(x, w, norm_weight, residual, swiglu):
         raise ValueError(f"qmm_fused: residual must be {(*x.shape[:-1], n_out)}, got {tuple(residual.shape)}")
 
 
-def cuda_supported(x, w, bits, group_size, norm_weight, residual, swiglu) -> bool:
+def kernel_supported(x, w, bits, group_size, norm_weight, residual, swiglu) -> bool:
     rows = math.prod(x.shape[:-1])
     return (rows <= GEMV_ROWS and qmm_cuda.supports(x.reshape(-1, x.shape[-1]), w, bits, group_size)
             and (norm_weight is None or norm_weight.dtype == x.dtype)
@@ -116,12 +133,13 @@ def qmm_fused(x, w, scales, biases, bits, group_size, norm_weight=None, eps=1e-5
               swiglu=False):
     """See the module docstring. x [..., K] -> [..., N] (N/2 with swiglu)."""
     _check(x, w, norm_weight, residual, swiglu)
-    if (backend.current() == "cuda" and fused_on()
-            and cuda_supported(x, w, bits, group_size, norm_weight, residual, swiglu)):
+    b = _kernel_backend()
+    if b and kernel_supported(x, w, bits, group_size, norm_weight, residual, swiglu):
         lead = x.shape[:-1]
         x2d = x.reshape(-1, x.shape[-1])
         res2d = None if residual is None else residual.reshape(x2d.shape[0], -1)
-        y = qgemv_fused(x2d, w, scales, biases, bits, group_size, norm_weight, eps, res2d, swiglu)
+        impl = qgemv_fused if b == "cuda" else _metal().qgemv_fused
+        y = impl(x2d, w, scales, biases, bits, group_size, norm_weight, eps, res2d, swiglu)
         return y.reshape(*lead, y.shape[-1])
     return qmm_fused_reference(x, w, scales, biases, bits, group_size, norm_weight, eps, residual, swiglu)
 
@@ -146,11 +164,15 @@ def qkv_rope(x, w, scales, biases, bits, group_size, *, n_heads, n_kv, head_dim,
     nrot = n_heads + n_kv
     if w.shape[0] != (n_heads + 2 * n_kv) * head_dim:
         raise ValueError(f"qkv_rope: w has {w.shape[0]} rows, expected {(n_heads + 2 * n_kv) * head_dim}")
-    if (backend.current() == "cuda" and fused_on() and x.ndim == 2 and head_dim % 2 == 0
-            and positions.dtype == mx.int32 and inv_freq.shape == (head_dim // 2,)
-            and cuda_supported(x, w, bits, group_size, norm_weight, None, False)):
-        y = _qgemv_rope(x, w, scales, biases, bits, group_size, norm_weight, eps, positions,
-                        inv_freq, head_dim, nrot)
+    b = _kernel_backend()
+    if (b and x.ndim == 2 and head_dim % 2 == 0 and positions.dtype == mx.int32
+            and inv_freq.shape == (head_dim // 2,) and kernel_supported(x, w, bits, group_size, norm_weight, None, False)):
+        if b == "cuda":
+            y = _qgemv_rope(x, w, scales, biases, bits, group_size, norm_weight, eps, positions,
+                            inv_freq, head_dim, nrot)
+        else:
+            y = _metal().qgemv_fused(x, w, scales, biases, bits, group_size, norm_weight, eps,
+                                     rope=(positions, inv_freq, head_dim, nrot))
         y = y.reshape(t, n_heads + 2 * n_kv, head_dim)
         return y[:, :n_heads], y[:, n_heads:nrot], y[:, nrot:]
     y = qmm_fused(x, w, scales, biases, bits, group_size, norm_weight=norm_weight, eps=eps)

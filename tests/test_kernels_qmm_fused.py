@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jang_serve.kernels import qmm
-from jang_serve.kernels.qmm_fused import cuda_supported, qmm_fused, qmm_fused_reference
+from jang_serve.kernels.qmm_fused import kernel_supported, qmm_fused, qmm_fused_reference
 
 K, N, GS, BITS = 256, 96, 64, 4
 
@@ -48,10 +48,10 @@ def test_bad_inputs_name_the_problem():
 def test_kernel_takes_only_decode_sizes_in_its_dtype():
     wq, s, b = _weights()
     xb = mx.zeros((1, K), dtype=mx.bfloat16)
-    assert cuda_supported(xb, wq, BITS, GS, mx.ones((K,), mx.bfloat16), None, True)
-    assert not cuda_supported(mx.zeros((5, K), mx.bfloat16), wq, BITS, GS, None, None, False)  # > 4 rows
-    assert not cuda_supported(xb, wq, BITS, GS, mx.ones((K,), mx.float32), None, False)        # norm dtype
-    assert not cuda_supported(mx.zeros((1, K)), wq, BITS, GS, None, None, False)              # float32 x
+    assert kernel_supported(xb, wq, BITS, GS, mx.ones((K,), mx.bfloat16), None, True)
+    assert not kernel_supported(mx.zeros((5, K), mx.bfloat16), wq, BITS, GS, None, None, False)  # > 4 rows
+    assert not kernel_supported(xb, wq, BITS, GS, mx.ones((K,), mx.float32), None, False)        # norm dtype
+    assert not kernel_supported(mx.zeros((1, K)), wq, BITS, GS, None, None, False)              # float32 x
 
 
 def _port(x, wq, s, b, nw=None, eps=1e-5, res=None, swiglu=False, R=8, W=1):
