@@ -242,7 +242,7 @@ def timing_section(bw, main=True):
             row = dict(model=model, n=n, k=k, bits=bits, gs=gs, experts=e, top_k=top, tokens=t, pairs=pairs,
                        sorted=srt, bytes=nbytes, ref_us=tr[0] * 1e6, ref_us_min=tr[1] * 1e6,
                        ref_us_max=tr[2] * 1e6, ref_pct_bw=100 * nbytes / tr[0] / bw, variants=[])
-            default = gather_cuda.default_config(pairs, n, k, bits, srt)
+            default = gather_cuda.default_config(pairs, n, k, bits, srt, e)
             variants = [default]
             if bits == 4:
                 alts = [dict(G=1, R=8, W=1), dict(G=1, R=4, W=1), dict(G=1, R=4, W=2)] if not srt else \
@@ -339,7 +339,7 @@ def mlp_section(bw):
                             ours_us=res["ours"][0] * 1e6, kernel_forced_us=res["forced"][0] * 1e6,
                             mx_us=res["mx"][0] * 1e6, speedup=res["mx"][0] / res["ours"][0],
                             speedup_forced=res["mx"][0] / res["forced"][0], err=err, err_forced=err_forced,
-                            routes=route, max_entries=dict(gather_mod.CUDA_MAX_ENTRIES)))
+                            routes=route))
             print(f"mlp {model} T={t}: ours {res['ours'][0] * 1e6:.1f} us (kernel forced "
                   f"{res['forced'][0] * 1e6:.1f}), mx.gather_qmm {res['mx'][0] * 1e6:.1f} us "
                   f"x{res['mx'][0] / res['ours'][0]:.2f} / x{res['mx'][0] / res['forced'][0]:.2f} err {err:.1e}",

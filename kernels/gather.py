@@ -11,9 +11,12 @@ Paths (kernels/backend.py picks the backend; JANG_KERNELS=reference forces the r
   reference         mx.gather_qmm
   cuda / metal      the gathered fused GEMV (kernels/gather_cuda.py, kernels/gather_metal.py) when
                     M == 1 (one activation row per entry: what the MoE layers pass, sorted or not),
-                    bf16/fp16 activations, K % 128 == 0, and the entries are few (CUDA_MAX_ENTRIES,
-                    from bench/results/kernels-gather-h100.json); mx.gather_qmm otherwise. The Metal
-                    twin runs only after its start-up self-test passed.
+                    bf16/fp16 activations, K % 128 == 0, and `kernel_wins(pairs, experts, N, K,
+                    sorted)` (measured: bench/results/kernels-gather-h100.json, kernels/gather.md):
+                      large experts (N*K >= 8M, Mixtral-like): 1 to 256 pairs;
+                      small experts (Qwen3-MoE-like): sorted pairs with >= 4 per expert, up to 1024;
+                    mx.gather_qmm otherwise. The Metal twin runs only after its start-up self-test
+                    passed.
 The path and the launch are chosen once per (shapes, dtypes, bits, group, sorted) and cached; the
 index lists the kernel reads (the x row and the expert of each entry) are flat views of the
 arguments, or a constant built once when x's batch broadcasts against rhs_indices.
@@ -25,9 +28,25 @@ import mlx.core as mx
 
 from . import backend
 
-# Largest number of gathered entries (tokens x top-k) the fused kernel serves, unsorted / sorted;
-# from bench/results/kernels-gather-h100.json (see kernels/gather.md).
-CUDA_MAX_ENTRIES = {False: 64, True: 64}
+# Where the fused kernel serves (bench/results/kernels-gather-h100.json, kernels/gather.md). Large
+# experts: faster than mx.gather_qmm at every measured count, 2-256 (token, expert) pairs (1.3-3.3x
+# alone; the expert MLP 1.9x at 1 and 8 tokens, 2.9x at 64). Small experts: alone the kernel is
+# faster too, but inside the expert MLP (gate, up, down back to back) it measured slower at 1 token
+# (70 vs 43 us) and even at 8; faster at 64 tokens x top-8 over 128 experts (689 vs 998 us), where
+# sorted pairs average 4 per expert and blocks take 4 pairs of one expert each.
+LARGE_EXPERT = 8_000_000     # N * K elements of one expert
+LARGE_MAX_PAIRS = 256        # largest count measured (Mixtral-like, 128 tokens x top-2)
+SMALL_MIN_PER_EXPERT = 4     # sorted pairs per expert on average
+SMALL_MAX_PAIRS = 1024       # largest count measured (Qwen3-MoE-like, 128 tokens x top-8)
+
+
+def kernel_wins(pairs: int, experts: int, n: int, k: int, sorted_indices: bool) -> bool:
+    """Whether the fused gathered kernel serves this many (token, expert) pairs (see above)."""
+    if pairs < 1:
+        return False
+    if n * k >= LARGE_EXPERT:
+        return pairs <= LARGE_MAX_PAIRS
+    return bool(sorted_indices) and SMALL_MIN_PER_EXPERT * experts <= pairs <= SMALL_MAX_PAIRS
 
 _INT_TYPES = (mx.int32, mx.uint32, mx.int64, mx.uint64, mx.int16, mx.uint16, mx.int8, mx.uint8)
 
@@ -96,19 +115,17 @@ def _kernel_plan(b, x, w, rhs, lhs, batch, bits, group_size, sorted_indices):
     entries = 1
     for d in batch:
         entries *= d
-    if entries == 0:
+    k, n = x.shape[-1], w.shape[1]
+    if not kernel_wins(entries, w.shape[0], n, k, sorted_indices):
         return None
     if b == "cuda":
         from . import gather_cuda as impl
-        if entries > CUDA_MAX_ENTRIES[bool(sorted_indices)]:
-            return None
     else:
         from . import gather_metal as impl
-        if entries > impl.MAX_ENTRIES or not impl.ready():
+        if not impl.ready():
             return None
     if not impl.supports(x, w, bits, group_size):
         return None
-    k, n = x.shape[-1], w.shape[1]
     rows = 1
     for d in x.shape[:-1]:
         rows *= d
@@ -117,7 +134,7 @@ def _kernel_plan(b, x, w, rhs, lhs, batch, bits, group_size, sorted_indices):
         xb = tuple(x.shape[:-2])
         xi_const = mx.broadcast_to(mx.arange(rows, dtype=mx.int32).reshape(xb), batch).reshape(-1)
         mx.eval(xi_const)
-    fn = impl.plan(entries, n, k, x.dtype, bits, group_size, bool(sorted_indices))
+    fn = impl.plan(entries, n, k, x.dtype, bits, group_size, bool(sorted_indices), w.shape[0])
     return _Plan("kernel", fn, batch, xi_const, rows, n, k)
 
 
@@ -150,10 +167,11 @@ def gather_qmm(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, rhs
 
 def warmup_spec(spec: dict, dtype, b: str) -> int:
     """Compile ahead every kernel variant gather_qmm may pick for stacked experts of this shape
-    (spec: n, k, bits, group_size[, scale_dtype]), on tiny inputs; returns the number of launches.
-    Templates depend on the shape only through the launch configuration, so a 2-expert weight of
-    one tile and K = 512 stands in for the real one. MLX's own gather_qmm (many entries) too."""
-    bits, gs = spec["bits"], spec["group_size"]
+    (spec: n, k, bits, group_size[, experts, scale_dtype]), on tiny inputs; returns the number of
+    launches. Templates depend on the shape only through the launch configuration (one entry or
+    four per block; W from N and K), so a 2-expert weight of one tile and K = 512 stands in for the
+    real one. MLX's own gather_qmm kernels (unsorted few pairs, sorted many) are compiled too."""
+    bits, gs, n = spec["bits"], spec["group_size"], spec["n"]
     sdt = spec.get("scale_dtype", dtype)
     if b == "metal":
         from . import gather_metal
@@ -163,24 +181,21 @@ def warmup_spec(spec: dict, dtype, b: str) -> int:
         return 0
     from . import gather_cuda
 
-    k, calls, seen = 512, 0, set()
-    for srt in (False, True):
-        for entries in range(1, CUDA_MAX_ENTRIES[srt] + 1):
-            cfg = gather_cuda.default_config(entries, spec["n"], spec["k"], bits, srt)
-            key = tuple(sorted(cfg.items()))
-            if key in seen:
-                continue
-            seen.add(key)
-            n = cfg["R"] * (4 // cfg["W"])
-            w = mx.zeros((2, n, k * bits // 32), dtype=mx.uint32)
-            s = mx.ones((2, n, k // gs), dtype=sdt)
-            idx = mx.zeros((entries,), dtype=mx.uint32)
-            mx.eval(gather_cuda.gather_qgemv(mx.zeros((entries, k), dtype=dtype), w, s, s,
-                                             idx.astype(mx.int32), idx, bits, gs, srt, **cfg))
-            calls += 1
-    entries = CUDA_MAX_ENTRIES[True] * 2     # past the kernel's range: MLX's sorted gather_qmm
+    k, calls = 512, 0
+    for entries, srt in ((1, False), (8, True)):        # G = 1 and G = 4 (8 pairs over 2 experts)
+        cfg = gather_cuda.default_config(entries, n, spec["k"], bits, srt, 2)
+        rows = cfg["R"] * (4 // cfg["W"])
+        w = mx.zeros((2, rows, k * bits // 32), dtype=mx.uint32)
+        s = mx.ones((2, rows, k // gs), dtype=sdt)
+        idx = mx.zeros((entries,), dtype=mx.uint32)
+        mx.eval(gather_cuda.gather_qgemv(mx.zeros((entries, k), dtype=dtype), w, s, s, idx.astype(mx.int32), idx,
+                                         bits, gs, srt, **cfg))
+        calls += 1
     w = mx.zeros((2, 64, k * bits // 32), dtype=mx.uint32)
     s = mx.ones((2, 64, k // gs), dtype=sdt)
-    mx.eval(gather_qmm(mx.zeros((entries, 1, k), dtype=dtype), w, s, s, mx.zeros((entries,), dtype=mx.uint32),
-                       bits, gs, sorted_indices=True))
-    return calls + 1
+    for entries, srt in ((2, False), (SMALL_MAX_PAIRS * 2, True)):   # MLX's kernels (small weights: reference)
+        x = mx.zeros((entries, 1, k), dtype=dtype)
+        mx.eval(gather_qmm_reference(x, w, s, s, mx.zeros((entries,), dtype=mx.uint32), bits, gs,
+                                     sorted_indices=srt))
+        calls += 1
+    return calls

@@ -231,17 +231,19 @@ def kernel():
     return _kernel
 
 
-def default_config(entries: int, n: int, k: int, bits: int, sorted_indices: bool) -> dict:
-    """G entries per block (G > 1 only for entries sorted by expert), R features per team, W warps
-    per team. From the H100 run (bench/results/kernels-gather-h100.json, Mixtral 14336x4096 at
-    4 bits): one entry per block with R=4 was fastest at 2-32 unsorted pairs (48 vs 51 us with R=8
-    at 2 pairs, 214 vs 218 at 16), and G=4, R=4 at 64 sorted pairs (615 us; G=8/R=2 1022, G=1 841).
-    Short rows (few units of K) take one warp per team, so threads are not left idle."""
+def default_config(entries: int, n: int, k: int, bits: int, sorted_indices: bool,
+                   experts: int | None = None) -> dict:
+    """G entries per block, R features per team, W warps per team; from the H100 runs
+    (bench/results/kernels-gather-h100.json). Sorted pairs take G=4 once there are >= 4 pairs per
+    expert on average (Mixtral 14336x4096, 64-256 pairs: 594-1953 us vs 786-3261 with G=1; Qwen3-MoE
+    shapes at 512-1024 pairs: 181-438 vs 194-586), else one entry per block (Qwen3-MoE at 64-256
+    pairs: 30-153 us vs 50-182 with G=4); G=2 and G=8 were never the fastest. R=4 (vs 8) was faster
+    or even at 2-32 unsorted pairs. Without `experts`, sorted lists of >= 4 entries take G=4.
+    Short rows (<= 64 units of K) and wide outputs take one warp per team."""
     vals = 128 // bits if bits in (2, 4, 8) else 32
     units = k // vals
-    g = 1
-    if sorted_indices:
-        g = 1 if entries <= 1 else 2 if entries <= 3 else 4
+    per_expert = entries / experts if experts else float("inf")
+    g = 4 if (sorted_indices and entries >= 4 and per_expert >= 4) else 1
     w = 1 if (n >= 8192 or units <= 64) else 2
     return {"G": g, "R": 4, "W": w, "FAST": True}
 
@@ -273,7 +275,7 @@ def gather_qgemv(x2d: mx.array, w: mx.array, scales: mx.array, biases: mx.array,
     Returns [B, N] in x's dtype."""
     entries = ei.shape[0]
     n = w.shape[1]
-    cfg = default_config(entries, n, x2d.shape[1], bits, sorted_indices)
+    cfg = default_config(entries, n, x2d.shape[1], bits, sorted_indices, w.shape[0])
     for key, val in (("G", G), ("R", R), ("W", W), ("FAST", FAST)):
         if val is not None:
             cfg[key] = val
@@ -286,9 +288,10 @@ def gather_qgemv(x2d: mx.array, w: mx.array, scales: mx.array, biases: mx.array,
     )[0]
 
 
-def plan(entries: int, n: int, k: int, dtype, bits: int, group_size: int, sorted_indices: bool):
+def plan(entries: int, n: int, k: int, dtype, bits: int, group_size: int, sorted_indices: bool,
+         experts: int | None = None):
     """A callable f(x2d, w, scales, biases, xi, ei) -> [entries, N] with the launch fixed once."""
-    cfg = default_config(entries, n, k, bits, sorted_indices)
+    cfg = default_config(entries, n, k, bits, sorted_indices, experts)
     grid, tg = _launch(entries, n, cfg)
     kern, shp, odt = kernel(), [(entries, n)], [dtype]
     fixed = [("BITS", bits), ("GS", group_size), ("G", cfg["G"]), ("R", cfg["R"]), ("W", cfg["W"]),

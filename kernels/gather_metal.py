@@ -18,7 +18,6 @@ from . import gather_cuda
 from .metal_common import HEADER, self_test
 
 THREADS = 128
-MAX_ENTRIES = 64
 
 SOURCE = r"""
   constexpr int NW = 4;
@@ -143,7 +142,7 @@ def supports(x, w, bits, group_size) -> bool:
 def gather_qgemv(x2d, w, scales, biases, xi, ei, bits, group_size, sorted_indices=False):
     """Same contract as gather_cuda.gather_qgemv: returns [B, N] in x's dtype."""
     entries, n = ei.shape[0], w.shape[1]
-    cfg = gather_cuda.default_config(entries, n, x2d.shape[1], bits, sorted_indices)
+    cfg = gather_cuda.default_config(entries, n, x2d.shape[1], bits, sorted_indices, w.shape[0])
     blocks_n = math.ceil(n / (cfg["R"] * (4 // cfg["W"])))
     return kernel()(
         inputs=[x2d, w, scales, biases, xi, ei],
@@ -154,7 +153,7 @@ def gather_qgemv(x2d, w, scales, biases, xi, ei, bits, group_size, sorted_indice
     )[0]
 
 
-def plan(entries, n, k, dtype, bits, group_size, sorted_indices):
+def plan(entries, n, k, dtype, bits, group_size, sorted_indices, experts=None):
     return lambda x2d, w, sc, bi, xi, ei: gather_qgemv(x2d, w, sc, bi, xi, ei, bits, group_size, sorted_indices)
 
 

@@ -36,7 +36,7 @@ def qmm_shapes(module) -> list[dict]:
         if key not in seen:
             seen.add(key)
             out.append(dict(op=op, n=n, k=k, bits=m.bits, group_size=m.group_size,
-                            scale_dtype=m.scales.dtype))
+                            scale_dtype=m.scales.dtype, **({"experts": w.shape[0]} if w.ndim == 3 else {})))
     return out
 
 

@@ -185,7 +185,10 @@ def test_launch_config_and_support_rules():
     assert gather_cuda.default_config(2, 14336, 4096, 4, False) == {"G": 1, "R": 4, "W": 1, "FAST": True}
     assert gather_cuda.default_config(8, 4096, 14336, 4, False)["W"] == 2      # long K, narrow N
     assert gather_cuda.default_config(8, 2048, 768, 4, False)["W"] == 1        # short K: 24 units
-    assert [gather_cuda.default_config(m, 768, 2048, 4, True)["G"] for m in (1, 2, 3, 5, 64)] == [1, 2, 2, 4, 4]
+    assert [gather_cuda.default_config(m, 768, 2048, 4, True)["G"] for m in (1, 3, 4, 64)] == [1, 1, 4, 4]
+    # with the expert count: 4 pairs per block only from 4 sorted pairs per expert on average
+    assert [gather_cuda.default_config(m, 768, 2048, 4, True, 128)["G"] for m in (64, 256, 512)] == [1, 1, 4]
+    assert gather_cuda.default_config(512, 768, 2048, 4, False, 128)["G"] == 1
     (gx, gy, gz), tg = gather_cuda._launch(16, 14336, dict(G=1, R=8, W=1))
     assert (gx, gy, gz, tg) == (16 * 128, 448, 1, (128, 1, 1))
     assert gather_cuda._launch(13, 768, dict(G=4, R=4, W=2))[0] == (4 * 128, 96, 1)
@@ -193,6 +196,20 @@ def test_launch_config_and_support_rules():
     assert gather_cuda.supports(mx.zeros((1, 256), dtype=mx.bfloat16), wq, 4, 64)
     assert not gather_cuda.supports(mx.zeros((1, 256), dtype=mx.float32), wq, 4, 64)
     assert not gather_cuda.supports(mx.zeros((1, 256), dtype=mx.bfloat16), wq[0], 4, 64)
+
+
+def test_routing_rule_from_the_measurements():
+    from jang_serve.kernels.gather import kernel_wins
+
+    # Mixtral-like experts (14336 x 4096): every measured count, sorted or not
+    assert all(kernel_wins(p, 8, 14336, 4096, p >= 64) for p in (1, 2, 16, 63, 64, 256))
+    assert not kernel_wins(512, 8, 14336, 4096, True)
+    # Qwen3-MoE-like (768 x 2048, 128 experts): only sorted, >= 4 pairs per expert, <= 1024
+    assert not any(kernel_wins(p, 128, 768, 2048, False) for p in (8, 16, 63))
+    assert not kernel_wins(256, 128, 768, 2048, True)
+    assert kernel_wins(512, 128, 768, 2048, True) and kernel_wins(1024, 128, 2048, 768, True)
+    assert not kernel_wins(2048, 128, 768, 2048, True)
+    assert not kernel_wins(0, 8, 14336, 4096, False)
 
 
 def test_metal_self_test_failure_falls_back_with_a_log_line(caplog, monkeypatch):
@@ -226,8 +243,8 @@ def test_warmup_entries_for_stacked_experts():
             self.proj = nn.QuantizedLinear(128, 64, group_size=64, bits=8)
 
     shapes = qmm_shapes(Tiny())
-    gathered = sorted((s["n"], s["k"]) for s in shapes if s["op"] == "gather_qmm")
-    assert gathered == [(64, 256), (256, 128)]
+    gathered = sorted((s["n"], s["k"], s["experts"]) for s in shapes if s["op"] == "gather_qmm")
+    assert gathered == [(64, 256, 8), (256, 128, 8)]
     assert [s["bits"] for s in shapes if s["op"] == "qmm"] == [8]
     res = warmup(shapes)
     assert res["backend"] == "reference" and res["ops"] == 3 and res["calls"] == 0
