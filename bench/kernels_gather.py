@@ -1,6 +1,7 @@
 """Parity and timing of the expert-gathered GEMV (kernels/gather_cuda.py) on the device machine.
 
     python3 bench/kernels_gather.py OUT.json [parity|timing|all]
+    .venv/bin/python bench/kernels_gather.py - compile      # local nvcc build of the templates, no GPU
 
 Parity: every bit width x group size x bf16/fp16, launch variants rotated over the cases (G entries
 per block 1/2/4/8, R, W, FAST on/off), unsorted (x broadcast against [T, k] indices, as SwitchGLU
@@ -347,7 +348,28 @@ def mlp_section(bw):
     return out
 
 
+def compile_check() -> bool:
+    """Build every bit width x the shipped launch shapes (and a G=8 / FAST=False pair) with the local
+    nvcc, no GPU needed (bench/kernels_compile_check.py's wrapper); prints registers and spills."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from kernels_compile_check import build, compile_one
+
+    from jang_serve.kernels import cuda_common
+    ok = True
+    for bits in (2, 3, 4, 5, 6, 8):
+        for g, r, w, fast in ((1, 4, 1, True), (1, 4, 2, True), (4, 4, 1, True), (8, 2, 2, False)):
+            tmpl = [("T", "bfloat16"), ("S", "bfloat16"), ("BITS", bits), ("GS", 32 if bits == 2 else 64),
+                    ("G", g), ("R", r), ("W", w), ("FAST", fast)]
+            src = build("gather_qgemv", gather_cuda.SOURCE, cuda_common.HEADER,
+                        [("x", "bfloat16"), ("w", "uint32"), ("scales", "bfloat16"), ("biases", "bfloat16"),
+                         ("xi", "int32"), ("ei", "uint32")], [("y", "bfloat16")], tmpl)
+            ok &= compile_one(f"bits={bits} G={g} R={r} W={w} FAST={fast}", src)
+    return ok
+
+
 def main(path, what="all"):
+    if what == "compile":
+        sys.exit(0 if compile_check() else 1)
     try:
         gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
                              capture_output=True, text=True).stdout.strip()
