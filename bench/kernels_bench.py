@@ -22,7 +22,7 @@ import time
 import mlx.core as mx
 import numpy as np
 
-from jang_serve.kernels import paged, paged_cuda, qgemm_cuda, qmm_cuda
+from jang_serve.kernels import paged, paged_cuda, qgemm_cuda, qgemm_v1_cuda, qmm_cuda
 from jang_serve.kernels.qmm import qmm as kqmm
 
 # (R rows per team, W warps per team, FAST) variants swept at one row; 4-bit sweeps them all.
@@ -123,17 +123,22 @@ def gemv_section(bw, quick):
 
 
 def gemm_section(bw, quick):
-    """8-256 rows: bf16 matmul vs mx.quantized_matmul vs dequantize+matmul vs kernels.qmm (the tiled
-    qgemm up to QGEMM_ROWS), and qgemm's split-K variants at 64 rows."""
+    """16-256 rows: bf16 matmul vs mx.quantized_matmul vs dequantize+matmul vs the tiled qgemm vs
+    kernels.qmm (whatever route it picks), and qgemm's variants (row tile, warps along M, split-K,
+    stages, split-K reduce) at 64-256 rows of the Llama shapes; the previous tiled GEMM (qgemm_v1) beside them.
+    KB_QGEMM_IMPL=v2 times kernels.qmm with the new GEMM on its route (JANG_QGEMM_IMPL)."""
+    if os.environ.get("KB_QGEMM_IMPL"):
+        os.environ["JANG_QGEMM_IMPL"] = os.environ["KB_QGEMM_IMPL"]
     out = []
-    shapes = [(14336, 4096, (4, 8)), (4096, 14336, (4,)), (4096, 4096, (8,)), (1024, 4096, (8,)),
-              (128256, 4096, (8,))]
+    shapes = [(14336, 4096, (4, 8, 2)), (4096, 14336, (4,)), (28672, 4096, (4,)), (6144, 4096, (8,)),
+              (4096, 4096, (8,)), (1024, 4096, (8,))]
+    if quick:   # the issue's 4-bit shapes and the engine's fused ones, fewer variants
+        shapes = [(14336, 4096, (4,)), (4096, 14336, (4,)), (28672, 4096, (4,)), (6144, 4096, (8,))]
     for (n, k, bits_list) in shapes:
         nsets = max(3, math.ceil(200e6 / (n * k * 2)))   # rotate over > 4x the L2
         wb = [(mx.random.normal((n, k)) * 0.05).astype(mx.bfloat16) for _ in range(nsets)]
         for bits in bits_list:
-            ms = ((8, 16, 32, 64, 128, 256, 512) if (bits == 4 and n == 14336) else
-                  (16, 64) if n > 100000 else (16, 64, 128, 256))
+            ms = (16, 32, 64, 128, 256) if bits == 4 and k * n == 14336 * 4096 else (16, 64, 128, 256)
             nq = max(3, math.ceil(200e6 / (n * k * bits / 8)))
             ws = [qweights(n, k, bits, 64) for _ in range(nq)]
             mx.eval(wb, ws)
@@ -141,36 +146,53 @@ def gemm_section(bw, quick):
                 x = mx.random.normal((m, k)).astype(mx.bfloat16)
                 tb = timed(lambda: [x @ wb[i % nsets].T for i in range(CALLS)])
                 out.append(rec("bf16_matmul", tb, n=n, k=k, m=m, bits=16))
-                t = timed(lambda: [mx.quantized_matmul(x, *ws[i % nq], transpose=True, group_size=64, bits=bits)
-                                   for i in range(CALLS)])
-                out.append(rec("mx.quantized_matmul", t, n=n, k=k, m=m, bits=bits, vs_bf16=t[0] / tb[0]))
+                if not quick or m <= 64:
+                    t = timed(lambda: [mx.quantized_matmul(x, *ws[i % nq], transpose=True, group_size=64, bits=bits)
+                                       for i in range(CALLS)])
+                    out.append(rec("mx.quantized_matmul", t, n=n, k=k, m=m, bits=bits, vs_bf16=t[0] / tb[0]))
                 if m >= 128:
                     t = timed(lambda: [x @ mx.dequantize(*ws[i % nq], group_size=64, bits=bits).astype(mx.bfloat16).T
                                        for i in range(CALLS)])
                     out.append(rec("dequantize+matmul", t, n=n, k=k, m=m, bits=bits, vs_bf16=t[0] / tb[0]))
                 ref = mx.quantized_matmul(x, *ws[0], transpose=True, group_size=64, bits=bits)
                 if qgemm_cuda.supports(x, ws[0][0], bits, 64):
-                    ds = qgemm_cuda.default_split(m, n, k)
-                    gs_ = qgemm_cuda.grid_split(m, n, k)
-                    variants = [(None, None)]
-                    if m == 64 and os.environ.get("KB_QGEMM_SWEEP", "1") == "1":
-                        variants += [(sp, st) for st in (2, 3) for sp in sorted({1, gs_, max(gs_ // 2, 1)})]
-                    for sp, st in variants:
-                        if sp and (k % (64 * sp) or k // sp < 256):
+                    variants = [{}]
+                    if m in (64, 128, 256) and bits == 4 and n in (14336, 4096) and os.environ.get("KB_QGEMM_SWEEP", "1") == "1" \
+                            and (not quick or m == 64 or n == 14336):
+                        dflt = qgemm_cuda.config(m, n, k, bits)
+                        alt = [{"WM": 3 - dflt["WM"]}, {"split": 1}, {"split": dflt["split"] * 2},
+                               {"stages": 2}, {"BM": 64 if dflt["BM"] != 64 else 32}]
+                        if dflt["split"] > 1:
+                            alt.append({"reduce": "atomic"})
+                        variants += [v for v in alt if v.get("split", 1) * 256 <= k and v.get("stages", 2)
+                                     <= qgemm_cuda.max_stages(bits, v.get("BM", dflt["BM"]))
+                                     and v != {"split": dflt["split"]}]
+                    for v in variants:
+                        try:
+                            cfg = qgemm_cuda.config(m, n, k, bits, **v)
+                        except ValueError:
                             continue
-                        t = timed(lambda: [qgemm_cuda.qgemm(x, *ws[i % nq], bits, 64, split=sp, stages=st)
-                                           for i in range(CALLS)])
-                        out.append(rec("qgemm", t, n=n, k=k, m=m, bits=bits, vs_bf16=t[0] / tb[0],
-                                       split=sp or ds, stages=st or qgemm_cuda.default_stages(qgemm_cuda.block_rows(m)),
-                                       err_vs_quantized_matmul=check(
-                                           qgemm_cuda.qgemm(x, *ws[0], bits, 64, split=sp, stages=st), ref)))
+                        t = timed(lambda: [qgemm_cuda.qgemm(x, *ws[i % nq], bits, 64, **v) for i in range(CALLS)])
+                        out.append(rec("qgemm", t, n=n, k=k, m=m, bits=bits, vs_bf16=t[0] / tb[0], cfg=cfg,
+                                       variant=v, err_vs_quantized_matmul=check(
+                                           qgemm_cuda.qgemm(x, *ws[0], bits, 64, **v), ref)))
+                if qgemm_v1_cuda.supports(x, ws[0][0], bits, 64):   # the previous tiled GEMM, same run
+                    t = timed(lambda: [qgemm_v1_cuda.qgemm(x, *ws[i % nq], bits, 64) for i in range(CALLS)])
+                    out.append(rec("qgemm_v1", t, n=n, k=k, m=m, bits=bits, vs_bf16=t[0] / tb[0],
+                                   err_vs_quantized_matmul=check(qgemm_v1_cuda.qgemm(x, *ws[0], bits, 64), ref)))
                 t = timed(lambda: [kqmm(x, *ws[i % nq], bits, 64) for i in range(CALLS)])
                 out.append(rec("kernels.qmm", t, n=n, k=k, m=m, bits=bits, vs_bf16=t[0] / tb[0],
+                               route=kqmm_route(x, ws[0][0], bits),
                                err_vs_quantized_matmul=check(kqmm(x, *ws[0], bits, 64), ref)))
                 print(f"gemm n={n} k={k} bits={bits} m={m}: bf16 {tb[0]*1e6:.1f} us, qmm {t[0]*1e6:.1f} us", flush=True)
             del ws
         del wb
     return out
+
+
+def kqmm_route(x, w, bits):
+    from jang_serve.kernels import qmm as qmm_mod
+    return qmm_mod._cuda_route(x.shape[0], x, w, bits, 64)
 
 
 def floor_section(bw, quick):
@@ -276,7 +298,7 @@ def main(path, quick=False):
     print(f"device {gpu}; copy bandwidth {bw / 1e9:.0f} GB/s")
     for sec in ("gemv", "floor", "paged", "gemm"):
         for r in res.get(sec, []):
-            extra = " ".join(f"{k}={r[k]}" for k in ("n", "k", "m", "bits", "kv", "cfg", "split", "stages") if k in r)
+            extra = " ".join(f"{k}={r[k]}" for k in ("n", "k", "m", "bits", "kv", "cfg", "route") if k in r)
             pct = f"{r['pct_copy_bw']:.0f}%" if "pct_copy_bw" in r else ""
             vs = f"x{r['vs_bf16']:.2f} bf16" if "vs_bf16" in r else ""
             print(f"{sec:5s} {r['name']:22s} {extra:55s} {r['us']:9.1f} us {pct} {vs}")

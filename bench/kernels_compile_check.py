@@ -110,13 +110,22 @@ def check_fused():
 def check_qgemm():
     ok = True
     for bits in (2, 4, 8):
-        for bm, split, dt, gs, st in ((32, True, "bfloat16", 64, 3), (64, False, "bfloat16", 32, 3),
-                                      (64, True, "bfloat16", 64, 4), (128, True, "float16", 128, 2)):
-            tmpl = [("T", dt), ("S", dt), ("BITS", bits), ("GS", gs), ("BM", bm), ("SPLIT", split), ("STAGES", st)]
+        for bm, wm, split, dt, sdt, gs in ((16, 1, 2, "bfloat16", "bfloat16", 64), (32, 1, 0, "bfloat16", "bfloat16", 32),
+                                          (64, 2, 1, "bfloat16", "bfloat16", 64), (64, 1, 0, "float16", "float16", 128),
+                                          (128, 2, 2, "float16", "float32", 64), (32, 2, 0, "bfloat16", "float32", 128)):
+            sb = 4 if sdt == "float32" else 2
+            bm_ = min(bm, qgemm_cuda.block_rows(bm, bits, sb))
+            st = qgemm_cuda.default_stages(bm_, bits, sb)
+            tmpl = [("T", dt), ("S", sdt), ("BITS", bits), ("GS", gs), ("BM", bm_), ("WM", min(wm, bm_ // 16)),
+                    ("SPLIT", split), ("STAGES", st)]
             src = build("qgemm", qgemm_cuda.SOURCE, qgemm_cuda.HEADER,
-                        [("x", dt), ("w", "uint32"), ("scales", dt), ("biases", dt)],
+                        [("x", dt), ("w", "uint32"), ("scales", sdt), ("biases", sdt)],
                         [("y", "float32" if split else dt)], tmpl)
-            ok &= compile_one(f"qgemm bits={bits} BM={bm} split={split} {dt} gs={gs} stages={st}", src)
+            ok &= compile_one(f"qgemm bits={bits} BM={bm_} WM={wm} split={split} {dt}/{sdt} gs={gs} stages={st}", src)
+    for dt in ("bfloat16", "float16"):
+        src = build("qgemm_reduce", qgemm_cuda.REDUCE_SOURCE, qgemm_cuda.HEADER, [("ws", "float32")], [("y", dt)],
+                    [("T", dt)])
+        ok &= compile_one(f"qgemm_reduce {dt}", src)
     return ok
 
 

@@ -11,13 +11,14 @@ every output is finite. Exits non-zero if any case fails.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
 import mlx.core as mx
 import numpy as np
 
-from jang_serve.kernels import paged, paged_cuda, qgemm_cuda, qmm_cuda
+from jang_serve.kernels import paged, paged_cuda, qgemm_cuda, qgemm_v1_cuda, qmm_cuda
 from jang_serve.kernels.qmm import qmm as kqmm
 
 
@@ -37,11 +38,13 @@ def qweights(n, k, bits, gs, dtype):
 VARIANTS = ((4, 1, True), (4, 1, False), (2, 4, True), (8, 1, True), (4, 2, True), (1, 4, True))
 
 
-def _qmm_case(out, op, dtype, bits, gs, n, k, m, **cfg):
+def _qmm_case(out, op, dtype, bits, gs, n, k, m, sdtype=None, **cfg):
     wq, s, b = qweights(n, k, bits, gs, dtype)
+    if sdtype is not None:
+        s, b = s.astype(sdtype), b.astype(sdtype)
     x = mx.random.normal((m, k)).astype(dtype)
     ref = x.astype(mx.float32) @ mx.dequantize(wq, s, b, group_size=gs, bits=bits).astype(mx.float32).T
-    if op == "qgemm":  # baseline: the bf16/fp16 dense matmul of the dequantized weight (no MLX qmm JIT)
+    if op in ("qgemm", "qgemm_v1"):  # baseline: the bf16/fp16 dense matmul of the dequantized weight (no MLX qmm JIT)
         base = relerr(x @ mx.dequantize(wq, s, b, group_size=gs, bits=bits).astype(dtype).T, ref)
     else:
         base = relerr(mx.quantized_matmul(x, wq, s, b, transpose=True, group_size=gs, bits=bits), ref)
@@ -49,10 +52,12 @@ def _qmm_case(out, op, dtype, bits, gs, n, k, m, **cfg):
         y = kqmm(x, wq, s, b, bits, gs)
     elif op == "qgemm":
         y = qgemm_cuda.qgemm(x, wq, s, b, bits, gs, **cfg)
+    elif op == "qgemm_v1":
+        y = qgemm_v1_cuda.qgemm(x, wq, s, b, bits, gs, **cfg)
     else:
         y = qmm_cuda.qgemv(x, wq, s, b, bits, gs, **cfg)
     out.append(dict(op=op, dtype=str(dtype), bits=bits, gs=gs, n=n, k=k, m=m, **cfg,
-                    err=relerr(y, ref), ref_err=base))
+                    **({"sdtype": str(sdtype)} if sdtype is not None else {}), err=relerr(y, ref), ref_err=base))
 
 
 def qmm_cases():
@@ -75,22 +80,58 @@ def qmm_cases():
 
 
 def qgemm_cases():
-    # the tiled tensor-core GEMM: bits 2/4/8, every group size, row tiles 32/64/128, split-K or not,
-    # 2-4 register stages. Each template is one NVRTC compile (~2 s): keep them few.
+    if os.environ.get("KP_QUICK") == "1":
+        return qgemm_quick_cases()
+    # the tiled tensor-core GEMM: bits 2/4/8, every group size, row tiles 16/32/64/128, warps along M 1/2,
+    # split-K or not, 2-4 cp.async stages, bf16/fp16 activations, bf16/fp16/fp32 scales.
+    # Each template is one NVRTC compile (~2 s): keep them few.
     out = []
     for gs in (32, 64, 128):
-        _qmm_case(out, "qgemm", mx.bfloat16, 4, gs, 384, 1024, 40)
+        for bits in (2, 4, 8):
+            _qmm_case(out, "qgemm", mx.bfloat16, bits, gs, 384, 1024, 40)
     for bits in (2, 4, 8):
-        for m in (5, 64, 100, 256):
+        for m in (5, 16, 64, 100, 256):
             _qmm_case(out, "qgemm", mx.bfloat16, bits, 64, 256, 2048, m)
         print(f"qgemm bits={bits}: {len(out)} cases, worst {max(c['err'] for c in out):.2e}", flush=True)
-    for m, split, st in ((64, 1, 2), (64, 4, 4), (33, 8, 3), (200, 2, 2), (64, 16, 3)):
-        _qmm_case(out, "qgemm", mx.bfloat16, 4, 64, 1024, 4096, m, split=split, stages=st)
-    for m in (8, 64, 130):
-        _qmm_case(out, "qgemm", mx.float16, 4, 64, 512, 1024, m)
+    for m, bm, wm, split, st in ((64, 64, 1, 1, 2), (64, 64, 2, 4, 3), (33, 64, 2, 8, 2), (200, 128, 2, 2, 2),
+                                 (64, 32, 2, 16, 4), (64, 32, 1, 2, 3), (130, 64, 1, 1, 3), (16, 16, 1, 4, 4)):
+        _qmm_case(out, "qgemm", mx.bfloat16, 4, 64, 1024, 4096, m, BM=bm, WM=wm, split=split, stages=st)
+    for bits, m in ((4, 64), (8, 40), (2, 130)):   # split-K through atomics instead of the reduce kernel
+        _qmm_case(out, "qgemm", mx.bfloat16, bits, 64, 512, 4096, m, split=4, reduce="atomic")
+    for bits in (2, 4, 8):
+        for m in (8, 64, 130):
+            _qmm_case(out, "qgemm", mx.float16, bits, 64, 512, 1024, m)
+    for sdt in (mx.float32, mx.float16):   # scales/biases in another dtype than x
+        _qmm_case(out, "qgemm", mx.bfloat16, 4, 64, 512, 1024, 64, sdtype=sdt)
     _qmm_case(out, "qgemm", mx.bfloat16, 8, 64, 16000, 4096, 64)
-    for m in (7, 16, 40, 130):   # the public entry point: these rows go to the tiled GEMM now
+    _qmm_case(out, "qgemm", mx.bfloat16, 4, 64, 14336, 4096, 256)
+    _qmm_case(out, "qgemm", mx.bfloat16, 4, 64, 4096, 14336, 64)
+    for m in (7, 16, 40, 130, 256):   # the public entry point on the GEMM row counts
         _qmm_case(out, "qmm", mx.bfloat16, 8, 64, 512, 1024, m)
+        _qmm_case(out, "qmm", mx.bfloat16, 4, 64, 512, 1024, m)
+    return out
+
+
+def qgemm_quick_cases():
+    # fewer templates: every bit width and group size, both dtypes, split / atomics, the timed shapes
+    out = []
+    for bits, gs in ((2, 32), (4, 64), (8, 128), (4, 128), (8, 32)):
+        for m in (16, 64, 200):
+            _qmm_case(out, "qgemm", mx.bfloat16, bits, gs, 256, 2048, m)
+    for bits in (4, 8):
+        _qmm_case(out, "qgemm", mx.float16, bits, 64, 512, 1024, 64)
+    _qmm_case(out, "qgemm", mx.bfloat16, 4, 64, 512, 1024, 64, sdtype=mx.float32)
+    for m, bm, wm, split, st, red in ((64, 64, 1, 1, 3, None), (64, 64, 2, 8, 2, None), (64, 32, 1, 2, 4, None),
+                                      (64, 64, 2, 4, 3, "atomic"), (256, 64, 2, 1, 3, None), (37, 64, 2, 2, 3, None)):
+        _qmm_case(out, "qgemm", mx.bfloat16, 4, 64, 1024, 4096, m, BM=bm, WM=wm, split=split, stages=st,
+                  **({"reduce": red} if red else {}))
+    _qmm_case(out, "qgemm", mx.bfloat16, 4, 64, 14336, 4096, 256)
+    _qmm_case(out, "qgemm", mx.bfloat16, 4, 64, 4096, 14336, 64)
+    _qmm_case(out, "qgemm", mx.bfloat16, 8, 64, 6144, 4096, 64)
+    for m in (16, 64, 256):
+        _qmm_case(out, "qmm", mx.bfloat16, 4, 64, 512, 1024, m)
+    for bits in (4, 8):   # the previous tiled GEMM (kernels.qmm's default until v2 is measured)
+        _qmm_case(out, "qgemm_v1", mx.bfloat16, bits, 64, 512, 1024, 64)
     return out
 
 

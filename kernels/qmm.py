@@ -10,9 +10,9 @@ Paths by backend (kernels/backend.py) and by activation rows M = prod(x.shape[:-
                (bench/results/qmm-cpu.json)
   cpu, else    the reference
   cuda, M<=4   fused dequant + GEMV kernel (kernels/qmm_cuda.py)
-  cuda, 17<=M<DEQUANT_ROWS, 2/4 bits  tiled dequant + tensor-core GEMM (kernels/qgemm_cuda.py,
-               N % 128 == 0), checked once per template against the reference at first use
-               (off on a mismatch); JANG_QGEMM=0 turns it off
+  cuda, 17<=M<DEQUANT_ROWS, 2/4/8 bits  tiled dequant + tensor-core GEMM (kernels/qgemm_v1_cuda.py, or
+               kernels/qgemm_cuda.py with JANG_QGEMM_IMPL=v2; N % 128 == 0), checked once per template
+               against the reference at first use (off on a mismatch); JANG_QGEMM=0 turns it off
   cuda, else   mx.quantized_matmul below DEQUANT_ROWS rows (DEQUANT_ROWS_8BIT at 8 bits), else
                dequantize once to the activation dtype and run the dense (cuBLAS) matmul
   The path is chosen once per (shapes, dtypes, bits, group) and cached; thresholds from
@@ -35,6 +35,11 @@ GEMV_ROWS = 4
 # (1.1-1.4x at 32-128 rows); at 8 bits and at <= 16 rows MLX's kernels are faster.
 QGEMM_MIN_ROWS = 17
 QGEMM_BITS = (2, 4, 8)    # JANG_QGEMM_BITS=2,4 (say) narrows it
+# Which tiled GEMM: "v1" (kernels/qgemm_v1_cuda.py: register-staged loads, a dequantized shared tile;
+# measured on the H100) or "v2" (kernels/qgemm_cuda.py: cp.async pipeline, dequantize from shared packed
+# words straight into the mma fragments, split-K reduce kernel). v2 passed the CPU port and the local
+# compile but has not run on the device yet, so v1 stays the default; JANG_QGEMM_IMPL=v2 selects v2.
+QGEMM_IMPL = "v1"
 DEQUANT_ROWS = 192
 DEQUANT_ROWS_8BIT = 384   # 8-bit: mx.quantized_matmul beats dequantize + matmul up to at least 256 rows
 # CPU: from this many rows, dequantize + dense matmul beats mx.quantized_matmul for every SmolLM2 shape
@@ -50,6 +55,16 @@ CPU_SMALL_MAX_ELEMENTS = 8_000_000
 
 def qgemm_on() -> bool:
     return os.environ.get("JANG_QGEMM", "1").strip() not in ("0", "false", "off")
+
+
+def qgemm_impl():
+    """The tiled GEMM module serving the "qgemm" route (QGEMM_IMPL, or JANG_QGEMM_IMPL=v1|v2)."""
+    from . import qgemm_cuda, qgemm_v1_cuda
+
+    name = os.environ.get("JANG_QGEMM_IMPL", "").strip() or QGEMM_IMPL
+    if name not in ("v1", "v2"):
+        raise ValueError(f"JANG_QGEMM_IMPL must be v1 or v2, got {name!r}")
+    return qgemm_cuda if name == "v2" else qgemm_v1_cuda
 
 
 def qgemm_bits() -> tuple[int, ...]:
@@ -85,13 +100,13 @@ def _check(x, w, scales, biases, bits, group_size):
 
 def _cuda_route(m: int, x, w, bits: int, group_size: int) -> str:
     """Which CUDA path serves m rows (thresholds from bench/results/kernels-h100.json)."""
-    from . import qgemm_cuda, qmm_cuda
+    from . import qmm_cuda
 
     if m <= GEMV_ROWS and qmm_cuda.supports(x, w, bits, group_size):
         return "gemv"
     half = x.dtype in (mx.bfloat16, mx.float16)
     if QGEMM_MIN_ROWS <= m < DEQUANT_ROWS and bits in qgemm_bits() and qgemm_on() \
-            and qgemm_cuda.supports(x, w, bits, group_size):
+            and qgemm_impl().supports(x, w, bits, group_size):
         return "qgemm"
     if half and m >= (DEQUANT_ROWS_8BIT if bits == 8 else DEQUANT_ROWS):
         return "dequant"
@@ -114,7 +129,8 @@ def qmm(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: int,
     Returns [..., N] in x's dtype."""
     b = backend.for_op("qmm")
     key = (b, x.shape, w.shape, scales.shape, biases.shape, x.dtype, w.dtype, scales.dtype, bits, group_size,
-           os.environ.get("JANG_QGEMM"), os.environ.get("JANG_QGEMM_BITS"), os.environ.get("JANG_QGEMM_SPLIT"))
+           os.environ.get("JANG_QGEMM"), os.environ.get("JANG_QGEMM_BITS"), os.environ.get("JANG_QGEMM_SPLIT"),
+           os.environ.get("JANG_QGEMM_IMPL"))
     route, fn = _routes.get(key, (None, None))
     if route is None:  # first call with these shapes: check the arguments once and pick the path
         _check(x, w, scales, biases, bits, group_size)
@@ -132,10 +148,16 @@ def qmm(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: int,
 
         if route is None:
             route = _cuda_route(m, x, w, bits, group_size)
-            if route == "qgemm" and not qgemm_cuda.ready(x.dtype, scales.dtype, bits, group_size, m):
+            impl = qgemm_impl()
+            if route == "qgemm" and not impl.ready(x.dtype, scales.dtype, bits, group_size, m):
                 route = "reference"
-            impl = {"gemv": qmm_cuda, "qgemm": qgemm_cuda}.get(route)
-            fn = impl.plan(m, w.shape[0], k, x.dtype, bits, group_size) if impl else None
+            fn = None
+            if route == "gemv":
+                fn = qmm_cuda.plan(m, w.shape[0], k, x.dtype, bits, group_size)
+            elif route == "qgemm" and impl is qgemm_cuda:
+                fn = qgemm_cuda.plan(m, w.shape[0], k, x.dtype, bits, group_size, scales.itemsize)
+            elif route == "qgemm":
+                fn = impl.plan(m, w.shape[0], k, x.dtype, bits, group_size)
             _routes[key] = (route, fn)
         if fn is not None:
             return fn(x.reshape(m, k), w, scales, biases).reshape(*lead, w.shape[0])
