@@ -241,22 +241,28 @@ class env_set:
                 os.environ[k] = v
 
 
-def no_fused(fn, model, *a, **kw):
-    """fn with the fused norm/SwiGLU/residual GEMVs off (JANG_FUSED_GEMV=0); the compiled decode blocks
-    are traced anew inside (and dropped after), since a trace keeps the kernels it was made with."""
+def with_env(env, fn, model, *a, **kw):
+    """fn(model, ...) under extra environment variables (kernel switches). The model's compiled decode
+    blocks are dropped before and after: a trace keeps the kernels it was made with, so without this a
+    switch would not reach the traced decode steps (and would leak into later runs)."""
     from jang_serve.engine.models.compiled import compile_blocks
 
     compile_blocks(model, on=False)
     try:
-        with env_set({"JANG_FUSED_GEMV": "0"}):
+        with env_set(env):
             return fn(model, *a, **kw)
     finally:
         compile_blocks(model, on=False)
 
 
-def no_qgemm(fn, *a):
-    with env_set({"JANG_QGEMM": "0"}):
-        return fn(*a)
+def no_fused(fn, model, *a, **kw):
+    """fn with the fused norm/RoPE/SwiGLU/residual GEMVs off (JANG_FUSED_GEMV=0)."""
+    return with_env({"JANG_FUSED_GEMV": "0"}, fn, model, *a, **kw)
+
+
+def no_qgemm(fn, model, *a, **kw):
+    """fn with the tiled GEMM off (5-191 rows through mx.quantized_matmul)."""
+    return with_env({"JANG_QGEMM": "0"}, fn, model, *a, **kw)
 
 
 # -- main ------------------------------------------------------------------------------------------
@@ -277,6 +283,7 @@ def main():
     ap.add_argument("--commit", default=os.environ.get("JANG_COMMIT", ""))
     ap.add_argument("--force-routes", action="store_true", help="probe route configs on the CPU too (a test)")
     ap.add_argument("--note", default="")
+    ap.add_argument("--route-pick", action="store_true", help="use the fastest probed route config for the runs")
     ap.add_argument("--async-decode", choices=("auto", "on", "off"), default="auto",
                     help="EngineConfig.async_decode (auto: on on a GPU)")
     ap.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
@@ -341,24 +348,24 @@ def main():
     save()
     log(json.dumps(res["models"], indent=1))
 
-    # Route configurations of kernels.qmm, probed on one decode step of the JANG model (batch C and 1);
-    # the fastest at batch C is kept for every run below (the choice and all probes are recorded).
+    # Route configurations of kernels.qmm, probed on one decode step of the JANG model (batch C and 1),
+    # only when asked for (--only routes,...): by default every run uses the engine's own routing, as
+    # shipped. With --route-pick the fastest at batch C is kept for the runs below (choice recorded).
     res["route_probe"] = {}
-    if want("routes") and (on_gpu or args.force_routes):
+    if "routes" in only and (on_gpu or args.force_routes):
         best = None
         for cname, env in ROUTE_CONFIGS:
-            with env_set(env):
-                try:
-                    pr = {str(n): probe_step(models["ours-jang4m"], cfg, n, args.prompt, args.kv_gb)
-                          for n in (args.conc, 1)}
-                except Exception as e:
-                    pr = dict(error=f"{type(e).__name__}: {e}")
+            try:  # each configuration traces its own compiled decode blocks
+                pr = {str(n): with_env(env, probe_step, models["ours-jang4m"], cfg, n, args.prompt, args.kv_gb)
+                      for n in (args.conc, 1)}
+            except Exception as e:
+                pr = dict(error=f"{type(e).__name__}: {e}")
             res["route_probe"][cname] = dict(env=env, probe=pr)
             log("route", cname, json.dumps(pr))
             if "error" not in pr and (best is None or pr[str(args.conc)]["step_ms"] < best[1]):
                 best = (cname, pr[str(args.conc)]["step_ms"], env)
             save()
-        if best:
+        if best and args.route_pick:
             res["route_chosen"] = best[0]
             os.environ.update(best[2])
             log("route chosen", best[0])
