@@ -5,7 +5,7 @@ Expert weights live stacked as one tensor per projection, [E, out, in] (quantize
 [E, out, in*bits/32] with scales/biases [E, out, in/group]), under the parameter names mlx-lm uses
 (`switch_mlp.{gate_proj,up_proj,down_proj}.{weight,scales,biases}`), so mlx-lm and JANG MoE
 bundles load as they are. Each token multiplies only its k chosen experts via `mx.gather_mm` /
-`mx.gather_qmm`.
+`kernels.gather_qmm` (mx.gather_qmm, or the gathered CUDA/Metal GEMV where it wins).
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import re
 
 import mlx.core as mx
 import mlx.nn as nn
+
+from jang_serve.kernels import gather_qmm
 
 # Below this many (token, expert) pairs, sorting the pairs by expert costs more than it saves.
 _SORT_THRESHOLD = 64
@@ -76,8 +78,9 @@ class QSwitchLinear(nn.Module):
         return q
 
     def __call__(self, x, indices, sorted_indices: bool = False):
-        y = mx.gather_qmm(x, self.weight, self.scales, self.biases, rhs_indices=indices, transpose=True,
-                          group_size=self.group_size, bits=self.bits, sorted_indices=sorted_indices)
+        # kernels.gather_qmm: the expert-gathered GEMV kernel on a GPU where it wins, else mx.gather_qmm
+        y = gather_qmm(x, self.weight, self.scales, self.biases, indices, self.bits, self.group_size,
+                       sorted_indices=sorted_indices)
         if "bias" in self:
             y = y + mx.expand_dims(self.bias[indices], -2)
         return y
