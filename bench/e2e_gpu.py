@@ -278,7 +278,7 @@ def main():
     ap.add_argument("--budget", type=int, default=2048, help="our max_num_batched_tokens")
     ap.add_argument("--kv-gb", type=float, default=4.0)
     ap.add_argument("--only", default="", help="comma list of runs to do (default all)")
-    ap.add_argument("--prefill-chunk-alt", type=int, default=2048,
+    ap.add_argument("--prefill-chunk-alt", type=int, default=512,
                     help="also run the 64-sequence cases with this EngineConfig.max_prefill_chunk (0: skip)")
     ap.add_argument("--commit", default=os.environ.get("JANG_COMMIT", ""))
     ap.add_argument("--force-routes", action="store_true", help="probe route configs on the CPU too (a test)")

@@ -61,7 +61,7 @@ OPTIONS: list[Option] = [
     Option("max_num_seqs", "engine", 16, int, "sequences decoded together"),
     Option("max_num_batched_tokens", "engine", None, int, "token budget per engine step (unset = engine default)"),
     Option("max_prefill_chunk", "engine", None, int, "prefill tokens per step while other requests decode, so a "
-           "long prompt cannot stall running streams (unset = 128 on CPU, 512 on GPU)"),
+           "long prompt cannot stall running streams (unset = 128 on CPU, the whole step budget on GPU)"),
     Option("max_model_len", "engine", None, int, "context length limit (unset = the model's own)"),
     Option("prefix_caching", "engine", True, bool, "reuse KV blocks of shared prompt prefixes"),
     Option("tp", "engine", 1, int, "tensor-parallel ranks: split the model over N processes (ring backend "

@@ -43,7 +43,7 @@ def test_engine_options_reach_the_engine_config():
     assert (ec.max_prefill_chunk, ec.prefill_chunk(), ec.max_num_batched_tokens) == (64, 64, 512)
     assert (ec.kv_dtype, ec.max_model_len, ec.max_num_seqs) == ("q8", 4096, cfg.max_num_seqs)
     default = engine_config(load_config([]), context_length=4096)
-    assert default.max_prefill_chunk is None and default.prefill_chunk() in (128, 512)
+    assert default.max_prefill_chunk is None and default.prefill_chunk() in (128, default.max_num_batched_tokens)
     with pytest.raises((ConfigError, SystemExit)):
         load_config(["--max-prefill-chunk", "many"])
 
