@@ -198,6 +198,9 @@ def test_compiled_blocks_same_tokens(quant):
     assert blocks[0].compiled.fused == dict(norm_qkv=bool(quant), swiglu=bool(quant), rope=bool(quant))
     assert (5, cfg["hidden_size"]) in {k[0] for k in blocks[0].compiled.seen}
     assert blocks[0].compiled.calls >= 5  # decode batches went through the compiled halves
+    # ... chained: each block's post and the next block's pre are one compiled call
+    assert all(b.compiled.link is not None for b in blocks[:-1]) and blocks[-1].compiled.link is None
+    assert blocks[-1].compiled.calls == blocks[0].compiled.calls
     del model.model.layers[0].compiled  # instance attribute: back to the class default (eager)
     assert model.model.layers[0].compiled is None
 

@@ -62,6 +62,16 @@ class CompiledBlock:
 
         self.pre_eager, self.post_eager = pre, post
         self.pre, self.post = mx.compile(pre), mx.compile(post)
+        self.link = None  # post of this block + pre of the next, one compiled call (set by compile_blocks)
+
+    def link_to(self, nxt: "CompiledBlock") -> None:
+        post, pre = self.post_eager, nxt.pre_eager
+
+        def link(x, o, positions):
+            h = post(x, o)
+            return (h, *pre(h, positions))
+
+        self.link = mx.compile(link)
 
     def takes(self, x: mx.array, attn) -> bool:
         """Compiled path for this input? Decode steps only (one token per sequence: prefill token
@@ -81,6 +91,30 @@ class CompiledBlock:
         q, k, v = pre(x, positions)
         o = attn_backend.attend(a.layer, q, k, v, scale=a.scale, window=a.window)
         return post(x, o)
+
+
+def decode_chain(blocks, x, positions, attn_backend):
+    """All blocks of a decode step with one compiled call per layer instead of two: pre(0), then per
+    layer attention and `link` (its post + the next block's pre). None when the step does not
+    qualify (a block without compiled halves, or the first step at this token count: the caller then
+    runs the blocks one by one, whose eager first calls do the kernels' first-use work)."""
+    if not blocks or any(b.compiled is None or b.compiled.link is None for b in blocks[:-1]) \
+            or blocks[-1].compiled is None:
+        return None
+    key = (x.shape, x.dtype)
+    first, last = blocks[0].compiled, blocks[-1].compiled
+    if not first.takes(x, attn_backend) or key not in first.seen or key not in last.seen:
+        return None
+    q, k, v = first.pre(x, positions)
+    for i, b in enumerate(blocks):
+        c, a = b.compiled, b.self_attn
+        c.calls += 1
+        o = attn_backend.attend(a.layer, q, k, v, scale=a.scale, window=a.window)
+        if i + 1 < len(blocks):
+            x, q, k, v = c.link(x, o, positions)
+        else:
+            x = c.post(x, o)
+    return x
 
 
 def _rope_inv_freq(attn):
@@ -125,11 +159,16 @@ def compile_blocks(model, max_tokens: int = 256, on: bool = True) -> int:
     """Give every compilable block of `model` its compiled halves (on=False: take them away);
     returns how many blocks changed."""
     n = 0
-    for block in getattr(getattr(model, "model", None), "layers", []):
+    blocks = getattr(getattr(model, "model", None), "layers", [])
+    for block in blocks:
         if on and compilable(block) and block.compiled is None:
             block.compiled = CompiledBlock(block, max_tokens)
             n += 1
         elif not on and block.compiled is not None:
             del block.compiled  # back to the class default (eager)
             n += 1
+    if on and n:
+        for b, nxt in zip(blocks, blocks[1:]):
+            if b.compiled is not None and nxt.compiled is not None:
+                b.compiled.link_to(nxt.compiled)
     return n

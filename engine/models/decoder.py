@@ -218,8 +218,16 @@ class DecoderModel(nn.Module):
 
     def __call__(self, tokens, positions, attn, logits_rows=None):
         h = self.embed(tokens)
-        for block in self.model.layers:
-            h = block(h, positions, attn)
+        out = None
+        if self.model.layers and self.model.layers[0].compiled is not None:
+            from .compiled import decode_chain  # (compiled.py imports this module)
+
+            out = decode_chain(self.model.layers, h, positions, attn)
+        if out is not None:  # compiled decode step: one compiled call per layer (models/compiled.py)
+            h = out
+        else:
+            for block in self.model.layers:
+                h = block(h, positions, attn)
         if logits_rows is not None:
             h = h[logits_rows]
         return self.head(self.model.norm(h))
