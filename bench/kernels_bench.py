@@ -134,11 +134,16 @@ def gemm_section(bw, quick):
               (4096, 4096, (8,)), (1024, 4096, (8,))]
     if quick:   # the 4-bit shapes and the engine's fused ones, fewer variants
         shapes = [(14336, 4096, (4,)), (4096, 14336, (4,)), (28672, 4096, (4,)), (6144, 4096, (8,))]
+    if os.environ.get("KB_GEMM_SHAPES"):   # e.g. 14336x4096x4,28672x4096x4
+        shapes = [tuple(int(v) for v in sh.split("x")[:2]) + ((int(sh.split("x")[2]),),)
+                  for sh in os.environ["KB_GEMM_SHAPES"].split(",")]
     for (n, k, bits_list) in shapes:
         nsets = max(3, math.ceil(200e6 / (n * k * 2)))   # rotate over > 4x the L2
         wb = [(mx.random.normal((n, k)) * 0.05).astype(mx.bfloat16) for _ in range(nsets)]
         for bits in bits_list:
             ms = (16, 32, 64, 128, 256) if bits == 4 and k * n == 14336 * 4096 else (16, 64, 128, 256)
+            if os.environ.get("KB_GEMM_ROWS"):
+                ms = tuple(int(v) for v in os.environ["KB_GEMM_ROWS"].split(","))
             nq = max(3, math.ceil(200e6 / (n * k * bits / 8)))
             ws = [qweights(n, k, bits, 64) for _ in range(nq)]
             mx.eval(wb, ws)
@@ -157,6 +162,8 @@ def gemm_section(bw, quick):
                 ref = mx.quantized_matmul(x, *ws[0], transpose=True, group_size=64, bits=bits)
                 if qgemm_cuda.supports(x, ws[0][0], bits, 64):
                     variants = [{}]
+                    if os.environ.get("KB_QGEMM_VARIANTS"):   # a JSON list of qgemm_cuda.config overrides, every row count
+                        variants += json.loads(os.environ["KB_QGEMM_VARIANTS"])
                     if m in (64, 128, 256) and bits == 4 and n in (14336, 4096) and os.environ.get("KB_QGEMM_SWEEP", "1") == "1" \
                             and (not quick or m == 64 or n == 14336):
                         dflt = qgemm_cuda.config(m, n, k, bits)
@@ -191,8 +198,8 @@ def gemm_section(bw, quick):
 
 
 def kqmm_route(x, w, bits):
-    from jang_serve.kernels import qmm as qmm_mod
-    return qmm_mod._cuda_route(x.shape[0], x, w, bits, 64)
+    import importlib
+    return importlib.import_module("jang_serve.kernels.qmm")._cuda_route(x.shape[0], x, w, bits, 64)
 
 
 def floor_section(bw, quick):

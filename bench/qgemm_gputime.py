@@ -25,8 +25,33 @@ from collections import defaultdict
 CALLS = 3
 
 
+def sweep_spec():
+    """The stage / warp-layout sweep over 16-256 rows of the three 4-bit shapes and the 8-bit q+k+v."""
+    out = []
+    for n, k in ((14336, 4096), (4096, 14336), (28672, 4096)):
+        for m in (16, 32, 64, 128, 256):
+            for cfg in ({}, {"stages": 2}, {"WM": 1, "stages": 2}) if m >= 32 else ({}, {"stages": 2}, {"stages": 3}):
+                out.append([n, k, 4, m, cfg])
+    for m in (64, 128):
+        for cfg in ({}, {"WM": 1}):
+            out.append([6144, 4096, 8, m, cfg])
+    return out
+
+
 def cases(quick=False):
-    """(label, dict(op, n, k, m, bits, cfg)) in run order."""
+    """(label, dict(op, n, k, m, bits, cfg)) in run order. GT_CASES (JSON list of [n, k, bits, m, cfg])
+    replaces the qgemm cases; bf16 and v1 of the same shape and rows are added once each."""
+    import os
+    if os.environ.get("GT_CASES"):
+        out, seen = [], set()
+        spec = sweep_spec() if os.environ["GT_CASES"] == "sweep" else json.loads(os.environ["GT_CASES"])
+        for n, k, bits, m, cfg in spec:
+            base = dict(n=n, k=k, m=m)
+            if (n, k, m) not in seen:
+                seen.add((n, k, m))
+                out += [("bf16", dict(base, op="bf16", bits=16)), ("qgemm_v1", dict(base, op="qgemm_v1", bits=bits))]
+            out.append(("qgemm", dict(base, op="qgemm", bits=bits, cfg=cfg)))
+        return out
     out = []
     shapes = [(14336, 4096, 4), (4096, 14336, 4), (28672, 4096, 4), (6144, 4096, 8), (14336, 4096, 8),
               (14336, 4096, 2), (4096, 4096, 8)]

@@ -387,10 +387,11 @@ def block_rows(m: int, bits: int = 4, scale_bytes: int = 2) -> int:
     return bm
 
 
-def default_warps_m(bm: int) -> int:
+def default_warps_m(bm: int, bits: int = 4) -> int:
     """Warps along M (of 8): 1 up to 32 rows (each warp owns 16 features: no weight is dequantized
-    twice), 2 from 64 (warp tiles of 32-64 rows x 32 features)."""
-    return 1 if bm <= 32 else 2
+    twice), 2 from 64 (warp tiles of 32-64 rows x 32 features); 1 at 8 bits (H100 under Nsight
+    Compute, 6144x4096: 46 vs 48 us at 64 rows, 81 vs 87 at 128; qgemm-gputime-h100.json)."""
+    return 1 if bm <= 32 or bits == 8 else 2
 
 
 def default_split(m: int, n: int, k: int, bm: int | None = None, bits: int = 4) -> int:
@@ -412,7 +413,10 @@ def grid_split(m: int, n: int, k: int, bm: int | None = None, bits: int = 4) -> 
 
 
 def default_stages(bm: int, bits: int = 4, scale_bytes: int = 2) -> int:
-    return max_stages(bits, bm, scale_bytes)
+    """As many as fit at 16 rows; 2 from 32 rows (H100: 2 stages were as fast or faster than 3-4 at
+    32-256 rows, e.g. 75 vs 81 us GPU time for 14336x4096 at 64 rows, 131 vs 145 for 28672x4096;
+    qgemm-gputime-h100.json)."""
+    return max_stages(bits, bm, scale_bytes) if bm <= 16 else min(2, max_stages(bits, bm, scale_bytes))
 
 
 def config(m: int, n: int, k: int, bits: int, scale_bytes: int = 2, BM: int | None = None, WM: int | None = None,
@@ -426,7 +430,7 @@ def config(m: int, n: int, k: int, bits: int, scale_bytes: int = 2, BM: int | No
         s = 1
     if k % (BK * s):
         raise ValueError(f"qgemm: K={k} does not split into {s} parts of whole 64-wide tiles")
-    wm = WM or default_warps_m(bm)
+    wm = WM or default_warps_m(bm, bits)
     if bm // wm < 16:
         raise ValueError(f"qgemm: BM={bm} with {wm} warps along M")
     red = reduce or default_reduce()

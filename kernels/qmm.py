@@ -10,9 +10,10 @@ Paths by backend (kernels/backend.py) and by activation rows M = prod(x.shape[:-
                (bench/results/qmm-cpu.json)
   cpu, else    the reference
   cuda, M<=4   fused dequant + GEMV kernel (kernels/qmm_cuda.py)
-  cuda, 17<=M<DEQUANT_ROWS, 2/4/8 bits  tiled dequant + tensor-core GEMM (kernels/qgemm_v1_cuda.py, or
-               kernels/qgemm_cuda.py with JANG_QGEMM_IMPL=v2; N % 128 == 0), checked once per template
-               against the reference at first use (off on a mismatch); JANG_QGEMM=0 turns it off
+  cuda, 16<=M<DEQUANT_ROWS (17 at 8 bits), 2/4/8 bits  tiled dequant + tensor-core GEMM
+               (kernels/qgemm_cuda.py; kernels/qgemm_v1_cuda.py with JANG_QGEMM_IMPL=v1; N % 128 == 0),
+               checked once per template against the reference at first use (off on a mismatch);
+               JANG_QGEMM=0 turns it off
   cuda, else   mx.quantized_matmul below DEQUANT_ROWS rows (DEQUANT_ROWS_8BIT at 8 bits), else
                dequantize once to the activation dtype and run the dense (cuBLAS) matmul
   The path is chosen once per (shapes, dtypes, bits, group) and cached; thresholds from
@@ -31,15 +32,17 @@ from . import backend
 # From the H100 run (bench/results/kernels-h100.json): the fused GEMV wins up to 4 rows; from 5 rows
 # MLX's tensor-core quantized_matmul is faster; dequantize + dense matmul only pays for large prefills.
 GEMV_ROWS = 4
-# The tiled tensor-core GEMM (kernels/qgemm_cuda.py) beats mx.quantized_matmul at 4 bits from 32 rows
-# (1.1-1.4x at 32-128 rows); at 8 bits and at <= 16 rows MLX's kernels are faster.
-QGEMM_MIN_ROWS = 17
+# The tiled tensor-core GEMM (kernels/qgemm_cuda.py) from 16 rows at 2/4 bits (H100, 16 rows: 30-47 us
+# queued vs 31-57 for mx.quantized_matmul, and 39-45 vs 72-225 us of GPU time; kernels-gemm-h100.json,
+# qgemm-gputime-h100.json); at 8 bits from 17 (at 16 rows mx.quantized_matmul queues faster: 19.5 vs 30.6 us).
+QGEMM_MIN_ROWS = 16
+QGEMM_MIN_ROWS_8BIT = 17
 QGEMM_BITS = (2, 4, 8)    # JANG_QGEMM_BITS=2,4 (say) narrows it
-# Which tiled GEMM: "v1" (kernels/qgemm_v1_cuda.py: register-staged loads, a dequantized shared tile;
-# measured on the H100) or "v2" (kernels/qgemm_cuda.py: cp.async pipeline, dequantize from shared packed
-# words straight into the mma fragments, split-K reduce kernel). v2 passed the CPU port and the local
-# compile but has not run on the device yet, so v1 stays the default; JANG_QGEMM_IMPL=v2 selects v2.
-QGEMM_IMPL = "v1"
+# Which tiled GEMM: "v2" (kernels/qgemm_cuda.py: cp.async pipeline, dequantize from shared packed words
+# straight into the mma fragments, split-K reduce kernel) or "v1" (kernels/qgemm_v1_cuda.py: register-staged
+# loads and a dequantized shared tile). On the H100 v2 takes 0.6-1.0x v1's time at 16-256 rows
+# (kernels-gemm-h100.json, qgemm-gputime-h100.json); JANG_QGEMM_IMPL=v1 brings v1 back.
+QGEMM_IMPL = "v2"
 DEQUANT_ROWS = 192
 DEQUANT_ROWS_8BIT = 384   # 8-bit: mx.quantized_matmul beats dequantize + matmul up to at least 256 rows
 # CPU: from this many rows, dequantize + dense matmul beats mx.quantized_matmul for every SmolLM2 shape
@@ -105,7 +108,8 @@ def _cuda_route(m: int, x, w, bits: int, group_size: int) -> str:
     if m <= GEMV_ROWS and qmm_cuda.supports(x, w, bits, group_size):
         return "gemv"
     half = x.dtype in (mx.bfloat16, mx.float16)
-    if QGEMM_MIN_ROWS <= m < DEQUANT_ROWS and bits in qgemm_bits() and qgemm_on() \
+    if (QGEMM_MIN_ROWS_8BIT if bits == 8 else QGEMM_MIN_ROWS) <= m < DEQUANT_ROWS and bits in qgemm_bits() \
+            and qgemm_on() \
             and qgemm_impl().supports(x, w, bits, group_size):
         return "qgemm"
     if half and m >= (DEQUANT_ROWS_8BIT if bits == 8 else DEQUANT_ROWS):

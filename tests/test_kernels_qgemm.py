@@ -154,10 +154,12 @@ def test_block_rows_and_splits():
 def test_config_choices():
     # defaults: 3 stages at 64 rows (4 bits), 2 at 128, 1 warp along M up to 32 rows, the reduce kernel for split-K
     c = qgemm_cuda.config(64, 14336, 4096, 4)
-    assert (c["BM"], c["WM"], c["split"], c["stages"], c["reduce"]) == (64, 2, 2, 3, "kernel")
+    assert (c["BM"], c["WM"], c["split"], c["stages"], c["reduce"]) == (64, 2, 2, 2, "kernel")
     assert qgemm_cuda.config(128, 14336, 4096, 4)["stages"] == 2
-    assert qgemm_cuda.config(16, 14336, 4096, 4)["WM"] == 1
-    assert qgemm_cuda.config(64, 4096, 4096, 8)["stages"] == 2  # 8-bit rows take more shared memory
+    c = qgemm_cuda.config(16, 14336, 4096, 4)
+    assert (c["WM"], c["stages"]) == (1, 4)                        # 16 rows: as many stages as fit
+    assert qgemm_cuda.config(64, 6144, 4096, 8)["WM"] == 1          # 8 bits: one warp along M
+    assert qgemm_cuda.max_stages(8, 64) == 2 and qgemm_cuda.max_stages(4, 64) == 3
     # fp32 scales double the scale pairs of a stage: 128 rows of 4 bits still fit two stages
     assert qgemm_cuda.max_stages(4, 128, 4) == 2
     with pytest.raises(ValueError, match="shared memory"):
@@ -185,8 +187,9 @@ def _args(m, n, k, bits, dtype=mx.bfloat16):
 
 @pytest.mark.parametrize("m,bits,n,want", [
     (1, 4, 4096, "gemv"), (4, 8, 4096, "gemv"),
-    (8, 4, 4096, "reference"),           # <= 16 rows: MLX's quantized_matmul
-    (17, 4, 4096, "qgemm"), (64, 4, 14336, "qgemm"), (191, 2, 4096, "qgemm"),
+    (8, 4, 4096, "reference"),           # 5-15 rows: MLX's quantized_matmul
+    (16, 4, 4096, "qgemm"), (16, 2, 4096, "qgemm"), (16, 8, 4096, "reference"),   # 8 bits from 17 rows
+    (17, 4, 4096, "qgemm"), (17, 8, 4096, "qgemm"), (64, 4, 14336, "qgemm"), (191, 2, 4096, "qgemm"),
     (64, 8, 4096, "qgemm"), (64, 8, 1024, "qgemm"),
     (64, 3, 4096, "reference"),          # the tiled GEMM serves 2 and 4 bits only
     (64, 4, 1000, "reference"),          # N not a multiple of 128
@@ -194,6 +197,7 @@ def _args(m, n, k, bits, dtype=mx.bfloat16):
 ])
 def test_cuda_route(m, bits, n, want, monkeypatch):
     monkeypatch.delenv("JANG_QGEMM", raising=False)
+    monkeypatch.delenv("JANG_QGEMM_IMPL", raising=False)
     x, w = _args(m, n, 512, bits)
     assert qmm_mod._cuda_route(m, x, w, bits, 64) == want
 
@@ -414,6 +418,7 @@ def emulate_kernel(x_bits, w, s_bits, b_bits, bits, gs, BM, WM, split, stages):
 @pytest.mark.parametrize("bits,gs,m,BM,WM,split,stages", [
     (4, 64, 40, 64, 2, 1, 3), (4, 32, 20, 32, 1, 2, 4), (4, 128, 16, 16, 1, 1, 4),
     (2, 32, 24, 32, 2, 1, 4), (2, 64, 64, 64, 1, 2, 4), (8, 32, 16, 16, 1, 1, 3), (8, 128, 33, 64, 2, 2, 2),
+    (8, 64, 64, 64, 1, 1, 2), (4, 64, 128, 128, 2, 1, 2),
 ])
 def test_lane_emulation_matches_quantized_matmul(bits, gs, m, BM, WM, split, stages):
     n, k = 128, 256
