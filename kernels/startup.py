@@ -100,7 +100,7 @@ def _paged(spec, dtype):
     return n
 
 
-def warmup(shapes: list[dict], dtype=mx.bfloat16, rows=(1, 2, 3, 8, 16, 64, 128)) -> dict:
+def warmup(shapes: list[dict], dtype=mx.bfloat16, rows=(1, 2, 3, 8, 16, 32, 64, 128)) -> dict:
     """Run every listed op once per activation-row bucket; returns what was done and how long.
 
     shapes: dicts with op="qmm" or "gather_qmm" (n, k, bits, group_size[, scale_dtype]) or op="paged" (heads,
