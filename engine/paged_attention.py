@@ -20,6 +20,7 @@ from jang_serve.kernels.paged import paged_decode_plan
 
 from .attention import StepLayout, attend_one
 from .paged_prefill import PaddedPrefill, worth_batching
+from .paged_prefill import enabled as padded_prefill_enabled
 
 
 def write_kv(k_pool, v_pool, k: mx.array, v: mx.array, slot_mapping: mx.array, kv_quant=None):
@@ -63,12 +64,14 @@ def gather_kv(pool, blocks: mx.array, kv_quant, dtype) -> mx.array:
 
 def paged_attention(q: mx.array, k_pool, v_pool, block_tables: mx.array, context_lens: list[int],
                     query_lens: list[int], scale: float, window: int | None = None, kv_quant=None,
-                    context_lens_arr: mx.array | None = None, prefill_plans: dict | None = None) -> mx.array:
+                    context_lens_arr: mx.array | None = None, prefill_plans: dict | None = None,
+                    batch_prefill: bool = True) -> mx.array:
     """q [T, Hq, D] -> [T, Hq, D]. Runs of single-token (decode) sequences go to the paged decode
     kernel together; runs of multi-token (prefill) sequences are padded into one masked attention
     when that wastes little (engine/paged_prefill.py), else attend one at a time with a causal mask.
     `context_lens_arr` is context_lens as an int32 array, built once per step by the caller;
-    `prefill_plans` (a dict the caller keeps for the step) caches the padded layouts across layers."""
+    `prefill_plans` (a dict the caller keeps for the step) caches the padded layouts across layers;
+    `batch_prefill=False` attends every prefill sequence on its own."""
     if context_lens_arr is None:
         context_lens_arr = mx.array(context_lens, dtype=mx.int32)
     if q.shape[0] == len(query_lens) and all(n == 1 for n in query_lens):  # pure decode: no slicing
@@ -92,7 +95,7 @@ def paged_attention(q: mx.array, k_pool, v_pool, block_tables: mx.array, context
         j = i
         while j < n and query_lens[j] > 1:
             j += 1
-        if worth_batching(query_lens[i:j], context_lens[i:j], bs):
+        if batch_prefill and worth_batching(query_lens[i:j], context_lens[i:j], bs):
             key = (i, j, window)
             plan = None if prefill_plans is None else prefill_plans.get(key)
             if plan is None:
@@ -127,6 +130,7 @@ class PagedBackend:
         self.decode_only = bool(query_lens) and all(n == 1 for n in self.layout.query_lens)
         self._plans: dict = {}
         self._prefill_plans: dict = {}  # padded prefill layouts of this step, shared by all layers
+        self.batch_prefill = padded_prefill_enabled()
 
     def attend(self, layer, q, k, v, *, scale, window=None):
         pool, tf = self.pool, self.pool.transform
@@ -144,5 +148,5 @@ class PagedBackend:
         else:
             out = paged_attention(q, pool.k[layer], pool.v[layer], self.block_tables, self.layout.context_lens,
                                   self.layout.query_lens, scale, window, pool.kv_quant, self.context_lens_arr,
-                                  self._prefill_plans)
+                                  self._prefill_plans, self.batch_prefill)
         return out if tf is None else tf.output(layer, out)

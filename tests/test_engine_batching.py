@@ -29,7 +29,10 @@ def reference(tiny, prompts):
     return [reference_greedy(model, p, GREEDY.max_tokens) for p in prompts]
 
 
-def test_16_batched_equal_alone(tiny, prompts, reference):
+@pytest.mark.parametrize("padded", ["0", "1"])
+def test_16_batched_equal_alone(tiny, prompts, reference, padded, monkeypatch):
+    """Also with the step's prefills padded into one attention call (the GPU default)."""
+    monkeypatch.setenv("JANG_PADDED_PREFILL", padded)
     model, cfg = tiny
     core = EngineCore((model, None, cfg), EngineConfig(num_blocks=256, max_num_batched_tokens=96,
                                                        enable_prefix_caching=False))
