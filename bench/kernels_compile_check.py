@@ -83,27 +83,20 @@ def check_qmm():
 
 
 def check_fused():
-    """The fused GEMV variants of kernels/qmm_fused.py (norm prologue, residual / SwiGLU epilogues)."""
+    """The fused GEMV variants of kernels/qmm_fused.py (norm prologue, residual / SwiGLU / RoPE epilogues)."""
+    dtypes = dict(x="bfloat16", w="uint32", scales="bfloat16", biases="bfloat16", nw="bfloat16", res="bfloat16",
+                  rpos="int32", rfreq="float32")
+    cases = [(epi, norm, bits, m, r, w, None) for epi, norm in ((0, True), (1, False), (2, True), (2, False))
+             for bits, m, r, w in ((4, 1, 8, 1), (8, 1, 8, 4), (4, 4, 2, 2), (3, 2, 4, 2))]
+    cases += [(3, norm, 8, 1, 8, 4, (128, 40)) for norm in (True, False)]
     ok = True
-    for epi, norm in ((0, True), (1, False), (2, True), (2, False)):
-        for bits, m, r, w in ((4, 1, 8, 1), (8, 1, 8, 4), (4, 4, 2, 2), (3, 2, 4, 2)):
-            hdr = f"#define JANG_EPI {epi}\n#define JANG_NORM {int(norm)}\n" + \
-                ("#define JANG_EPS 1e-05f\n" if norm else "") + cuda_common.HEADER
-            ins = [("x", "bfloat16"), ("w", "uint32"), ("scales", "bfloat16"), ("biases", "bfloat16")] + \
-                ([("nw", "bfloat16")] if norm else []) + ([("res", "bfloat16")] if epi == 1 else [])
-            tmpl = [("T", "bfloat16"), ("S", "bfloat16"), ("BITS", bits), ("GS", 64), ("MM", m), ("R", r),
-                    ("W", w), ("FAST", True), ("PF", False)]
-            src = build("qgemv_fused", qmm_cuda.SOURCE, hdr, ins, [("y", "bfloat16")], tmpl)
-            ok &= compile_one(f"qgemv fused epi={epi} norm={norm} bits={bits} M={m} R={r} W={w}", src)
-    for norm in (True, False):  # the RoPE epilogue (kernels.qmm_fused.qkv_rope)
-        hdr = f"#define JANG_EPI 3\n#define JANG_NORM {int(norm)}\n#define JANG_HD 128\n#define JANG_NROT 40\n" + \
-            ("#define JANG_EPS 1e-05f\n" if norm else "") + cuda_common.HEADER
-        ins = [("x", "bfloat16"), ("w", "uint32"), ("scales", "bfloat16"), ("biases", "bfloat16")] + \
-            ([("nw", "bfloat16")] if norm else []) + [("rpos", "int32"), ("rfreq", "float32")]
-        tmpl = [("T", "bfloat16"), ("S", "bfloat16"), ("BITS", 8), ("GS", 64), ("MM", 1), ("R", 8),
-                ("W", 4), ("FAST", True), ("PF", False)]
-        src = build("qgemv_rope", qmm_cuda.SOURCE, hdr, ins, [("y", "bfloat16")], tmpl)
-        ok &= compile_one(f"qgemv fused rope norm={norm}", src)
+    for epi, norm, bits, m, r, w, rope in cases:
+        defines, names = qmm_cuda.fused_variant(epi, norm, 1e-5, rope)
+        tmpl = [("T", "bfloat16"), ("S", "bfloat16"), ("BITS", bits), ("GS", 64), ("MM", m), ("R", r),
+                ("W", w), ("FAST", True), ("PF", False)]
+        src = build("qgemv_fused", qmm_cuda.SOURCE, defines + cuda_common.HEADER, [(n, dtypes[n]) for n in names],
+                    [("y", "bfloat16")], tmpl)
+        ok &= compile_one(f"qgemv fused epi={epi} norm={norm} bits={bits} M={m} R={r} W={w} rope={rope}", src)
     return ok
 
 

@@ -300,6 +300,19 @@ SOURCE = r"""
   }
 """
 
+def fused_variant(epi: int, norm: bool, eps: float, rope: tuple[int, int] | None) -> tuple[str, list[str]]:
+    """The header defines and input names of a fused variant of SOURCE (also used by the Metal twin):
+    epi 0 plain / 1 residual / 2 SwiGLU / 3 RoPE with rope = (head_dim, rotated heads)."""
+    defines = f"#define JANG_EPI {epi}\n#define JANG_NORM {int(norm)}\n"
+    if norm:
+        defines += f"#define JANG_EPS {float(eps)!r}f\n"
+    if rope:
+        defines += f"#define JANG_HD {rope[0]}\n#define JANG_NROT {rope[1]}\n"
+    names = ["x", "w", "scales", "biases"] + (["nw"] if norm else []) + (["res"] if epi == 1 else []) + \
+        (["rpos", "rfreq"] if epi == 3 else [])
+    return defines, names
+
+
 MAX_ROWS = 8          # the kernel serves 1..8 activation rows (qmm.py routes only 1..GEMV_ROWS here)
 
 

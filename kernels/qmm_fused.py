@@ -89,13 +89,7 @@ def _kernel(epi: int, norm: bool, eps: float, rope: tuple[int, int] | None = Non
     key = (epi, norm, float(eps) if norm else None, rope)
     k = _kernels.get(key)
     if k is None:
-        defines = f"#define JANG_EPI {epi}\n#define JANG_NORM {int(norm)}\n"
-        if norm:
-            defines += f"#define JANG_EPS {float(eps)!r}f\n"
-        if rope:
-            defines += f"#define JANG_HD {rope[0]}\n#define JANG_NROT {rope[1]}\n"
-        names = ["x", "w", "scales", "biases"] + (["nw"] if norm else []) + (["res"] if epi == 1 else []) + \
-            (["rpos", "rfreq"] if epi == 3 else [])
+        defines, names = qmm_cuda.fused_variant(epi, norm, eps, rope)
         tag = f"e{epi}n{int(norm)}" + (f"_{len(_kernels)}" if norm or rope else "")
         k = _kernels[key] = mx.fast.cuda_kernel(name=f"jang_qgemv_fused_{tag}", input_names=names,
                                                 output_names=["y"], source=qmm_cuda.SOURCE,

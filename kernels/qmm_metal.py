@@ -229,13 +229,7 @@ def _fused_kernel(epi: int, norm: bool, eps: float, rope: tuple[int, int] | None
     key = (epi, norm, float(eps) if norm else None, rope)
     k = _fused.get(key)
     if k is None:
-        defines = f"#define JANG_EPI {epi}\n#define JANG_NORM {int(norm)}\n"
-        if norm:
-            defines += f"#define JANG_EPS {float(eps)!r}f\n"
-        if rope:
-            defines += f"#define JANG_HD {rope[0]}\n#define JANG_NROT {rope[1]}\n"
-        names = ["x", "w", "scales", "biases"] + (["nw"] if norm else []) + (["res"] if epi == 1 else []) + \
-            (["rpos", "rfreq"] if epi == 3 else [])
+        defines, names = qmm_cuda.fused_variant(epi, norm, eps, rope)
         k = _fused[key] = mx.fast.metal_kernel(name=f"jang_qgemv_fused_{len(_fused)}", input_names=names,
                                                output_names=["y"], source=SOURCE, header=defines + HEADER)
     return k
