@@ -26,6 +26,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from kernels_bench import CALLS, ROTATE_BYTES, rec, timed  # noqa: E402
+from kernels_parity_cuda import relerr  # noqa: E402
 
 from jang_serve.engine.models.layers import RoPE  # noqa: E402
 from jang_serve.kernels.qmm_fused import (_qgemv_rope, qgemv_fused, qkv_rope, qmm_fused_reference,  # noqa: E402
@@ -33,14 +34,6 @@ from jang_serve.kernels.qmm_fused import (_qgemv_rope, qgemv_fused, qkv_rope, qm
 
 MODES = {"norm": dict(norm=True), "residual": dict(residual=True), "norm+swiglu": dict(norm=True, swiglu=True),
          "swiglu": dict(swiglu=True)}
-
-
-def relerr(a, b):
-    a = np.array(a.astype(mx.float32)).astype(np.float64)
-    b = np.array(b.astype(mx.float32)).astype(np.float64)
-    if not np.isfinite(a).all():
-        return float("inf")
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 def inputs(n, k, m, bits, gs, dtype, mode):

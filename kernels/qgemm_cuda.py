@@ -499,8 +499,14 @@ def ready(dtype, sdtype, bits: int, group_size: int, m: int) -> bool:
     split and not, against the dequantized float32 matmul; a mismatch turns that template off (logged)."""
     sbytes = mx.zeros((1,), dtype=sdtype).itemsize
     bm = block_rows(m, bits, sbytes)
+    return self_test(qgemm, _checked, dtype, sdtype, bits, group_size, m, bm)
+
+
+def self_test(fn, checked: dict, dtype, sdtype, bits: int, group_size: int, m: int, bm: int) -> bool:
+    """Run `fn` (a qgemm) once per template key on 256 x 1024 random weights, split 1 and 2, against the
+    dequantized float32 matmul; remember the verdict in `checked` (also the v1 kernel's check)."""
     key = (dtype, sdtype, bits, group_size, bm)
-    if key not in _checked:
+    if key not in checked:
         ok, why = True, ""
         try:
             for split in (1, 2):
@@ -511,7 +517,7 @@ def ready(dtype, sdtype, bits: int, group_size: int, m: int) -> bool:
                 x = mx.random.normal((min(m, bm), k)).astype(dtype)
                 wd = mx.dequantize(wq, s.astype(mx.float32), b.astype(mx.float32), group_size=group_size, bits=bits)
                 ref = x.astype(mx.float32) @ wd.T   # no quantized_matmul: that would JIT MLX's fp32 kernels
-                y = qgemm(x, wq, s, b, bits, group_size, BM=bm, split=split).astype(mx.float32)
+                y = fn(x, wq, s, b, bits, group_size, BM=bm, split=split).astype(mx.float32)
                 err = (mx.linalg.norm(y - ref) / mx.maximum(mx.linalg.norm(ref), 1e-30)).item()
                 if not err < 2e-2:
                     ok, why = False, f"relative error {err:.3g} with split={split}"
@@ -523,5 +529,5 @@ def ready(dtype, sdtype, bits: int, group_size: int, m: int) -> bool:
 
             logging.getLogger("jang_serve.kernels").warning(
                 "kernels: cuda qgemm %s disabled, using the MLX reference (%s)", key, why)
-        _checked[key] = ok
-    return _checked[key]
+        checked[key] = ok
+    return checked[key]

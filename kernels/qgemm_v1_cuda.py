@@ -324,32 +324,7 @@ _checked: dict[tuple, bool] = {}
 
 
 def ready(dtype, sdtype, bits: int, group_size: int, m: int) -> bool:
-    """First use of a template (dtype, scale dtype, bits, group, BM, split or not): run it on a small
-    random case against mx.quantized_matmul; a mismatch turns that template off (logged)."""
-    bm = block_rows(m)
-    key = (dtype, sdtype, bits, group_size, bm)
-    if key not in _checked:
-        ok, why = True, ""
-        try:
-            for split in (1, 2):
-                n, k = 256, 1024
-                wf = mx.random.normal((n, k)).astype(dtype) * 0.05
-                wq, s, b = mx.quantize(wf, group_size=group_size, bits=bits)
-                s, b = s.astype(sdtype), b.astype(sdtype)
-                x = mx.random.normal((min(m, bm), k)).astype(dtype)
-                wd = mx.dequantize(wq, s.astype(mx.float32), b.astype(mx.float32), group_size=group_size, bits=bits)
-                ref = x.astype(mx.float32) @ wd.T   # no quantized_matmul: that would JIT MLX's fp32 kernels
-                y = qgemm(x, wq, s, b, bits, group_size, BM=bm, split=split).astype(mx.float32)
-                err = (mx.linalg.norm(y - ref) / mx.maximum(mx.linalg.norm(ref), 1e-30)).item()
-                if not err < 2e-2:
-                    ok, why = False, f"relative error {err:.3g} with split={split}"
-                    break
-        except Exception as e:  # a compile or launch error: keep serving through the reference
-            ok, why = False, f"{type(e).__name__}: {e}"
-        if not ok:
-            import logging
+    """First use of a template: the same self-test as the current kernel's (qgemm_cuda.self_test)."""
+    from .qgemm_cuda import self_test
 
-            logging.getLogger("jang_serve.kernels").warning(
-                "kernels: cuda qgemm %s disabled, using the MLX reference (%s)", key, why)
-        _checked[key] = ok
-    return _checked[key]
+    return self_test(qgemm, _checked, dtype, sdtype, bits, group_size, m, block_rows(m))
