@@ -22,7 +22,6 @@ import sys
 from importlib.metadata import version
 
 import mlx.core as mx
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from kernels_bench import CALLS, ROTATE_BYTES, rec, timed  # noqa: E402
