@@ -23,13 +23,49 @@ fp32 output (`init_value`), cast to the activation dtype after.
 
 from __future__ import annotations
 
-import os
-
 import mlx.core as mx
 
 from .cuda_common import HEADER as COMMON
+from .qgemm_config import (BK, BN, MAX_STAGES, MIN_K_PER_SPLIT, SMEM_LIMIT, TARGET_BLOCKS,  # noqa: F401 (re-exported)
+                           THREADS, block_rows, config, default_reduce, default_split, default_stages,
+                           default_warps_m, grid_split, max_stages, stage_bytes, supports)
+from . import qgemm_config
 
-HEADER = COMMON + r"""
+# mma.sync m16n8k16 (fp32 accumulate) and float pairs packed to bf16x2/fp16x2; also the v1 kernel's
+MMA = r"""
+namespace jang {
+
+template <typename T>
+__device__ __forceinline__ void mma16816(float* d, const uint32_t* a, uint32_t b0, uint32_t b1);
+template <>
+__device__ __forceinline__ void mma16816<__nv_bfloat16>(float* d, const uint32_t* a, uint32_t b0, uint32_t b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+               "{%8,%9}, {%0,%1,%2,%3};\n"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma16816<__half>(float* d, const uint32_t* a, uint32_t b0, uint32_t b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+               "{%8,%9}, {%0,%1,%2,%3};\n"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <typename T> __device__ __forceinline__ uint32_t pack2(float a, float b);
+template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float a, float b) {
+  __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+template <> __device__ __forceinline__ uint32_t pack2<__half>(float a, float b) {
+  __half2 h = __floats2half2_rn(a, b);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+
+}  // namespace jang
+"""
+
+HEADER = COMMON + MMA + r"""
 namespace jang {
 
 template <typename A, typename B> struct same_t { static constexpr bool value = false; };
@@ -58,33 +94,6 @@ __device__ __forceinline__ void ldsm_x4(uint32_t* r, uint32_t a) {
 }
 __device__ __forceinline__ void ldsm_x2(uint32_t* r, uint32_t a) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(a));
-}
-
-template <typename T>
-__device__ __forceinline__ void mma16816(float* d, const uint32_t* a, uint32_t b0, uint32_t b1);
-template <>
-__device__ __forceinline__ void mma16816<__nv_bfloat16>(float* d, const uint32_t* a, uint32_t b0, uint32_t b1) {
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-               "{%8,%9}, {%0,%1,%2,%3};\n"
-               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-template <>
-__device__ __forceinline__ void mma16816<__half>(float* d, const uint32_t* a, uint32_t b0, uint32_t b1) {
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-               "{%8,%9}, {%0,%1,%2,%3};\n"
-               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-template <typename T> __device__ __forceinline__ uint32_t pack2(float a, float b);
-template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float a, float b) {
-  __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
-  return *reinterpret_cast<uint32_t*>(&h);
-}
-template <> __device__ __forceinline__ uint32_t pack2<__half>(float a, float b) {
-  __half2 h = __floats2half2_rn(a, b);
-  return *reinterpret_cast<uint32_t*>(&h);
 }
 
 // A pair of small integers q placed in the mantissas (v = magic | q) -> (q * s + b) as a packed
@@ -327,15 +336,8 @@ REDUCE_SOURCE = r"""
   }
 """
 
-BN, BK, THREADS = 128, 64, 256
-TARGET_BLOCKS = 264            # two blocks per SM on a 132-SM H100 / H200
-MIN_K_PER_SPLIT = 256
-SMEM_LIMIT = 48 * 1024         # static shared memory of one block
-MAX_STAGES = 4
-
 _kernel = None
 _reduce_kernel = None
-_no_init_value = False
 
 
 def kernel():
@@ -352,91 +354,6 @@ def reduce_kernel():
         _reduce_kernel = mx.fast.cuda_kernel(name="jang_qgemm2_reduce", input_names=["ws"], output_names=["y"],
                                              source=REDUCE_SOURCE, header=HEADER)
     return _reduce_kernel
-
-
-def default_reduce() -> str:
-    """How split-K partial sums are combined: "kernel" (each split stores its fp32 partials, one small
-    kernel sums them and casts: 2 launches) or "atomic" (atomicAdd into a zero-filled fp32 output,
-    then a cast: fill + kernel + cast). JANG_QGEMM_REDUCE overrides."""
-    return os.environ.get("JANG_QGEMM_REDUCE", "kernel").strip() or "kernel"
-
-
-def supports(x: mx.array, w: mx.array, bits: int, group_size: int) -> bool:
-    k = x.shape[-1]
-    return (x.dtype in (mx.bfloat16, mx.float16) and bits in (2, 4, 8) and group_size in (32, 64, 128)
-            and k % BK == 0 and (k // group_size) % 2 == 0 and w.shape[0] % BN == 0 and w.dtype == mx.uint32
-            and w.shape[-1] * 32 == k * bits)
-
-
-def stage_bytes(bits: int, bm: int, scale_bytes: int = 2) -> int:
-    """Shared memory of one pipeline stage (mirrors STB in the kernel)."""
-    ch = BK * bits // 128
-    wrow = 16 * (ch if ch % 2 else ch + 1)
-    return BN * wrow + bm * BK * 2 + 2 * BN * 2 * scale_bytes
-
-
-def max_stages(bits: int, bm: int, scale_bytes: int = 2) -> int:
-    return min(MAX_STAGES, SMEM_LIMIT // stage_bytes(bits, bm, scale_bytes))
-
-
-def block_rows(m: int, bits: int = 4, scale_bytes: int = 2) -> int:
-    """Rows of x per block: 16/32/64/128, the largest that keeps two pipeline stages in shared memory."""
-    bm = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
-    while bm > 16 and max_stages(bits, bm, scale_bytes) < 2:
-        bm //= 2
-    return bm
-
-
-def default_warps_m(bm: int, bits: int = 4) -> int:
-    """Warps along M (of 8): 1 up to 32 rows (each warp owns 16 features: no weight is dequantized
-    twice), 2 from 64 (warp tiles of 32-64 rows x 32 features); 1 at 8 bits (H100 under Nsight
-    Compute, 6144x4096: 46 vs 48 us at 64 rows, 81 vs 87 at 128; qgemm-gputime-h100.json)."""
-    return 1 if bm <= 32 or bits == 8 else 2
-
-
-def default_split(m: int, n: int, k: int, bm: int | None = None, bits: int = 4) -> int:
-    """Split K when there are too few column blocks to fill the GPU (grid_split); JANG_QGEMM_SPLIT=1
-    turns splitting off."""
-    if os.environ.get("JANG_QGEMM_SPLIT", "grid").strip() == "1":
-        return 1
-    return grid_split(m, n, k, bm, bits)
-
-
-def grid_split(m: int, n: int, k: int, bm: int | None = None, bits: int = 4) -> int:
-    """Split K until the grid has about TARGET_BLOCKS blocks, keeping >= MIN_K_PER_SPLIT per split."""
-    bm = bm or block_rows(m, bits)
-    blocks = (n // BN) * (-(-m // bm))
-    s = 1
-    while (blocks * s * 2 <= TARGET_BLOCKS and k % (BK * s * 2) == 0 and k // (s * 2) >= MIN_K_PER_SPLIT):
-        s *= 2
-    return s
-
-
-def default_stages(bm: int, bits: int = 4, scale_bytes: int = 2) -> int:
-    """As many as fit at 16 rows; 2 from 32 rows (H100: 2 stages were as fast or faster than 3-4 at
-    32-256 rows, e.g. 75 vs 81 us GPU time for 14336x4096 at 64 rows, 131 vs 145 for 28672x4096;
-    qgemm-gputime-h100.json)."""
-    return max_stages(bits, bm, scale_bytes) if bm <= 16 else min(2, max_stages(bits, bm, scale_bytes))
-
-
-def config(m: int, n: int, k: int, bits: int, scale_bytes: int = 2, BM: int | None = None, WM: int | None = None,
-           split: int | None = None, stages: int | None = None, reduce: str | None = None) -> dict:
-    bm = BM or block_rows(m, bits, scale_bytes)
-    st = stages or default_stages(bm, bits, scale_bytes)
-    if st < 2 or st > max_stages(bits, bm, scale_bytes):
-        raise ValueError(f"qgemm: {st} stages of BM={bm} at {bits} bits do not fit in shared memory")
-    s = split or default_split(m, n, k, bm, bits)
-    if _no_init_value and (reduce or default_reduce()) == "atomic":
-        s = 1
-    if k % (BK * s):
-        raise ValueError(f"qgemm: K={k} does not split into {s} parts of whole 64-wide tiles")
-    wm = WM or default_warps_m(bm, bits)
-    if bm // wm < 16:
-        raise ValueError(f"qgemm: BM={bm} with {wm} warps along M")
-    red = reduce or default_reduce()
-    if red not in ("kernel", "atomic"):
-        raise ValueError(f"qgemm: reduce must be 'kernel' or 'atomic', got {red!r}")
-    return dict(BM=bm, WM=wm, split=s, stages=st, reduce=red)
 
 
 def _launch(kern, cfg, m, n, dtype, bits, group_size):
@@ -481,7 +398,7 @@ def qgemm(x2d: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: 
     try:
         return f(x2d, w, scales, biases)
     except TypeError:  # an MLX without init_value for CUDA kernels: no split-K
-        globals()["_no_init_value"] = True
+        qgemm_config.no_init_value = True
         return qgemm(x2d, w, scales, biases, bits, group_size, BM=BM, WM=WM, split=1, stages=stages)
 
 
