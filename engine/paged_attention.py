@@ -95,13 +95,16 @@ def paged_attention(q: mx.array, k_pool, v_pool, block_tables: mx.array, context
         j = i
         while j < n and query_lens[j] > 1:
             j += 1
-        if batch_prefill and worth_batching(query_lens[i:j], context_lens[i:j], bs):
-            key = (i, j, window)
-            plan = None if prefill_plans is None else prefill_plans.get(key)
-            if plan is None:
+        key = (i, j, window)
+        if prefill_plans is not None and key in prefill_plans:  # decided by an earlier layer of the step
+            plan = prefill_plans[key]
+        else:
+            plan = None
+            if batch_prefill and worth_batching(query_lens[i:j], context_lens[i:j], bs):
                 plan = PaddedPrefill(start, query_lens[i:j], context_lens[i:j], block_tables[i:j], bs, window)
-                if prefill_plans is not None:
-                    prefill_plans[key] = plan
+            if prefill_plans is not None:
+                prefill_plans[key] = plan
+        if plan is not None:
             outs.append(plan.attend(q, k_pool, v_pool, scale, kv_quant, gather_kv))
             start += sum(query_lens[i:j])
             i = j
@@ -129,8 +132,8 @@ class PagedBackend:
         self.slot_mapping, self.block_tables = slot_mapping, block_tables
         self.decode_only = bool(query_lens) and all(n == 1 for n in self.layout.query_lens)
         self._plans: dict = {}
-        self._prefill_plans: dict = {}  # padded prefill layouts of this step, shared by all layers
-        self.batch_prefill = padded_prefill_enabled()
+        self._prefill_plans: dict = {}  # padded prefill layouts of this step (or None: one by one), all layers
+        self.batch_prefill = not self.decode_only and padded_prefill_enabled()
 
     def attend(self, layer, q, k, v, *, scale, window=None):
         pool, tf = self.pool, self.pool.transform
