@@ -46,6 +46,7 @@ from jang_serve.quantize.profiles import FIXED_PROFILES
 from jang_serve.quantize.roles import Role, role
 
 from e2e_baseline import mlx_lm_4bit, run_mlx_lm_batch, run_mlx_lm_single, summarize  # noqa: E402
+from e2e_switches import ROUTE_CONFIGS, no_fused, no_qgemm, with_env  # noqa: E402
 
 LLAMA3_8B = dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                  num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, rms_norm_eps=1e-5,
@@ -215,54 +216,6 @@ def probe_step(model, cfg, nseq, prompt_len, kv_gb) -> dict:
     del core
     med = lambda v: round(1e3 * statistics.median(v[1:]), 3)  # noqa: E731
     return dict(sequences=nseq, graph_build_ms=med(build), eval_ms=med(run), step_ms=med(total))
-
-
-ROUTE_CONFIGS = [
-    ("qgemm-2/4/8bit-gridsplit", {"JANG_QGEMM": "1", "JANG_QGEMM_BITS": "2,4,8", "JANG_QGEMM_SPLIT": "grid"}),
-    ("qgemm-2/4bit-gridsplit", {"JANG_QGEMM": "1", "JANG_QGEMM_BITS": "2,4", "JANG_QGEMM_SPLIT": "grid"}),
-    ("qgemm-2/4/8bit-nosplit", {"JANG_QGEMM": "1", "JANG_QGEMM_BITS": "2,4,8", "JANG_QGEMM_SPLIT": "1"}),
-    ("mlx-quantized_matmul", {"JANG_QGEMM": "0", "JANG_QGEMM_BITS": "2,4,8", "JANG_QGEMM_SPLIT": "grid"}),
-]
-
-
-class env_set:
-    def __init__(self, env):
-        self.env, self.old = env, {}
-
-    def __enter__(self):
-        self.old = {k: os.environ.get(k) for k in self.env}
-        os.environ.update(self.env)
-
-    def __exit__(self, *exc):
-        for k, v in self.old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def with_env(env, fn, model, *a, **kw):
-    """fn(model, ...) under extra environment variables (kernel switches). The model's compiled decode
-    blocks are dropped before and after: a trace keeps the kernels it was made with, so without this a
-    switch would not reach the traced decode steps (and would leak into later runs)."""
-    from jang_serve.engine.models.compiled import compile_blocks
-
-    compile_blocks(model, on=False)
-    try:
-        with env_set(env):
-            return fn(model, *a, **kw)
-    finally:
-        compile_blocks(model, on=False)
-
-
-def no_fused(fn, model, *a, **kw):
-    """fn with the fused norm/RoPE/SwiGLU/residual GEMVs off (JANG_FUSED_GEMV=0)."""
-    return with_env({"JANG_FUSED_GEMV": "0"}, fn, model, *a, **kw)
-
-
-def no_qgemm(fn, model, *a, **kw):
-    """fn with the tiled GEMM off (5-191 rows through mx.quantized_matmul)."""
-    return with_env({"JANG_QGEMM": "0"}, fn, model, *a, **kw)
 
 
 # -- main ------------------------------------------------------------------------------------------
