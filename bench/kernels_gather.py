@@ -34,8 +34,9 @@ import numpy as np
 from jang_serve.kernels import gather as gather_mod
 from jang_serve.kernels import gather_cuda
 
-CALLS, REPS = 100, 5
-ROTATE_BYTES = 400e6
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from kernels_bench import CALLS, REPS, ROTATE_BYTES, timed  # noqa: E402
+from kernels_parity_cuda import relerr  # noqa: E402
 SORT_PAIRS = 64          # engine/models/switch.py sorts (token, expert) pairs from this many
 T_START = time.time()
 # Stop starting new cases past these many seconds (the device call's limit is 600 s; compiles are
@@ -46,27 +47,6 @@ MLP_BUDGET_S = float(os.environ.get("GB_MLP_S", 470))
 BITS_BUDGET_S = float(os.environ.get("GB_BITS_S", 470))
 PARITY_DTYPES = os.environ.get("GB_PARITY_DTYPES", "bfloat16,float16").split(",")
 PARITY_ENTRY = os.environ.get("GB_PARITY_ENTRY", "1") != "0"
-
-
-def relerr(a, b):
-    a = np.array(a.astype(mx.float32)).astype(np.float64)
-    b = np.array(b.astype(mx.float32)).astype(np.float64)
-    if not np.isfinite(a).all():
-        return float("inf")
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-
-
-def timed(make_calls):
-    mx.eval(make_calls())
-    ts = []
-    for _ in range(REPS):
-        outs = make_calls()
-        mx.synchronize()
-        t0 = time.perf_counter()
-        mx.eval(outs)
-        mx.synchronize()
-        ts.append((time.perf_counter() - t0) / len(outs))
-    return statistics.median(ts), min(ts), max(ts)
 
 
 def copy_bandwidth():
