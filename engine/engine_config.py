@@ -22,7 +22,7 @@ class EngineConfig:
     # Per-step cap on prefill tokens while other sequences are decoding, so one long prompt cannot
     # stall the running streams (chunked prefill). None: 128 on the CPU (a step there is slow); on a
     # GPU the whole max_num_batched_tokens budget, as vLLM does: fewer, fuller mixed steps (64 new
-    # prompts among decoding streams, 8B on an H100: 1.3-1.5x the throughput of a 512 cap,
+    # prompts among decoding streams, 8B on an H100: 1.3-1.6x the throughput of a 512 cap,
     # bench/results/e2e-h100.json). With no decode in the step, a prefill always takes the whole budget.
     max_prefill_chunk: int | None = None
     max_model_len: int | None = None  # defaults to the model's max_position_embeddings
