@@ -4,6 +4,10 @@
         python3 bench/e2e_profile.py [--tiny]
     python3 bench/e2e_profile.py --summarize OUT.csv [OUT.json]
 
+`--models ours-jang4m --nseqs 1` narrows the cases. Nsight Compute's defaults lock base clocks and flush
+the caches before every kernel (pessimistic for small kernels); add `--clock-control none
+--cache-control none` to ncu for times near those of a real run.
+
 The first form builds the models of bench/e2e_gpu.py, brings 64 sequences (and, separately, one)
 to decoding, warms up, and opens the profiler (cuProfilerStart) around exactly one decode step of
 each (model, batch) case, tagging the case by a tiny marker kernel. The second form sums the kernel
@@ -41,7 +45,8 @@ def run(args):
     start, stop = _profiler()
     cfg = E.TINY if args.tiny else E.LLAMA3_8B
     weights = E.random_weights(cfg, mx.bfloat16)
-    models = {"ours-jang4m": E.ours(cfg, weights, "jang4m"), "ours-bf16": E.ours(cfg, weights, None)}
+    quant = {"ours-jang4m": "jang4m", "ours-bf16": None}
+    models = {name: E.ours(cfg, weights, quant[name]) for name in args.models.split(",")}
     del weights
     one = mx.ones((1,))
 
@@ -52,7 +57,7 @@ def run(args):
                  output_dtypes=[mx.float32])[0]
 
     for name, model in models.items():
-        for nseq in (64, 1):
+        for nseq in (int(n) for n in args.nseqs.split(",")):
             core = EngineCore((model, None, cfg), EngineConfig(kv_memory_gb=2.0, max_num_seqs=64,
                                                                enable_prefix_caching=False))
             sp = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
@@ -118,6 +123,8 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--summarize", nargs="+")
+    ap.add_argument("--models", default="ours-jang4m,ours-bf16")
+    ap.add_argument("--nseqs", default="64,1")
     a = ap.parse_args()
     if a.summarize:
         summarize(*a.summarize)

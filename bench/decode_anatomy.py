@@ -1,0 +1,195 @@
+"""Where a batch-1 decode step's time goes, on the device machine (diagnostic; one process per
+MLX_* environment, since MLX reads MLX_MAX_OPS_PER_BUFFER / MLX_USE_CUDA_GRAPHS once).
+
+    python3 bench/decode_anatomy.py OUT.json [--layers 32] [--tiny] [--steps 96]
+
+On the random-weight Llama-3-8B-shaped JANG_4M model of bench/e2e_gpu.py, one sequence (prompt of
+128 tokens), after warm-up:
+  engine      the engine's pipelined decode: tok/s, per-step wall times (median, p10, p90) and its
+              host phases (graph build / async_eval dispatch / read-back)
+  step        one decode step's lazy graph: build time (Python), then eval time (synchronous, so
+              dispatch + GPU with no overlap), median of 8; and the graph's op count (mx.export_to_dot)
+  queued      K decode steps chained on the device (each step's argmax feeds the next) built first,
+              then evaluated at once: per-step time without Python between steps (dispatch or GPU,
+              whichever is slower); and the same K steps built with one step per eval
+  ceiling     the bytes a step must read over the measured copy bandwidth
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import mlx.core as mx  # noqa: E402
+
+import e2e_gpu as E  # noqa: E402
+from jang_serve.engine.engine_config import EngineConfig  # noqa: E402
+from jang_serve.engine.engine_core import EngineCore  # noqa: E402
+from jang_serve.engine.paged_attention import PagedBackend  # noqa: E402
+from jang_serve.engine.sampling_params import SamplingParams  # noqa: E402
+
+
+def pct(v, q):
+    v = sorted(v)
+    return v[min(len(v) - 1, int(q * len(v)))]
+
+
+def engine_run(model, cfg, steps: int) -> dict:
+    core = EngineCore((model, None, cfg), EngineConfig(kv_memory_gb=2.0, max_num_seqs=8,
+                                                       enable_prefix_caching=False))
+    sp = SamplingParams(max_tokens=steps + 16, temperature=0, ignore_eos=True)
+    core.add_request("a", E.prompts_for(1, 128, cfg["vocab_size"], 3)[0], sp)
+    for _ in range(16):   # prefill + warm decode steps
+        core.step()
+    core.pipeline.timing = {}
+    mx.synchronize()
+    times, n = [], 0
+    t_prev = t0 = time.perf_counter()
+    while core.has_work():
+        ds = core.step()
+        now = time.perf_counter()
+        times.append(now - t_prev)
+        t_prev = now
+        n += sum(len(d.token_ids) for d in ds)
+    wall = t_prev - t0
+    tm = core.pipeline.timing
+    host = {k[:-2]: round(1e3 * v / tm["steps"], 3) for k, v in tm.items() if k != "steps"} if tm.get("steps") else {}
+    ms = [1e3 * t for t in times[1:-1]]
+    del core
+    return dict(tokens=n, tok_s=round(n / wall, 2), step_ms_median=round(statistics.median(ms), 3),
+                step_ms_p10=round(pct(ms, 0.1), 3), step_ms_p90=round(pct(ms, 0.9), 3), host_ms=host,
+                step_ms=[round(x, 2) for x in ms])
+
+
+class StepMaker:
+    """A decoding sequence's step inputs, reused to build step graphs at will (same slot every time)."""
+
+    def __init__(self, model, cfg):
+        self.model = model
+        self.core = EngineCore((model, None, cfg), EngineConfig(kv_memory_gb=2.0, max_num_seqs=8,
+                                                                enable_prefix_caching=False))
+        sp = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
+        self.core.add_request("p", E.prompts_for(1, 128, cfg["vocab_size"], 5)[0], sp)
+        for _ in range(6):   # prefill + warm decode steps (compiled blocks traced at batch 1)
+            self.core.step()
+        self.core.pipeline.resolve()
+        batch = self.core.scheduler.schedule()
+        r = self.core.runner
+        self.toks, self.pos, self.slots, self.tables, self.ql, self.cl, self.rows, _ = r.prepare(batch.seqs,
+                                                                                                batch.num_new)
+        self.pool = r.pool
+
+    def step(self, tokens=None):
+        """One decode step's lazy graph; returns the argmax token [1] (int32)."""
+        toks = self.toks if tokens is None else tokens
+        logits = self.model(toks, self.pos, PagedBackend(self.pool, self.slots, self.tables, self.ql, self.cl),
+                            logits_rows=None)
+        return mx.argmax(logits.astype(mx.float32), axis=-1).astype(mx.int32)
+
+
+def op_count(outputs) -> dict | None:
+    """Primitives in the graph of `outputs` by name (views such as Reshape/Broadcast launch no kernel)."""
+    try:
+        with tempfile.NamedTemporaryFile("w", suffix=".dot", delete=False) as f:
+            path = f.name
+        mx.export_to_dot(path, *outputs)
+        text = Path(path).read_text()
+        os.unlink(path)
+        counts: dict[str, int] = {}
+        for name in re.findall(r'label\s*="([^"]+)",\s*shape=rectangle', text):
+            counts[name] = counts.get(name, 0) + 1
+        return dict(total=sum(counts.values()), by_primitive=dict(sorted(counts.items(), key=lambda kv: -kv[1])))
+    except Exception as e:
+        return dict(error=repr(e))
+
+
+def step_probe(sm: StepMaker) -> dict:
+    build, run = [], []
+    for _ in range(9):
+        mx.synchronize()
+        t0 = time.perf_counter()
+        tok = sm.step()
+        t1 = time.perf_counter()
+        mx.eval(tok, sm.pool.arrays())
+        t2 = time.perf_counter()
+        build.append(t1 - t0)
+        run.append(t2 - t1)
+    ops = op_count([sm.step()] + sm.pool.arrays()[:2])
+    mx.eval(sm.pool.arrays())
+    med = lambda v: round(1e3 * statistics.median(v[1:]), 3)  # noqa: E731
+    return dict(build_ms=med(build), eval_sync_ms=med(run), graph_ops_one_step=ops)
+
+
+def queued(sm: StepMaker, k: int) -> dict:
+    out = {}
+    for rep in range(4):
+        mx.synchronize()
+        t0 = time.perf_counter()
+        tok = sm.toks
+        for _ in range(k):
+            tok = sm.step(tok)
+        t1 = time.perf_counter()
+        mx.eval(tok, sm.pool.arrays())
+        t2 = time.perf_counter()
+        if rep:   # the first repetition warms up
+            out.setdefault("build_ms_per_step", []).append(1e3 * (t1 - t0) / k)
+            out.setdefault("eval_ms_per_step", []).append(1e3 * (t2 - t1) / k)
+        # one eval per step, the graph of the next built while the previous runs (mx.async_eval)
+        mx.synchronize()
+        t0 = time.perf_counter()
+        tok = sm.toks
+        for _ in range(k):
+            tok = sm.step(tok)
+            mx.async_eval(tok, sm.pool.arrays())
+        mx.eval(tok)
+        t3 = time.perf_counter()
+        if rep:
+            out.setdefault("async_ms_per_step", []).append(1e3 * (t3 - t0) / k)
+    return {key: round(statistics.median(v), 3) for key, v in out.items()} | dict(k=k)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--layers", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=96)
+    ap.add_argument("--k", type=int, default=16)
+    a = ap.parse_args()
+    cfg = dict(E.TINY if a.tiny else E.LLAMA3_8B)
+    if a.layers:
+        cfg["num_hidden_layers"] = a.layers
+    dtype = mx.bfloat16 if mx.default_device() == mx.gpu else mx.float32
+    t = time.perf_counter()
+    w = E.random_weights(cfg, dtype)
+    model = E.ours(cfg, w, "jang4m")
+    del w
+    res = dict(benchmark="decode_anatomy", device=E.device_name(), mlx=mx.__version__,
+               date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), commit=os.environ.get("JANG_COMMIT", ""),
+               env={k: v for k, v in os.environ.items() if k.startswith(("MLX_", "JANG_"))}, layers=cfg["num_hidden_layers"],
+               make_model_s=round(time.perf_counter() - t, 1))
+    bw = E.copy_bandwidth(256 if a.tiny else 1024)
+    sb = E.step_bytes(model, 160, cfg, 2)
+    res["ceiling"] = dict(copy_GBps=round(bw / 1e9, 1), step_bytes=sb, roofline_step_ms=round(1e3 * sb / bw, 3))
+    print(json.dumps(res), flush=True)
+    res["engine"] = engine_run(model, cfg, a.steps)
+    print("engine", {k: v for k, v in res["engine"].items() if k != "step_ms"}, flush=True)
+    sm = StepMaker(model, cfg)
+    res["step"] = step_probe(sm)
+    print("step", res["step"], flush=True)
+    res["queued"] = queued(sm, a.k)
+    print("queued", res["queued"], flush=True)
+    Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

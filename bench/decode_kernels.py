@@ -1,0 +1,179 @@
+"""The kernels of one batch-1 decode layer (Llama-3-8B shapes, JANG_4M bits) one by one, on the device.
+
+    python3 bench/decode_kernels.py OUT.json time          # queued timings and launch-shape sweeps
+    ncu --set detailed --clock-control none --profile-from-start off --csv --page details \
+        --log-file OUT.csv python3 bench/decode_kernels.py - ncu     # each kernel once, profiled
+
+Kernels, as the compiled decode step calls them (engine/models/compiled.py):
+  qkv    RMSNorm + fused q/k/v (6144x4096, 8 bits) + RoPE        kernels.qmm_fused.qkv_rope
+  o      o_proj (4096x4096, 8 bits) + residual                   kernels.qmm_fused.qmm_fused
+  gu     RMSNorm + fused gate/up (28672x4096, 4 bits) + SwiGLU
+  down   down_proj (4096x14336, 4 bits) + residual
+  paged  paged decode attention, one sequence, bf16 KV          kernels.paged_cuda.plan
+  write  the KV write (two scatters)                            engine.paged_attention.write_kv
+`time`: 100 calls queued, one eval, median of 5, weights rotated over > 8x the L2 (bench/kernels_bench.py
+method); GEMVs at their default (R, W) and a sweep of (R rows per team, W warps per team); the
+paged decode at contexts 140 / 1024 / 4096 and tokens-per-part 32..512.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import mlx.core as mx  # noqa: E402
+
+from kernels_bench import CALLS, ROTATE_BYTES, copy_bandwidth, rec, timed  # noqa: E402
+from jang_serve.engine.paged_attention import write_kv  # noqa: E402
+from jang_serve.kernels import paged_cuda, qmm_cuda  # noqa: E402
+from jang_serve.kernels.qmm_fused import qkv_rope, qmm_fused, rope_inv_freq  # noqa: E402
+
+H, I, HQ, HKV, HD = 4096, 14336, 32, 8, 128
+DT = mx.bfloat16
+SHAPES = {"qkv": ((HQ + 2 * HKV) * HD, H, 8), "o": (H, HQ * HD, 8), "gu": (2 * I, H, 4), "down": (H, I, 4)}
+XD: list = []   # down_proj's input [1, I], made once
+SWEEP = ((2, 4), (4, 1), (4, 2), (4, 4), (8, 1), (8, 2), (8, 4))
+
+
+def qweights(n, k, bits):
+    w = (mx.random.normal((n, k)) * 0.02).astype(DT)
+    return mx.quantize(w, group_size=64, bits=bits)
+
+
+def weight_sets(name):
+    n, k, bits = SHAPES[name]
+    one = n * k * bits // 8 + 4 * n * (k // 64)
+    sets = [qweights(n, k, bits) for _ in range(max(2, math.ceil(ROTATE_BYTES / one)))]
+    mx.eval(sets)
+    return sets, one + 2 * (n + k) * 2
+
+
+def gemv_call(name, ws, x, nw, res, pos, inv):
+    w, s, b = ws
+    if name == "qkv":
+        return qkv_rope(x, w, s, b, 8, 64, n_heads=HQ, n_kv=HKV, head_dim=HD, positions=pos, inv_freq=inv,
+                        rope=None, norm_weight=nw, eps=1e-5)[0]
+    if name == "o":
+        return qmm_fused(x, w, s, b, 8, 64, residual=res)
+    if name == "gu":
+        return qmm_fused(x, w, s, b, 4, 64, norm_weight=nw, eps=1e-5, swiglu=True)
+    return qmm_fused(XD[0], w, s, b, 4, 64, residual=res)
+
+
+def with_config(r, w, fn):
+    saved = qmm_cuda.default_config
+    qmm_cuda.default_config = lambda m, n, k, bits: {"R": r, "W": w, "FAST": True, "PF": False}
+    try:
+        return fn()
+    finally:
+        qmm_cuda.default_config = saved
+
+
+def paged_inputs(ctx, nblocks=512, bs=32):
+    kp = (mx.random.normal((nblocks, bs, HKV, HD)) * 0.5).astype(DT)
+    vp = (mx.random.normal((nblocks, bs, HKV, HD)) * 0.5).astype(DT)
+    width = 1 << max(3, math.ceil(math.log2(math.ceil(ctx / bs))))
+    tables = mx.array([[(7 * i + 3) % nblocks for i in range(width)]], dtype=mx.int32)
+    q = mx.random.normal((1, HQ, HD)).astype(DT)
+    mx.eval(kp, vp, tables, q)
+    return q, kp, vp, tables, mx.array([ctx], dtype=mx.int32)
+
+
+def time_mode(out):
+    bw, copies = copy_bandwidth()
+    out["copy_GBps"], out["copies"] = bw / 1e9, copies
+    x = mx.random.normal((1, H)).astype(DT)
+    nw = (mx.random.normal((H,)) * 0.1 + 1).astype(DT)
+    res = mx.random.normal((1, H)).astype(DT)
+    pos, inv = mx.array([140], dtype=mx.int32), rope_inv_freq(HD, 500000.0)
+    XD[:] = [mx.random.normal((1, I)).astype(DT)]
+    mx.eval(x, nw, res, pos, inv, XD)
+    rows = out.setdefault("gemv", [])
+    for name in SHAPES:
+        sets, nbytes = weight_sets(name)
+        cfg0 = qmm_cuda.default_config(1, SHAPES[name][0] // (2 if name == "gu" else 1), SHAPES[name][1], SHAPES[name][2])
+        for r, w in [(None, None)] + list(SWEEP):
+            def calls():
+                return [gemv_call(name, sets[i % len(sets)], x, nw, res, pos, inv) for i in range(CALLS)]
+            t = timed(calls) if r is None else with_config(r, w, lambda: timed(calls))
+            rows.append(rec(name, t, nbytes, bw, R=r or cfg0["R"], W=w or cfg0["W"], default=r is None))
+            print(rows[-1], flush=True)
+        sets = None
+    prow = out.setdefault("paged", [])
+    for ctx in (140, 1024, 4096):
+        q, kp, vp, tables, lens = paged_inputs(ctx)
+        for part in (None, 32, 64, 128, 256, 512):
+            def calls():
+                return [paged_cuda.paged_decode(q, kp, vp, tables, lens, 0.088, None, 16, 32, part=part)
+                        for _ in range(CALLS)]
+            t = timed(calls)
+            used = part or paged_cuda.occupancy_part(paged_cuda.pick_part(4, HD, False), 1, HKV, tables.shape[1] * 32)
+            prow.append(rec("paged_b1", t, None, None, ctx=ctx, part=used, default=part is None,
+                            table_width=tables.shape[1]))
+            print(prow[-1], flush=True)
+        k1 = mx.random.normal((1, HKV, HD)).astype(DT)
+        slots = mx.array([ctx - 1], dtype=mx.int32)
+        mx.eval(k1, slots)
+        state = {"k": kp, "v": vp}
+
+        def wcalls():
+            outs = []
+            for _ in range(CALLS):
+                state["k"], state["v"] = write_kv(state["k"], state["v"], k1, k1, slots)
+                outs += [state["k"], state["v"]]
+            return outs[-2:]
+        t = timed(lambda: wcalls())
+        # timed() divides by the 2 arrays returned: per write_kv call (two scatters) = t * 2 / CALLS
+        prow.append(rec("write_kv_b1", tuple(v * 2 / CALLS for v in t), None, None, ctx=ctx))
+        print(prow[-1], flush=True)
+
+
+def ncu_mode():
+    import ctypes
+
+    lib = ctypes.CDLL("libcuda.so.1")
+    x = mx.random.normal((1, H)).astype(DT)
+    nw = (mx.random.normal((H,)) * 0.1 + 1).astype(DT)
+    res = mx.random.normal((1, H)).astype(DT)
+    pos, inv = mx.array([140], dtype=mx.int32), rope_inv_freq(HD, 500000.0)
+    ws = {name: qweights(*SHAPES[name]) for name in SHAPES}
+    q, kp, vp, tables, lens = paged_inputs(140)
+    XD[:] = [mx.random.normal((1, I)).astype(DT)]
+    mx.eval(x, nw, res, pos, inv, ws, XD)
+    calls = {name: (lambda name=name: gemv_call(name, ws[name], x, nw, res, pos, inv)) for name in SHAPES}
+    calls["paged"] = lambda: paged_cuda.paged_decode(q, kp, vp, tables, lens, 0.088, None, 16, 32)
+    for f in calls.values():   # compile + warm up
+        mx.eval(f())
+    mx.synchronize()
+    lib.cuProfilerStart()
+    for name, f in calls.items():
+        mx.eval(f())
+        mx.synchronize()
+    lib.cuProfilerStop()
+    print("profiled", list(calls), flush=True)
+
+
+def main():
+    out_path, mode = sys.argv[1], sys.argv[2]
+    if mode == "ncu":
+        ncu_mode()
+        return
+    out = dict(benchmark="decode_kernels", mlx=mx.__version__, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+               method="100 calls queued, one eval, median of 5; weights rotated over > 8x L2")
+    try:
+        import subprocess
+        out["device"] = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                                       capture_output=True, text=True).stdout.strip()
+    except Exception:
+        out["device"] = str(mx.default_device())
+    time_mode(out)
+    Path(out_path).write_text(json.dumps(out, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
