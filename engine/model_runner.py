@@ -14,11 +14,22 @@ from .paged_attention import PagedBackend
 from .sequence import Sequence
 
 
+def table_width(blocks: int) -> int:
+    """Block-table width for a step whose longest table has `blocks` entries: the next power of two up
+    to 16, then the next multiple of 16 (padding entries point at block 0 and are never read). Compiled
+    decode steps trace once per width, so the width changes every 16 blocks at most, not every block."""
+    if blocks <= 16:
+        return 1 << max(0, (blocks - 1).bit_length())
+    return -(-blocks // 16) * 16
+
+
 class ModelRunner:
     def __init__(self, model, pool: KVPool):
         self.model, self.pool = model, pool
 
     def prepare(self, seqs: list[Sequence], num_new: list[int]):
+        """The flat batch: tokens, positions, slots, block tables [B, table_width(...)], the query and
+        context lengths, the rows to sample and their sequences' indices."""
         bs = self.pool.block_size
         tokens, positions, slots, query_lens, context_lens, rows, sample_idx = [], [], [], [], [], [], []
         for i, (seq, n) in enumerate(zip(seqs, num_new)):
@@ -32,7 +43,7 @@ class ModelRunner:
             if start + n == seq.num_tokens:
                 rows.append(len(tokens) - 1)
                 sample_idx.append(i)
-        width = max(len(s.block_table) for s in seqs)
+        width = table_width(max(len(s.block_table) for s in seqs))
         tables = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
         return (mx.array(tokens, dtype=mx.int32), mx.array(positions, dtype=mx.int32),
                 mx.array(slots, dtype=mx.int32), mx.array(tables, dtype=mx.int32),

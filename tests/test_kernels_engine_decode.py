@@ -173,12 +173,12 @@ def test_engine_fuses_on_request_and_matches():
     assert fused.generate(prompts, sp) == want
 
 
-@pytest.mark.parametrize("quant", [None, "q4"])
-def test_compiled_blocks_same_tokens(quant):
+@pytest.mark.parametrize("quant,kv", [(None, "auto"), ("q4", "auto"), ("q4", "q8")])
+def test_compiled_blocks_same_tokens(quant, kv):
     from jang_serve.engine.models.compiled import compile_blocks
     from jang_serve.engine.models.layers import quantize_model
 
-    model, cfg = tiny_model(seed=12)
+    model, cfg = tiny_model(seed=12, **({} if kv == "auto" else dict(hidden_size=128)))  # q8 KV: head_dim 32
     if quant:
         quantize_model(model, lambda path, m: (4, 32) if isinstance(m, nn.Linear) else None)
         mx.eval(model.parameters())
@@ -186,11 +186,12 @@ def test_compiled_blocks_same_tokens(quant):
     sp = [SamplingParams(max_tokens=10, temperature=0, ignore_eos=True),
           SamplingParams(max_tokens=7, temperature=0.8, seed=5, ignore_eos=True)] * 2 + \
         [SamplingParams(max_tokens=9, temperature=0, ignore_eos=True)]
-    plain = EngineCore((model, None, cfg), EngineConfig(num_blocks=64, block_size=4, compile_decode=False))
+    kvc = dict(kv_dtype=kv, kv_transform=False) | ({} if kv == "auto" else dict(kv_group_size=32))
+    plain = EngineCore((model, None, cfg), EngineConfig(num_blocks=64, block_size=4, compile_decode=False, **kvc))
     want = plain.generate(prompts, sp)
     fast = EngineCore((model, None, cfg), EngineConfig(num_blocks=64, block_size=4, max_num_seqs=8,
                                                        compile_decode=True, fuse_projections=True,
-                                                       async_decode=True))
+                                                       async_decode=True, **kvc))
     blocks = model.model.layers
     assert all(b.compiled is not None for b in blocks) and compile_blocks(model) == 0
     assert fast.generate(prompts, sp) == want
@@ -201,6 +202,9 @@ def test_compiled_blocks_same_tokens(quant):
     # ... chained: each block's post and the next block's pre are one compiled call
     assert all(b.compiled.link is not None for b in blocks[:-1]) and blocks[-1].compiled.link is None
     assert blocks[-1].compiled.calls == blocks[0].compiled.calls
+    # ... and from the second step at a (batch, table width), the KV write and paged attention run
+    # inside the compiled calls too (models/compiled.py _folded_chain)
+    assert blocks[0].compiled.folded_calls >= 3
     del model.model.layers[0].compiled  # instance attribute: back to the class default (eager)
     assert model.model.layers[0].compiled is None
 

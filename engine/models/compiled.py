@@ -19,8 +19,10 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from jang_serve.kernels import paged_attention_decode
 from jang_serve.kernels.qmm_fused import qkv_rope, qmm_fused, rope_inv_freq
 
+from ..paged_attention import write_kv
 from .decoder import MLP, Attention, Block
 from .layers import FusedLinear, QLinear, RoPE
 
@@ -63,8 +65,51 @@ class CompiledBlock:
         self.pre_eager, self.post_eager = pre, post
         self.pre, self.post = mx.compile(pre), mx.compile(post)
         self.link = None  # post of this block + pre of the next, one compiled call (set by compile_blocks)
+        self.next: CompiledBlock | None = None
+        self._att: dict = {}  # kv_quant -> compiled (pre + attention) / (link + attention) of this block
+        self.seen_att: set[tuple] = set()  # step keys whose first call ran the unfolded chain (block 0 only)
+        self.folded_calls = 0  # steps that ran with the attention folded in (block 0 counts them)
+
+    def attend_eager(self, kv_quant):
+        """f(q, k, v, slots, tables, lens, *kv) -> (o, *kv'): this block's KV write and paged decode
+        attention as plain MLX calls (kv: the layer's K pool parts, then V's; launch arguments of the
+        kernels depend only on shapes, so the function can be traced)."""
+        a = self.block.self_attn
+        nk = 1 if kv_quant is None else 3
+
+        def att(q, k, v, slots, tables, lens, *kv):
+            kp, vp = _pool(kv[:nk]), _pool(kv[nk:])
+            kp, vp = write_kv(kp, vp, k, v, slots, kv_quant)
+            o = paged_attention_decode(q, kp, vp, tables, lens, a.scale, a.window, kv_quant)
+            return (o, *_flat(kp), *_flat(vp))
+        return att
+
+    def folded(self, kv_quant, first: bool):
+        """Compiled step pieces with the attention inside (one compiled call per layer, nothing eager):
+        first=True:  g(x, positions, slots, tables, lens, *kv)        -> (o, *kv')        pre + attention
+        first=False: g(x, o, positions, slots, tables, lens, *kv_next) -> (h, o', *kv_next') post + the
+                     next block's pre + attention"""
+        key = (kv_quant, first)
+        fn = self._att.get(key)
+        if fn is None:
+            if first:
+                pre, att = self.pre_eager, self.attend_eager(kv_quant)
+
+                def g(x, positions, slots, tables, lens, *kv):
+                    q, k, v = pre(x, positions)
+                    return att(q, k, v, slots, tables, lens, *kv)
+            else:
+                post, pre, att = self.post_eager, self.next.pre_eager, self.next.attend_eager(kv_quant)
+
+                def g(x, o, positions, slots, tables, lens, *kv):
+                    h = post(x, o)
+                    q, k, v = pre(h, positions)
+                    return (h, *att(q, k, v, slots, tables, lens, *kv))
+            fn = self._att[key] = mx.compile(g)
+        return fn
 
     def link_to(self, nxt: "CompiledBlock") -> None:
+        self.next = nxt
         post, pre = self.post_eager, nxt.pre_eager
 
         def link(x, o, positions):
@@ -97,7 +142,10 @@ def decode_chain(blocks, x, positions, attn_backend):
     """All blocks of a decode step with one compiled call per layer instead of two: pre(0), then per
     layer attention and `link` (its post + the next block's pre). None when the step does not
     qualify (a block without compiled halves, or the first step at this token count: the caller then
-    runs the blocks one by one, whose eager first calls do the kernels' first-use work)."""
+    runs the blocks one by one, whose eager first calls do the kernels' first-use work).
+    On a paged, decode-only step without a KV transform the attention goes inside the compiled calls
+    too (`CompiledBlock.folded`): the first step at each (tokens, table width) runs the unfolded chain
+    (kernels' first-use work stays eager), later ones make 33 compiled calls and no eager op per layer."""
     if not blocks or any(b.compiled is None or b.compiled.link is None for b in blocks[:-1]) \
             or blocks[-1].compiled is None:
         return None
@@ -105,6 +153,13 @@ def decode_chain(blocks, x, positions, attn_backend):
     first, last = blocks[0].compiled, blocks[-1].compiled
     if not first.takes(x, attn_backend) or key not in first.seen or key not in last.seen:
         return None
+    pool = getattr(attn_backend, "pool", None)
+    if getattr(attn_backend, "decode_only", False) and pool is not None and pool.transform is None \
+            and all(b.compiled.next is not None for b in blocks[:-1]):
+        fkey = (key, attn_backend.block_tables.shape, pool.kv_quant)
+        if fkey in first.seen_att:
+            return _folded_chain(blocks, x, positions, attn_backend)
+        first.seen_att.add(fkey)
     q, k, v = first.pre(x, positions)
     for i, b in enumerate(blocks):
         c, a = b.compiled, b.self_attn
@@ -115,6 +170,41 @@ def decode_chain(blocks, x, positions, attn_backend):
         else:
             x = c.post(x, o)
     return x
+
+
+def _folded_chain(blocks, x, positions, be):
+    pool, kvq = be.pool, be.pool.kv_quant
+    step = (be.slot_mapping, be.block_tables, be.context_lens_arr)
+    n = 1 if kvq is None else 3
+
+    def parts(layer):
+        return (*_flat(pool.k[layer]), *_flat(pool.v[layer]))
+
+    def store(layer, kv):
+        pool.k[layer], pool.v[layer] = _pool(kv[:n]), _pool(kv[n:])
+
+    first = blocks[0].compiled
+    first.folded_calls += 1
+    o, *kv = first.folded(kvq, True)(x, positions, *step, *parts(blocks[0].self_attn.layer))
+    store(blocks[0].self_attn.layer, kv)
+    for i, b in enumerate(blocks):
+        c = b.compiled
+        c.calls += 1
+        if i + 1 < len(blocks):
+            nxt = blocks[i + 1].self_attn.layer
+            x, o, *kv = c.folded(kvq, False)(x, o, positions, *step, *parts(nxt))
+            store(nxt, kv)
+        else:
+            x = c.post(x, o)
+    return x
+
+
+def _flat(p):
+    return p if isinstance(p, tuple) else (p,)
+
+
+def _pool(parts):
+    return parts[0] if len(parts) == 1 else tuple(parts)
 
 
 def _rope_inv_freq(attn):
