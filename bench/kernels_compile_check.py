@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 
-from jang_serve.kernels import cuda_common, paged_cuda, qgemm_cuda, qmm_cuda
+from jang_serve.kernels import cuda_common, paged_cuda, paged_v2_cuda, qgemm_cuda, qmm_cuda
 
 STUB = """
 #include <cstdint>
@@ -139,6 +139,22 @@ def check_paged():
             src_body = paged_cuda.SOURCE_Q
         outs = [("po", "float32"), ("pm", "float32"), ("pl", "float32")]
         ok &= compile_one(f"paged bits={bits}", build("paged", src_body, hdr, ins, outs, tmpl))
+    hdr2 = cuda_common.HEADER + paged_v2_cuda.HEADER
+    for bits, g, d, part, window in ((16, 4, 128, 32, 0), (16, 4, 128, 512, 0), (16, 8, 128, 128, 0),
+                                     (8, 4, 128, 64, 0), (4, 4, 128, 128, 100), (4, 8, 64, 32, 0),
+                                     (16, 1, 256, 256, 0), (8, 8, 256, 32, 0)):
+        q = [("q", "bfloat16")]
+        if bits == 16:
+            ins, body = q + [("k", "bfloat16"), ("v", "bfloat16")], paged_v2_cuda.SOURCE_F
+        else:
+            ins, body = q + [("kq", "uint32"), ("ks", "bfloat16"), ("kb", "bfloat16"), ("vq", "uint32"),
+                             ("vs", "bfloat16"), ("vb", "bfloat16")], paged_v2_cuda.SOURCE_Q
+        ins += [("tables", "int32"), ("lens", "int32"), ("scale", "float32"), ("cnt", "int32")]
+        outs = [("out", "bfloat16"), ("po", "float32"), ("pm", "float32"), ("pl", "float32")]
+        tmpl = [("T", "bfloat16"), ("BITS", bits), ("KG", 64 if bits < 16 else 32), ("D", d), ("G", g),
+                ("PART", part), ("WINDOW", window)]
+        ok &= compile_one(f"paged v2 bits={bits} G={g} D={d} PART={part} window={window}",
+                          build("paged_v2", body, hdr2, ins, outs, tmpl))
     src = build("combine", paged_cuda.SOURCE_COMBINE, hdr,
                 [("po", "float32"), ("pm", "float32"), ("pl", "float32")], [("out", "bfloat16")],
                 [("T", "bfloat16"), ("D", 128)])

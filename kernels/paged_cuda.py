@@ -16,9 +16,11 @@ Sliding window: a sequence attends to keys [max(0, ctx - window), ctx).
 from __future__ import annotations
 
 import math
+import os
 
 import mlx.core as mx
 
+from . import paged_v2_cuda as v2
 from .cuda_common import HEADER as COMMON
 
 HEADER = r"""
@@ -340,6 +342,8 @@ def plan(q, k_pool, block_tables, context_lens, scale, window, bits, kv_group):
     shp = (k_pool[0] if bits < 16 else k_pool).shape
     bs, hkv = shp[1], shp[2]
     G = HQ // hkv
+    if _use_v2(D, G, None):
+        return _plan_v2(q, shp, block_tables, context_lens, scale, window, bits, kv_group, None)
     span = block_tables.shape[1] * bs
     if window:
         span = min(span, window)
@@ -366,9 +370,40 @@ def plan(q, k_pool, block_tables, context_lens, scale, window, bits, kv_group):
     return run
 
 
+# v2 (kernels/paged_v2_cuda.py, one launch) where it supports the shape; JANG_PAGED_V2=0 keeps v1.
+V2_ON = os.environ.get("JANG_PAGED_V2", "0") == "1"
+
+
+def _use_v2(d: int, g: int, impl: str | None) -> bool:
+    if impl == "v2" and not v2.supports(d, g):
+        raise ValueError(f"paged_decode: v2 supports head_dim 64/128/256 and G <= {v2.MAX_G}, got {d} / {g}")
+    return impl == "v2" or (impl is None and V2_ON and v2.supports(d, g))
+
+
+def _scale_array(scale):
+    arr = _scales.get(scale)
+    if arr is None:  # one small array per scale value, not one per call
+        arr = _scales[scale] = mx.array([scale], dtype=mx.float32)
+    return arr
+
+
+def _plan_v2(q, pool_shape, block_tables, context_lens, scale, window, bits, kv_group, part):
+    B, HQ, D = q.shape
+    top = pick_part(HQ // pool_shape[2], D, bits < 16)
+    launch = v2.launcher(q.shape, q.dtype, pool_shape, block_tables.shape[1], window, bits, kv_group,
+                         part=part, max_part=top)
+    tail = [block_tables.astype(mx.int32), context_lens.astype(mx.int32), _scale_array(scale)]
+
+    def run(q, k_pool, v_pool):
+        return launch([q, *k_pool, *v_pool, *tail] if bits < 16 else [q, k_pool, v_pool, *tail])
+    run.part, run.nparts = launch.part, launch.nparts
+    return run
+
+
 def paged_decode(q, k_pool, v_pool, block_tables, context_lens, scale, window, bits, kv_group,
-                 part: int | None = None):
-    """q [B, Hq, D]; pools as in the layout (tuples (packed, scales, biases) when bits < 16)."""
+                 part: int | None = None, impl: str | None = None):
+    """q [B, Hq, D]; pools as in the layout (tuples (packed, scales, biases) when bits < 16).
+    impl: None (v2, the one-launch kernel, where it supports the shape; else v1), "v1" or "v2"."""
     B, HQ, D = q.shape
     if bits < 16:
         kq, ks, kb = k_pool
@@ -377,6 +412,9 @@ def paged_decode(q, k_pool, v_pool, block_tables, context_lens, scale, window, b
     else:
         bs, hkv = k_pool.shape[1], k_pool.shape[2]
     G = HQ // hkv
+    if _use_v2(D, G, impl):
+        shp = (kq if bits < 16 else k_pool).shape
+        return _plan_v2(q, shp, block_tables, context_lens, scale, window, bits, kv_group, part)(q, k_pool, v_pool)
     span = block_tables.shape[1] * bs
     if window:
         span = min(span, window)

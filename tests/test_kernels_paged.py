@@ -225,3 +225,82 @@ def test_warmup_on_the_reference_backend_and_bad_specs():
     assert res["backend"] == "reference" and res["ops"] == 2 and res["calls"] == 0
     with pytest.raises(ValueError, match="unknown op"):
         warmup([dict(op="conv")])
+
+
+def _v2_like_cuda(q, k, v, lens, scale, window, part):
+    """NumPy port of kernels/paged_v2_cuda.py on dense per-sequence K/V [B, L, Hkv, D]: per warp an online
+    softmax over its token rows, iteration by iteration; warps merged; then the parts merged."""
+    from jang_serve.kernels import paged_v2_cuda as v2
+
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    b, hq, d = q.shape
+    hkv, g = k.shape[2], hq // k.shape[2]
+    nwarp, tpw = v2.THREADS // 32, 32 // (d // 8)
+    wt = tpw * (4 if g <= 4 else 2)
+    bt = nwarp * wt
+    out = np.zeros((b, hq, d))
+
+    def merge(ms, ls, os_):
+        big = max(ms)
+        w = [0.0 if m == -np.inf else np.exp(m - big) for m in ms]
+        return big, sum(wi * li for wi, li in zip(w, ls)), sum(wi * o for wi, o in zip(w, os_))
+
+    for s in range(b):
+        ctx = lens[s]
+        start = max(0, ctx - window) if window else 0
+        end = min(ctx, k.shape[1])
+        nact = -(-(end - start) // part) if end > start else 0
+        for h in range(hq):
+            qs = q[s, h] * scale
+            parts = []
+            for p in range(nact):
+                t0 = start + p * part
+                n = min(part, end - t0)
+                warps = []
+                for w in range(nwarp):
+                    m, l, o = -np.inf, 0.0, np.zeros(d)
+                    for it in range(-(-n // bt)):
+                        idx = [i for i in range(it * bt + w * wt, it * bt + (w + 1) * wt) if i < n]
+                        sc = k[s, [t0 + i for i in idx], h // g] @ qs if idx else np.zeros(0)
+                        mn = max([m, *sc])
+                        alpha = 0.0 if m == -np.inf else np.exp(m - mn)
+                        e = np.exp(sc - mn) if idx else np.zeros(0)
+                        l = l * alpha + e.sum()
+                        o = o * alpha + (e @ v[s, [t0 + i for i in idx], h // g] if idx else 0.0)
+                        m = mn
+                    warps.append((m, l, o))
+                parts.append(merge(*zip(*warps)))
+            if parts:
+                _, big_l, big_o = merge(*zip(*parts))
+                out[s, h] = big_o / big_l
+    return out
+
+
+@pytest.mark.parametrize("d,part,window", [(64, 32, None), (64, 128, None), (32, 64, 50), (256, 32, None)])
+def test_cuda_v2_one_launch_algorithm_in_numpy(d, part, window):
+    # parts with empty warps (32 tokens, 4 warps of 16 rows at D 64), several iterations per warp, a window
+    hq, hkv = 8, 2
+    kp, vp = _pools(hkv, d, None, seed=6)
+    tables = mx.array(np.random.default_rng(7).integers(0, NB, (3, 40)).astype(np.int32))  # blocks may repeat
+    lens = [0, 150, 319]
+    q = mx.random.normal((3, hq, d), key=mx.random.key(8))
+    dense_k = kp[tables].reshape(3, 40 * BS, hkv, d)
+    dense_v = vp[tables].reshape(3, 40 * BS, hkv, d)
+    ours = _v2_like_cuda(q, dense_k, dense_v, lens, d ** -0.5, window, part)
+    ref = np.asarray(paged_decode_reference(q, kp, vp, tables, lens, d ** -0.5, window))
+    assert np.allclose(ours, ref, atol=1e-4)
+
+
+def test_cuda_v2_parts_and_counters():
+    from jang_serve.kernels import paged_v2_cuda as v2
+
+    assert v2.pick_part(1, 8, 160) == 32         # 40 blocks
+    assert v2.pick_part(1, 8, 1024) == 32        # 256 blocks
+    assert v2.pick_part(1, 8, 4096) == 128       # 256 blocks of 128 tokens
+    assert v2.pick_part(64, 8, 2048) == 512      # the big batch keeps the largest part
+    assert v2.pick_part(1, 8, 1 << 20, max_part=128) == 128
+    assert v2.supports(128, 8) and v2.supports(64, 1) and not v2.supports(128, 12) and not v2.supports(96, 4)
+    c = v2.counters(10)
+    assert c.dtype == mx.int32 and c.size >= 10 and int(c.sum().item()) == 0
+    assert v2.counters(5) is c                   # one persistent buffer, grown only when too small
+    assert v2.counters(c.size + 1).size > c.size
