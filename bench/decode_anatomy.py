@@ -112,7 +112,35 @@ def op_count(outputs) -> dict | None:
         return dict(error=repr(e))
 
 
-def step_probe(sm: StepMaker) -> dict:
+def node_costs() -> dict:
+    """Host cost of evaluating graph nodes on this backend: 1000 chained views (reshapes), adds and
+    empty custom kernels, each chain built first and then evaluated (median of 5)."""
+    a = mx.ones((4, 8))
+    noop = None
+    if mx.default_device() == mx.gpu and hasattr(mx.fast, "cuda_kernel"):
+        noop = mx.fast.cuda_kernel(name="jang_anat_noop", input_names=["a"], output_names=["b"],
+                                   source="if (threadIdx.x == 0 && blockIdx.x == 0) b[0] = a[0];")
+    makers = {"reshape": lambda y, i: y.reshape(8, 4) if i % 2 == 0 else y.reshape(4, 8),
+              "add": lambda y, i: y + 1.0}
+    if noop is not None:
+        makers["noop_kernel"] = lambda y, i: noop(inputs=[y], grid=(32, 1, 1), threadgroup=(32, 1, 1),
+                                                  output_shapes=[(4, 8)], output_dtypes=[mx.float32])[0]
+    out = {}
+    for name, f in makers.items():
+        ts = []
+        for rep in range(6):
+            y = a
+            for i in range(1000):
+                y = f(y, i)
+            mx.synchronize()
+            t = time.perf_counter()
+            mx.eval(y)
+            ts.append(time.perf_counter() - t)
+        out[f"{name}_us_per_node"] = round(1e6 * statistics.median(ts[1:]) / 1000, 3)
+    return out
+
+
+def step_probe(sm: StepMaker, dot_path: str | None = None) -> dict:
     build, run = [], []
     for _ in range(9):
         mx.synchronize()
@@ -123,7 +151,10 @@ def step_probe(sm: StepMaker) -> dict:
         t2 = time.perf_counter()
         build.append(t1 - t0)
         run.append(t2 - t1)
-    ops = op_count([sm.step()] + sm.pool.arrays()[:2])
+    outs = [sm.step()] + sm.pool.arrays()[:2]
+    ops = op_count(outs)
+    if dot_path:
+        mx.export_to_dot(dot_path, *outs)
     mx.eval(sm.pool.arrays())
     med = lambda v: round(1e3 * statistics.median(v[1:]), 3)  # noqa: E731
     return dict(build_ms=med(build), eval_sync_ms=med(run), graph_ops_one_step=ops)
@@ -157,6 +188,25 @@ def queued(sm: StepMaker, k: int) -> dict:
     return {key: round(statistics.median(v), 3) for key, v in out.items()} | dict(k=k)
 
 
+def profile_builds(sm: StepMaker, n: int) -> list[str]:
+    """Where the Python side of building a step goes: cProfile over n step builds (each evaluated)."""
+    import cProfile
+    import io
+    import pstats
+
+    pr = cProfile.Profile()
+    for _ in range(n):
+        pr.enable()
+        tok = sm.step()
+        pr.disable()
+        mx.eval(tok, sm.pool.arrays())
+    buf = io.StringIO()
+    pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(30)
+    text = buf.getvalue()
+    print(text, flush=True)
+    return text.splitlines()[:60]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
@@ -164,6 +214,8 @@ def main():
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--steps", type=int, default=96)
     ap.add_argument("--k", type=int, default=16)
+    ap.add_argument("--dot", default=None, help="write one step's graph (mx.export_to_dot) here")
+    ap.add_argument("--profile", type=int, default=0, help="cProfile N step builds (host side) and print the top")
     a = ap.parse_args()
     cfg = dict(E.TINY if a.tiny else E.LLAMA3_8B)
     if a.layers:
@@ -181,13 +233,17 @@ def main():
     sb = E.step_bytes(model, 160, cfg, 2)
     res["ceiling"] = dict(copy_GBps=round(bw / 1e9, 1), step_bytes=sb, roofline_step_ms=round(1e3 * sb / bw, 3))
     print(json.dumps(res), flush=True)
+    res["node_costs"] = node_costs()
+    print("node_costs", res["node_costs"], flush=True)
     res["engine"] = engine_run(model, cfg, a.steps)
     print("engine", {k: v for k, v in res["engine"].items() if k != "step_ms"}, flush=True)
     sm = StepMaker(model, cfg)
-    res["step"] = step_probe(sm)
+    res["step"] = step_probe(sm, a.dot)
     print("step", res["step"], flush=True)
     res["queued"] = queued(sm, a.k)
     print("queued", res["queued"], flush=True)
+    if a.profile:
+        res["profile_top"] = profile_builds(sm, a.profile)
     Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
 
 

@@ -23,29 +23,37 @@ from .paged_prefill import PaddedPrefill, worth_batching
 from .paged_prefill import enabled as padded_prefill_enabled
 
 
-def write_kv(k_pool, v_pool, k: mx.array, v: mx.array, slot_mapping: mx.array, kv_quant=None):
-    """Store new keys/values [T, Hkv, D] at their slots (block * block_size + offset).
+def write_kv(k_pool, v_pool, k: mx.array, v: mx.array, slot_mapping, kv_quant=None):
+    """Store new keys/values [T, Hkv, D] at their slots (block * block_size + offset). slot_mapping:
+    the slots [T], or the pair (block ids [T], offsets [T]) (`slot_parts`: one scatter node per pool
+    instead of a scatter between two reshapes, which a decode step repeats for every layer).
 
     The scatter updates the pool in place when the pool array has no other reference, so callers
     should drop their old handle (assign the returned pools back)."""
     return _write(k_pool, k, slot_mapping, kv_quant), _write(v_pool, v, slot_mapping, kv_quant)
 
 
+def slot_parts(slot_mapping: mx.array, block_size: int) -> tuple[mx.array, mx.array]:
+    return slot_mapping // block_size, slot_mapping % block_size
+
+
+def _put(p, slots, new):
+    if isinstance(slots, tuple):
+        blk, off = slots
+        p[blk, off] = new.astype(p.dtype)
+        return p
+    nb, bs = p.shape[:2]
+    flat = p.reshape(nb * bs, *p.shape[2:])
+    flat[slots] = new.astype(p.dtype)
+    return flat.reshape(p.shape)
+
+
 def _write(pool, x, slots, kv_quant):
     if kv_quant is None:
-        nb, bs = pool.shape[:2]
-        flat = pool.reshape(nb * bs, *pool.shape[2:])
-        flat[slots] = x.astype(pool.dtype)
-        return flat.reshape(pool.shape)
+        return _put(pool, slots, x)
     bits, group = kv_quant
     parts = mx.quantize(x, group_size=group, bits=bits)
-    out = []
-    for p, new in zip(pool, parts):
-        nb, bs = p.shape[:2]
-        flat = p.reshape(nb * bs, *p.shape[2:])
-        flat[slots] = new.astype(p.dtype)
-        out.append(flat.reshape(p.shape))
-    return tuple(out)
+    return tuple(_put(p, slots, new) for p, new in zip(pool, parts))
 
 
 def gather_kv(pool, blocks: mx.array, kv_quant, dtype) -> mx.array:
@@ -131,16 +139,23 @@ class PagedBackend:
         self.context_lens_arr = mx.array(self.layout.context_lens, dtype=mx.int32)  # once per step, not per layer
         self.slot_mapping, self.block_tables = slot_mapping, block_tables
         self.decode_only = bool(query_lens) and all(n == 1 for n in self.layout.query_lens)
+        self._slots = None
         self._plans: dict = {}
         self._prefill_plans: dict = {}  # padded prefill layouts of this step (or None: one by one), all layers
         self.batch_prefill = not self.decode_only and padded_prefill_enabled()
+
+    @property
+    def slots(self):
+        """(block ids, offsets) of the new tokens, made once per step (write_kv)."""
+        if self._slots is None:
+            self._slots = slot_parts(self.slot_mapping, self.pool.block_size)
+        return self._slots
 
     def attend(self, layer, q, k, v, *, scale, window=None):
         pool, tf = self.pool, self.pool.transform
         if tf is not None:  # quantized KV: store and attend in the smoothed, rotated basis
             q, k, v = tf.queries(layer, q), tf.keys(layer, k), tf.values(layer, v)
-        pool.k[layer], pool.v[layer] = write_kv(pool.k[layer], pool.v[layer], k, v, self.slot_mapping,
-                                                pool.kv_quant)
+        pool.k[layer], pool.v[layer] = write_kv(pool.k[layer], pool.v[layer], k, v, self.slots, pool.kv_quant)
         if self.decode_only:  # one decode plan per (scale, window) for all layers of the step
             key = (scale, window, q.shape, q.dtype)
             run = self._plans.get(key)

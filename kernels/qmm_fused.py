@@ -129,12 +129,14 @@ def qmm_fused(x, w, scales, biases, bits, group_size, norm_weight=None, eps=1e-5
     _check(x, w, norm_weight, residual, swiglu)
     b = _kernel_backend()
     if b and kernel_supported(x, w, bits, group_size, norm_weight, residual, swiglu):
+        # 2-D inputs (the decode path) go as they are: a reshape to the same shape is still a graph node
         lead = x.shape[:-1]
-        x2d = x.reshape(-1, x.shape[-1])
-        res2d = None if residual is None else residual.reshape(x2d.shape[0], -1)
+        x2d = x if x.ndim == 2 else x.reshape(-1, x.shape[-1])
+        res2d = None if residual is None or residual.ndim == 2 else residual.reshape(x2d.shape[0], -1)
+        res2d = residual if res2d is None else res2d
         impl = qgemv_fused if b == "cuda" else _metal().qgemv_fused
         y = impl(x2d, w, scales, biases, bits, group_size, norm_weight, eps, res2d, swiglu)
-        return y.reshape(*lead, y.shape[-1])
+        return y if x.ndim == 2 else y.reshape(*lead, y.shape[-1])
     return qmm_fused_reference(x, w, scales, biases, bits, group_size, norm_weight, eps, residual, swiglu)
 
 

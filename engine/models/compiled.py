@@ -71,23 +71,23 @@ class CompiledBlock:
         self.folded_calls = 0  # steps that ran with the attention folded in (block 0 counts them)
 
     def attend_eager(self, kv_quant):
-        """f(q, k, v, slots, tables, lens, *kv) -> (o, *kv'): this block's KV write and paged decode
+        """f(q, k, v, blk, off, tables, lens, *kv) -> (o, *kv'): this block's KV write and paged decode
         attention as plain MLX calls (kv: the layer's K pool parts, then V's; launch arguments of the
         kernels depend only on shapes, so the function can be traced)."""
         a = self.block.self_attn
         nk = 1 if kv_quant is None else 3
 
-        def att(q, k, v, slots, tables, lens, *kv):
+        def att(q, k, v, blk, off, tables, lens, *kv):
             kp, vp = _pool(kv[:nk]), _pool(kv[nk:])
-            kp, vp = write_kv(kp, vp, k, v, slots, kv_quant)
+            kp, vp = write_kv(kp, vp, k, v, (blk, off), kv_quant)
             o = paged_attention_decode(q, kp, vp, tables, lens, a.scale, a.window, kv_quant)
             return (o, *_flat(kp), *_flat(vp))
         return att
 
     def folded(self, kv_quant, first: bool):
         """Compiled step pieces with the attention inside (one compiled call per layer, nothing eager):
-        first=True:  g(x, positions, slots, tables, lens, *kv)        -> (o, *kv')        pre + attention
-        first=False: g(x, o, positions, slots, tables, lens, *kv_next) -> (h, o', *kv_next') post + the
+        first=True:  g(x, positions, blk, off, tables, lens, *kv)        -> (o, *kv')        pre + attention
+        first=False: g(x, o, positions, blk, off, tables, lens, *kv_next) -> (h, o', *kv_next') post + the
                      next block's pre + attention"""
         key = (kv_quant, first)
         fn = self._att.get(key)
@@ -95,16 +95,16 @@ class CompiledBlock:
             if first:
                 pre, att = self.pre_eager, self.attend_eager(kv_quant)
 
-                def g(x, positions, slots, tables, lens, *kv):
+                def g(x, positions, blk, off, tables, lens, *kv):
                     q, k, v = pre(x, positions)
-                    return att(q, k, v, slots, tables, lens, *kv)
+                    return att(q, k, v, blk, off, tables, lens, *kv)
             else:
                 post, pre, att = self.post_eager, self.next.pre_eager, self.next.attend_eager(kv_quant)
 
-                def g(x, o, positions, slots, tables, lens, *kv):
+                def g(x, o, positions, blk, off, tables, lens, *kv):
                     h = post(x, o)
                     q, k, v = pre(h, positions)
-                    return (h, *att(q, k, v, slots, tables, lens, *kv))
+                    return (h, *att(q, k, v, blk, off, tables, lens, *kv))
             fn = self._att[key] = mx.compile(g)
         return fn
 
@@ -174,7 +174,7 @@ def decode_chain(blocks, x, positions, attn_backend):
 
 def _folded_chain(blocks, x, positions, be):
     pool, kvq = be.pool, be.pool.kv_quant
-    step = (be.slot_mapping, be.block_tables, be.context_lens_arr)
+    step = (*be.slots, be.block_tables, be.context_lens_arr)
     n = 1 if kvq is None else 3
 
     def parts(layer):
