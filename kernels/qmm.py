@@ -9,7 +9,8 @@ Paths by backend (kernels/backend.py) and by activation rows M = prod(x.shape[:-
                MLX's CPU quantized_matmul does ~1 GFLOP/s, dense float32 with OpenBLAS ~45
                (bench/results/qmm-cpu.json)
   cpu, else    the reference
-  cuda, M<=4   fused dequant + GEMV kernel (kernels/qmm_cuda.py)
+  cuda, M<=4   fused dequant + GEMV kernel: tensor-core (kernels/qgemv_tc_cuda.py) at 2/4/8 bits where
+               it supports the case and passed its self-test (JANG_GEMV_TC=0: off), else kernels/qmm_cuda.py
   cuda, 16<=M<DEQUANT_ROWS (17 at 8 bits), 2/4/8 bits  tiled dequant + tensor-core GEMM
                (kernels/qgemm_cuda.py; kernels/qgemm_v1_cuda.py with JANG_QGEMM_IMPL=v1; N % 128 == 0),
                checked once per template against the reference at first use (off on a mismatch);
@@ -35,6 +36,8 @@ GEMV_ROWS = 4
 # The tiled tensor-core GEMM (kernels/qgemm_cuda.py) from 16 rows at 2/4 bits (H100, 16 rows: 30-47 us
 # queued vs 31-57 for mx.quantized_matmul, and 39-45 vs 72-225 us of GPU time; kernels-gemm-h100.json,
 # qgemm-gputime-h100.json); at 8 bits from 17 (at 16 rows mx.quantized_matmul queues faster: 19.5 vs 30.6 us).
+# Within the GEMV route, the tensor-core GEMV (kernels/qgemv_tc_cuda.py: 2/4/8 bits, bf16/fp16) serves the
+# cases it supports, after its self-test; the scalar kernel (qmm_cuda) the rest. JANG_GEMV_TC=0 turns it off.
 QGEMM_MIN_ROWS = 16
 QGEMM_MIN_ROWS_8BIT = 17
 QGEMM_BITS = (2, 4, 8)    # JANG_QGEMM_BITS=2,4 (say) narrows it
@@ -68,6 +71,29 @@ def qgemm_impl():
     if name not in ("v1", "v2"):
         raise ValueError(f"JANG_QGEMM_IMPL must be v1 or v2, got {name!r}")
     return qgemm_cuda if name == "v2" else qgemm_v1_cuda
+
+
+def gemv_tc_on() -> bool:
+    return os.environ.get("JANG_GEMV_TC", "1").strip() not in ("0", "false", "off")
+
+
+def gemv_kind(m: int, x, w, bits: int, group_size: int) -> str:
+    """"tc" where the tensor-core GEMV supports the case (and JANG_GEMV_TC is not 0), else "scalar"."""
+    from . import qgemv_tc_cuda
+
+    ok = gemv_tc_on() and qgemv_tc_cuda.supports(x.reshape(m, x.shape[-1]), w, bits, group_size)
+    return "tc" if ok else "scalar"
+
+
+def gemv_plan(m: int, x, w, scales, bits: int, group_size: int):
+    """The prepared GEMV call for m rows: the tensor-core kernel where it supports the case and passed its
+    self-test, else the scalar one."""
+    from . import qgemv_tc_cuda, qmm_cuda
+
+    k, n = x.shape[-1], w.shape[0]
+    if gemv_kind(m, x, w, bits, group_size) == "tc" and qgemv_tc_cuda.ready(x.dtype, scales.dtype, bits, group_size, m):
+        return qgemv_tc_cuda.plan(m, n, k, x.dtype, bits, group_size)
+    return qmm_cuda.plan(m, n, k, x.dtype, bits, group_size)
 
 
 def qgemm_bits() -> tuple[int, ...]:
@@ -134,7 +160,7 @@ def qmm(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: int,
     b = backend.for_op("qmm")
     key = (b, x.shape, w.shape, scales.shape, biases.shape, x.dtype, w.dtype, scales.dtype, bits, group_size,
            os.environ.get("JANG_QGEMM"), os.environ.get("JANG_QGEMM_BITS"), os.environ.get("JANG_QGEMM_SPLIT"),
-           os.environ.get("JANG_QGEMM_IMPL"))
+           os.environ.get("JANG_QGEMM_IMPL"), os.environ.get("JANG_GEMV_TC"))
     route, fn = _routes.get(key, (None, None))
     if route is None:  # first call with these shapes: check the arguments once and pick the path
         _check(x, w, scales, biases, bits, group_size)
@@ -157,7 +183,7 @@ def qmm(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: int,
                 route = "reference"
             fn = None
             if route == "gemv":
-                fn = qmm_cuda.plan(m, w.shape[0], k, x.dtype, bits, group_size)
+                fn = gemv_plan(m, x, w, scales, bits, group_size)
             elif route == "qgemm" and impl is qgemm_cuda:
                 fn = qgemm_cuda.plan(m, w.shape[0], k, x.dtype, bits, group_size, scales.itemsize)
             elif route == "qgemm":

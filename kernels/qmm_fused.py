@@ -26,9 +26,9 @@ import os
 
 import mlx.core as mx
 
-from . import backend, qmm_cuda
+from . import backend, qgemv_tc_cuda, qmm_cuda
 from .cuda_common import HEADER
-from .qmm import GEMV_ROWS, qmm
+from .qmm import GEMV_ROWS, gemv_tc_on, qmm
 
 
 def fused_on() -> bool:
@@ -97,9 +97,17 @@ def _kernel(epi: int, norm: bool, eps: float, rope: tuple[int, int] | None = Non
     return k
 
 
+def _tc(x2d, w, scales, bits, group_size) -> bool:
+    """Whether the tensor-core GEMV (kernels/qgemv_tc_cuda.py) serves this case (self-tested per template)."""
+    return (gemv_tc_on() and qgemv_tc_cuda.supports(x2d, w, bits, group_size)
+            and qgemv_tc_cuda.ready(x2d.dtype, scales.dtype, bits, group_size, x2d.shape[0]))
+
+
 def qgemv_fused(x2d, w, scales, biases, bits, group_size, norm_weight=None, eps=1e-5, residual=None,
                 swiglu=False):
-    """The CUDA kernel: x2d [M<=4, K] -> [M, N or N/2]."""
+    """The CUDA kernel: x2d [M<=4, K] -> [M, N or N/2] (the tensor-core GEMV where it serves the case)."""
+    if _tc(x2d, w, scales, bits, group_size):
+        return qgemv_tc_cuda.qgemv_tc(x2d, w, scales, biases, bits, group_size, norm_weight, eps, residual, swiglu)
     m, k = x2d.shape
     n = w.shape[0]
     cfg = qmm_cuda.default_config(m, n // 2 if swiglu else n, k, bits)
@@ -178,6 +186,9 @@ def qkv_rope(x, w, scales, biases, bits, group_size, *, n_heads, n_kv, head_dim,
 
 
 def _qgemv_rope(x2d, w, scales, biases, bits, group_size, norm_weight, eps, positions, inv_freq, head_dim, nrot):
+    if _tc(x2d, w, scales, bits, group_size):
+        return qgemv_tc_cuda.qgemv_tc(x2d, w, scales, biases, bits, group_size, norm_weight, eps,
+                                      rope=(positions, inv_freq, head_dim, nrot))
     m, k = x2d.shape
     n = w.shape[0]
     cfg = qmm_cuda.default_config(m, n, k, bits)

@@ -1,0 +1,457 @@
+"""Tensor-core GEMV for 1-8 activation rows ("swap AB"): MLX's affine packed weights on CUDA.
+
+y[M, N] = x[M, K] @ dequant(w)[N, K].T, w uint32 [N, K*bits/32] at 2, 4 or 8 bits, scales / biases
+[N, K/GS], GS 32/64/128 (not 2 bits at 32), x bf16 or fp16, M <= 8.
+
+mma.sync m16n8k16 with the WEIGHTS as operand A (a warp tile = 16 weight rows) and x as operand B
+(its 8 columns are up to 8 rows of x; at M=1 only column 0 is real). Lane l = (g = l/4, t = l%4)
+holds A rows g and g+8 and feeds the mma slots 2t, 2t+1, 2t+8, 2t+9; the K order inside the mma is
+free as long as A and B agree, so per quantization group lane t takes its own contiguous slice of
+GS/4 values of the group (the quad covers exactly one group per mma), and B lanes with the same t
+load x at the same K values (pairs made by byte_perm).
+- Weights to operand: one shift + one mask-or per pair, no subtraction: ((w >> b*i) & mask) | magic is
+  the bf16x2 pair (128 + q_i, 128 + q_{i+H}) (fp16: 1024 + q). 8 bits go as two 4-bit planes (low and
+  high nibble, two mmas, the high plane's sums times 16).
+- Per group the fresh mma sums C = sum x*(magic + q) are folded in fp32:
+  acc += scale * C + (bias - magic' * scale) * sum_x, sum_x from one more mma with A = all ones
+  (shared by the warp's tiles); magic' = magic (17 * magic at 8 bits).
+- A warp owns TT tiles (16*TT rows) and every NWARP-th chunk of U groups; the NWARP warps of a block
+  split K and add their sums in shared memory; one block per 16*TT rows.
+- Epilogues of the fused decode GEMVs (kernels/qmm_fused.py), same defines as kernels/qmm_cuda.py:
+  JANG_NORM (x * nw in the B values, sum x^2 from an mma of x with itself, 1/rms on the final sums),
+  JANG_EPI 1 residual, 2 SwiGLU (a tile's rows g are gate rows, rows g+8 the matching up rows),
+  3 RoPE (rows g / g+8 = h*hd + j / h*hd + j + hd/2, rotated in-lane).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import mlx.core as mx
+
+from .cuda_common import HEADER as COMMON
+
+HEADER = COMMON + r"""
+namespace jang {
+
+// d = a * b (+ c): mma.sync m16n8k16, fp32 accumulate; A fragment a[4], B fragment b0, b1.
+template <typename T>
+__device__ __forceinline__ void tc_mma(float* d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                       uint32_t b0, uint32_t b1);
+template <>
+__device__ __forceinline__ void tc_mma<__nv_bfloat16>(float* d, uint32_t a0, uint32_t a1, uint32_t a2,
+                                                      uint32_t a3, uint32_t b0, uint32_t b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+               "{%8,%9}, {%0,%1,%2,%3};\n"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void tc_mma<__half>(float* d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                               uint32_t b0, uint32_t b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+               "{%8,%9}, {%0,%1,%2,%3};\n"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// (magic | q) is magic + q exactly; ONE2 is the pair (1, 1).
+template <typename T> struct tc_const;
+template <> struct tc_const<__nv_bfloat16> {
+  static constexpr uint32_t MAGIC = 0x43004300u; static constexpr float OFF = 128.f;
+  static constexpr uint32_t ONE2 = 0x3F803F80u;
+};
+template <> struct tc_const<__half> {
+  static constexpr uint32_t MAGIC = 0x64006400u; static constexpr float OFF = 1024.f;
+  static constexpr uint32_t ONE2 = 0x3C003C00u;
+};
+
+template <typename T> __device__ __forceinline__ uint32_t tc_mul2(uint32_t a, uint32_t b);
+template <> __device__ __forceinline__ uint32_t tc_mul2<__nv_bfloat16>(uint32_t a, uint32_t b) {
+  __nv_bfloat162 r = __hmul2(*reinterpret_cast<__nv_bfloat162*>(&a), *reinterpret_cast<__nv_bfloat162*>(&b));
+  return *reinterpret_cast<uint32_t*>(&r);
+}
+template <> __device__ __forceinline__ uint32_t tc_mul2<__half>(uint32_t a, uint32_t b) {
+  __half2 r = __hmul2(*reinterpret_cast<__half2*>(&a), *reinterpret_cast<__half2*>(&b));
+  return *reinterpret_cast<uint32_t*>(&r);
+}
+
+// N consecutive 32-bit words (N in 1, 2, 4, 8; p aligned to min(N, 4) * 4 bytes).
+template <int N>
+__device__ __forceinline__ void tc_ldw(const uint32_t* p, uint32_t* r) {
+  if constexpr (N >= 4) {
+#pragma unroll
+    for (int i = 0; i < N; i += 4) {
+      const uint4 v = __ldg(reinterpret_cast<const uint4*>(p + i));
+      r[i] = v.x; r[i + 1] = v.y; r[i + 2] = v.z; r[i + 3] = v.w;
+    }
+  } else if constexpr (N == 2) {
+    const uint2 v = __ldg(reinterpret_cast<const uint2*>(p));
+    r[0] = v.x; r[1] = v.y;
+  } else {
+    r[0] = __ldg(p);
+  }
+}
+
+}  // namespace jang
+"""
+
+SOURCE = r"""
+#ifndef JANG_EPI
+#define JANG_EPI 0      // 0 plain, 1 + residual `res`, 2 silu(gate) * up of row pairs, 3 RoPE (JANG_HD, JANG_NROT)
+#endif
+#ifndef JANG_NORM
+#define JANG_NORM 0     // 1: x is RMS-normalised with weight `nw` (and JANG_EPS) on the fly
+#endif
+  constexpr int KL = GS / 4;                        // K values per lane per group
+  constexpr int WL = KL * BITS / 32;                // packed words per lane, row and group
+  constexpr int XL = KL / 2;                        // x registers (value pairs) per lane and group
+  constexpr int VPW = 32 / BITS;                    // K values per word
+  constexpr int SPW = BITS == 8 ? 1 : VPW / 4;      // mma k-steps per word (per nibble plane at 8 bits)
+  constexpr int DX = BITS == 8 ? 1 : VPW / 4;       // distance of a B pair's two x registers
+  constexpr int NP = BITS == 8 ? 2 : 1;             // nibble planes
+  constexpr int FB = BITS == 8 ? 4 : BITS;          // bits per field placed in a mantissa
+  constexpr uint32_t MASK2 = ((1u << FB) - 1u) * 0x00010001u;
+  constexpr uint32_t MAGIC = jang::tc_const<T>::MAGIC;
+  constexpr float OFF = jang::tc_const<T>::OFF * (BITS == 8 ? 17.f : 1.f);
+  constexpr int NT = 32 * NWARP;
+  static_assert(WL >= 1 && KL % 8 == 0, "qgemv_tc: group too small for this bit width");
+
+  const int M = x_shape[0];
+  const int N = w_shape[0];
+  const int KW = w_shape[1];
+  const int K = KW * VPW;
+  const int NGR = K / GS;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t = lane & 3;
+
+#if JANG_EPI == 2 || JANG_EPI == 3
+  const int NO = N / 2;                             // output pairs: a tile holds 8 (rows g and g+8)
+#else
+  const int NO = N;
+#endif
+#if JANG_EPI == 3
+  constexpr int HH = JANG_HD / 2;
+#endif
+
+  // This lane's two weight rows of each tile.
+  const uint32_t* wr[TT][2];
+  const S* sr[TT][2];
+  const S* br[TT][2];
+#pragma unroll
+  for (int a = 0; a < TT; ++a) {
+    const int tile = blockIdx.x * TT + a;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+#if JANG_EPI == 2
+      const int n = min(tile * 8 + g, NO - 1) + r * NO;
+#elif JANG_EPI == 3
+      const int o = min(tile * 8 + g, NO - 1);
+      const int n = (o / HH) * JANG_HD + o % HH + r * HH;
+#else
+      const int n = min(tile * 16 + g + 8 * r, N - 1);
+#endif
+      wr[a][r] = w + (size_t)n * KW + t * WL;
+      sr[a][r] = scales + (size_t)n * NGR;
+      br[a][r] = biases + (size_t)n * NGR;
+    }
+  }
+  const T* xr = x + (size_t)min(g, M - 1) * K + t * KL;   // B column g = x row g
+
+  float acc[TT][4];
+#pragma unroll
+  for (int a = 0; a < TT; ++a)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) acc[a][c] = 0.f;
+  float ssd[4] = {0.f, 0.f, 0.f, 0.f};              // JANG_NORM: x x^T, its diagonal is sum x^2
+
+  const int nch = NGR / U;
+  for (int ch = warp; ch < nch; ch += NWARP) {
+    const int g0 = ch * U;
+    // 1. every load of the chunk first: weights, x, scales and biases
+    uint32_t wq[U][TT][2][WL];
+    uint32_t xv[U][XL];
+    S sv[U][TT][2], bv[U][TT][2];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int grp = g0 + u;
+#pragma unroll
+      for (int a = 0; a < TT; ++a)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) jang::tc_ldw<WL>(wr[a][r] + (size_t)grp * (GS * BITS / 32), wq[u][a][r]);
+      jang::tc_ldw<XL>(reinterpret_cast<const uint32_t*>(xr + (size_t)grp * GS), xv[u]);
+#pragma unroll
+      for (int a = 0; a < TT; ++a)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          sv[u][a][r] = sr[a][r][grp];
+          bv[u][a][r] = br[a][r][grp];
+        }
+    }
+    // 2. per group: mmas into fresh sums, then the group's scale and bias
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+#if JANG_NORM
+      {
+        uint32_t nv[XL];
+        jang::tc_ldw<XL>(reinterpret_cast<const uint32_t*>(nw + (size_t)(g0 + u) * GS + t * KL), nv);
+#pragma unroll
+        for (int i = 0; i < XL; i += 2)     // sum x^2: A = B = raw x, the diagonal of the product
+          jang::tc_mma<T>(ssd, xv[u][i], xv[u][i], xv[u][i + 1], xv[u][i + 1], xv[u][i], xv[u][i + 1]);
+#pragma unroll
+        for (int i = 0; i < XL; ++i) xv[u][i] = jang::tc_mul2<T>(xv[u][i], nv[i]);
+      }
+#endif
+      float sx[4] = {0.f, 0.f, 0.f, 0.f};
+      float d[TT][NP][4];
+#pragma unroll
+      for (int a = 0; a < TT; ++a)
+#pragma unroll
+        for (int p = 0; p < NP; ++p)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) d[a][p][c] = 0.f;
+#pragma unroll
+      for (int i = 0; i < WL; ++i) {
+#pragma unroll
+        for (int s = 0; s < SPW; ++s) {
+          const int xi = BITS == 8 ? 2 * i : i * (VPW / 2) + s;
+          const uint32_t b0 = __byte_perm(xv[u][xi], xv[u][xi + DX], 0x5410);
+          const uint32_t b1 = __byte_perm(xv[u][xi], xv[u][xi + DX], 0x7632);
+          constexpr uint32_t ONE2 = jang::tc_const<T>::ONE2;
+          jang::tc_mma<T>(sx, ONE2, ONE2, ONE2, ONE2, b0, b1);
+#pragma unroll
+          for (int a = 0; a < TT; ++a) {
+#pragma unroll
+            for (int p = 0; p < NP; ++p) {
+              // pairs (field j, field j + VPW/2) of the word; 8 bits: nibble planes p (shift 4p, 4p + 8)
+              const int sh0 = BITS == 8 ? 4 * p : BITS * 2 * s;
+              const int sh1 = BITS == 8 ? 4 * p + 8 : BITS * (2 * s + 1);
+              const uint32_t w0 = wq[u][a][0][i], w1 = wq[u][a][1][i];
+              jang::tc_mma<T>(d[a][p], ((w0 >> sh0) & MASK2) | MAGIC, ((w1 >> sh0) & MASK2) | MAGIC,
+                              ((w0 >> sh1) & MASK2) | MAGIC, ((w1 >> sh1) & MASK2) | MAGIC, b0, b1);
+            }
+          }
+        }
+      }
+#pragma unroll
+      for (int a = 0; a < TT; ++a)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const float sc = jang::to_f(sv[u][a][r]);
+          const float bb = fmaf(-OFF, sc, jang::to_f(bv[u][a][r]));
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            float v = fmaf(bb, sx[c], acc[a][2 * r + c]);
+            v = fmaf(sc, d[a][0][2 * r + c], v);
+            if constexpr (NP == 2) v = fmaf(16.f * sc, d[a][NP - 1][2 * r + c], v);
+            acc[a][2 * r + c] = v;
+          }
+        }
+    }
+  }
+
+  // 3. add the NWARP warps' sums (lane-major: conflict-free), then emit from TT*32 threads.
+  __shared__ float red[NWARP][TT * 4][32];
+  __shared__ float ssr[NWARP][8];
+#pragma unroll
+  for (int a = 0; a < TT; ++a)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) red[warp][a * 4 + c][lane] = acc[a][c];
+  if (JANG_NORM && t == (g >> 1)) ssr[warp][g] = ssd[g & 1];   // D[g][g] sits in lane (g, g/2)
+  __syncthreads();
+  for (int j = tid; j < TT * 32; j += NT) {
+    const int a = j >> 5, l = j & 31, gg = l >> 2, tt = l & 3;
+    if (2 * tt >= M) continue;
+    float v[4];
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      v[c] = 0.f;
+#pragma unroll
+      for (int k = 0; k < NWARP; ++k) v[c] += red[k][a * 4 + c][l];
+    }
+    const int tile = blockIdx.x * TT + a;
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      const int m = 2 * tt + c;
+      if (m >= M) continue;
+      float inv = 1.f;
+#if JANG_NORM
+      {
+        float s2 = 0.f;
+#pragma unroll
+        for (int k = 0; k < NWARP; ++k) s2 += ssr[k][m];
+        inv = rsqrtf(s2 / (float)K + JANG_EPS);
+      }
+#endif
+      const float v0 = v[c] * inv, v1 = v[2 + c] * inv;   // rows g and g + 8 of the tile
+#if JANG_EPI == 2
+      const int o = tile * 8 + gg;
+      if (o < NO) y[(size_t)m * NO + o] = jang::from_f<T>(v0 / (1.f + __expf(-v0)) * v1);
+#elif JANG_EPI == 3
+      const int o = tile * 8 + gg;
+      if (o < NO) {
+        const int h = o / HH, jj = o % HH;
+        float a0 = v0, a1 = v1;
+        if (h < JANG_NROT) {
+          float sn, cs;
+          sincosf((float)rpos[m] * rfreq[jj], &sn, &cs);
+          a0 = v0 * cs - v1 * sn;
+          a1 = v0 * sn + v1 * cs;
+        }
+        y[(size_t)m * N + h * JANG_HD + jj] = jang::from_f<T>(a0);
+        y[(size_t)m * N + h * JANG_HD + jj + HH] = jang::from_f<T>(a1);
+      }
+#else
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int n = tile * 16 + gg + 8 * r;
+        if (n < N) {
+#if JANG_EPI == 1
+          y[(size_t)m * N + n] = jang::from_f<T>((r ? v1 : v0) + jang::to_f(res[(size_t)m * N + n]));
+#else
+          y[(size_t)m * N + n] = jang::from_f<T>(r ? v1 : v0);
+#endif
+        }
+      }
+#endif
+    }
+  }
+"""
+
+MAX_ROWS = 8
+
+
+def supports(x2d: mx.array, w: mx.array, bits: int, group_size: int) -> bool:
+    """Cases the kernel serves: x bf16/fp16 with at most 8 rows, 2/4/8 bits, group 32/64/128 (not 2 bits
+    at group 32: a lane's share of a group would be half a word), whole groups."""
+    k = x2d.shape[-1]
+    m = math.prod(x2d.shape[:-1])
+    return (x2d.dtype in (mx.bfloat16, mx.float16) and 1 <= m <= MAX_ROWS
+            and bits in (2, 4, 8) and group_size in (32, 64, 128) and not (bits == 2 and group_size == 32)
+            and w.dtype == mx.uint32 and w.ndim == 2 and k % group_size == 0 and w.shape[-1] * 32 == k * bits)
+
+
+def rows_bucket(m: int) -> int:
+    return 1 if m <= 1 else 2 if m <= 2 else 4 if m <= 4 else 8
+
+
+def tiles(n: int, paired: bool) -> int:
+    """16-row tiles: 16 consecutive rows, or 8 row pairs (gate/up, RoPE) of n rows."""
+    return -(-(n // 2) // 8) if paired else -(-n // 16)
+
+
+def config(m: int, n: int, k: int, bits: int, group_size: int, paired: bool = False) -> dict:
+    """TT tiles per warp, NWARP warps per block (splitting K), U groups per load step."""
+    wl = group_size * bits // 128                   # words per lane, row and group
+    u = max(1, 4 // wl)                             # ~16 bytes per lane and row in flight per step
+    ngr = k // group_size
+    while ngr % u:
+        u //= 2
+    nt = tiles(n, paired)
+    tt = 2 if nt >= 1024 else 1
+    nwarp = 8 if k >= 8192 else 4
+    return {"TT": tt, "NWARP": nwarp, "U": u}
+
+
+def _fused_names(epi: int, norm: bool) -> list[str]:
+    return ["x", "w", "scales", "biases"] + (["nw"] if norm else []) + (["res"] if epi == 1 else []) + \
+        (["rpos", "rfreq"] if epi == 3 else [])
+
+
+_kernels: dict = {}
+
+
+def kernel(epi: int = 0, norm: bool = False, eps: float = 1e-5, rope: tuple[int, int] | None = None):
+    """The kernel of one epilogue variant (epi 0 plain / 1 residual / 2 SwiGLU / 3 RoPE with
+    rope = (head_dim, rotated heads)); compiled by MLX per template."""
+    key = (epi, norm, float(eps) if norm else None, rope)
+    k = _kernels.get(key)
+    if k is None:
+        defines = f"#define JANG_EPI {epi}\n#define JANG_NORM {int(norm)}\n"
+        if norm:
+            defines += f"#define JANG_EPS {float(eps)!r}f\n"
+        if rope:
+            defines += f"#define JANG_HD {rope[0]}\n#define JANG_NROT {rope[1]}\n"
+        k = _kernels[key] = mx.fast.cuda_kernel(name=f"jang_qgemv_tc_{len(_kernels)}",
+                                                input_names=_fused_names(epi, norm), output_names=["y"],
+                                                source=SOURCE, header=defines + HEADER)
+    return k
+
+
+def launch(m, n, k, dtype, bits, group_size, epi=0, norm=False, eps=1e-5, rope=None, TT=None, NWARP=None, U=None):
+    """A callable f(inputs: list, sdtype) -> y with this shape's launch arguments computed once."""
+    paired = epi in (2, 3)
+    cfg = config(m, n, k, bits, group_size, paired)
+    tt, nwarp, u = TT or cfg["TT"], NWARP or cfg["NWARP"], U or cfg["U"]
+    if (k // group_size) % u:
+        raise ValueError(f"qgemv_tc: U={u} does not divide the {k // group_size} groups")
+    blocks = -(-tiles(n, paired) // tt)
+    kern = kernel(epi, norm, eps, rope)
+    grid, tg = (blocks * 32 * nwarp, 1, 1), (32 * nwarp, 1, 1)
+    n_out = n // 2 if epi == 2 else n
+    shp, odt = [(m, n_out)], [dtype]
+    fixed = [("BITS", bits), ("GS", group_size), ("MM", rows_bucket(m)), ("TT", tt), ("NWARP", nwarp), ("U", u)]
+
+    def f(inputs, sdtype):
+        return kern(inputs=inputs, template=[("T", dtype), ("S", sdtype)] + fixed, grid=grid, threadgroup=tg,
+                    output_shapes=shp, output_dtypes=odt)[0]
+    return f
+
+
+def qgemv_tc(x2d, w, scales, biases, bits, group_size, norm_weight=None, eps=1e-5, residual=None, swiglu=False,
+             rope=None, **cfg):
+    """x2d [M<=8, K] -> [M, N] (N/2 with swiglu) in x's dtype. rope = (positions int32 [M], inv_freq
+    float32 [hd/2], head_dim, rotated heads) for the RoPE epilogue. cfg: TT, NWARP, U overrides."""
+    m, k = x2d.shape
+    n = w.shape[0]
+    epi = 3 if rope is not None else 2 if swiglu else 1 if residual is not None else 0
+    norm = norm_weight is not None
+    f = launch(m, n, k, x2d.dtype, bits, group_size, epi, norm, eps, (rope[2], rope[3]) if rope else None, **cfg)
+    inputs = [x2d, w, scales, biases] + ([norm_weight] if norm else []) + ([residual] if epi == 1 else []) + \
+        ([rope[0], rope[1]] if rope else [])
+    return f(inputs, scales.dtype)
+
+
+def plan(m: int, n: int, k: int, dtype, bits: int, group_size: int):
+    """The plain GEMV as kernels.qmm caches it: f(x2d, w, scales, biases) -> y."""
+    f = launch(m, n, k, dtype, bits, group_size)
+    return lambda x2d, w, sc, bi: f([x2d, w, sc, bi], sc.dtype)
+
+
+_checked: dict = {}
+
+
+def ready(dtype, sdtype, bits: int, group_size: int, m: int) -> bool:
+    """First use of a template (dtype, scale dtype, bits, group, row bucket): run the plain kernel and the
+    norm + SwiGLU variant on a small random case against the dequantized float32 matmul; a mismatch or a
+    compile error turns the tensor-core path off for that template (logged), the scalar GEMV serves it."""
+    key = (dtype, sdtype, bits, group_size, rows_bucket(m))
+    if key not in _checked:
+        ok, why = True, ""
+        try:
+            n, k = 272, 1024
+            wf = mx.random.normal((n, k)).astype(dtype) * 0.05
+            wq, s, b = mx.quantize(wf, group_size=group_size, bits=bits)
+            s, b = s.astype(sdtype), b.astype(sdtype)
+            x = mx.random.normal((rows_bucket(m), k)).astype(dtype)
+            wd = mx.dequantize(wq, s.astype(mx.float32), b.astype(mx.float32), group_size=group_size, bits=bits)
+            ref = x.astype(mx.float32) @ wd.T
+            nw = (mx.random.normal((k,)) * 0.2 + 1).astype(dtype)
+            h = mx.fast.rms_norm(x.astype(mx.float32), nw.astype(mx.float32), 1e-5)
+            gu = h @ wd.T
+            ref2 = gu[:, : n // 2] * mx.sigmoid(gu[:, : n // 2]) * gu[:, n // 2:]
+            for name, y, r in (("plain", qgemv_tc(x, wq, s, b, bits, group_size), ref),
+                               ("norm+swiglu", qgemv_tc(x, wq, s, b, bits, group_size, norm_weight=nw, swiglu=True),
+                                ref2)):
+                err = (mx.linalg.norm(y.astype(mx.float32) - r) / mx.maximum(mx.linalg.norm(r), 1e-30)).item()
+                if not err < 2e-2:
+                    ok, why = False, f"{name}: relative error {err:.3g}"
+                    break
+        except Exception as e:  # a compile or launch error: keep serving through the scalar GEMV
+            ok, why = False, f"{type(e).__name__}: {e}"
+        if not ok:
+            logging.getLogger("jang_serve.kernels").warning(
+                "kernels: cuda tensor-core qgemv %s disabled, using the scalar GEMV (%s)", key, why)
+        _checked[key] = ok
+    return _checked[key]
