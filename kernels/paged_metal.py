@@ -1,8 +1,12 @@
-"""Metal port of the split-K paged attention decode (kernels/paged_cuda.py). UNTESTED ON DEVICE.
+"""Metal port of the paged attention decode v2 (kernels/paged_v2_cuda.py). UNTESTED ON DEVICE.
 
-Same phases and layout as the CUDA kernel: threadgroup (part, kv_head, seq) of 128 threads, one
-token per thread for the scores (dequantizing q8/q4 keys per group), per-part softmax statistics,
-V summed with D/8 lanes per token, partial (o, m, l) per part, then a merge kernel. Scalar loads.
+Same work split as the CUDA v2 kernel: threadgroup (part, kv_head, seq) of 128 threads; the part's
+slots from the block table into threadgroup memory and this lane's slice of the G scaled queries
+into registers; K AND V rows loaded together, D/8 lanes per row and 8 values per lane (q8/q4
+dequantized as `scale * q + bias`), scores reduced by simd shuffles, an online softmax per
+simdgroup, simdgroups merged in threadgroup memory. One difference: the parts are merged by a
+second kernel (v1's combine), not by the last threadgroup through ticket counters, since Metal has
+no portable device-scope fence for that pattern. Scalar loads, G <= 8 (larger G: the reference).
 Guarded by a start-up self-test against the pure-MLX reference (see kernels/metal_common.py).
 """
 
@@ -12,7 +16,7 @@ import math
 
 import mlx.core as mx
 
-from . import paged_cuda
+from . import paged_cuda, paged_v2_cuda
 from .metal_common import HEADER, self_test
 
 THREADS = 128
@@ -21,17 +25,19 @@ BODY = r"""
   constexpr int NT = 128;
   constexpr int NWARP = NT / 32;
   constexpr bool QUANT = BITS < 16;
-  constexpr int DW = QUANT ? D * BITS / 32 : 1;
-  constexpr int NGK = QUANT ? D / KG : 1;
-  constexpr int LPT = D / 8;
-  constexpr int TPW = 32 / LPT;
-  constexpr int NSLOT = NWARP * TPW;
+  constexpr int DW = QUANT ? D * BITS / 32 : 1;   // packed words per token row
+  constexpr int NGK = QUANT ? D / KG : 1;         // quant groups per token row
+  constexpr int LPT = D / 8;                      // lanes per token row
+  constexpr int TPW = 32 / LPT;                   // token rows per simdgroup step
+  constexpr int U = G <= 4 ? 4 : 2;               // steps per iteration
+  constexpr int WT = TPW * U;
+  constexpr int BT = NWARP * WT;
+  constexpr int TPT = (PART + NT - 1) / NT;
 
-  threadgroup float qsh[G][D];
-  threadgroup float qgs[G][NGK];
-  threadgroup float ssh[G][PART];
-  threadgroup float red[NWARP][G];
-  threadgroup float osh[NWARP][G][D];
+  threadgroup int ssl[PART];
+  threadgroup float wm[NWARP][G];
+  threadgroup float wl[NWARP][G];
+  threadgroup float wo[NWARP][G][D];
 
   const int part = threadgroup_position_in_grid.x;
   const int kvh = threadgroup_position_in_grid.y;
@@ -39,17 +45,21 @@ BODY = r"""
   const int nparts = threadgroups_per_grid.x;
   const int tid = thread_position_in_threadgroup.x;
   const int lane = tid & 31, warp = tid >> 5;
+  const int dc = lane % LPT, sub = lane / LPT;
   const int MAXB = tables_shape[1];
   const int BS = POOL_SHAPE[1];
   const int HKV = POOL_SHAPE[2];
   const int HQ = HKV * G;
+  const size_t qh0 = (size_t)b * HQ + (size_t)kvh * G;
+  const size_t obase = qh0 * nparts + part;             // + g * nparts
+
+  // round 1: length, the part's table entries -> slots, this lane's slice of the scaled queries
   const int ctx = lens[b];
   const int start = WINDOW > 0 ? max(0, ctx - WINDOW) : 0;
+  const int end = min(ctx, MAXB * BS);
   const int t0 = start + part * PART;
-  const int t1 = min(ctx, t0 + PART);
-  const size_t obase = ((size_t)b * HQ + (size_t)kvh * G) * nparts + part;
-
-  if (t0 >= t1) {
+  const int n = min(PART, end - t0);
+  if (n <= 0) {
     for (int i = tid; i < G * D; i += NT) po[(obase + (size_t)(i / D) * nparts) * D + i % D] = 0.f;
     if (tid < G) {
       pm[obase + (size_t)tid * nparts] = -INFINITY;
@@ -57,138 +67,123 @@ BODY = r"""
     }
     return;
   }
-
-  const float sscale = scale[0];
-  for (int i = tid; i < G * D; i += NT)
-    qsh[i / D][i % D] = float(q[((size_t)b * HQ + (size_t)kvh * G + i / D) * D + i % D]) * sscale;
-  threadgroup_barrier(mem_flags::mem_threadgroup);
-  if (QUANT) {
-    for (int i = tid; i < G * NGK; i += NT) {
-      float s = 0.f;
-      for (int d = 0; d < KG; ++d) s += qsh[i / NGK][(i % NGK) * KG + d];
-      qgs[i / NGK][i % NGK] = s;
-    }
-    threadgroup_barrier(mem_flags::mem_threadgroup);
-  }
-
   const device int* table = tables + (size_t)b * MAXB;
-  float mloc[G];
-  for (int g = 0; g < G; ++g) mloc[g] = -INFINITY;
-  for (int t = t0 + tid; t < t1; t += NT) {
-    const size_t row = ((size_t)table[t / BS] * BS + (t % BS)) * HKV + kvh;
-    float s[G];
-    for (int g = 0; g < G; ++g) s[g] = 0.f;
-    LOAD_SCORE
-    for (int g = 0; g < G; ++g) {
-      ssh[g][t - t0] = s[g];
-      mloc[g] = max(mloc[g], s[g]);
+  for (int j = 0; j < TPT; ++j) {
+    const int i = tid + j * NT;
+    if (i < PART) {
+      const int t = t0 + i;
+      const int blk = i < n ? table[t / BS] : 0;
+      ssl[i] = (blk * BS + t % BS) * HKV + kvh;
     }
   }
-  for (int g = 0; g < G; ++g) {
-    const float mv = simd_max(mloc[g]);
-    if (lane == 0) red[warp][g] = mv;
-  }
-  threadgroup_barrier(mem_flags::mem_threadgroup);
-  float mxv[G];
-  for (int g = 0; g < G; ++g) {
-    mxv[g] = red[0][g];
-    for (int wi = 1; wi < NWARP; ++wi) mxv[g] = max(mxv[g], red[wi][g]);
-  }
-  threadgroup_barrier(mem_flags::mem_threadgroup);
-  float lsum[G];
-  for (int g = 0; g < G; ++g) lsum[g] = 0.f;
-  for (int t = t0 + tid; t < t1; t += NT) {
-    for (int g = 0; g < G; ++g) {
-      const float p = metal::exp(ssh[g][t - t0] - mxv[g]);
-      ssh[g][t - t0] = p;
-      lsum[g] += p;
-    }
-  }
-  for (int g = 0; g < G; ++g) {
-    const float sv = simd_sum(lsum[g]);
-    if (lane == 0) red[warp][g] = sv;
-  }
+  const float sscale = scale[0];
+  float qr[G][8];
+  for (int g = 0; g < G; ++g)
+    for (int i = 0; i < 8; ++i) qr[g][i] = float(q[(qh0 + g) * D + dc * 8 + i]) * sscale;
   threadgroup_barrier(mem_flags::mem_threadgroup);
 
-  const int dc = lane % LPT;
-  const int sub = lane / LPT;
-  const int slot = warp * TPW + sub;
-  float o[G][8];
-  for (int g = 0; g < G; ++g)
+  // round 2: K and V rows together (8 values per lane), online softmax per simdgroup
+  float m[G], l[G], o[G][8];
+  for (int g = 0; g < G; ++g) {
+    m[g] = -INFINITY;
+    l[g] = 0.f;
     for (int i = 0; i < 8; ++i) o[g][i] = 0.f;
-  for (int t = t0 + slot; t < t1; t += NSLOT) {
-    const size_t row = ((size_t)table[t / BS] * BS + (t % BS)) * HKV + kvh;
-    float vf[8];
-    LOAD_V
+  }
+  const int base = warp * WT + sub;
+  const int iters = (n + BT - 1) / BT;
+  for (int it = 0; it < iters; ++it) {
+    float kf[U][8], vf[U][8];
+    for (int u = 0; u < U; ++u) {
+      const int i = base + it * BT + u * TPW;
+      if (i < n) {
+        const size_t row = (size_t)ssl[i];
+        LOAD_KV
+      } else {
+        for (int e = 0; e < 8; ++e) { kf[u][e] = 0.f; vf[u][e] = 0.f; }
+      }
+    }
+    float s[U][G];
+    for (int u = 0; u < U; ++u)
+      for (int g = 0; g < G; ++g) {
+        float a = 0.f;
+        for (int e = 0; e < 8; ++e) a = fma(qr[g][e], kf[u][e], a);
+        s[u][g] = a;
+      }
+    for (int off = LPT / 2; off > 0; off >>= 1)
+      for (int u = 0; u < U; ++u)
+        for (int g = 0; g < G; ++g) s[u][g] += simd_shuffle_xor(s[u][g], (ushort)off);
     for (int g = 0; g < G; ++g) {
-      const float p = ssh[g][t - t0];
-      for (int i = 0; i < 8; ++i) o[g][i] = fma(p, vf[i], o[g][i]);
+      float mv = m[g];
+      for (int u = 0; u < U; ++u) {
+        if (base + it * BT + u * TPW >= n) s[u][g] = -INFINITY;
+        mv = max(mv, s[u][g]);
+      }
+      for (int off = LPT; off < 32; off <<= 1) mv = max(mv, simd_shuffle_xor(mv, (ushort)off));
+      const float alpha = m[g] == -INFINITY ? 0.f : metal::exp(m[g] - mv);
+      l[g] *= alpha;
+      for (int e = 0; e < 8; ++e) o[g][e] *= alpha;
+      m[g] = mv;
+      for (int u = 0; u < U; ++u) {
+        const float p = s[u][g] == -INFINITY ? 0.f : metal::exp(s[u][g] - mv);
+        l[g] += p;
+        for (int e = 0; e < 8; ++e) o[g][e] = fma(p, vf[u][e], o[g][e]);
+      }
     }
   }
   for (int off = LPT; off < 32; off <<= 1)
+    for (int g = 0; g < G; ++g) {
+      l[g] += simd_shuffle_xor(l[g], (ushort)off);
+      for (int e = 0; e < 8; ++e) o[g][e] += simd_shuffle_xor(o[g][e], (ushort)off);
+    }
+  if (sub == 0)
     for (int g = 0; g < G; ++g)
-      for (int i = 0; i < 8; ++i) o[g][i] += simd_shuffle_xor(o[g][i], (ushort)off);
-  if (sub == 0) {
-    for (int g = 0; g < G; ++g)
-      for (int i = 0; i < 8; ++i) osh[warp][g][dc * 8 + i] = o[g][i];
-  }
+      for (int e = 0; e < 8; ++e) wo[warp][g][dc * 8 + e] = o[g][e];
+  if (lane == 0)
+    for (int g = 0; g < G; ++g) { wm[warp][g] = m[g]; wl[warp][g] = l[g]; }
   threadgroup_barrier(mem_flags::mem_threadgroup);
+  // merge the simdgroups: this part's (o, m, l); the combine kernel merges the parts
   for (int i = tid; i < G * D; i += NT) {
-    float s = 0.f;
-    for (int wi = 0; wi < NWARP; ++wi) s += osh[wi][i / D][i % D];
-    po[(obase + (size_t)(i / D) * nparts) * D + i % D] = s;
-  }
-  if (tid < G) {
-    float l = 0.f;
-    for (int wi = 0; wi < NWARP; ++wi) l += red[wi][tid];
-    pm[obase + (size_t)tid * nparts] = mxv[tid];
-    pl[obase + (size_t)tid * nparts] = l;
-  }
-"""
-
-SCORE_F = r"""
-    const device T* kr = k + row * D;
-    for (int d = 0; d < D; ++d) {
-      const float kv = float(kr[d]);
-      for (int g = 0; g < G; ++g) s[g] = fma(qsh[g][d], kv, s[g]);
+    const int g = i / D, d = i % D;
+    float M = wm[0][g];
+    for (int w = 1; w < NWARP; ++w) M = max(M, wm[w][g]);
+    float O = 0.f, L = 0.f;
+    for (int w = 0; w < NWARP; ++w) {
+      const float e = wm[w][g] == -INFINITY ? 0.f : metal::exp(wm[w][g] - M);
+      O = fma(e, wo[w][g][d], O);
+      L = fma(e, wl[w][g], L);
     }
-"""
-
-SCORE_Q = r"""
-    const device uint* kr = kq + row * DW;
-    constexpr int WG = KG * BITS / 32;
-    for (int j = 0; j < NGK; ++j) {
-      uint wv[WG];
-      for (int i = 0; i < WG; ++i) wv[i] = kr[j * WG + i];
-      const float sc = float(ks[row * NGK + j]);
-      const float bi = float(kb[row * NGK + j]);
-      float dot[G];
-      for (int g = 0; g < G; ++g) dot[g] = 0.f;
-      for (int e = 0; e < KG; ++e) {
-        const float kqv = float(jang_field<BITS>(wv, e));
-        for (int g = 0; g < G; ++g) dot[g] = fma(qsh[g][j * KG + e], kqv, dot[g]);
-      }
-      for (int g = 0; g < G; ++g) s[g] += sc * dot[g] + bi * qgs[g][j];
+    po[(obase + (size_t)g * nparts) * D + d] = O;
+    if (d == 0) {
+      pm[obase + (size_t)g * nparts] = M;
+      pl[obase + (size_t)g * nparts] = L;
     }
+  }
 """
 
-V_F = r"""
-    for (int i = 0; i < 8; ++i) vf[i] = float(v[row * D + dc * 8 + i]);
+KV_F = r"""
+        for (int e = 0; e < 8; ++e) {
+          kf[u][e] = float(k[row * D + dc * 8 + e]);
+          vf[u][e] = float(v[row * D + dc * 8 + e]);
+        }
 """
 
-V_Q = r"""
-    uint wv[2];
-    const device uint* vr = vq + row * DW + dc * BITS / 4;
-    wv[0] = vr[0];
-    wv[1] = BITS == 8 ? vr[1] : 0u;
-    const int jg = (dc * 8) / KG;
-    const float sc = float(vs[row * NGK + jg]);
-    const float bi = float(vb[row * NGK + jg]);
-    for (int i = 0; i < 8; ++i) vf[i] = fma(sc, float(jang_field<BITS>(wv, i)), bi);
+KV_Q = r"""
+        const int jg = (dc * 8) / KG;
+        uint kw[2], vw[2];
+        kw[0] = kq[row * DW + dc * BITS / 4];
+        vw[0] = vq[row * DW + dc * BITS / 4];
+        kw[1] = BITS == 8 ? kq[row * DW + dc * BITS / 4 + 1] : 0u;
+        vw[1] = BITS == 8 ? vq[row * DW + dc * BITS / 4 + 1] : 0u;
+        const float ksc = float(ks[row * NGK + jg]), kbi = float(kb[row * NGK + jg]);
+        const float vsc = float(vs[row * NGK + jg]), vbi = float(vb[row * NGK + jg]);
+        for (int e = 0; e < 8; ++e) {
+          kf[u][e] = fma(ksc, float(jang_field<BITS>(kw, e)), kbi);
+          vf[u][e] = fma(vsc, float(jang_field<BITS>(vw, e)), vbi);
+        }
 """
 
-SOURCE_F = BODY.replace("LOAD_SCORE", SCORE_F).replace("LOAD_V", V_F).replace("POOL_SHAPE", "k_shape")
-SOURCE_Q = BODY.replace("LOAD_SCORE", SCORE_Q).replace("LOAD_V", V_Q).replace("POOL_SHAPE", "kq_shape")
+SOURCE_F = BODY.replace("LOAD_KV", KV_F).replace("POOL_SHAPE", "k_shape")
+SOURCE_Q = BODY.replace("LOAD_KV", KV_Q).replace("POOL_SHAPE", "kq_shape")
 
 SOURCE_COMBINE = r"""
   const int P = pm_shape[2];
@@ -233,7 +228,7 @@ def _get(name):
 
 
 def supports(q, head_dim, g, bits, kv_group) -> bool:
-    return paged_cuda.supports(q, head_dim, g, bits, kv_group)
+    return paged_cuda.supports(q, head_dim, g, bits, kv_group) and paged_v2_cuda.supports(head_dim, g)
 
 
 def paged_decode(q, k_pool, v_pool, block_tables, context_lens, scale, window, bits, kv_group):
@@ -241,10 +236,10 @@ def paged_decode(q, k_pool, v_pool, block_tables, context_lens, scale, window, b
     pool0 = k_pool[0] if bits < 16 else k_pool
     bs, hkv = pool0.shape[1], pool0.shape[2]
     G = HQ // hkv
-    part = paged_cuda.pick_part(G, D, bits < 16)
     span = block_tables.shape[1] * bs
     if window:
         span = min(span, window)
+    part = paged_v2_cuda.pick_part(B, hkv, span)
     nparts = max(1, math.ceil(span / part))
     tmpl = [("T", q.dtype), ("BITS", bits), ("KG", kv_group if bits < 16 else 32), ("D", D), ("G", G),
             ("PART", part), ("WINDOW", int(window or 0))]
