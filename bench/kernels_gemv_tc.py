@@ -93,17 +93,24 @@ def case(epi, dtype, bits, gs, m, n=528, k=1024, **cfg):
 
 def parity(out, deadline):
     rows = out.setdefault("parity", [])
-    grid = [("plain", dt, b, g, m) for dt in (mx.bfloat16, mx.float16) for b, g in BG for m in (1, 2, 4, 8)]
-    grid += [(e, mx.bfloat16, b, g, 1) for e in EPIS if e != "plain" for b, g in BG]
-    grid += [(e, dt, b, 64, m) for e in EPIS if e != "plain" for dt in (mx.bfloat16, mx.float16) for b in (4, 8)
-             for m in (2, 4, 8) if not (dt == mx.bfloat16 and m == 1)]
-    grid += [(e, mx.float16, b, g, 1) for e in EPIS if e != "plain" for b, g in BG]
+    # most important first (the run stops at its deadline): one row bf16, the engine's (bits, group)
+    bf, f16, epis = mx.bfloat16, mx.float16, [e for e in EPIS if e != "plain"]
+    grid = [("plain", bf, b, g, 1) for b, g in BG]
+    grid += [(e, bf, b, 64, 1) for e in epis for b in (4, 8)]
+    grid += [("plain", f16, b, g, 1) for b, g in BG] + [("plain", bf, b, g, m) for m in (2, 4, 8) for b, g in BG]
+    grid += [(e, bf, b, g, 1) for e in epis for b, g in BG if g != 64 or b == 2]
+    grid += [(e, dt, b, 64, m) for e in epis for dt in (bf, f16) for b in (4, 8) for m in (2, 4, 8)]
+    grid += [(e, f16, b, 64, 1) for e in epis for b in (4, 8)]
+    grid += [("plain", f16, b, g, m) for m in (2, 4, 8) for b, g in BG]
+    grid += [(e, f16, b, g, 1) for e in epis for b, g in BG if g != 64 or b == 2]
     t0 = time.time()
     for e, dt, b, g, m in grid:
         if time.time() > deadline:
             out["parity_cut"] = f"stopped at the deadline after {len(rows)} of {len(grid)} cases"
             break
+        t1 = time.time()
         rows.append(case(e, dt, b, g, m))
+        rows[-1]["s"] = round(time.time() - t1, 2)
         if not rows[-1]["ok"]:
             print("FAIL", rows[-1], flush=True)
     # the launch variants that the timings sweep, and odd sizes (partial tiles, K not a power of 2)
@@ -124,7 +131,7 @@ def weight_sets(n, k, bits, gs=64):
     return sets, one
 
 
-def time_plain(out, bw, variants):
+def time_plain(out, bw, variants, save=lambda: None):
     rows = out.setdefault("gemv", [])
     for (n, k) in ((14336, 4096), (4096, 14336)):
         for bits in (4, 2, 8, 3):
@@ -150,12 +157,12 @@ def time_plain(out, bw, variants):
                     rows.append(r)
                     print(r, flush=True)
             sets = None
+            save()
 
 
-def time_fused(out, bw):
-    """The engine's decode GEMVs (Llama-3-8B, JANG_4M): tc vs the scalar fused kernels."""
+def fused_calls():
+    """The engine's decode GEMVs (Llama-3-8B, JANG_4M) as (shapes, call(name, weights))."""
     from jang_serve.kernels.qmm_fused import qkv_rope, qmm_fused
-    rows = out.setdefault("fused", [])
     H, I, HQ, HKV, HD = 4096, 14336, 32, 8, 128
     x = mx.random.normal((1, H)).astype(mx.bfloat16)
     xd = mx.random.normal((1, I)).astype(mx.bfloat16)
@@ -176,18 +183,29 @@ def time_fused(out, bw):
         if name == "gu+swiglu":
             return qmm_fused(x, w, s, b, 4, 64, norm_weight=nw, eps=1e-5, swiglu=True)
         return qmm_fused(xd, w, s, b, 4, 64, residual=res)
+    return shapes, call
 
+
+def with_impl(impl, f):
+    """Run f with the tensor-core GEMV on ("tc") or off ("scalar")."""
+    if impl == "scalar":
+        os.environ["JANG_GEMV_TC"] = "0"
+    try:
+        return f()
+    finally:
+        os.environ.pop("JANG_GEMV_TC", None)
+
+
+def time_fused(out, bw):
+    """The engine's decode GEMVs: tc vs the scalar fused kernels."""
+    rows = out.setdefault("fused", [])
+    shapes, call = fused_calls()
     for name, (n, k, bits) in shapes.items():
         sets, one = weight_sets(n, k, bits)
         nbytes = one + 2 * (n + k) * 2
         for impl in ("tc", "scalar"):
-            if impl == "scalar":
-                os.environ["JANG_GEMV_TC"] = "0"
-            try:
-                t = timed(lambda: [call(name, sets[i % len(sets)]) for i in range(CALLS)])
-                y = call(name, sets[0])
-            finally:
-                os.environ.pop("JANG_GEMV_TC", None)
+            t = with_impl(impl, lambda: timed(lambda: [call(name, sets[i % len(sets)]) for i in range(CALLS)]))
+            y = with_impl(impl, lambda: call(name, sets[0]))
             r = rec(name, t, nbytes, bw, impl=impl, n=n, k=k, bits=bits)
             if impl == "tc":
                 y_tc = y
@@ -204,7 +222,7 @@ def ncu_mode():
     import ctypes
 
     lib = ctypes.CDLL("libcuda.so.1")
-    calls = []
+    calls, labels = [], []
     for (n, k) in ((14336, 4096), (4096, 14336)):
         for bits in (2, 3, 4, 8):
             ws = mx.quantize((mx.random.normal((n, k)) * 0.02).astype(mx.bfloat16), group_size=64, bits=bits)
@@ -212,12 +230,22 @@ def ncu_mode():
             mx.eval(ws, x)
             if bits != 3:
                 calls.append(lambda x=x, ws=ws, bits=bits: tc.qgemv_tc(x, *ws, bits, 64))
+                labels.append(f"tc {n}x{k} b{bits}")
             calls.append(lambda x=x, ws=ws, bits=bits: qmm_cuda.qgemv(x, *ws, bits, 64))
             calls.append(lambda x=x, ws=ws, bits=bits: mx.quantized_matmul(x, *ws, transpose=True, group_size=64,
                                                                            bits=bits))
+            labels += [f"scalar {n}x{k} b{bits}", f"qmm {n}x{k} b{bits}"]
+    shapes, call = fused_calls()
+    for name, (n, k, bits) in shapes.items():
+        ws = mx.quantize((mx.random.normal((n, k)) * 0.02).astype(mx.bfloat16), group_size=64, bits=bits)
+        mx.eval(ws)
+        for impl in ("tc", "scalar"):
+            calls.append(lambda name=name, ws=ws, impl=impl: with_impl(impl, lambda: call(name, ws)))
+            labels.append(f"{impl} {name}")
     for f in calls:
         mx.eval(f())
     mx.synchronize()
+    print("order", labels, flush=True)
     lib.cuProfilerStart()
     for f in calls:
         mx.eval(f())
@@ -254,8 +282,8 @@ def main():
             time_fused(out, bw)
             save()
             variants = [tuple(int(v) for v in c.split(",")) for c in
-                        os.environ.get("GT_VARIANTS", "1,4,2;2,4,2;1,8,2;2,8,1;1,8,1").split(";") if c]
-            time_plain(out, bw, variants)
+                        os.environ.get("GT_VARIANTS", "1,4,2;2,4,2;1,8,2;2,8,1;1,8,1;1,4,4;1,8,4").split(";") if c]
+            time_plain(out, bw, variants, save)
     finally:
         save()
 

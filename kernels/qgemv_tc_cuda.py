@@ -258,7 +258,7 @@ SOURCE = r"""
   for (int a = 0; a < TT; ++a)
 #pragma unroll
     for (int c = 0; c < 4; ++c) red[warp][a * 4 + c][lane] = acc[a][c];
-  if (JANG_NORM && t == (g >> 1)) ssr[warp][g] = ssd[g & 1];   // D[g][g] sits in lane (g, g/2)
+  if (JANG_NORM && t == (g >> 1)) ssr[warp][g] = (g & 1) ? ssd[1] : ssd[0];   // D[g][g] sits in lane (g, g/2)
   __syncthreads();
   for (int j = tid; j < TT * 32; j += NT) {
     const int a = j >> 5, l = j & 31, gg = l >> 2, tt = l & 3;
