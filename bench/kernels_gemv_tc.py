@@ -109,7 +109,11 @@ def parity(out, deadline):
             out["parity_cut"] = f"stopped at the deadline after {len(rows)} of {len(grid)} cases"
             break
         t1 = time.time()
-        rows.append(case(e, dt, b, g, m))
+        try:
+            rows.append(case(e, dt, b, g, m))
+        except Exception as ex:   # a compile or launch error is a failed case, not the end of the run
+            rows.append(dict(epi=e, dtype=str(dt).split(".")[-1], bits=b, gs=g, m=m, ok=False, err=float("inf"),
+                             error=f"{type(ex).__name__}: {str(ex)[:300]}"))
         rows[-1]["s"] = round(time.time() - t1, 2)
         if not rows[-1]["ok"]:
             print("FAIL", rows[-1], flush=True)
