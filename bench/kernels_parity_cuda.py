@@ -149,7 +149,7 @@ def paged_cases():
     rng = np.random.default_rng(0)
     combos = [(mx.bfloat16, kvq, heads, None) for kvq in (None, (8, 64), (8, 32), (4, 64), (4, 32))
               for heads in ((32, 8, 128), (8, 8, 64), (16, 2, 128))]
-    combos += [(mx.bfloat16, None, (4, 1, 256), None)]
+    combos += [(mx.bfloat16, None, (4, 1, 256), None), (mx.bfloat16, None, (64, 8, 128), None)]
     combos += [(mx.bfloat16, kvq, (32, 8, 128), 100) for kvq in (None, (4, 64))]
     combos += [(mx.float16, kvq, (32, 8, 128), None) for kvq in (None, (4, 64))]
     for dtype, kv_quant, (hq, hkv, d), window in combos:
@@ -166,10 +166,12 @@ def paged_cases():
         bits = 16 if kv_quant is None else kv_quant[0]
         grp = 32 if kv_quant is None else kv_quant[1]
         parts = (None, 32, 64) if (hq, hkv, d) == (32, 8, 128) and dtype == mx.bfloat16 else (None,)
-        for part in parts:  # None: the default (occupancy_part); small parts as batch-1 decode picks them
-            y = paged_cuda.paged_decode(q, kp, vp, tables, mx.array(lens), scale, window, bits, grp, part=part)
-            out.append(dict(op="paged_decode", dtype=str(dtype), kv=str(kv_quant), hq=hq, hkv=hkv, d=d,
-                            window=window, part=part, err=relerr(y, ref), ref_err=relerr(lower, ref)))
+        for impl in ("v1", "v2"):   # v1: split-K + merge kernel; v2: one launch (kernels/paged_v2_cuda.py)
+            for part in parts:  # None: the default part; small parts as batch-1 decode picks them
+                y = paged_cuda.paged_decode(q, kp, vp, tables, mx.array(lens), scale, window, bits, grp, part=part,
+                                            impl=impl)
+                out.append(dict(op=f"paged_decode_{impl}", dtype=str(dtype), kv=str(kv_quant), hq=hq, hkv=hkv,
+                                d=d, window=window, part=part, err=relerr(y, ref), ref_err=relerr(lower, ref)))
     # the public entry point
     kp, vp = make_pool(64, 16, 8, 128, mx.bfloat16, (4, 64))
     tables = mx.array(rng.permutation(64)[:60].reshape(4, 15).astype(np.int32))
