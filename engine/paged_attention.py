@@ -16,6 +16,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from jang_serve.kernels import paged_attention_decode
+from jang_serve.kernels.kv_write import kv_write_inplace
 from jang_serve.kernels.paged import paged_decode_plan
 
 from .attention import StepLayout, attend_one
@@ -29,7 +30,10 @@ def write_kv(k_pool, v_pool, k: mx.array, v: mx.array, slot_mapping, kv_quant=No
     instead of a scatter between two reshapes, which a decode step repeats for every layer).
 
     The scatter updates the pool in place when the pool array has no other reference, so callers
-    should drop their old handle (assign the returned pools back)."""
+    should drop their old handle (assign the returned pools back). With (block ids, offsets) and
+    plain 16-bit pools on CUDA, one kernel writes both in place (kernels/kv_write.py)."""
+    if kv_quant is None and isinstance(slot_mapping, tuple):
+        return kv_write_inplace(k_pool, v_pool, k, v, *slot_mapping)
     return _write(k_pool, k, slot_mapping, kv_quant), _write(v_pool, v, slot_mapping, kv_quant)
 
 

@@ -16,6 +16,8 @@ do at first use (route choice, self-tests that evaluate arrays) never happens in
 
 from __future__ import annotations
 
+import os
+
 import mlx.core as mx
 import mlx.nn as nn
 
@@ -69,6 +71,7 @@ class CompiledBlock:
         self._att: dict = {}  # kv_quant -> compiled (pre + attention) / (link + attention) of this block
         self.seen_att: set[tuple] = set()  # step keys whose first call ran the unfolded chain (block 0 only)
         self.folded_calls = 0  # steps that ran with the attention folded in (block 0 counts them)
+        self._whole: dict = {}  # kv_quant -> the whole decode chain as one compiled function (block 0 only)
 
     def attend_eager(self, kv_quant):
         """f(q, k, v, blk, off, tables, lens, *kv) -> (o, *kv'): this block's KV write and paged decode
@@ -84,12 +87,12 @@ class CompiledBlock:
             return (o, *_flat(kp), *_flat(vp))
         return att
 
-    def folded(self, kv_quant, first: bool):
+    def folded(self, kv_quant, first: bool, compiled: bool = True):
         """Compiled step pieces with the attention inside (one compiled call per layer, nothing eager):
         first=True:  g(x, positions, blk, off, tables, lens, *kv)        -> (o, *kv')        pre + attention
         first=False: g(x, o, positions, blk, off, tables, lens, *kv_next) -> (h, o', *kv_next') post + the
                      next block's pre + attention"""
-        key = (kv_quant, first)
+        key = (kv_quant, first, compiled)
         fn = self._att.get(key)
         if fn is None:
             if first:
@@ -105,7 +108,7 @@ class CompiledBlock:
                     h = post(x, o)
                     q, k, v = pre(h, positions)
                     return (h, *att(q, k, v, blk, off, tables, lens, *kv))
-            fn = self._att[key] = mx.compile(g)
+            fn = self._att[key] = mx.compile(g) if compiled else g
         return fn
 
     def link_to(self, nxt: "CompiledBlock") -> None:
@@ -172,6 +175,33 @@ def decode_chain(blocks, x, positions, attn_backend):
     return x
 
 
+def whole_chain_on() -> bool:
+    """JANG_DECODE_WHOLE=0: one compiled call per layer instead of one for the whole chain (A/B)."""
+    return os.environ.get("JANG_DECODE_WHOLE", "1") != "0"
+
+
+def _whole_fn(blocks, kvq):
+    """The folded chain of every block as ONE compiled function (traced per batch and table width):
+    whole(x, positions, blk, off, tables, lens, *kv of every layer) -> (x, *kv')."""
+    first = blocks[0].compiled
+    fn = first._whole.get(kvq)
+    if fn is None:
+        gs = [first.folded(kvq, True, compiled=False)] + \
+            [b.compiled.folded(kvq, False, compiled=False) for b in blocks[:-1]]
+        post_last = blocks[-1].compiled.post_eager
+        n2 = 2 if kvq is None else 6
+
+        def whole(x, positions, blk, off, tables, lens, *kv):
+            step = (blk, off, tables, lens)
+            o, *outs = gs[0](x, positions, *step, *kv[:n2])
+            for i in range(1, len(gs)):
+                x, o, *new = gs[i](x, o, positions, *step, *kv[i * n2:(i + 1) * n2])
+                outs += new
+            return (post_last(x, o), *outs)
+        fn = first._whole[kvq] = mx.compile(whole)
+    return fn
+
+
 def _folded_chain(blocks, x, positions, be):
     pool, kvq = be.pool, be.pool.kv_quant
     step = (*be.slots, be.block_tables, be.context_lens_arr)
@@ -185,15 +215,22 @@ def _folded_chain(blocks, x, positions, be):
 
     first = blocks[0].compiled
     first.folded_calls += 1
-    o, *kv = first.folded(kvq, True)(x, positions, *step, *parts(blocks[0].self_attn.layer))
-    store(blocks[0].self_attn.layer, kv)
+    layers = [b.self_attn.layer for b in blocks]
+    if whole_chain_on():
+        x, *kv = _whole_fn(blocks, kvq)(x, positions, *step, *(p for layer in layers for p in parts(layer)))
+        for i, layer in enumerate(layers):
+            store(layer, kv[2 * n * i:2 * n * (i + 1)])
+        for b in blocks:
+            b.compiled.calls += 1
+        return x
+    o, *kv = first.folded(kvq, True)(x, positions, *step, *parts(layers[0]))
+    store(layers[0], kv)
     for i, b in enumerate(blocks):
         c = b.compiled
         c.calls += 1
         if i + 1 < len(blocks):
-            nxt = blocks[i + 1].self_attn.layer
-            x, o, *kv = c.folded(kvq, False)(x, o, positions, *step, *parts(nxt))
-            store(nxt, kv)
+            x, o, *kv = c.folded(kvq, False)(x, o, positions, *step, *parts(layers[i + 1]))
+            store(layers[i + 1], kv)
         else:
             x = c.post(x, o)
     return x
