@@ -9,7 +9,7 @@ Kernels, as the compiled decode step calls them (engine/models/compiled.py):
   o      o_proj (4096x4096, 8 bits) + residual                   kernels.qmm_fused.qmm_fused
   gu     RMSNorm + fused gate/up (28672x4096, 4 bits) + SwiGLU
   down   down_proj (4096x14336, 4 bits) + residual
-  paged  paged decode attention, one sequence, bf16 KV          kernels.paged_cuda.plan
+  paged  paged decode attention, one sequence, bf16 KV          kernels.paged_cuda.plan (v1 and v2)
   write  the KV write (two scatters)                            engine.paged_attention.write_kv
 `time`: 100 calls queued, one eval, median of 5, weights rotated over > 8x the L2 (bench/kernels_bench.py
 method); GEMVs at their default (R, W) and a sweep of (R rows per team, W warps per team); the
@@ -107,13 +107,17 @@ def time_mode(out):
     prow = out.setdefault("paged", [])
     for ctx in (140, 1024, 4096):
         q, kp, vp, tables, lens = paged_inputs(ctx)
-        for part in (None, 32, 64, 128, 256, 512):
+        for impl, part in [("v1", p) for p in (None, 32, 64, 128, 256, 512)] + [("v2", None)]:
             def calls():
-                return [paged_cuda.paged_decode(q, kp, vp, tables, lens, 0.088, None, 16, 32, part=part)
+                return [paged_cuda.paged_decode(q, kp, vp, tables, lens, 0.088, None, 16, 32, part=part, impl=impl)
                         for _ in range(CALLS)]
             t = timed(calls)
-            used = part or paged_cuda.occupancy_part(paged_cuda.pick_part(4, HD, False), 1, HKV, tables.shape[1] * 32)
-            prow.append(rec("paged_b1", t, None, None, ctx=ctx, part=used, default=part is None,
+            if impl == "v2":
+                used = part or paged_cuda.v2.pick_part(1, HKV, tables.shape[1] * 32)
+            else:
+                used = part or paged_cuda.occupancy_part(paged_cuda.pick_part(4, HD, False), 1, HKV,
+                                                         tables.shape[1] * 32)
+            prow.append(rec("paged_b1", t, None, None, ctx=ctx, part=used, default=part is None, impl=impl,
                             table_width=tables.shape[1]))
             print(prow[-1], flush=True)
         k1 = mx.random.normal((1, HKV, HD)).astype(DT)
@@ -146,7 +150,8 @@ def ncu_mode():
     XD[:] = [mx.random.normal((1, I)).astype(DT)]
     mx.eval(x, nw, res, pos, inv, ws, XD)
     calls = {name: (lambda name=name: gemv_call(name, ws[name], x, nw, res, pos, inv)) for name in SHAPES}
-    calls["paged"] = lambda: paged_cuda.paged_decode(q, kp, vp, tables, lens, 0.088, None, 16, 32)
+    calls["paged"] = lambda: paged_cuda.paged_decode(q, kp, vp, tables, lens, 0.088, None, 16, 32, impl="v1")
+    calls["paged_v2"] = lambda: paged_cuda.paged_decode(q, kp, vp, tables, lens, 0.088, None, 16, 32, impl="v2")
     for f in calls.values():   # compile + warm up
         mx.eval(f())
     mx.synchronize()
