@@ -220,6 +220,12 @@ def time_fused(out, bw):
         sets = None
 
 
+def variants():
+    """(TT, NWARP, U) launch shapes swept beside the default (GT_VARIANTS="1,4,2;2,8,1")."""
+    return [tuple(int(v) for v in c.split(",")) for c in
+            os.environ.get("GT_VARIANTS", "1,4,2;2,4,2;1,8,2;2,8,1;1,8,1;1,4,4;1,8,4").split(";") if c]
+
+
 def ncu_mode():
     """Each kernel once under the profiler: tc / scalar / mx.quantized_matmul at the issue's shapes (2, 3, 4,
     8 bits, one row) and the fused decode shapes (tc, scalar)."""
@@ -235,6 +241,10 @@ def ncu_mode():
             if bits != 3:
                 calls.append(lambda x=x, ws=ws, bits=bits: tc.qgemv_tc(x, *ws, bits, 64))
                 labels.append(f"tc {n}x{k} b{bits}")
+                for c in variants():     # the swept launch shapes too (GPU time ranks them better than queued)
+                    calls.append(lambda x=x, ws=ws, bits=bits, c=c: tc.qgemv_tc(x, *ws, bits, 64, TT=c[0], NWARP=c[1],
+                                                                              U=c[2]))
+                    labels.append(f"tc {n}x{k} b{bits} TT{c[0]} NWARP{c[1]} U{c[2]}")
             calls.append(lambda x=x, ws=ws, bits=bits: qmm_cuda.qgemv(x, *ws, bits, 64))
             calls.append(lambda x=x, ws=ws, bits=bits: mx.quantized_matmul(x, *ws, transpose=True, group_size=64,
                                                                            bits=bits))
@@ -285,9 +295,7 @@ def main():
             out["copy_GBps"], out["copies"] = bw / 1e9, copies
             time_fused(out, bw)
             save()
-            variants = [tuple(int(v) for v in c.split(",")) for c in
-                        os.environ.get("GT_VARIANTS", "1,4,2;2,4,2;1,8,2;2,8,1;1,8,1;1,4,4;1,8,4").split(";") if c]
-            time_plain(out, bw, variants, save)
+            time_plain(out, bw, variants(), save)
     finally:
         save()
 
