@@ -30,11 +30,17 @@ def write_kv(k_pool, v_pool, k: mx.array, v: mx.array, slot_mapping, kv_quant=No
     instead of a scatter between two reshapes, which a decode step repeats for every layer).
 
     The scatter updates the pool in place when the pool array has no other reference, so callers
-    should drop their old handle (assign the returned pools back). With (block ids, offsets) and
-    plain 16-bit pools on CUDA, one kernel writes both in place (kernels/kv_write.py)."""
-    if kv_quant is None and isinstance(slot_mapping, tuple):
-        return kv_write_inplace(k_pool, v_pool, k, v, *slot_mapping)
+    should drop their old handle (assign the returned pools back)."""
     return _write(k_pool, k, slot_mapping, kv_quant), _write(v_pool, v, slot_mapping, kv_quant)
+
+
+def write_kv_before(q, k_pool, v_pool, k, v, slots: tuple, kv_quant=None):
+    """write_kv for a layer whose attention reads the pools through `q`: returns (q, k_pool, v_pool).
+    With plain 16-bit pools on CUDA one kernel writes K and V in place and passes q through, so the
+    attention that takes the returned q runs after the write (kernels/kv_write.py)."""
+    if kv_quant is None:
+        return kv_write_inplace(k_pool, v_pool, k, v, *slots, q)
+    return (q, *write_kv(k_pool, v_pool, k, v, slots, kv_quant))
 
 
 def slot_parts(slot_mapping: mx.array, block_size: int) -> tuple[mx.array, mx.array]:
@@ -159,7 +165,8 @@ class PagedBackend:
         pool, tf = self.pool, self.pool.transform
         if tf is not None:  # quantized KV: store and attend in the smoothed, rotated basis
             q, k, v = tf.queries(layer, q), tf.keys(layer, k), tf.values(layer, v)
-        pool.k[layer], pool.v[layer] = write_kv(pool.k[layer], pool.v[layer], k, v, self.slots, pool.kv_quant)
+        q, pool.k[layer], pool.v[layer] = write_kv_before(q, pool.k[layer], pool.v[layer], k, v, self.slots,
+                                                          pool.kv_quant)
         if self.decode_only:  # one decode plan per (scale, window) for all layers of the step
             key = (scale, window, q.shape, q.dtype)
             run = self._plans.get(key)

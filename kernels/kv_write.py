@@ -1,14 +1,17 @@
 """Decode-step KV write: new keys and values into their pool slots with one kernel, in place.
 
-    kv_write_inplace(k_pool, v_pool, k [T, Hkv, D], v, blocks [T], offsets [T]) -> (k_pool, v_pool)
+    kv_write_inplace(k_pool, v_pool, k [T, Hkv, D], v, blocks [T], offsets [T], q [T, Hq, D])
+        -> (q, k_pool, v_pool)
 
 The specification is two MLX scatters (`pool[blocks, offsets] = k`, same for v), which the engine
 runs on the CPU and on Metal. On CUDA (bf16/fp16 pools) one kernel copies both rows of every new
 token straight into the pool buffers: one launch instead of two scatters and their view nodes per
-layer and step. MLX does not know that kernel writes the pools, so the pools it returns are the
-same buffers behind `mx.depends` on the kernel's (tiny) output: anything that reads them (the
-paged attention of this layer, later steps) is ordered after the write. The pools must be
-row-contiguous (they are: zeros at start-up, and every scatter returns a contiguous array).
+layer and step. MLX does not know that the kernel writes the pools, and its CUDA graphs order
+kernels by data dependencies only, so the kernel also passes the layer's queries through (q in,
+a copy out): the attention, which reads the pools, takes that copy and so runs after the write.
+The pools come back unchanged (same arrays); steps are separate graphs, run in stream order. The
+pools must be row-contiguous (they are: zeros at start-up, and every scatter returns a contiguous
+array).
 """
 
 from __future__ import annotations
@@ -19,11 +22,23 @@ from . import backend
 
 SOURCE = r"""
   // thread i of token t = blockIdx.y copies 16 bytes (8 values) of k's and v's rows [H, D] of token t
+  // into the pools, and 16 bytes of q's row [HQ, D] to qo
   const int t = blockIdx.y;
   const int H = k_shape[1], D = k_shape[2];
+  const int HQ = q_shape[1];
   const int BS = kpool_shape[1];
   const int per = H * D / 8;
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < HQ * D / 8) {
+    const int h = (i * 8) / D, d = (i * 8) % D;
+    const T* qs = q + (size_t)t * q_strides[0] + (size_t)h * q_strides[1] + d;
+    T* qd = qo + ((size_t)t * HQ + h) * D + d;
+    if ((reinterpret_cast<size_t>(qs) & 15) == 0) {
+      *reinterpret_cast<uint4*>(qd) = *reinterpret_cast<const uint4*>(qs);
+    } else {
+      for (int j = 0; j < 8; ++j) qd[j] = qs[j];
+    }
+  }
   if (i < per) {
     const int h = (i * 8) / D, d = (i * 8) % D;
     const size_t sk = (size_t)t * k_strides[0] + (size_t)h * k_strides[1] + d;
@@ -42,7 +57,6 @@ SOURCE = r"""
       for (int j = 0; j < 8; ++j) { kp[j] = ks[j]; vp[j] = vs[j]; }
     }
   }
-  if (t == 0 && i == 0) done[0] = 1;
 """
 
 THREADS = 128
@@ -53,8 +67,8 @@ _ready: bool | None = None
 def _get():
     global _kernel
     if _kernel is None:
-        _kernel = mx.fast.cuda_kernel(name="jang_kv_write", input_names=["k", "v", "blk", "off", "kpool", "vpool"],
-                                      output_names=["done"], source=SOURCE, ensure_row_contiguous=False)
+        _kernel = mx.fast.cuda_kernel(name="jang_kv_write", input_names=["q", "k", "v", "blk", "off", "kpool", "vpool"],
+                                      output_names=["qo"], source=SOURCE, ensure_row_contiguous=False)
     return _kernel
 
 
@@ -77,8 +91,9 @@ def ready() -> bool:
             pools = [mx.random.normal((4, 4, 2, 16)).astype(mx.bfloat16) for _ in range(2)]
             copies = [p + 0 for p in pools]   # own buffers: the kernel writes in place
             mx.eval(kv, pools, copies)
-            want = reference(pools[0], pools[1], k, v, blk, off)
-            got = _launch(copies[0], copies[1], k, v, blk, off)
+            q = kv[:, 2:5]
+            want = (q, *reference(pools[0], pools[1], k, v, blk, off))
+            got = _launch(copies[0], copies[1], k, v, blk, off, q)
             mx.eval(want, got)
             _ready = all(mx.array_equal(a, b).item() for a, b in zip(want, got))
             if not _ready:
@@ -95,17 +110,18 @@ def reference(k_pool, v_pool, k, v, blocks, offsets):
     return k_pool, v_pool
 
 
-def kv_write_inplace(k_pool, v_pool, k: mx.array, v: mx.array, blocks: mx.array, offsets: mx.array):
-    """See the module docstring; the reference (two scatters) where the kernel does not apply."""
-    if v.shape != k.shape or v_pool.shape != k_pool.shape or not supported(k_pool, k):
-        return reference(k_pool, v_pool, k, v, blocks, offsets)
-    return _launch(k_pool, v_pool, k, v, blocks, offsets)
+def kv_write_inplace(k_pool, v_pool, k: mx.array, v: mx.array, blocks: mx.array, offsets: mx.array, q: mx.array):
+    """See the module docstring; the reference (two scatters, q as it is) where the kernel does not apply."""
+    if v.shape != k.shape or v_pool.shape != k_pool.shape or q.dtype != k.dtype or q.ndim != 3 \
+            or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2] or not supported(k_pool, k):
+        return (q, *reference(k_pool, v_pool, k, v, blocks, offsets))
+    return _launch(k_pool, v_pool, k, v, blocks, offsets, q)
 
 
-def _launch(k_pool, v_pool, k, v, blocks, offsets):
+def _launch(k_pool, v_pool, k, v, blocks, offsets, q):
     t, h, d = k.shape
-    per = h * d // 8
-    done = _get()(inputs=[k, v, blocks, offsets, k_pool, v_pool], template=[("T", k.dtype)],
-                  grid=(-(-per // THREADS) * THREADS, t, 1), threadgroup=(THREADS, 1, 1),
-                  output_shapes=[(1,)], output_dtypes=[mx.int32])[0]
-    return tuple(mx.depends([k_pool, v_pool], [done]))
+    chunks = max(h, q.shape[1]) * d // 8
+    qo = _get()(inputs=[q, k, v, blocks, offsets, k_pool, v_pool], template=[("T", k.dtype)],
+                grid=(-(-chunks // THREADS) * THREADS, t, 1), threadgroup=(THREADS, 1, 1),
+                output_shapes=[q.shape], output_dtypes=[q.dtype])[0]
+    return qo, k_pool, v_pool

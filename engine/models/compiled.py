@@ -24,7 +24,7 @@ import mlx.nn as nn
 from jang_serve.kernels import paged_attention_decode
 from jang_serve.kernels.qmm_fused import qkv_rope, qmm_fused, rope_inv_freq
 
-from ..paged_attention import write_kv
+from ..paged_attention import write_kv_before
 from .decoder import MLP, Attention, Block
 from .layers import FusedLinear, QLinear, RoPE
 
@@ -82,7 +82,7 @@ class CompiledBlock:
 
         def att(q, k, v, blk, off, tables, lens, *kv):
             kp, vp = _pool(kv[:nk]), _pool(kv[nk:])
-            kp, vp = write_kv(kp, vp, k, v, (blk, off), kv_quant)
+            q, kp, vp = write_kv_before(q, kp, vp, k, v, (blk, off), kv_quant)
             o = paged_attention_decode(q, kp, vp, tables, lens, a.scale, a.window, kv_quant)
             return (o, *_flat(kp), *_flat(vp))
         return att
