@@ -35,7 +35,8 @@ def write_kv(k_pool, v_pool, k: mx.array, v: mx.array, slot_mapping, kv_quant=No
 
 
 def write_kv_before(q, k_pool, v_pool, k, v, slots: tuple, kv_quant=None):
-    """write_kv for a layer whose attention reads the pools through `q`: returns (q, k_pool, v_pool).
+    """write_kv for a layer whose attention reads the pools only in ops that take `q` (the paged decode
+    kernel; not the prefill paths, which gather K/V without q): returns (q, k_pool, v_pool).
     With plain 16-bit pools on CUDA one kernel writes K and V in place and passes q through, so the
     attention that takes the returned q runs after the write (kernels/kv_write.py)."""
     if kv_quant is None:
@@ -165,8 +166,11 @@ class PagedBackend:
         pool, tf = self.pool, self.pool.transform
         if tf is not None:  # quantized KV: store and attend in the smoothed, rotated basis
             q, k, v = tf.queries(layer, q), tf.keys(layer, k), tf.values(layer, v)
-        q, pool.k[layer], pool.v[layer] = write_kv_before(q, pool.k[layer], pool.v[layer], k, v, self.slots,
-                                                          pool.kv_quant)
+        if self.decode_only:  # the decode kernel reads the pools through q (kernels/kv_write.py)
+            q, pool.k[layer], pool.v[layer] = write_kv_before(q, pool.k[layer], pool.v[layer], k, v, self.slots,
+                                                              pool.kv_quant)
+        else:  # prefill gathers K/V from the pools without q: a scatter, ordered by data
+            pool.k[layer], pool.v[layer] = write_kv(pool.k[layer], pool.v[layer], k, v, self.slots, pool.kv_quant)
         if self.decode_only:  # one decode plan per (scale, window) for all layers of the step
             key = (scale, window, q.shape, q.dtype)
             run = self._plans.get(key)
