@@ -1,6 +1,7 @@
 """The kernels of one batch-1 decode layer (Llama-3-8B shapes, JANG_4M bits) one by one, on the device.
 
     python3 bench/decode_kernels.py OUT.json time          # queued timings and launch-shape sweeps
+    python3 bench/decode_kernels.py OUT.json dequant       # kernels/dequant_cuda vs mx.dequantize
     ncu --set detailed --clock-control none --profile-from-start off --csv --page details \
         --log-file OUT.csv python3 bench/decode_kernels.py - ncu     # each kernel once, profiled
 
@@ -163,6 +164,29 @@ def ncu_mode():
     print("profiled", list(calls), flush=True)
 
 
+def dequant_mode(out):
+    """kernels/dequant_cuda against mx.dequantize: max difference and queued time (weights rotated)."""
+    from jang_serve.kernels import dequant_cuda
+
+    bw, _ = copy_bandwidth()
+    rows = out.setdefault("dequant", [])
+    for n, k, bits in ((14336, 4096, 4), (4096, 14336, 4), (28672, 4096, 4), (6144, 4096, 8), (14336, 4096, 2)):
+        one = n * k * bits // 8 + 4 * n * (k // 64)
+        sets = [qweights(n, k, bits) for _ in range(max(2, math.ceil(ROTATE_BYTES / one)))]
+        mx.eval(sets)
+        w, s, b = sets[0]
+        ref = mx.dequantize(w, s, b, group_size=64, bits=bits)
+        got = dequant_cuda.dequantize(w, s, b, bits, 64, DT)
+        diff = mx.max(mx.abs(ref.astype(mx.float32) - got.astype(mx.float32))).item()
+        nbytes = one + n * k * 2
+        for name, f in (("mx.dequantize", lambda ws: mx.dequantize(*ws, group_size=64, bits=bits)),
+                        ("dequant_cuda", lambda ws: dequant_cuda.dequantize(*ws, bits, 64, DT))):
+            t = timed(lambda: [f(sets[i % len(sets)]) for i in range(20)])
+            rows.append(rec(name, t, nbytes, bw, n=n, k=k, bits=bits, max_abs_diff_vs_mx=diff))
+            print(rows[-1], flush=True)
+        sets = None
+
+
 def main():
     out_path, mode = sys.argv[1], sys.argv[2]
     if mode == "ncu":
@@ -176,7 +200,10 @@ def main():
                                        capture_output=True, text=True).stdout.strip()
     except Exception:
         out["device"] = str(mx.default_device())
-    time_mode(out)
+    if mode == "dequant":
+        dequant_mode(out)
+    else:
+        time_mode(out)
     Path(out_path).write_text(json.dumps(out, indent=1) + "\n")
 
 

@@ -96,6 +96,11 @@ def gemv_plan(m: int, x, w, scales, bits: int, group_size: int):
     return qmm_cuda.plan(m, n, k, x.dtype, bits, group_size)
 
 
+def dequant_on() -> bool:
+    """JANG_DEQUANT=0: mx.dequantize before cuBLAS instead of kernels/dequant_cuda (A/B)."""
+    return os.environ.get("JANG_DEQUANT", "1") != "0"
+
+
 def qgemm_bits() -> tuple[int, ...]:
     env = os.environ.get("JANG_QGEMM_BITS", "").strip()
     return tuple(int(b) for b in env.split(",") if b.strip()) if env else QGEMM_BITS
@@ -192,7 +197,13 @@ def qmm(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: int,
         if fn is not None:
             return fn(x.reshape(m, k), w, scales, biases).reshape(*lead, w.shape[0])
         if route == "dequant":
-            wd = mx.dequantize(w, scales, biases, group_size=group_size, bits=bits).astype(x.dtype)
+            from . import dequant_cuda
+
+            if dequant_cuda.supports(w, bits, group_size, x.dtype) and dequant_on() \
+                    and dequant_cuda.ready(bits, group_size, x.dtype, scales.dtype):
+                wd = dequant_cuda.dequantize(w, scales, biases, bits, group_size, x.dtype)
+            else:
+                wd = mx.dequantize(w, scales, biases, group_size=group_size, bits=bits).astype(x.dtype)
             return x @ wd.T
         return qmm_reference(x, w, scales, biases, bits, group_size)
     if b == "metal":
