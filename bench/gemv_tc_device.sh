@@ -3,6 +3,7 @@
 #   bash bench/gemv_tc_device.sh [parity,time] [ncu]
 # Results in $OUT: gemv-tc.json (parity + queued timings), ncu.csv (GPU time per kernel, one row).
 set -o pipefail
+python3 -c 'import mlx.core as mx; print("mlx", mx.__version__, mx.default_device())' || exit 3
 source bench/device_env.sh
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader

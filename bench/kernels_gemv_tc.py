@@ -138,9 +138,9 @@ def weight_sets(n, k, bits, gs=64):
 def time_plain(out, bw, variants, save=lambda: None):
     rows = out.setdefault("gemv", [])
     for (n, k) in ((14336, 4096), (4096, 14336)):
-        for bits in (4, 2, 8, 3):
+        for bits in [int(b) for b in os.environ.get("GT_BITS", "4,2,8,3").split(",")]:
             sets, one = weight_sets(n, k, bits)
-            for m in ((1, 2, 4, 8) if bits == 4 else (1,)):
+            for m in ([int(r) for r in os.environ.get("GT_ROWS", "1,2,4,8").split(",")] if bits == 4 else (1,)):
                 x = mx.random.normal((m, k)).astype(mx.bfloat16)
                 mx.eval(x)
                 nbytes = one + 2 * m * (n + k)
@@ -241,7 +241,7 @@ def ncu_mode():
             if bits != 3:
                 calls.append(lambda x=x, ws=ws, bits=bits: tc.qgemv_tc(x, *ws, bits, 64))
                 labels.append(f"tc {n}x{k} b{bits}")
-                for c in variants():     # the swept launch shapes too (GPU time ranks them better than queued)
+                for c in (variants() if bits == 4 else ()):     # the swept launch shapes too (GPU time ranks them better than queued)
                     calls.append(lambda x=x, ws=ws, bits=bits, c=c: tc.qgemv_tc(x, *ws, bits, 64, TT=c[0], NWARP=c[1],
                                                                               U=c[2]))
                     labels.append(f"tc {n}x{k} b{bits} TT{c[0]} NWARP{c[1]} U{c[2]}")
