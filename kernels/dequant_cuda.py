@@ -5,9 +5,11 @@
 The specification is `mx.dequantize` (w_hat = scale * q + bias per group); computed here in float32
 with one rounding to the output dtype. From 192 activation rows kernels.qmm dequantizes the weight and
 lets cuBLAS run the dense matmul; MLX's dequantize moves ~1.2 TB/s there (kernels-gemm-h100.json:
-~125 us for a 14336x4096 4-bit matrix), so a prefill step of a JANG model paid ~18 ms over bf16 in
-dequantization alone. One thread per 16-byte unit of packed weights (64 / 32 / 16 values at 2 / 4 / 8
-bits): one 16-byte load, its group's scale and bias, and 16-byte stores of the values.
+~125 us for a 14336x4096 4-bit matrix), and a JANG_4M prefill step of an 8B model took ~18 ms longer
+than bf16's (e2e-h100.json timelines). One thread per 8 output values: one 16-byte store (a warp
+writes 512 contiguous bytes), 8 x bits of packed weights (a warp reads 64 / 128 / 256 contiguous
+bytes at 2 / 4 / 8 bits), its group's scale and bias from L1. (A first version with one thread per
+16-byte unit of packed weights wrote 64-128 bytes per thread and was slower than MLX at 2 bits.)
 """
 
 from __future__ import annotations
@@ -17,39 +19,34 @@ import mlx.core as mx
 from .cuda_common import HEADER
 
 SOURCE = r"""
-  constexpr int VALS = 128 / BITS;                 // values per 16-byte unit
-  constexpr int NG = VALS > GS ? VALS / GS : 1;    // groups per unit
-  constexpr int GV = VALS / NG;                    // values per group chunk of the unit
+  // thread e: 8 consecutive output values (one 16-byte store; a warp writes 512 contiguous bytes) from
+  // 8 * BITS bits of packed weights (2, 4 or 8 bytes, never across a word pair) and one group's scale/bias
   constexpr uint32_t MASK = (1u << BITS) - 1u;
   const int KW = w_shape[1];
   const int K = KW * 32 / BITS;
-  const int upr = K / VALS;                        // units per row
-  const size_t u = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-  const size_t total = (size_t)w_shape[0] * upr;
-  if (u >= total) return;
-  const size_t n = u / upr;
-  const int c = (int)(u % upr);
-  const uint4 pw = __ldg(reinterpret_cast<const uint4*>(w) + u);
-  const uint32_t words[4] = {pw.x, pw.y, pw.z, pw.w};
-  const int ngr = K / GS;
-  T* out = y + n * (size_t)K + (size_t)c * VALS;
-#pragma unroll
-  for (int g = 0; g < NG; ++g) {
-    const int grp = (c * VALS + g * GV) / GS;
-    const float sc = jang::to_f(scales[n * ngr + grp]);
-    const float bi = jang::to_f(biases[n * ngr + grp]);
-#pragma unroll
-    for (int j0 = 0; j0 < GV; j0 += 8) {
-      T v[8];
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const int j = g * GV + j0 + i;             // value index within the unit
-        const uint32_t q = (words[(j * BITS) / 32] >> ((j * BITS) % 32)) & MASK;
-        v[i] = jang::from_f<T>(fmaf(sc, (float)q, bi));
-      }
-      *reinterpret_cast<uint4*>(out + g * GV + j0) = *reinterpret_cast<const uint4*>(v);
-    }
+  const int per_row = K / 8;
+  const size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (e >= (size_t)w_shape[0] * per_row) return;
+  const size_t n = e / per_row;
+  const int k0 = (int)(e % per_row) * 8;
+  const uint32_t* wr = w + n * (size_t)KW;
+  uint32_t lo, hi = 0u;
+  if constexpr (BITS == 8) {
+    const uint2 p = __ldg(reinterpret_cast<const uint2*>(wr + k0 / 4));
+    lo = p.x; hi = p.y;
+  } else {
+    lo = __ldg(wr + (k0 * BITS) / 32) >> ((k0 * BITS) % 32);
   }
+  const int grp = k0 / GS;
+  const float sc = jang::to_f(scales[n * (size_t)(K / GS) + grp]);
+  const float bi = jang::to_f(biases[n * (size_t)(K / GS) + grp]);
+  T v[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const uint32_t q = BITS == 8 ? (((i < 4 ? lo : hi) >> (8 * (i % 4))) & MASK) : ((lo >> (BITS * i)) & MASK);
+    v[i] = jang::from_f<T>(fmaf(sc, (float)q, bi));
+  }
+  *reinterpret_cast<uint4*>(y + n * (size_t)K + k0) = *reinterpret_cast<const uint4*>(v);
 """
 
 THREADS = 256
@@ -66,7 +63,7 @@ def _get():
 
 def supports(w: mx.array, bits: int, group_size: int, dtype) -> bool:
     return (bits in (2, 4, 8) and group_size in (32, 64, 128) and w.dtype == mx.uint32 and w.ndim == 2
-            and dtype in (mx.bfloat16, mx.float16) and (w.shape[1] * 32 // bits) % (128 // bits) == 0)
+            and dtype in (mx.bfloat16, mx.float16) and (w.shape[1] * 32 // bits) % group_size == 0)
 
 
 def dequantize(w: mx.array, scales: mx.array, biases: mx.array, bits: int, group_size: int, dtype) -> mx.array:
@@ -75,7 +72,7 @@ def dequantize(w: mx.array, scales: mx.array, biases: mx.array, bits: int, group
         return mx.dequantize(w, scales, biases, group_size=group_size, bits=bits).astype(dtype)
     n, kw = w.shape
     k = kw * 32 // bits
-    units = n * (k // (128 // bits))
+    units = n * (k // 8)
     return _get()(inputs=[w, scales, biases],
                   template=[("T", dtype), ("BITS", bits), ("GS", group_size)],
                   grid=(-(-units // THREADS) * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),

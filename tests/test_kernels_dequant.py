@@ -1,5 +1,6 @@
-"""kernels/dequant_cuda.py on the CPU: a NumPy port of the kernel's work split (one thread per
-16-byte unit, its group(s), the field extraction) against mx.dequantize; and the fallback route.
+"""kernels/dequant_cuda.py on the CPU: a NumPy port of the kernel's work split (one thread per 8
+output values, its packed bits and group, the field extraction) against mx.dequantize; and the
+fallback route.
 The CUDA kernel itself runs on the device (its first-use self-test, and bench/decode_kernels.py)."""
 
 from __future__ import annotations
@@ -12,24 +13,24 @@ from jang_serve.kernels import dequant_cuda
 
 
 def port(w: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int, gs: int) -> np.ndarray:
-    vals = 128 // bits
-    ng = vals // gs if vals > gs else 1
-    gv = vals // ng
+    """The kernel's work split: thread e makes 8 consecutive values of one row from 8*bits packed bits."""
     mask = (1 << bits) - 1
     n, kw = w.shape
     k = kw * 32 // bits
-    upr = k // vals
+    per_row = k // 8
     out = np.zeros((n, k), np.float32)
-    units = w.reshape(n * upr, 4)               # one 16-byte unit per thread
-    for u in range(n * upr):
-        row, c = divmod(u, upr)
-        words = units[u]
-        for g in range(ng):
-            grp = (c * vals + g * gv) // gs
-            sc, bi = scales[row, grp], biases[row, grp]
-            for j in range(g * gv, (g + 1) * gv):
-                q = (int(words[(j * bits) // 32]) >> ((j * bits) % 32)) & mask
-                out[row, c * vals + j] = np.float32(sc) * np.float32(q) + np.float32(bi)
+    for e in range(n * per_row):
+        row, k0 = e // per_row, (e % per_row) * 8
+        wr = w[row]
+        if bits == 8:
+            lo, hi = int(wr[k0 // 4]), int(wr[k0 // 4 + 1])
+        else:
+            lo, hi = int(wr[(k0 * bits) // 32]) >> ((k0 * bits) % 32), 0
+        grp = k0 // gs
+        sc, bi = np.float32(scales[row, grp]), np.float32(biases[row, grp])
+        for i in range(8):
+            q = ((lo if i < 4 else hi) >> (8 * (i % 4))) & mask if bits == 8 else (lo >> (bits * i)) & mask
+            out[row, k0 + i] = sc * np.float32(q) + bi
     return out
 
 
