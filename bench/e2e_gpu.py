@@ -46,7 +46,8 @@ from jang_serve.quantize.profiles import FIXED_PROFILES
 from jang_serve.quantize.roles import Role, role
 
 from e2e_baseline import mlx_lm_4bit, run_mlx_lm_batch, run_mlx_lm_single, summarize  # noqa: E402
-from e2e_switches import ROUTE_CONFIGS, no_fused, no_qgemm, with_env  # noqa: E402
+from e2e_switches import (ABLATIONS_BATCH1, ABLATIONS_BATCHED, ROUTE_CONFIGS, no_fused, no_qgemm,  # noqa: E402
+                          with_env)
 
 LLAMA3_8B = dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                  num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, rms_norm_eps=1e-5,
@@ -362,7 +363,16 @@ def main():
             # the same JANG run with the tiled GEMM off (5-191 rows through mx.quantized_matmul)
             ("batched/ours-jang4m-noqgemm",
              lambda: no_qgemm(run_ours, models["ours-jang4m"], cfg, warmb, args.genb, args.kv_gb, args.budget),
-             lambda: no_qgemm(run_ours, models["ours-jang4m"], cfg, pb, args.genb, args.kv_gb, args.budget))]
+             lambda: no_qgemm(run_ours, models["ours-jang4m"], cfg, pb, args.genb, args.kv_gb, args.budget)),
+            # one switch flipped per run (e2e_switches.ABLATIONS_*)
+            *[(f"batch1/ours-jang4m-{tag}",
+               (lambda env=env: with_env(env, run_ours, models["ours-jang4m"], cfg, warm1, args.gen1, args.kv_gb, args.budget)),
+               (lambda env=env: with_env(env, run_ours, models["ours-jang4m"], cfg, p1, args.gen1, args.kv_gb, args.budget)))
+              for tag, env in ABLATIONS_BATCH1.items()],
+            *[(f"batched/ours-jang4m-{tag}",
+               (lambda env=env: with_env(env, run_ours, models["ours-jang4m"], cfg, warmb, args.genb, args.kv_gb, args.budget)),
+               (lambda env=env: with_env(env, run_ours, models["ours-jang4m"], cfg, pb, args.genb, args.kv_gb, args.budget)))
+              for tag, env in ABLATIONS_BATCHED.items()]]
     for name, warm, run in plan:
         if not want(name):
             continue
@@ -371,7 +381,8 @@ def main():
             warm()
             res["timings_s"][name + "/warmup"] = round(time.perf_counter() - t, 1)
             r = run()
-            mname = re.sub(r"-(noqgemm|sync|nocompile|nofused|chunk\d+)$", "", name.split("/")[1])
+            tags = "|".join(["noqgemm", "sync", "nocompile", "nofused", r"chunk\d+", *ABLATIONS_BATCH1, *ABLATIONS_BATCHED])
+            mname = re.sub(rf"-({tags})$", "", name.split("/")[1])
             roof = res["models"][mname]["roofline_tok_s_batch1" if name.startswith("batch1") else "roofline_tok_s_batched"]
             r["roofline_tok_s"] = roof
             r["pct_of_roofline"] = round(100 * r["decode_tok_s"] / roof, 1) if r.get("decode_tok_s") else None

@@ -13,6 +13,19 @@ ROUTE_CONFIGS = [
 ]
 
 
+# Ablations of this session's switches, each an e2e run of the JANG model with one switch flipped
+# (bench/e2e_gpu.py adds batch1/ours-jang4m-<tag> and batched/ours-jang4m-<tag> runs for them).
+ABLATIONS_BATCH1 = {
+    "perlayer": {"JANG_DECODE_WHOLE": "0"},   # one compiled call per layer instead of one per step
+    "nokvwrite": {"JANG_KV_WRITE": "0"},      # two scatters per layer instead of the in-place KV write
+    "notc": {"JANG_GEMV_TC": "0"},            # the scalar GEMV instead of the tensor-core one
+    "pagedv1": {"JANG_PAGED_V2": "0"},        # the two-launch paged decode
+}
+ABLATIONS_BATCHED = {
+    "nodequant": {"JANG_DEQUANT": "0"},       # mx.dequantize before cuBLAS (prefill) instead of dequant_cuda
+}
+
+
 class env_set:
     def __init__(self, env):
         self.env, self.old = env, {}

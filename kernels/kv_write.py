@@ -16,6 +16,8 @@ array).
 
 from __future__ import annotations
 
+import os
+
 import mlx.core as mx
 
 from . import backend
@@ -73,8 +75,9 @@ def _get():
 
 
 def supported(k_pool, k: mx.array) -> bool:
-    """One-kernel path: CUDA, plain (unquantized) 16-bit pools of k's dtype, rows of whole 16-byte chunks."""
-    return (backend.for_op("kv_write") == "cuda" and isinstance(k_pool, mx.array) and k_pool.dtype == k.dtype
+    """One-kernel path: CUDA, plain (unquantized) 16-bit pools of k's dtype, rows of whole 16-byte chunks
+    (JANG_KV_WRITE=0: always the scatters)."""
+    return (os.environ.get("JANG_KV_WRITE", "1") != "0" and backend.for_op("kv_write") == "cuda" and isinstance(k_pool, mx.array) and k_pool.dtype == k.dtype
             and k.dtype in (mx.bfloat16, mx.float16) and k.ndim == 3 and k.shape[2] % 8 == 0 and ready())
 
 
