@@ -234,7 +234,7 @@ def ncu_mode():
     lib = ctypes.CDLL("libcuda.so.1")
     calls, labels = [], []
     for (n, k) in ((14336, 4096), (4096, 14336)):
-        for bits in (2, 3, 4, 8):
+        for bits in [int(b) for b in os.environ.get("GT_BITS", "4,2,8,3").split(",")]:
             ws = mx.quantize((mx.random.normal((n, k)) * 0.02).astype(mx.bfloat16), group_size=64, bits=bits)
             x = mx.random.normal((1, k)).astype(mx.bfloat16)
             mx.eval(ws, x)
