@@ -169,6 +169,7 @@ def dequant_mode(out):
     from jang_serve.kernels import dequant_cuda
 
     bw, _ = copy_bandwidth()
+    out["copy_GBps"] = bw / 1e9
     rows = out.setdefault("dequant", [])
     for n, k, bits in ((14336, 4096, 4), (4096, 14336, 4), (28672, 4096, 4), (6144, 4096, 8), (14336, 4096, 2)):
         one = n * k * bits // 8 + 4 * n * (k // 64)
