@@ -426,7 +426,11 @@ def main():
         batched_jang4m_vs_mlxlm4bit=ratio("batched/ours-jang4m", "batched/mlxlm-4bit", "tok_s"),
         batched_decode_jang4m_vs_mlxlm4bit=ratio("batched/ours-jang4m", "batched/mlxlm-4bit", "decode_tok_s"),
         batched_jang4m_vs_ours_bf16=ratio("batched/ours-jang4m", "batched/ours-bf16", "tok_s"),
-        batched_decode_jang4m_vs_ours_bf16=ratio("batched/ours-jang4m", "batched/ours-bf16", "decode_tok_s"))
+        batched_decode_jang4m_vs_ours_bf16=ratio("batched/ours-jang4m", "batched/ours-bf16", "decode_tok_s"),
+        **{f"batch1_decode_jang4m_vs_{tag}": ratio("batch1/ours-jang4m", f"batch1/ours-jang4m-{tag}", "decode_tok_s")
+           for tag in ABLATIONS_BATCH1},
+        **{f"batched_jang4m_vs_{tag}": ratio("batched/ours-jang4m", f"batched/ours-jang4m-{tag}", "tok_s")
+           for tag in ABLATIONS_BATCHED})
     save()
     log("\n== summary (tok/s; decode = after every sequence has its first token) ==")
     for name, v in r.items():
