@@ -150,7 +150,7 @@ def check_paged():
             ins, body = q + [("kq", "uint32"), ("ks", "bfloat16"), ("kb", "bfloat16"), ("vq", "uint32"),
                              ("vs", "bfloat16"), ("vb", "bfloat16")], paged_v2_cuda.SOURCE_Q
         ins += [("tables", "int32"), ("lens", "int32"), ("scale", "float32"), ("cnt", "int32")]
-        outs = [("out", "bfloat16"), ("po", "float32"), ("pm", "float32"), ("pl", "float32"), ("cnt_out", "int32")]
+        outs = [("out", "bfloat16"), ("po", "float32"), ("pm", "float32"), ("pl", "float32")]
         tmpl = [("T", "bfloat16"), ("BITS", bits), ("KG", 64 if bits < 16 else 32), ("D", d), ("G", g),
                 ("PART", part), ("WINDOW", window)]
         ok &= compile_one(f"paged v2 bits={bits} G={g} D={d} PART={part} window={window}",

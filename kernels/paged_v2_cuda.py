@@ -13,11 +13,13 @@ does as a chain of dependent memory round trips, v2 does in about three:
            at once. Otherwise every part stores its (o, m, l), fences, and takes a ticket from an
            int32 counter per (sequence, kv head); the last part to arrive reads the others (__ldcg,
            L2), writes the merged output and resets the counter to 0 for the next launch.
-The counters come from the previous launch: each launch takes the zeroed counter array that the
-launch before it returned (a kernel output `cnt_out`, zeroed by the part-0 blocks) as its input
-`cnt` and updates that input in place (no other op reads it). The input makes this launch depend on
-the previous one in MLX's graph: MLX's CUDA graphs order kernels by data dependencies only, so two
-launches sharing one persistent counter buffer could run at the same time and mix their tickets.
+The counters are persistent zeroed int32 buffers owned by this module, a kernel input that no
+other op reads and that the kernel updates in place; the last part resets its counter, so every
+launch leaves its buffer at zero. MLX's CUDA graphs order kernels by data dependencies only, so two
+launches that do not depend on each other (two runs of decode sequences in one layer of a mixed
+step) may run at once: consecutive calls take consecutive buffers of a ring of RING per size, and
+a buffer comes back only RING calls later (by then ordered by data: the layers in between). Plain
+constants, so the launch is safe inside mx.compile traces too (the engine's compiled decode step).
 q8/q4 KV: a lane's 8 values lie in one quant group; it loads 8 or 4 bytes of packed words plus
 that group's scale and bias and dequantizes to floats (`scale * q + bias`) before the dot product.
 """
@@ -85,7 +87,7 @@ template <typename T, int BITS, int KG, int D, int G, int PART, int WINDOW>
 __device__ __forceinline__ void paged_decode_v2(
     const T* q, const void* kp, const T* ks, const T* kb, const void* vp, const T* vs, const T* vb,
     const int* tables, const int* lens, const float* scale_p, const int* cnt_in, int MAXB, int BS, int HKV,
-    T* out, float* po, float* pm, float* pl, int* cnt_out) {
+    T* out, float* po, float* pm, float* pl) {
   constexpr int NT = 128;
   constexpr int NWARP = NT / 32;
   constexpr int LPT = D / 8;              // lanes per token row
@@ -108,7 +110,6 @@ __device__ __forceinline__ void paged_decode_v2(
   const int dc = lane % LPT, sub = lane / LPT;
   const int HQ = HKV * G;
   const size_t qh0 = (size_t)b * HQ + (size_t)kvh * G;     // first query head of the group
-  if (part == 0 && tid == 0) cnt_out[(size_t)b * HKV + kvh] = 0;   // the next launch's counters
 
   // round 1: length, table entries (speculative when there is no window) and queries, together
   const int ctx = lens[b];
@@ -313,6 +314,7 @@ __device__ __forceinline__ void paged_decode_v2(
     }
     if (lane == 0) { mg[g] = M; ilg[g] = L > 0.f ? 1.f / L : 0.f; }
   }
+  if (tid == 0) *cnt = 0;   // every part has arrived: ready for the buffer's next launch
   __syncthreads();
   constexpr int IPT = (G * D + NT - 1) / NT;
   float acc[IPT];
@@ -355,13 +357,13 @@ __device__ __forceinline__ void paged_decode_v2(
 SOURCE_F = r"""
   jang::paged_decode_v2<T, BITS, KG, D, G, PART, WINDOW>(
       q, k, nullptr, nullptr, v, nullptr, nullptr, tables, lens, scale, cnt,
-      tables_shape[1], k_shape[1], k_shape[2], out, po, pm, pl, cnt_out);
+      tables_shape[1], k_shape[1], k_shape[2], out, po, pm, pl);
 """
 
 SOURCE_Q = r"""
   jang::paged_decode_v2<T, BITS, KG, D, G, PART, WINDOW>(
       q, kq, ks, kb, vq, vs, vb, tables, lens, scale, cnt,
-      tables_shape[1], kq_shape[1], kq_shape[2], out, po, pm, pl, cnt_out);
+      tables_shape[1], kq_shape[1], kq_shape[2], out, po, pm, pl);
 """
 
 THREADS = 128
@@ -370,7 +372,8 @@ PARTS = (32, 64, 128, 256, 512)
 TARGET_BLOCKS = 264     # two per SM on a 132-SM H100
 
 _kernels: dict[str, object] = {}
-_cnt: dict[int, mx.array] = {}   # size -> the newest launch's counters (zeroed when it runs)
+RING = 64
+_cnt: dict[int, list] = {}   # size -> [next index, RING zeroed buffers]
 
 
 def _get(quant: bool):
@@ -379,17 +382,20 @@ def _get(quant: bool):
         ins = (["q", "kq", "ks", "kb", "vq", "vs", "vb"] if quant else ["q", "k", "v"]) + \
             ["tables", "lens", "scale", "cnt"]
         _kernels[name] = mx.fast.cuda_kernel(
-            name=f"jang_paged_decode_v2_{name}", input_names=ins, output_names=["out", "po", "pm", "pl", "cnt_out"],
+            name=f"jang_paged_decode_v2_{name}", input_names=ins, output_names=["out", "po", "pm", "pl"],
             source=SOURCE_Q if quant else SOURCE_F, header=COMMON + HEADER)
     return _kernels[name]
 
 
 def counters(n: int) -> mx.array:
-    """The int32 ticket counters for the next launch over n (sequence, kv head) pairs: the previous
-    launch's zeroed `cnt_out`, or a fresh zeroed buffer for the first launch of this size."""
-    c = _cnt.get(n)
-    if c is None:
-        c = _cnt[n] = mx.array(np.zeros(n, dtype=np.int32))
+    """Zeroed int32 ticket counters for one launch over n (sequence, kv head) pairs: the next buffer
+    of this size's ring (each a real buffer, made once)."""
+    ring = _cnt.get(n)
+    if ring is None:
+        ring = _cnt[n] = [0, [mx.array(np.zeros(n, dtype=np.int32)) for _ in range(RING)]]
+        mx.eval(ring[1])
+    c = ring[1][ring[0]]
+    ring[0] = (ring[0] + 1) % RING
     return c
 
 
@@ -421,13 +427,11 @@ def launcher(q_shape, dtype, pool_shape, table_width, window, bits, kv_group, pa
     kern = _get(bits < 16)
     grid, tg = (nparts * THREADS, hkv, B), (THREADS, 1, 1)
     n = B * hkv
-    shapes = [(B, HQ, D), (B, HQ, nparts, D), (B, HQ, nparts), (B, HQ, nparts), (n,)]
-    dts = [dtype, mx.float32, mx.float32, mx.float32, mx.int32]
+    shapes = [(B, HQ, D), (B, HQ, nparts, D), (B, HQ, nparts), (B, HQ, nparts)]
+    dts = [dtype, mx.float32, mx.float32, mx.float32]
 
     def run(inputs):
-        outs = kern(inputs=[*inputs, counters(n)], template=tmpl, grid=grid, threadgroup=tg, output_shapes=shapes,
-                    output_dtypes=dts)
-        _cnt[n] = outs[4]
-        return outs[0]
+        return kern(inputs=[*inputs, counters(n)], template=tmpl, grid=grid, threadgroup=tg, output_shapes=shapes,
+                    output_dtypes=dts)[0]
     run.part, run.nparts = part, nparts
     return run

@@ -300,6 +300,7 @@ def test_cuda_v2_parts_and_counters():
     assert v2.pick_part(64, 8, 2048) == 512      # the big batch keeps the largest part
     assert v2.pick_part(1, 8, 1 << 20, max_part=128) == 128
     assert v2.supports(128, 8) and v2.supports(64, 1) and not v2.supports(128, 12) and not v2.supports(96, 4)
-    c = v2.counters(10)
-    assert c.dtype == mx.int32 and c.shape == (10,) and int(c.sum().item()) == 0
-    assert v2.counters(10) is c                  # until a launch hands over its own cnt_out
+    ring = [v2.counters(10) for _ in range(v2.RING)]
+    assert all(c.dtype == mx.int32 and c.shape == (10,) and int(c.sum().item()) == 0 for c in ring)
+    assert len({id(c) for c in ring}) == v2.RING   # consecutive launches: distinct buffers
+    assert v2.counters(10) is ring[0]              # the ring comes round
