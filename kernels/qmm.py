@@ -9,8 +9,9 @@ Paths by backend (kernels/backend.py) and by activation rows M = prod(x.shape[:-
                MLX's CPU quantized_matmul does ~1 GFLOP/s, dense float32 with OpenBLAS ~45
                (bench/results/qmm-cpu.json)
   cpu, else    the reference
-  cuda, M<=4   fused dequant + GEMV kernel: tensor-core (kernels/qgemv_tc_cuda.py) at 2/4/8 bits where
-               it supports the case and passed its self-test (JANG_GEMV_TC=0: off), else kernels/qmm_cuda.py
+  cuda, M<=4   fused dequant + GEMV kernel (kernels/qmm_cuda.py)
+  cuda, 5-8    tensor-core GEMV (kernels/qgemv_tc_cuda.py) at 2/4/8 bits where it supports the case and
+               passed its self-test (JANG_GEMV_TC=0: off; =all: also 1-4 rows), else mx.quantized_matmul
   cuda, 16<=M<DEQUANT_ROWS (17 at 8 bits), 2/4/8 bits  tiled dequant + tensor-core GEMM
                (kernels/qgemm_cuda.py; kernels/qgemm_v1_cuda.py with JANG_QGEMM_IMPL=v1; N % 128 == 0),
                checked once per template against the reference at first use (off on a mismatch);
@@ -36,8 +37,13 @@ GEMV_ROWS = 4
 # The tiled tensor-core GEMM (kernels/qgemm_cuda.py) from 16 rows at 2/4 bits (H100, 16 rows: 30-47 us
 # queued vs 31-57 for mx.quantized_matmul, and 39-45 vs 72-225 us of GPU time; kernels-gemm-h100.json,
 # qgemm-gputime-h100.json); at 8 bits from 17 (at 16 rows mx.quantized_matmul queues faster: 19.5 vs 30.6 us).
-# Within the GEMV route, the tensor-core GEMV (kernels/qgemv_tc_cuda.py: 2/4/8 bits, bf16/fp16) serves the
-# cases it supports, after its self-test; the scalar kernel (qmm_cuda) the rest. JANG_GEMV_TC=0 turns it off.
+# The tensor-core GEMV (kernels/qgemv_tc_cuda.py: 2/4/8 bits, bf16/fp16, up to 8 rows) serves 5-8 rows where
+# it supports the case (H100, 14336x4096 4-bit, 8 rows: 27.2 us queued vs 34.4 for mx.quantized_matmul and 77.0
+# for the scalar GEMV; bench/results/kernels-gemv-tc-h100.json). At one row it is slower than the scalar
+# kernel (25.8 vs 20.8 us queued, 21.9 vs 20.7 us GPU time; every fused decode shape too), so 1-4 rows keep the
+# scalar kernel. JANG_GEMV_TC=all: the tensor-core kernel for 1-8 rows (and the fused variants); =0: never.
+GEMV_TC_MIN_ROWS = 5
+GEMV_TC_MAX_ROWS = 8
 QGEMM_MIN_ROWS = 16
 QGEMM_MIN_ROWS_8BIT = 17
 QGEMM_BITS = (2, 4, 8)    # JANG_QGEMM_BITS=2,4 (say) narrows it
@@ -73,27 +79,42 @@ def qgemm_impl():
     return qgemm_cuda if name == "v2" else qgemm_v1_cuda
 
 
+def gemv_tc_mode() -> str:
+    """JANG_GEMV_TC: "off" (0), "all" (the tensor-core GEMV for 1-8 rows and the fused variants) or the
+    default "wide" (5-8 rows only)."""
+    v = os.environ.get("JANG_GEMV_TC", "").strip().lower()
+    return "off" if v in ("0", "false", "off") else "all" if v in ("1", "all", "on", "true") else "wide"
+
+
 def gemv_tc_on() -> bool:
-    return os.environ.get("JANG_GEMV_TC", "1").strip() not in ("0", "false", "off")
+    """Whether the fused decode GEMVs (1-4 rows) use the tensor-core kernel: only with JANG_GEMV_TC=all."""
+    return gemv_tc_mode() == "all"
 
 
 def gemv_kind(m: int, x, w, bits: int, group_size: int) -> str:
-    """"tc" where the tensor-core GEMV supports the case (and JANG_GEMV_TC is not 0), else "scalar"."""
-    from . import qgemv_tc_cuda
+    """"tc" where the tensor-core GEMV serves m rows (JANG_GEMV_TC and the case: gemv_tc_mode, supports),
+    "scalar" where the scalar GEMV does (up to GEMV_ROWS), else "none"."""
+    from . import qgemv_tc_cuda, qmm_cuda
 
-    ok = gemv_tc_on() and qgemv_tc_cuda.supports(x.reshape(m, x.shape[-1]), w, bits, group_size)
-    return "tc" if ok else "scalar"
+    mode = gemv_tc_mode()
+    if (mode == "all" or (mode == "wide" and m >= GEMV_TC_MIN_ROWS)) and m <= GEMV_TC_MAX_ROWS \
+            and qgemv_tc_cuda.supports(x.reshape(m, x.shape[-1]), w, bits, group_size):
+        return "tc"
+    return "scalar" if m <= GEMV_ROWS and qmm_cuda.supports(x, w, bits, group_size) else "none"
 
 
 def gemv_plan(m: int, x, w, scales, bits: int, group_size: int):
-    """The prepared GEMV call for m rows: the tensor-core kernel where it supports the case and passed its
-    self-test, else the scalar one."""
+    """The prepared GEMV call for m rows (the tensor-core kernel after its self-test, else the scalar one up
+    to GEMV_ROWS), or None: the reference serves."""
     from . import qgemv_tc_cuda, qmm_cuda
 
     k, n = x.shape[-1], w.shape[0]
-    if gemv_kind(m, x, w, bits, group_size) == "tc" and qgemv_tc_cuda.ready(x.dtype, scales.dtype, bits, group_size, m):
+    kind = gemv_kind(m, x, w, bits, group_size)
+    if kind == "tc" and qgemv_tc_cuda.ready(x.dtype, scales.dtype, bits, group_size, m):
         return qgemv_tc_cuda.plan(m, n, k, x.dtype, bits, group_size)
-    return qmm_cuda.plan(m, n, k, x.dtype, bits, group_size)
+    if m <= GEMV_ROWS and qmm_cuda.supports(x, w, bits, group_size):
+        return qmm_cuda.plan(m, n, k, x.dtype, bits, group_size)
+    return None
 
 
 def dequant_on() -> bool:
@@ -134,9 +155,7 @@ def _check(x, w, scales, biases, bits, group_size):
 
 def _cuda_route(m: int, x, w, bits: int, group_size: int) -> str:
     """Which CUDA path serves m rows (thresholds from bench/results/kernels-h100.json)."""
-    from . import qmm_cuda
-
-    if m <= GEMV_ROWS and qmm_cuda.supports(x, w, bits, group_size):
+    if gemv_kind(m, x, w, bits, group_size) != "none":
         return "gemv"
     half = x.dtype in (mx.bfloat16, mx.float16)
     if (QGEMM_MIN_ROWS_8BIT if bits == 8 else QGEMM_MIN_ROWS) <= m < DEQUANT_ROWS and bits in qgemm_bits() \
@@ -189,6 +208,7 @@ def qmm(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: int,
             fn = None
             if route == "gemv":
                 fn = gemv_plan(m, x, w, scales, bits, group_size)
+                route = "gemv" if fn is not None else "reference"   # 5-8 rows, tensor-core self-test failed
             elif route == "qgemm" and impl is qgemm_cuda:
                 fn = qgemm_cuda.plan(m, w.shape[0], k, x.dtype, bits, group_size, scales.itemsize)
             elif route == "qgemm":
