@@ -422,36 +422,41 @@ def plan(m: int, n: int, k: int, dtype, bits: int, group_size: int):
 _checked: dict = {}
 
 
-def ready(dtype, sdtype, bits: int, group_size: int, m: int) -> bool:
-    """First use of a template (dtype, scale dtype, bits, group, row bucket): run the plain kernel and the
-    norm + SwiGLU variant on a small random case against the dequantized float32 matmul; a mismatch or a
-    compile error turns the tensor-core path off for that template (logged), the scalar GEMV serves it."""
-    key = (dtype, sdtype, bits, group_size, rows_bucket(m))
+def ready(dtype, sdtype, bits: int, group_size: int, m: int, n: int | None = None, k: int | None = None,
+          fused: bool = False) -> bool:
+    """First use of a template (dtype, scale dtype, bits, group, row bucket, and the launch shape that
+    config() picks for an [n, k] weight): run it on a small random case against the dequantized float32
+    matmul (fused: the norm + SwiGLU variant too); a mismatch or a compile error turns the tensor-core path
+    off for that template (logged), and the caller's other path serves."""
+    cfg = {} if n is None else config(m, n, k, bits, group_size)
+    key = (dtype, sdtype, bits, group_size, rows_bucket(m), tuple(sorted(cfg.items())), fused)
     if key not in _checked:
         ok, why = True, ""
         try:
-            n, k = 272, 1024
-            wf = mx.random.normal((n, k)).astype(dtype) * 0.05
+            nt, kt = 272, 1024
+            cfg = {c: v for c, v in cfg.items() if c != "U" or (kt // group_size) % v == 0}
+            wf = mx.random.normal((nt, kt)).astype(dtype) * 0.05
             wq, s, b = mx.quantize(wf, group_size=group_size, bits=bits)
             s, b = s.astype(sdtype), b.astype(sdtype)
-            x = mx.random.normal((rows_bucket(m), k)).astype(dtype)
+            x = mx.random.normal((rows_bucket(m), kt)).astype(dtype)
             wd = mx.dequantize(wq, s.astype(mx.float32), b.astype(mx.float32), group_size=group_size, bits=bits)
-            ref = x.astype(mx.float32) @ wd.T
-            nw = (mx.random.normal((k,)) * 0.2 + 1).astype(dtype)
-            h = mx.fast.rms_norm(x.astype(mx.float32), nw.astype(mx.float32), 1e-5)
-            gu = h @ wd.T
-            ref2 = gu[:, : n // 2] * mx.sigmoid(gu[:, : n // 2]) * gu[:, n // 2:]
-            for name, y, r in (("plain", qgemv_tc(x, wq, s, b, bits, group_size), ref),
-                               ("norm+swiglu", qgemv_tc(x, wq, s, b, bits, group_size, norm_weight=nw, swiglu=True),
-                                ref2)):
-                err = (mx.linalg.norm(y.astype(mx.float32) - r) / mx.maximum(mx.linalg.norm(r), 1e-30)).item()
+            cases = [("plain", lambda: qgemv_tc(x, wq, s, b, bits, group_size, **cfg), x.astype(mx.float32) @ wd.T)]
+            if fused:
+                nw = (mx.random.normal((kt,)) * 0.2 + 1).astype(dtype)
+                gu = mx.fast.rms_norm(x.astype(mx.float32), nw.astype(mx.float32), 1e-5) @ wd.T
+                g, u = gu[:, : nt // 2], gu[:, nt // 2:]
+                cases.append(("norm+swiglu", lambda: qgemv_tc(x, wq, s, b, bits, group_size, norm_weight=nw,
+                                                              swiglu=True), g * mx.sigmoid(g) * u))
+            for name, run, r in cases:
+                y = run().astype(mx.float32)
+                err = (mx.linalg.norm(y - r) / mx.maximum(mx.linalg.norm(r), 1e-30)).item()
                 if not err < 2e-2:
                     ok, why = False, f"{name}: relative error {err:.3g}"
                     break
-        except Exception as e:  # a compile or launch error: keep serving through the scalar GEMV
+        except Exception as e:  # a compile or launch error: keep serving through the other path
             ok, why = False, f"{type(e).__name__}: {e}"
         if not ok:
             logging.getLogger("jang_serve.kernels").warning(
-                "kernels: cuda tensor-core qgemv %s disabled, using the scalar GEMV (%s)", key, why)
+                "kernels: cuda tensor-core qgemv %s disabled (%s)", key, why)
         _checked[key] = ok
     return _checked[key]

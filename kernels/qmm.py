@@ -110,7 +110,7 @@ def gemv_plan(m: int, x, w, scales, bits: int, group_size: int):
 
     k, n = x.shape[-1], w.shape[0]
     kind = gemv_kind(m, x, w, bits, group_size)
-    if kind == "tc" and qgemv_tc_cuda.ready(x.dtype, scales.dtype, bits, group_size, m):
+    if kind == "tc" and qgemv_tc_cuda.ready(x.dtype, scales.dtype, bits, group_size, m, n, k):
         return qgemv_tc_cuda.plan(m, n, k, x.dtype, bits, group_size)
     if m <= GEMV_ROWS and qmm_cuda.supports(x, w, bits, group_size):
         return qmm_cuda.plan(m, n, k, x.dtype, bits, group_size)
