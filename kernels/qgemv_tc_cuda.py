@@ -342,16 +342,17 @@ def tiles(n: int, paired: bool) -> int:
 
 
 def config(m: int, n: int, k: int, bits: int, group_size: int, paired: bool = False) -> dict:
-    """TT tiles per warp, NWARP warps per block (splitting K), U groups per load step."""
+    """TT tiles per warp, NWARP warps per block (splitting K), U groups per load step (n, paired: kept for
+    launch shapes that depend on the tile count)."""
     wl = group_size * bits // 128                   # words per lane, row and group
     u = max(1, 4 // wl)                             # ~16 bytes per lane and row in flight per step
     ngr = k // group_size
     while ngr % u:
         u //= 2
-    nt = tiles(n, paired)
-    tt = 2 if nt >= 1024 else 1
-    nwarp = 8 if k >= 8192 else 4
-    return {"TT": tt, "NWARP": nwarp, "U": u}
+    # H100 (kernels-gemv-tc-h100.json, GPU time at one row): TT=2 was slower (23.4 vs 21.9 us at 14336x4096,
+    # 46.4 vs 25.5 at 4096x14336: 104 registers, half the blocks), so one tile per warp everywhere; 8 warps
+    # per block along long K (fewer, longer blocks otherwise).
+    return {"TT": 1, "NWARP": 8 if k >= 8192 else 4, "U": u}
 
 
 def _fused_names(epi: int, norm: bool) -> list[str]:

@@ -198,7 +198,7 @@ def qmm(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: int,
             return qmm_dequant_matmul(x, w, scales, biases, bits, group_size)
         return qmm_reference(x, w, scales, biases, bits, group_size)
     if b == "cuda":
-        from . import qgemm_cuda, qmm_cuda
+        from . import qgemm_cuda
 
         if route is None:
             route = _cuda_route(m, x, w, bits, group_size)
