@@ -18,7 +18,6 @@ ROUTE_CONFIGS = [
 ABLATIONS_BATCH1 = {
     "perlayer": {"JANG_DECODE_WHOLE": "0"},   # one compiled call per layer instead of one per step
     "nokvwrite": {"JANG_KV_WRITE": "0"},      # two scatters per layer instead of the in-place KV write
-    "notc": {"JANG_GEMV_TC": "0"},            # the scalar GEMV instead of the tensor-core one
     "pagedv1": {"JANG_PAGED_V2": "0"},        # the two-launch paged decode
 }
 ABLATIONS_BATCHED = {
