@@ -342,7 +342,7 @@ def plan(q, k_pool, block_tables, context_lens, scale, window, bits, kv_group):
     shp = (k_pool[0] if bits < 16 else k_pool).shape
     bs, hkv = shp[1], shp[2]
     G = HQ // hkv
-    if _use_v2(D, G, None):
+    if _use_v2(D, G, bits, None):
         return _plan_v2(q, shp, block_tables, context_lens, scale, window, bits, kv_group, None)
     span = block_tables.shape[1] * bs
     if window:
@@ -370,14 +370,21 @@ def plan(q, k_pool, block_tables, context_lens, scale, window, bits, kv_group):
     return run
 
 
-# v2 (kernels/paged_v2_cuda.py, one launch) where it supports the shape; JANG_PAGED_V2=0 keeps v1.
-V2_ON = os.environ.get("JANG_PAGED_V2", "0") == "1"
+# Routing (H100, bench/results/kernels-paged-small-h100.json): v2 (kernels/paged_v2_cuda.py, one launch,
+# 512-token parts) for bf16/fp16 KV where it supports the shape (batch 1: 19-26 vs 28-33 us per layer up to
+# 4,096 tokens, equal at 16,384; 64 x 2,048: 257 vs 267 us); v1 for q8/q4 KV (64 x 2,048: v1 245 / 196 us,
+# v2 305 / 296). JANG_PAGED_V2=1: v2 wherever it supports the shape; JANG_PAGED_V2=0: v1 everywhere.
+V2_MODE = os.environ.get("JANG_PAGED_V2", "auto")
 
 
-def _use_v2(d: int, g: int, impl: str | None) -> bool:
+def _use_v2(d: int, g: int, bits: int, impl: str | None) -> bool:
     if impl == "v2" and not v2.supports(d, g):
         raise ValueError(f"paged_decode: v2 supports head_dim 64/128/256 and G <= {v2.MAX_G}, got {d} / {g}")
-    return impl == "v2" or (impl is None and V2_ON and v2.supports(d, g))
+    if impl is not None:
+        return impl == "v2"
+    if V2_MODE == "0" or not v2.supports(d, g):
+        return False
+    return V2_MODE == "1" or bits == 16
 
 
 def _scale_array(scale):
@@ -403,7 +410,7 @@ def _plan_v2(q, pool_shape, block_tables, context_lens, scale, window, bits, kv_
 def paged_decode(q, k_pool, v_pool, block_tables, context_lens, scale, window, bits, kv_group,
                  part: int | None = None, impl: str | None = None):
     """q [B, Hq, D]; pools as in the layout (tuples (packed, scales, biases) when bits < 16).
-    impl: None (v2, the one-launch kernel, where it supports the shape; else v1), "v1" or "v2"."""
+    impl: None (the routing above), "v1" (split-K + merge kernel) or "v2" (one launch)."""
     B, HQ, D = q.shape
     if bits < 16:
         kq, ks, kb = k_pool
@@ -412,7 +419,7 @@ def paged_decode(q, k_pool, v_pool, block_tables, context_lens, scale, window, b
     else:
         bs, hkv = k_pool.shape[1], k_pool.shape[2]
     G = HQ // hkv
-    if _use_v2(D, G, impl):
+    if _use_v2(D, G, bits, impl):
         shp = (kq if bits < 16 else k_pool).shape
         return _plan_v2(q, shp, block_tables, context_lens, scale, window, bits, kv_group, part)(q, k_pool, v_pool)
     span = block_tables.shape[1] * bs

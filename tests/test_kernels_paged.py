@@ -291,14 +291,19 @@ def test_cuda_v2_one_launch_algorithm_in_numpy(d, part, window):
     assert np.allclose(ours, ref, atol=1e-4)
 
 
-def test_cuda_v2_parts_and_counters():
+def test_cuda_v2_parts_and_counters(monkeypatch):
     from jang_serve.kernels import paged_v2_cuda as v2
 
-    assert v2.pick_part(1, 8, 160) == 32         # 40 blocks
-    assert v2.pick_part(1, 8, 1024) == 32        # 256 blocks
-    assert v2.pick_part(1, 8, 4096) == 128       # 256 blocks of 128 tokens
-    assert v2.pick_part(64, 8, 2048) == 512      # the big batch keeps the largest part
+    monkeypatch.setattr(paged_cuda, "V2_MODE", "auto")
+    # the largest part always (measured: fewer, longer parts beat more blocks, the merge costs more)
+    assert v2.pick_part(1, 8, 160) == v2.pick_part(1, 8, 4096) == v2.pick_part(64, 8, 2048) == 512
     assert v2.pick_part(1, 8, 1 << 20, max_part=128) == 128
+    # routing: v2 for float KV, v1 for q8/q4 and for G > 8; JANG_PAGED_V2 forces either
+    assert paged_cuda._use_v2(128, 4, 16, None) and not paged_cuda._use_v2(128, 4, 8, None)
+    assert not paged_cuda._use_v2(128, 12, 16, None) and paged_cuda._use_v2(128, 4, 4, "v2")
+    assert not paged_cuda._use_v2(128, 4, 16, "v1")
+    with pytest.raises(ValueError, match="G <= 8"):
+        paged_cuda._use_v2(128, 12, 16, "v2")
     assert v2.supports(128, 8) and v2.supports(64, 1) and not v2.supports(128, 12) and not v2.supports(96, 4)
     ring = [v2.counters(10) for _ in range(v2.RING)]
     assert all(c.dtype == mx.int32 and c.shape == (10,) and int(c.sum().item()) == 0 for c in ring)
