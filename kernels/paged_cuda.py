@@ -11,6 +11,8 @@ and all G = Hq/Hkv query heads that share the KV head, so each K/V row is read o
   output   unnormalised partial o [B, Hq, P, D] fp32 with its max m and sum l [B, Hq, P];
 a second kernel merges the P parts: out = sum_p e^(m_p - M) o_p / sum_p e^(m_p - M) l_p.
 Sliding window: a sequence attends to keys [max(0, ctx - window), ctx).
+This is v1. `plan` / `paged_decode` route bf16/fp16 KV to v2 (kernels/paged_v2_cuda.py: one launch, K and
+V rows loaded together, the last part merges) and keep v1 for q8/q4 KV and G > 8 (see _use_v2).
 """
 
 from __future__ import annotations
@@ -370,10 +372,11 @@ def plan(q, k_pool, block_tables, context_lens, scale, window, bits, kv_group):
     return run
 
 
-# Routing (H100, bench/results/kernels-paged-small-h100.json): v2 (kernels/paged_v2_cuda.py, one launch,
-# 512-token parts) for bf16/fp16 KV where it supports the shape (batch 1: 19-26 vs 28-33 us per layer up to
-# 4,096 tokens, equal at 16,384; 64 x 2,048: 257 vs 267 us); v1 for q8/q4 KV (64 x 2,048: v1 245 / 196 us,
-# v2 305 / 296). JANG_PAGED_V2=1: v2 wherever it supports the shape; JANG_PAGED_V2=0: v1 everywhere.
+# Routing (H100, bench/results/kernels-paged-small-h100.json, queued): v2 (kernels/paged_v2_cuda.py, one
+# launch, 512-token parts) for bf16/fp16 KV where it supports the shape (batch 1: 19 / 20 / 26 us per layer
+# at 140 / 1,024 / 4,096 tokens vs v1's 28 / 34 / 33; at 16,384 43-49 vs 41, and batch 8 x 4,096 68-76 vs 68:
+# even within noise; 64 x 2,048: 257 vs 267 us); v1 for q8/q4 KV (64 x 2,048: v1 245 / 196 us, v2 305 / 296).
+# JANG_PAGED_V2=1: v2 wherever it supports the shape; JANG_PAGED_V2=0: v1 everywhere.
 V2_MODE = os.environ.get("JANG_PAGED_V2", "auto")
 
 
