@@ -227,8 +227,14 @@ def _get(name):
     return _kernels[name]
 
 
+TG_LIMIT = 32 * 1024   # threadgroup memory on Apple GPUs
+
+
 def supports(q, head_dim, g, bits, kv_group) -> bool:
-    return paged_cuda.supports(q, head_dim, g, bits, kv_group) and paged_v2_cuda.supports(head_dim, g)
+    # threadgroup memory: slots [PART] + per-simdgroup (m, l) and o [4][G][D], at the largest part
+    tg_bytes = 4 * (max(paged_v2_cuda.PARTS) + 2 * 4 * g + 4 * g * head_dim)
+    return (paged_cuda.supports(q, head_dim, g, bits, kv_group) and paged_v2_cuda.supports(head_dim, g)
+            and tg_bytes <= TG_LIMIT)
 
 
 def paged_decode(q, k_pool, v_pool, block_tables, context_lens, scale, window, bits, kv_group):

@@ -309,3 +309,12 @@ def test_cuda_v2_parts_and_counters(monkeypatch):
     assert all(c.dtype == mx.int32 and c.shape == (10,) and int(c.sum().item()) == 0 for c in ring)
     assert len({id(c) for c in ring}) == v2.RING   # consecutive launches: distinct buffers
     assert v2.counters(10) is ring[0]              # the ring comes round
+
+
+def test_metal_port_shape_rule():
+    from jang_serve.kernels import paged_metal
+
+    q = mx.zeros((1, 32, 128), dtype=mx.float16)
+    assert paged_metal.supports(q, 128, 4, 16, 32) and paged_metal.supports(q, 128, 8, 8, 64)
+    assert not paged_metal.supports(q, 256, 8, 16, 32)     # 35 KB of threadgroup memory > 32 KB
+    assert not paged_metal.supports(q, 128, 12, 16, 32)    # G > 8: the reference
