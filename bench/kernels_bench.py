@@ -265,6 +265,12 @@ def paged_section(bw, quick):
         r = rec(f"paged_decode_{name}", t, nbytes, bw, B=B, L=L, kv=str(kvq))
         r["ratio_vs_sdpa_contiguous_bf16"] = r["us"] / sdpa["us"]
         out.append(r)
+        if kvq is None:   # the routed path (v2 for bf16) beside the previous kernel (v1)
+            t = timed(lambda: [paged_cuda.paged_decode(q, k, v, tables, lens, scale, None, 16, 32, impl="v1")
+                               for _ in range(CALLS // 4)])
+            r = rec(f"paged_decode_{name}_v1", t, nbytes, bw, B=B, L=L, kv=str(kvq))
+            r["ratio_vs_sdpa_contiguous_bf16"] = r["us"] / sdpa["us"]
+            out.append(r)
         if not quick and kvq is None:
             t = timed(lambda: [paged.paged_decode_reference(q, k, v, tables, lens, scale, None, kvq)
                                for _ in range(8)])
