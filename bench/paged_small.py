@@ -5,8 +5,8 @@
         --log-file OUT.csv python3 bench/paged_small.py - ncu   # GPU time per launch at batch 1
 
 parity: every variant timed (v1 where timed: batch 1 and 64 sequences; G = 12 is v1 only), against
-kernels.paged.paged_decode_reference in float32 (bf16/fp16, bf16/q8/q4 KV at group 32/64, G 1/2/4/8, head_dim 64/128/256, windows, contexts 0..8192, batch 1..64, ragged lengths,
-explicit parts); pass = error <= max(2e-2, 3 x the bf16 reference's own error), all finite.
+kernels.paged.paged_decode_reference in float32 (bf16/fp16, bf16/q8/q4 KV at group 32/64, G 1/2/4/8,
+head_dim 64/128/256, windows, contexts 0..8192, batch 1..64, ragged lengths, explicit parts); pass = error <= max(2e-2, 3 x the bf16 reference's own error), all finite.
 time: queued (decode_kernels.py method: 100 calls queued, one eval, median of 5), each call on another
 layer's pools and query (pools rotated over > 2x the 50 MB L2, as a model's layers are), Llama-3-8B heads
 (32 q, 8 KV, D 128): batch 1 at 140 / 1024 / 4096 / 16384 tokens (block 32), batch 8 at 1024 / 4096, and
