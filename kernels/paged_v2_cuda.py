@@ -17,7 +17,7 @@ The counters are persistent zeroed int32 buffers owned by this module, a kernel 
 other op reads and that the kernel updates in place; the last part resets its counter, so every
 launch leaves its buffer at zero. MLX's CUDA graphs order kernels by data dependencies only, so two
 launches that do not depend on each other (two runs of decode sequences in one layer of a mixed
-step) may run at once: consecutive calls take consecutive buffers of a ring of RING per size, and
+step) may run at once: consecutive calls take consecutive buffers of a ring of RING, and
 a buffer comes back only RING calls later (by then ordered by data: the layers in between). Plain
 constants, so the launch is safe inside mx.compile traces too (the engine's compiled decode step).
 q8/q4 KV: a lane's 8 values lie in one quant group; it loads 8 or 4 bytes of packed words plus
@@ -375,7 +375,7 @@ PARTS = (32, 64, 128, 256, 512)
 
 _kernels: dict[str, object] = {}
 RING = 64
-_cnt: dict[int, list] = {}   # size -> [next index, RING zeroed buffers]
+_ring: list = [0, []]   # [next index, RING zeroed buffers of one capacity]
 
 
 def _get(quant: bool):
@@ -390,14 +390,15 @@ def _get(quant: bool):
 
 
 def counters(n: int) -> mx.array:
-    """Zeroed int32 ticket counters for one launch over n (sequence, kv head) pairs: the next buffer
-    of this size's ring (each a real buffer, made once)."""
-    ring = _cnt.get(n)
-    if ring is None:
-        ring = _cnt[n] = [0, [mx.array(np.zeros(n, dtype=np.int32)) for _ in range(RING)]]
-        mx.eval(ring[1])
-    c = ring[1][ring[0]]
-    ring[0] = (ring[0] + 1) % RING
+    """Zeroed int32 ticket counters for one launch over n (sequence, kv head) pairs: the next buffer of
+    the ring (real buffers of at least n entries; the ring is remade, twice as large, when n outgrows it)."""
+    bufs = _ring[1]
+    if not bufs or bufs[0].size < n:
+        cap = max(n, 2 * bufs[0].size if bufs else 256)
+        _ring[:] = [0, [mx.array(np.zeros(cap, dtype=np.int32)) for _ in range(RING)]]
+        mx.eval(_ring[1])
+    c = _ring[1][_ring[0]]
+    _ring[0] = (_ring[0] + 1) % RING
     return c
 
 

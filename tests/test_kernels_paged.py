@@ -305,10 +305,14 @@ def test_cuda_v2_parts_and_counters(monkeypatch):
     with pytest.raises(ValueError, match="G <= 8"):
         paged_cuda._use_v2(128, 12, 16, "v2")
     assert v2.supports(128, 8) and v2.supports(64, 1) and not v2.supports(128, 12) and not v2.supports(96, 4)
+    v2.counters(10)
+    start = v2._ring[0]
     ring = [v2.counters(10) for _ in range(v2.RING)]
-    assert all(c.dtype == mx.int32 and c.shape == (10,) and int(c.sum().item()) == 0 for c in ring)
+    assert all(c.dtype == mx.int32 and c.size >= 10 and int(c.sum().item()) == 0 for c in ring)
     assert len({id(c) for c in ring}) == v2.RING   # consecutive launches: distinct buffers
-    assert v2.counters(10) is ring[0]              # the ring comes round
+    assert v2._ring[0] == start and v2.counters(3) is ring[0]   # the ring comes round, any smaller size
+    big = v2.counters(ring[0].size + 1)            # outgrown: a new ring, larger
+    assert big.size > ring[0].size and int(big.sum().item()) == 0
 
 
 def test_metal_port_shape_rule():
