@@ -92,6 +92,8 @@ def _paged(spec, dtype):
     top = paged_cuda.pick_part(hq // hkv, d, kvq is not None)
     if top is None or not paged_cuda.supports(q, d, hq // hkv, bits, grp):
         return 1
+    if paged_cuda._use_v2(d, hq // hkv, bits, None):
+        return 1   # the one-launch kernel always takes its largest part: compiled by the call above
     part, n = top, 1
     while part >= paged_cuda.MIN_PART:
         mx.eval(paged_cuda.paged_decode(q, k, v, tables, lens, d ** -0.5, spec.get("window"), bits, grp, part=part))
