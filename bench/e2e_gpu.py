@@ -47,7 +47,7 @@ from jang_serve.quantize.roles import Role, role
 
 from e2e_baseline import mlx_lm_4bit, run_mlx_lm_batch, run_mlx_lm_single, summarize  # noqa: E402
 from e2e_switches import (ABLATIONS_BATCH1, ABLATIONS_BATCHED, ROUTE_CONFIGS, no_fused, no_qgemm,  # noqa: E402
-                          with_env)
+                          match_traces, with_env)
 
 LLAMA3_8B = dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                  num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, rms_norm_eps=1e-5,
@@ -151,6 +151,7 @@ ENGINE_KW: dict = {}   # EngineConfig overrides from --async-decode / --fuse (No
 
 
 def run_ours(model, cfg, prompts, gen, kv_gb, budget, **kw) -> dict:
+    match_traces(model)
     core = EngineCore((model, None, cfg), EngineConfig(kv_memory_gb=kv_gb, max_num_batched_tokens=budget,
                                                        max_num_seqs=max(64, len(prompts)),
                                                        enable_prefix_caching=False, **{**ENGINE_KW, **kw}))
@@ -190,6 +191,7 @@ def probe_step(model, cfg, nseq, prompt_len, kv_gb) -> dict:
     creation) vs evaluating it, for `nseq` sequences that are all decoding (median of 5)."""
     from jang_serve.engine.paged_attention import PagedBackend
 
+    match_traces(model)
     core = EngineCore((model, None, cfg), EngineConfig(kv_memory_gb=kv_gb, max_num_seqs=max(64, nseq),
                                                        enable_prefix_caching=False, **ENGINE_KW))
     sp = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
