@@ -239,6 +239,7 @@ def main():
     ap.add_argument("--steps", type=int, default=96)
     ap.add_argument("--k", type=int, default=16)
     ap.add_argument("--only-nodes", action="store_true", help="only the node costs")
+    ap.add_argument("--engine-only", action="store_true", help="only the engine run (A/B of switches, one process each)")
     ap.add_argument("--dot", default=None, help="write one step's graph (mx.export_to_dot) here")
     ap.add_argument("--profile", type=int, default=0, help="cProfile N step builds (host side) and print the top")
     a = ap.parse_args()
@@ -263,10 +264,14 @@ def main():
     sb = E.step_bytes(model, 160, cfg, 2)
     res["ceiling"] = dict(copy_GBps=round(bw / 1e9, 1), step_bytes=sb, roofline_step_ms=round(1e3 * sb / bw, 3))
     print(json.dumps(res), flush=True)
-    res["node_costs"] = node_costs()
-    print("node_costs", res["node_costs"], flush=True)
+    if not a.engine_only:
+        res["node_costs"] = node_costs()
+        print("node_costs", res["node_costs"], flush=True)
     res["engine"] = engine_run(model, cfg, a.steps)
     print("engine", {k: v for k, v in res["engine"].items() if k != "step_ms"}, flush=True)
+    if a.engine_only:
+        Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
+        return
     sm = StepMaker(model, cfg)
     res["step"] = step_probe(sm, a.dot)
     print("step", res["step"], flush=True)
