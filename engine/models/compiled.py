@@ -14,9 +14,10 @@ A decode step then runs in one of two ways (`decode_chain`):
     kernels' one-time work at first use (route choice, self-tests that evaluate arrays) never
     happens inside a trace;
   - every later step ("folded"): the KV write and the paged decode attention go inside the traced
-    graph too, and the whole chain of blocks is ONE compiled call (JANG_DECODE_WHOLE=0: one per
-    layer). Block tables are padded to a few widths (engine/model_runner.table_width), so a
-    sequence's growth retraces every 16 blocks at most. Paged pools without a KV transform only.
+    graph too: one compiled call per layer and nothing eager between them (JANG_DECODE_WHOLE=1: the
+    whole chain as ONE compiled call; measured no faster). Block tables are padded to a few widths
+    (engine/model_runner.table_width), so a sequence's growth retraces every 16 blocks at most.
+    Paged pools without a KV transform only.
 MLX traces once per input shapes and replays the recorded graph afterwards (and fuses its elementwise
 ops). Measured on the H100 at batch 1 (Llama-3-8B shapes, bench/results/decode-anatomy-h100.json): the
 host's graph building fell from ~1.9 ms to ~0.5-0.8 ms per step and the graph from 909 to ~400 nodes.
@@ -183,8 +184,10 @@ def decode_chain(blocks, x, positions, attn_backend):
 
 
 def whole_chain_on() -> bool:
-    """JANG_DECODE_WHOLE=0: one compiled call per layer instead of one for the whole chain (A/B)."""
-    return os.environ.get("JANG_DECODE_WHOLE", "1") != "0"
+    """JANG_DECODE_WHOLE=1: one compiled call for the whole chain instead of one per layer. Off by default:
+    on the H100 at batch 1 it was no faster (257 / 262 vs 269 tok/s, fresh processes A/B/A) and its
+    replay cost more host time per step (bench/results/decode-anatomy-h100.json `ab`)."""
+    return os.environ.get("JANG_DECODE_WHOLE", "0") == "1"
 
 
 def _whole_fn(blocks, kvq):
