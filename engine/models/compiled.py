@@ -186,7 +186,7 @@ def decode_chain(blocks, x, positions, attn_backend):
 def whole_chain_on() -> bool:
     """JANG_DECODE_WHOLE=1: one compiled call for the whole chain instead of one per layer. Off by default:
     on the H100 at batch 1 it was no faster (257 / 262 vs 269 tok/s, fresh processes A/B/A) and its
-    replay cost more host time per step (bench/results/decode-anatomy-h100.json `ab`)."""
+    replay cost more host time per step (bench/results/e2e-h100.json, other_runs "fde611b-fresh-processes")."""
     return os.environ.get("JANG_DECODE_WHOLE", "0") == "1"
 
 
