@@ -150,8 +150,19 @@ def prompts_for(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
 ENGINE_KW: dict = {}   # EngineConfig overrides from --async-decode / --fuse (None: the engine's default)
 
 
+def fresh_memory() -> None:
+    """Free the previous run's KV pool from MLX's buffer cache before the next one allocates its own.
+    (Later runs in one process measured slower on the H100, e2e-h100.json caveat; ~4 GB of cached pool
+    per earlier run is one suspect, not confirmed.)"""
+    import gc
+
+    gc.collect()
+    mx.clear_cache()
+
+
 def run_ours(model, cfg, prompts, gen, kv_gb, budget, **kw) -> dict:
     match_traces(model)
+    fresh_memory()
     core = EngineCore((model, None, cfg), EngineConfig(kv_memory_gb=kv_gb, max_num_batched_tokens=budget,
                                                        max_num_seqs=max(64, len(prompts)),
                                                        enable_prefix_caching=False, **{**ENGINE_KW, **kw}))
