@@ -27,7 +27,6 @@ import os
 import platform
 import re
 import statistics
-import subprocess
 import sys
 import time
 from importlib.metadata import version
@@ -39,106 +38,18 @@ from mlx.utils import tree_flatten
 
 from jang_serve.engine.engine_config import EngineConfig
 from jang_serve.engine.engine_core import EngineCore
-from jang_serve.engine.models import build_model
-from jang_serve.engine.models.layers import quantize_model
 from jang_serve.engine.sampling_params import SamplingParams
-from jang_serve.quantize.profiles import FIXED_PROFILES
-from jang_serve.quantize.roles import Role, role
 
 from e2e_baseline import mlx_lm_4bit, run_mlx_lm_batch, run_mlx_lm_single, summarize  # noqa: E402
 from e2e_switches import (ABLATIONS_BATCH1, ABLATIONS_BATCHED, ROUTE_CONFIGS, no_fused, no_qgemm,  # noqa: E402
                           match_traces, with_env)
 
-LLAMA3_8B = dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                 num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, rms_norm_eps=1e-5,
-                 rope_theta=500000.0, max_position_embeddings=131072, tie_word_embeddings=False,
-                 rope_scaling={"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                               "original_max_position_embeddings": 8192, "rope_type": "llama3"})
-TINY = dict(LLAMA3_8B, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=1024)
+from e2e_models import (LLAMA3_8B, TINY, copy_bandwidth, device_name, ours, qmm_summary,  # noqa: E402,F401
+                        random_weights, step_bytes)
 
 
 def log(*a):
     print(*a, flush=True)
-
-
-# -- the device ------------------------------------------------------------------------------------
-def device_name() -> str:
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20).stdout.strip()
-        return out or str(mx.default_device())
-    except Exception:
-        return f"{mx.default_device()} ({platform.processor() or platform.machine()})"
-
-
-def copy_bandwidth(mb: int) -> float:
-    """Bytes read + written per second by a device copy of `mb` MB: the better of an elementwise
-    multiply and a reversed-view copy, 10 queued per eval, median of 5 (as bench/kernels_bench.py)."""
-    a = mx.random.uniform(shape=(mb * (1 << 20) // 2,)).astype(mx.bfloat16)
-    mx.eval(a)
-    best = 0.0
-    for make in (lambda: [a * 1.5 for _ in range(10)], lambda: [mx.contiguous(a[::-1]) for _ in range(10)]):
-        mx.eval(make())
-        ts = []
-        for _ in range(5):
-            outs = make()
-            mx.synchronize()
-            t = time.perf_counter()
-            mx.eval(outs)
-            mx.synchronize()
-            ts.append((time.perf_counter() - t) / len(outs))
-            del outs
-        best = max(best, 2 * a.nbytes / statistics.median(ts))
-    return best
-
-
-# -- the models ------------------------------------------------------------------------------------
-def random_weights(cfg: dict, dtype) -> dict[str, mx.array]:
-    """HF-named random weights, generated on the default device layer by layer."""
-    shell = build_model(cfg)  # parameters stay lazy: only their shapes are used
-    out = {}
-    for name, p in tree_flatten(shell.parameters()):
-        if "norm" in name:
-            out[name] = mx.ones(p.shape, dtype=dtype)
-        else:
-            out[name] = (mx.random.normal(p.shape, dtype=mx.float32) * 0.02).astype(dtype)
-        mx.eval(out[name])
-    return out
-
-
-def ours(cfg: dict, weights: dict, quant: str | None):
-    model = build_model(cfg)
-    model.load_weights(list(weights.items()), strict=True)
-    if quant == "jang4m":
-        crit, imp, comp = FIXED_PROFILES["JANG_4M"]
-        bits = {Role.CRITICAL: crit, Role.IMPORTANT: imp, Role.COMPRESS: comp}
-
-        def spec(path, module):
-            r = role(path + ".weight", tuple(module.weight.shape))
-            return None if r is None else (bits[r], 64)
-
-        quantize_model(model, spec)
-    mx.eval(model.parameters())
-    return model
-
-
-def step_bytes(model, kv_tokens: int, cfg: dict, kv_bytes_per_value: float) -> int:
-    """Bytes one decode step reads: all weights but the embedding table, plus the KV."""
-    w = sum(a.nbytes for k, a in tree_flatten(model.parameters()) if "embed_tokens" not in k)
-    hd = cfg["hidden_size"] // cfg["num_attention_heads"]
-    kv = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * hd * kv_bytes_per_value * kv_tokens
-    return int(w + kv)
-
-
-def qmm_summary(model) -> dict:
-    """bits -> parameter count over the model's quantized linears / embeddings."""
-    out: dict[str, int] = {}
-    for _, m in model.named_modules():
-        if hasattr(m, "bits") and hasattr(m, "scales"):
-            n = m.weight.shape[0] * m.weight.shape[1] * 32 // m.bits
-            out[str(m.bits)] = out.get(str(m.bits), 0) + n
-    return out
 
 
 # -- runs ------------------------------------------------------------------------------------------
