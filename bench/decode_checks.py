@@ -1,8 +1,7 @@
 """Device-side checks of the decode fast paths that the CPU tests cannot reach (CUDA-only kernels):
 the same greedy tokens from a bf16 JANG_4M-like toy model with
 
-  base        compiled decode, one compiled call per layer (JANG_DECODE_WHOLE=0), KV written by scatters
-  whole       the whole decode chain as one compiled call
+  base        compiled decode, one compiled call per layer, KV written by scatters
   kv_write    + the in-place KV write kernel (kernels/kv_write.py)
 
     python3 bench/decode_checks.py OUT.json
@@ -11,7 +10,6 @@ the same greedy tokens from a bf16 JANG_4M-like toy model with
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -43,10 +41,7 @@ def main():
     sp = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
     res = {}
     backend.disable("cuda", "kv_write", "decode_checks: base run with scatters")
-    os.environ["JANG_DECODE_WHOLE"] = "0"
     res["base"] = run(model, cfg, prompts, sp)
-    os.environ["JANG_DECODE_WHOLE"] = "1"
-    res["whole"] = run(model, cfg, prompts, sp)
     backend._disabled.discard(("cuda", "kv_write"))
     kv_write._ready = None
     res["kv_write"] = run(model, cfg, prompts, sp)

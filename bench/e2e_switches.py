@@ -16,7 +16,6 @@ ROUTE_CONFIGS = [
 # Ablations of this session's switches, each an e2e run of the JANG model with one switch flipped
 # (bench/e2e_gpu.py adds batch1/ours-jang4m-<tag> and batched/ours-jang4m-<tag> runs for them).
 ABLATIONS_BATCH1 = {
-    "whole": {"JANG_DECODE_WHOLE": "1"},      # one compiled call per step instead of one per layer
     "nokvwrite": {"JANG_KV_WRITE": "0"},      # two scatters per layer instead of the in-place KV write
     "pagedv1": {"JANG_PAGED_V2": "0"},        # the two-launch paged decode
 }

@@ -173,10 +173,8 @@ def test_engine_fuses_on_request_and_matches():
     assert fused.generate(prompts, sp) == want
 
 
-@pytest.mark.parametrize("quant,kv,whole", [(None, "auto", "1"), ("q4", "auto", "1"), ("q4", "q8", "1"),
-                                            ("q4", "auto", "0")])
-def test_compiled_blocks_same_tokens(quant, kv, whole, monkeypatch):
-    monkeypatch.setenv("JANG_DECODE_WHOLE", whole)  # one compiled call for all layers, or one per layer
+@pytest.mark.parametrize("quant,kv", [(None, "auto"), ("q4", "auto"), ("q4", "q8")])
+def test_compiled_blocks_same_tokens(quant, kv):
     from jang_serve.engine.models.compiled import compile_blocks
     from jang_serve.engine.models.layers import quantize_model
 

@@ -14,8 +14,9 @@ A decode step then runs in one of two ways (`decode_chain`):
     kernels' one-time work at first use (route choice, self-tests that evaluate arrays) never
     happens inside a trace;
   - every later step ("folded"): the KV write and the paged decode attention go inside the traced
-    graph too: one compiled call per layer and nothing eager between them (JANG_DECODE_WHOLE=1: the
-    whole chain as ONE compiled call; measured no faster). Block tables are padded to a few widths
+    graph too: one compiled call per layer and nothing eager between them (the whole chain as ONE
+    compiled call was measured no faster, bench/results/e2e-h100.json other_runs
+    "fde611b-fresh-processes", and was dropped). Block tables are padded to a few widths
     (engine/model_runner.table_width), so a sequence's growth retraces every 16 blocks at most.
     Paged pools without a KV transform only.
 MLX traces once per input shapes and replays the recorded graph afterwards (and fuses its elementwise
@@ -23,8 +24,6 @@ ops). Measured on the H100 at batch 1 (Llama-3-8B shapes, bench/results/decode-a
 host's graph building fell from ~1.9 ms to ~0.5-0.8 ms per step and the graph from 909 to ~400 nodes.
 """
 from __future__ import annotations
-
-import os
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -79,7 +78,6 @@ class CompiledBlock:
         self._att: dict = {}  # kv_quant -> compiled (pre + attention) / (link + attention) of this block
         self.seen_att: set[tuple] = set()  # step keys whose first call ran the unfolded chain (block 0 only)
         self.folded_calls = 0  # steps that ran with the attention folded in (block 0 counts them)
-        self._whole: dict = {}  # kv_quant -> the whole decode chain as one compiled function (block 0 only)
 
     def attend_eager(self, kv_quant):
         """f(q, k, v, blk, off, tables, lens, *kv) -> (o, *kv'): this block's KV write and paged decode
@@ -95,12 +93,12 @@ class CompiledBlock:
             return (o, *_flat(kp), *_flat(vp))
         return att
 
-    def folded(self, kv_quant, first: bool, compiled: bool = True):
+    def folded(self, kv_quant, first: bool):
         """Compiled step pieces with the attention inside (one compiled call per layer, nothing eager):
         first=True:  g(x, positions, blk, off, tables, lens, *kv)        -> (o, *kv')        pre + attention
         first=False: g(x, o, positions, blk, off, tables, lens, *kv_next) -> (h, o', *kv_next') post + the
                      next block's pre + attention"""
-        key = (kv_quant, first, compiled)
+        key = (kv_quant, first)
         fn = self._att.get(key)
         if fn is None:
             if first:
@@ -116,7 +114,7 @@ class CompiledBlock:
                     h = post(x, o)
                     q, k, v = pre(h, positions)
                     return (h, *att(q, k, v, blk, off, tables, lens, *kv))
-            fn = self._att[key] = mx.compile(g) if compiled else g
+            fn = self._att[key] = mx.compile(g)
         return fn
 
     def link_to(self, nxt: "CompiledBlock") -> None:
@@ -165,8 +163,7 @@ def decode_chain(blocks, x, positions, attn_backend):
     if not first.takes(x, attn_backend) or key not in first.seen or key not in last.seen:
         return None
     pool = getattr(attn_backend, "pool", None)
-    if getattr(attn_backend, "decode_only", False) and pool is not None and pool.transform is None \
-            and all(b.compiled.next is not None for b in blocks[:-1]):
+    if getattr(attn_backend, "decode_only", False) and pool is not None and pool.transform is None:
         fkey = (key, attn_backend.block_tables.shape, pool.kv_quant)
         if fkey in first.seen_att:
             return _folded_chain(blocks, x, positions, attn_backend)
@@ -183,35 +180,6 @@ def decode_chain(blocks, x, positions, attn_backend):
     return x
 
 
-def whole_chain_on() -> bool:
-    """JANG_DECODE_WHOLE=1: one compiled call for the whole chain instead of one per layer. Off by default:
-    on the H100 at batch 1 it was no faster (257 / 262 vs 269 tok/s, fresh processes A/B/A) and its
-    replay cost more host time per step (bench/results/e2e-h100.json, other_runs "fde611b-fresh-processes")."""
-    return os.environ.get("JANG_DECODE_WHOLE", "0") == "1"
-
-
-def _whole_fn(blocks, kvq):
-    """The folded chain of every block as ONE compiled function (traced per batch and table width):
-    whole(x, positions, blk, off, tables, lens, *kv of every layer) -> (x, *kv')."""
-    first = blocks[0].compiled
-    fn = first._whole.get(kvq)
-    if fn is None:
-        gs = [first.folded(kvq, True, compiled=False)] + \
-            [b.compiled.folded(kvq, False, compiled=False) for b in blocks[:-1]]
-        post_last = blocks[-1].compiled.post_eager
-        n2 = 2 if kvq is None else 6
-
-        def whole(x, positions, blk, off, tables, lens, *kv):
-            step = (blk, off, tables, lens)
-            o, *outs = gs[0](x, positions, *step, *kv[:n2])
-            for i in range(1, len(gs)):
-                x, o, *new = gs[i](x, o, positions, *step, *kv[i * n2:(i + 1) * n2])
-                outs += new
-            return (post_last(x, o), *outs)
-        fn = first._whole[kvq] = mx.compile(whole)
-    return fn
-
-
 def _folded_chain(blocks, x, positions, be):
     pool, kvq = be.pool, be.pool.kv_quant
     step = (*be.slots, be.block_tables, be.context_lens_arr)
@@ -226,13 +194,6 @@ def _folded_chain(blocks, x, positions, be):
     first = blocks[0].compiled
     first.folded_calls += 1
     layers = [b.self_attn.layer for b in blocks]
-    if whole_chain_on():
-        x, *kv = _whole_fn(blocks, kvq)(x, positions, *step, *(p for layer in layers for p in parts(layer)))
-        for i, layer in enumerate(layers):
-            store(layer, kv[2 * n * i:2 * n * (i + 1)])
-        for b in blocks:
-            b.compiled.calls += 1
-        return x
     o, *kv = first.folded(kvq, True)(x, positions, *step, *parts(layers[0]))
     store(layers[0], kv)
     for i, b in enumerate(blocks):
