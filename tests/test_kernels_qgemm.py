@@ -13,6 +13,7 @@ import pytest
 import mlx.core as mx
 
 from jang_serve.kernels import qgemm_cuda
+from lane_helpers import bperm as _bperm
 qmm_mod = importlib.import_module("jang_serve.kernels.qmm")
 
 BN, BK = qgemm_cuda.BN, qgemm_cuda.BK
@@ -248,20 +249,6 @@ def test_route_cache_still_checks_new_shapes():
 # A lane-level emulation of the CUDA source: the same byte offsets, swizzle, ldmatrix / mma fragment
 # layouts (PTX ISA, m16n8k16 and m8n8.x4/.x2), byte_perm selectors and packed bf16 arithmetic, one block
 # and one warp at a time. It catches index bugs the algorithmic port above abstracts away.
-
-def _u32(a):
-    return np.asarray(a, dtype=np.uint64).astype(np.uint32)
-
-
-def _bperm(x, y, sel):
-    """__byte_perm(x, y, sel) for selector nibbles 0-7 (x and y uint32 arrays)."""
-    b = [(x >> np.uint32(8 * i)) & np.uint32(0xFF) for i in range(4)] + \
-        [(y >> np.uint32(8 * i)) & np.uint32(0xFF) for i in range(4)]
-    out = np.zeros_like(x)
-    for n in range(4):
-        out |= b[(sel >> (4 * n)) & 7] << np.uint32(8 * n)
-    return out
-
 
 def _bf_lo_hi(r):
     """A packed bf16 pair (uint32) -> (lo, hi) float64."""

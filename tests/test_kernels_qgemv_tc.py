@@ -12,25 +12,12 @@ import numpy as np
 import pytest
 
 from jang_serve.kernels import qgemv_tc_cuda as tc
+from lane_helpers import bperm as _bperm
 
 qmm_mod = importlib.import_module("jang_serve.kernels.qmm")
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def _u32(a):
-    return np.asarray(a, dtype=np.uint64).astype(np.uint32)
-
-
-def _bperm(x, y, sel):
-    """__byte_perm(x, y, sel), selector nibbles 0-7."""
-    b = [(x >> np.uint32(8 * i)) & np.uint32(0xFF) for i in range(4)] + \
-        [(y >> np.uint32(8 * i)) & np.uint32(0xFF) for i in range(4)]
-    out = np.zeros_like(x)
-    for n in range(4):
-        out |= b[(sel >> (4 * n)) & 7] << np.uint32(8 * n)
-    return out
-
-
 def _halves(r, half):
     """A packed pair of 16-bit floats (uint32) -> (lo, hi) float64; half: "bf16" or "f16"."""
     lo, hi = r & np.uint32(0xFFFF), r >> np.uint32(16)
