@@ -37,7 +37,6 @@ from jang_serve.kernels.qmm_fused import qkv_rope, qmm_fused, rope_inv_freq  # n
 H, I, HQ, HKV, HD = 4096, 14336, 32, 8, 128
 DT = mx.bfloat16
 SHAPES = {"qkv": ((HQ + 2 * HKV) * HD, H, 8), "o": (H, HQ * HD, 8), "gu": (2 * I, H, 4), "down": (H, I, 4)}
-XD: list = []   # down_proj's input [1, I], made once
 SWEEP = ((2, 4), (4, 1), (4, 2), (4, 4), (8, 1), (8, 2), (8, 4))
 
 
@@ -54,16 +53,28 @@ def weight_sets(name):
     return sets, one + 2 * (n + k) * 2
 
 
-def gemv_call(name, ws, x, nw, res, pos, inv):
+def layer_inputs() -> dict:
+    """One decode row's activations: x [1, H], the norm weight, the residual, the RoPE position and
+    rates, and down_proj's input xd [1, I] (evaluated)."""
+    inp = dict(x=mx.random.normal((1, H)).astype(DT), nw=(mx.random.normal((H,)) * 0.1 + 1).astype(DT),
+               res=mx.random.normal((1, H)).astype(DT), pos=mx.array([140], dtype=mx.int32),
+               inv=rope_inv_freq(HD, 500000.0), xd=mx.random.normal((1, I)).astype(DT))
+    mx.eval(list(inp.values()))
+    return inp
+
+
+def gemv_call(name, ws, inp):
+    """The engine's decode GEMV `name` (SHAPES) on weights ws = (w, scales, biases)."""
     w, s, b = ws
+    x, nw, res = inp["x"], inp["nw"], inp["res"]
     if name == "qkv":
-        return qkv_rope(x, w, s, b, 8, 64, n_heads=HQ, n_kv=HKV, head_dim=HD, positions=pos, inv_freq=inv,
-                        rope=None, norm_weight=nw, eps=1e-5)[0]
+        return qkv_rope(x, w, s, b, 8, 64, n_heads=HQ, n_kv=HKV, head_dim=HD, positions=inp["pos"],
+                        inv_freq=inp["inv"], rope=None, norm_weight=nw, eps=1e-5)[0]
     if name == "o":
         return qmm_fused(x, w, s, b, 8, 64, residual=res)
     if name == "gu":
         return qmm_fused(x, w, s, b, 4, 64, norm_weight=nw, eps=1e-5, swiglu=True)
-    return qmm_fused(XD[0], w, s, b, 4, 64, residual=res)
+    return qmm_fused(inp["xd"], w, s, b, 4, 64, residual=res)
 
 
 def with_config(r, w, fn):
@@ -88,19 +99,14 @@ def paged_inputs(ctx, nblocks=512, bs=32):
 def time_mode(out):
     bw, copies = copy_bandwidth()
     out["copy_GBps"], out["copies"] = bw / 1e9, copies
-    x = mx.random.normal((1, H)).astype(DT)
-    nw = (mx.random.normal((H,)) * 0.1 + 1).astype(DT)
-    res = mx.random.normal((1, H)).astype(DT)
-    pos, inv = mx.array([140], dtype=mx.int32), rope_inv_freq(HD, 500000.0)
-    XD[:] = [mx.random.normal((1, I)).astype(DT)]
-    mx.eval(x, nw, res, pos, inv, XD)
+    inp = layer_inputs()
     rows = out.setdefault("gemv", [])
     for name in SHAPES:
         sets, nbytes = weight_sets(name)
         cfg0 = qmm_cuda.default_config(1, SHAPES[name][0] // (2 if name == "gu" else 1), SHAPES[name][1], SHAPES[name][2])
         for r, w in [(None, None)] + list(SWEEP):
             def calls():
-                return [gemv_call(name, sets[i % len(sets)], x, nw, res, pos, inv) for i in range(CALLS)]
+                return [gemv_call(name, sets[i % len(sets)], inp) for i in range(CALLS)]
             t = timed(calls) if r is None else with_config(r, w, lambda: timed(calls))
             rows.append(rec(name, t, nbytes, bw, R=r or cfg0["R"], W=w or cfg0["W"], default=r is None))
             print(rows[-1], flush=True)
@@ -142,15 +148,11 @@ def ncu_mode():
     import ctypes
 
     lib = ctypes.CDLL("libcuda.so.1")
-    x = mx.random.normal((1, H)).astype(DT)
-    nw = (mx.random.normal((H,)) * 0.1 + 1).astype(DT)
-    res = mx.random.normal((1, H)).astype(DT)
-    pos, inv = mx.array([140], dtype=mx.int32), rope_inv_freq(HD, 500000.0)
+    inp = layer_inputs()
     ws = {name: qweights(*SHAPES[name]) for name in SHAPES}
     q, kp, vp, tables, lens = paged_inputs(140)
-    XD[:] = [mx.random.normal((1, I)).astype(DT)]
-    mx.eval(x, nw, res, pos, inv, ws, XD)
-    calls = {name: (lambda name=name: gemv_call(name, ws[name], x, nw, res, pos, inv)) for name in SHAPES}
+    mx.eval(ws)
+    calls = {name: (lambda name=name: gemv_call(name, ws[name], inp)) for name in SHAPES}
     calls["paged"] = lambda: paged_cuda.paged_decode(q, kp, vp, tables, lens, 0.088, None, 16, 32, impl="v1")
     calls["paged_v2"] = lambda: paged_cuda.paged_decode(q, kp, vp, tables, lens, 0.088, None, 16, 32, impl="v2")
     for f in calls.values():   # compile + warm up

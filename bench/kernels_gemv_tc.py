@@ -165,29 +165,12 @@ def time_plain(out, bw, variants, save=lambda: None):
 
 
 def fused_calls():
-    """The engine's decode GEMVs (Llama-3-8B, JANG_4M) as (shapes, call(name, weights))."""
-    from jang_serve.kernels.qmm_fused import qkv_rope, qmm_fused
-    H, I, HQ, HKV, HD = 4096, 14336, 32, 8, 128
-    x = mx.random.normal((1, H)).astype(mx.bfloat16)
-    xd = mx.random.normal((1, I)).astype(mx.bfloat16)
-    nw = (mx.random.normal((H,)) * 0.1 + 1).astype(mx.bfloat16)
-    res = mx.random.normal((1, H)).astype(mx.bfloat16)
-    pos, inv = mx.array([140], dtype=mx.int32), rope_inv_freq(HD, 500000.0)
-    mx.eval(x, xd, nw, res, pos, inv)
-    shapes = {"qkv+rope": ((HQ + 2 * HKV) * HD, H, 8), "o+res": (H, HQ * HD, 8), "gu+swiglu": (2 * I, H, 4),
-              "down+res": (H, I, 4)}
+    """The engine's decode GEMVs (Llama-3-8B, JANG_4M) as (shapes, call(name, weights)): bench/decode_kernels.py's."""
+    from decode_kernels import SHAPES, gemv_call, layer_inputs
 
-    def call(name, ws):
-        w, s, b = ws
-        if name == "qkv+rope":
-            return qkv_rope(x, w, s, b, 8, 64, n_heads=HQ, n_kv=HKV, head_dim=HD, positions=pos, inv_freq=inv,
-                            rope=None, norm_weight=nw, eps=1e-5)[0]
-        if name == "o+res":
-            return qmm_fused(x, w, s, b, 8, 64, residual=res)
-        if name == "gu+swiglu":
-            return qmm_fused(x, w, s, b, 4, 64, norm_weight=nw, eps=1e-5, swiglu=True)
-        return qmm_fused(xd, w, s, b, 4, 64, residual=res)
-    return shapes, call
+    names = {"qkv+rope": "qkv", "o+res": "o", "gu+swiglu": "gu", "down+res": "down"}
+    inp = layer_inputs()
+    return {k: SHAPES[v] for k, v in names.items()}, (lambda name, ws: gemv_call(names[name], ws, inp))
 
 
 def with_impl(impl, f):
