@@ -52,8 +52,7 @@ class EngineCore:
             fuse_projections(self.model)
         from .models.compiled import compile_blocks
 
-        compile_blocks(self.model, self.config.max_num_seqs,
-                       on=self.config.compile_decode if self.config.compile_decode is not None else True)
+        compile_blocks(self.model, self.config.max_num_seqs, on=self.config.compile_decode is not False)
         self.blocks = BlockManager(self.pool.num_blocks, self.config.block_size, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, self.config.max_num_seqs, self.config.max_num_batched_tokens,
                                    self.config.prefill_chunk())
