@@ -119,8 +119,10 @@ def test_jobs_end_to_end_with_faults_and_restart(sources, tmp_path):
             "model": "tiny-4bit", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
 
-        # 2. SIGKILL of the child mid-conversion: failed, nothing visible, staging cleaned
-        k = submit(srv, source=str(sources["medium"]), profile="JANG_3M", output="killed")
+        # 2. SIGKILL of the child mid-conversion: failed, nothing visible, staging cleaned. The jobs
+        # that are stopped midway use GPTQ (about a second per layer here) so that they are still
+        # running when the test acts: an RTN conversion of this model ends in about 0.15 s.
+        k = submit(srv, source=str(sources["medium"]), profile="JANG_3M", method="gptq", output="killed")
         running, seen = wait_for(srv, k["id"], lambda x: ended(x) or (x["state"] == "running" and 0 < x["percent"]))
         assert running["state"] == "running", running
         assert any(0 < s["percent"] < 100 and s["eta_s"] is not None for s in seen)
@@ -130,7 +132,7 @@ def test_jobs_end_to_end_with_faults_and_restart(sources, tmp_path):
         assert not (models / "killed").exists() and not (models / ".staging" / k["id"]).exists()
 
         # 3. cancel a running job
-        c = submit(srv, source=str(sources["medium"]), profile="JANG_3M", output="cancelled")
+        c = submit(srv, source=str(sources["medium"]), profile="JANG_3M", method="gptq", output="cancelled")
         wait_for(srv, c["id"], lambda x: x["state"] == "running")
         r = httpx.delete(f"{srv.url}/admin/jobs/{c['id']}", headers=H, timeout=30)
         assert r.status_code == 200
@@ -139,7 +141,7 @@ def test_jobs_end_to_end_with_faults_and_restart(sources, tmp_path):
         assert httpx.delete(f"{srv.url}/admin/jobs/{c['id']}", headers=H).status_code == 409
 
         # 4. the server crashes (SIGKILL) while a job runs
-        i = submit(srv, source=str(sources["medium"]), profile="JANG_3M", output="interrupted")
+        i = submit(srv, source=str(sources["medium"]), profile="JANG_3M", method="gptq", output="interrupted")
         wait_for(srv, i["id"], lambda x: x["state"] == "running" and x["pid"])
     finally:
         srv.stop(signal.SIGKILL)
