@@ -209,8 +209,8 @@ class CompletionRequest(SamplingFields):
 
     @model_validator(mode="after")
     def _checks(self):
-        if self.suffix:
-            raise ValueError("suffix is not supported")
+        if self.suffix and self.echo:
+            raise ValueError("echo cannot be combined with suffix (an infill returns the middle only)")
         if self.best_of is not None and self.best_of != self.n:
             raise ValueError("best_of other than n is not supported")
         return self

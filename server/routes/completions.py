@@ -2,6 +2,8 @@
 
 `prompt` may be a string, a list of strings, a list of token ids or a list of token-id lists;
 each prompt is its own engine request, and choice indexes run prompt by prompt (n per prompt).
+With a non-empty `suffix` each prompt is the text before a gap and the model writes the middle
+(fill-in-the-middle, engine/fim.py): models without FIM tokens answer 400.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import asyncio
 import time
 
 from fastapi import APIRouter, Depends, Request
+
+from jang_serve.engine.fim import FimTokens, fim_prompt, fim_tokens
 
 from ..auth import require_api_key
 from ..errors import bad_request
@@ -22,8 +26,21 @@ from ..streaming import Chunks, done, error_chunk, sse_response
 router = APIRouter()
 
 
-def prompts_of(req: CompletionRequest, tokenizer) -> list[tuple[str, list[int]]]:
-    """(prompt text, token ids) per prompt; string prompts get the tokenizer's special tokens (BOS)."""
+def _fim(req: CompletionRequest, entry) -> FimTokens | None:
+    if not req.suffix:
+        return None
+    fim = fim_tokens(entry.tokenizer)
+    if fim is None:
+        raise bad_request(f"model {entry.name!r} has no fill-in-the-middle tokens, so it cannot complete "
+                          "between a prompt and a suffix; use a code model trained for infilling "
+                          "(e.g. Qwen2.5-Coder, StarCoder) or leave suffix out", param="suffix",
+                          code="invalid_value")
+    return fim
+
+
+def prompts_of(req: CompletionRequest, tokenizer, fim: FimTokens | None = None) -> list[tuple[str, list[int]]]:
+    """(prompt text, token ids) per prompt; string prompts get the tokenizer's special tokens (BOS).
+    With `fim`, each prompt becomes the prefix of an infill prompt around `req.suffix`."""
     p = req.prompt
     vocab = getattr(tokenizer, "vocab_size", None)
     if isinstance(p, str):
@@ -35,13 +52,14 @@ def prompts_of(req: CompletionRequest, tokenizer) -> list[tuple[str, list[int]]]
     out = []
     for k, item in enumerate(items):
         if isinstance(item, str):
-            out.append((item, tokenizer.encode(item, add_special_tokens=True)))
+            ids = fim_prompt(tokenizer, fim, item, req.suffix) if fim else tokenizer.encode(item, add_special_tokens=True)
+            out.append((item, ids))
             continue
         bad = [t for t in item if t < 0 or (vocab is not None and t >= vocab)]
         if bad:
             raise bad_request(f"prompt[{k}] holds token ids outside the vocabulary (size {vocab}): {bad[:5]}",
                               param="prompt")
-        out.append((tokenizer.decode(item), list(item)))
+        out.append((tokenizer.decode(item), fim_prompt(tokenizer, fim, list(item), req.suffix) if fim else list(item)))
     if not all(ids for _, ids in out):
         raise bad_request("a prompt encodes to zero tokens", param="prompt")
     return out
@@ -51,13 +69,16 @@ def prompts_of(req: CompletionRequest, tokenizer) -> list[tuple[str, list[int]]]
 async def completions(body: CompletionRequest, request: Request):
     app = request.app
     entry = app.state.models.get(body.model)
-    prompts = prompts_of(body, entry.tokenizer)
+    fim = _fim(body, entry)
+    prompts = prompts_of(body, entry.tokenizer, fim)
     top = body.logprobs or 0
     jobs = []
     for text, ids in prompts:
         max_tokens = resolve_max_tokens(entry, len(ids), body.max_tokens, "prompt")
         params = sampling_params(body, entry, max_tokens, logprobs=body.logprobs is not None, top_logprobs=top,
                                  response_format=response_format_dict(body.response_format))
+        if fim:  # an infill also ends at the model's padding / file-separator tokens
+            params.stop_token_ids = sorted(set(params.stop_token_ids) | set(fim.ends))
         jobs.append((text, ids, params))
     rid = new_id("cmpl")
     timer = RequestTimer(app.state.metrics, entry.name)
