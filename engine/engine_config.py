@@ -35,6 +35,9 @@ class EngineConfig:
     # Decode steps (<= max_num_seqs tokens) through mx.compile'd layers (models/compiled.py). None: on, on every
     # device (on the CPU 1.08x / 1.14x decode tok/s at 1 / 4 requests of SmolLM2: bench/results/compile-cpu-ab.json).
     compile_decode: bool | None = None
+    # CPU only: dequantize quantized linears / embeddings to dense weights at start-up when the dense copy takes at
+    # most this many GB (models/dense.py: MLX's CPU quantized matmul is scalar, BLAS is not). None: 2 GB; 0: never.
+    cpu_dense_gb: float | None = None
 
     def __post_init__(self):
         if self.kv_dtype not in ("auto", "q8", "q4"):
@@ -57,6 +60,8 @@ class EngineConfig:
             raise ValueError(f"max_prefill_chunk must be >= 1, got {self.max_prefill_chunk}")
         if self.kv_memory_gb is not None and self.kv_memory_gb <= 0:
             raise ValueError(f"kv_memory_gb must be > 0, got {self.kv_memory_gb}")
+        if self.cpu_dense_gb is not None and self.cpu_dense_gb < 0:
+            raise ValueError(f"cpu_dense_gb must be >= 0, got {self.cpu_dense_gb}")
         if not 0 < self.kv_memory_fraction <= 1:
             raise ValueError(f"kv_memory_fraction must be in (0, 1], got {self.kv_memory_fraction}")
 

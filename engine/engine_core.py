@@ -46,6 +46,9 @@ class EngineCore:
         self.config = config or EngineConfig()
         self.dtype = model_dtype(self.model)
         self.pool = KVPool.for_model(self.model, self.config, self.dtype, self.tokenizer)
+        from .models.dense import densify_for_device  # after the pool: its KV transform rewrites k/v weights
+
+        self.dense = densify_for_device(self.model, self.dtype, self.config.cpu_dense_gb)
         if self.config.on_gpu_by_default("fuse_projections"):  # after the pool: its KV transform reads q/k/v
             from .models.layers import fuse_projections
 

@@ -63,6 +63,9 @@ OPTIONS: list[Option] = [
     Option("max_prefill_chunk", "engine", None, int, "prefill tokens per step while other requests decode, so a "
            "long prompt cannot stall running streams (unset = 128 on CPU, the whole step budget on GPU)"),
     Option("max_model_len", "engine", None, int, "context length limit (unset = the model's own)"),
+    Option("cpu_dense_gb", "engine", None, float, "CPU only: dequantize the quantized layers to dense float "
+           "weights at start-up when they then take at most this many GB (faster on MLX's CPU backend; "
+           "unset = 2, 0 = keep them packed)"),
     Option("prefix_caching", "engine", True, bool, "reuse KV blocks of shared prompt prefixes"),
     Option("tp", "engine", 1, int, "tensor-parallel ranks: split the model over N processes (ring backend "
            "over loopback on CPU, NCCL over N GPUs on CUDA); see docs/tp.md"),
@@ -98,6 +101,7 @@ class ServerConfig:
     max_num_batched_tokens: int | None = None
     max_prefill_chunk: int | None = None
     max_model_len: int | None = None
+    cpu_dense_gb: float | None = None
     prefix_caching: bool = True
     tp: int = 1
     models_dir: str | None = None

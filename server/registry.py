@@ -96,6 +96,9 @@ class ModelRegistry:
             entry.info = {"format": getattr(loaded, "format", None), "quantization": _quant_summary(loaded.quantization)}
             entry.engine = _start_engine(loaded, self.cfg, entry.context_length, tp=tp)
             entry.context_length = int(getattr(entry.engine, "max_model_len", entry.context_length))
+            dense = getattr(getattr(entry.engine, "core", None), "dense", None)
+            if dense:  # CPU: the quantized layers run from dense copies (engine/models/dense.py)
+                entry.info["quantization"] = {**(entry.info["quantization"] or {}), "cpu_dense": dense}
             entry.tokenizer = getattr(entry.engine, "tokenizer", None) or entry.tokenizer
             from . import warmup
 
@@ -184,6 +187,8 @@ def engine_config(cfg: ServerConfig, context_length: int):
         kw["max_num_batched_tokens"] = cfg.max_num_batched_tokens
     if cfg.max_prefill_chunk is not None:
         kw["max_prefill_chunk"] = cfg.max_prefill_chunk
+    if cfg.cpu_dense_gb is not None:
+        kw["cpu_dense_gb"] = cfg.cpu_dense_gb
     return EngineConfig(**kw)
 
 

@@ -186,7 +186,8 @@ def test_compiled_blocks_same_tokens(quant, kv):
     sp = [SamplingParams(max_tokens=10, temperature=0, ignore_eos=True),
           SamplingParams(max_tokens=7, temperature=0.8, seed=5, ignore_eos=True)] * 2 + \
         [SamplingParams(max_tokens=9, temperature=0, ignore_eos=True)]
-    kvc = dict(kv_dtype=kv, kv_transform=False) | ({} if kv == "auto" else dict(kv_group_size=32))
+    # cpu_dense_gb=0: the quantized layers stay packed (the CPU would otherwise run dense copies of them)
+    kvc = dict(kv_dtype=kv, kv_transform=False, cpu_dense_gb=0) | ({} if kv == "auto" else dict(kv_group_size=32))
     plain = EngineCore((model, None, cfg), EngineConfig(num_blocks=64, block_size=4, compile_decode=False, **kvc))
     want = plain.generate(prompts, sp)
     fast = EngineCore((model, None, cfg), EngineConfig(num_blocks=64, block_size=4, max_num_seqs=8,

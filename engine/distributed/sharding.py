@@ -131,7 +131,12 @@ class AllSumLinear(_AllSum, nn.Linear):
 
 
 class AllSumQLinear(_AllSum, QLinear):
-    pass
+    def dense_twin(self, weight):
+        out = AllSumLinear(self.input_dims, self.output_dims, bias=False)
+        out.weight, out.group = weight, self.group
+        if "sum_bias" in self:
+            out.sum_bias = self.sum_bias.astype(weight.dtype)
+        return out
 
 
 def all_sum_linear(local, bias, group):

@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     from jang_serve.engine.kv_pool import KVPool
     from jang_serve.engine.loader import load_model
     from jang_serve.engine.model_runner import ModelRunner
+    from jang_serve.engine.models.dense import densify_for_device
     from jang_serve.engine.models.layers import fuse_projections
 
     from .launch import READY, init_group
@@ -72,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = model_dtype(model)
     n = agree_num_blocks(model, cfg, dtype, group)
     runner = ModelRunner(model, KVPool.for_model(model, replace(cfg, num_blocks=n), dtype, loaded.tokenizer))
+    densify_for_device(model, dtype, cfg.cpu_dense_gb)  # as EngineCore does on rank 0
     if cfg.on_gpu_by_default("fuse_projections"):  # as EngineCore does on rank 0
         fuse_projections(model)
     steps = 0

@@ -92,6 +92,14 @@ class QLinear(nn.Module):
             y = y + self.bias
         return y
 
+    def dense_twin(self, weight: mx.array) -> nn.Module:
+        """The same layer over a dense `weight` (models/dense.py); subclasses return their own twin."""
+        out = nn.Linear(self.input_dims, self.output_dims, bias="bias" in self)
+        out.weight = weight
+        if "bias" in self:
+            out.bias = self.bias.astype(weight.dtype)
+        return out
+
 
 QuantSpec = Callable[[str, nn.Module], "tuple[int, int] | None"]
 
