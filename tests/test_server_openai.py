@@ -61,6 +61,9 @@ def test_models_list_and_card(client):
     assert ids == [MODEL]
     card = client.models.retrieve(MODEL)
     assert card.id == MODEL and card.model_extra["context_length"] > 1000
+    # on the CPU the default bundle's quantized layers run from dense float32 copies (engine/models/dense.py)
+    dense = card.model_extra["quantization"]["cpu_dense"]
+    assert dense["dtype"] == "float32" and dense["modules"] == 211 and 4e8 < dense["bytes"] < 6e8
     with pytest.raises(openai.NotFoundError) as e:
         client.models.retrieve("no-such-model")
     assert e.value.body["code"] == "model_not_found"
