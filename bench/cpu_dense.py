@@ -71,7 +71,8 @@ def run(path, gb, n, gen):
     t = time.perf_counter()
     out = core.generate(prompts, sp)
     dt = time.perf_counter() - t
-    return sum(len(x) for x in out) / dt, out, weight_bytes(lm.model, bool(lm.config.get("tie_word_embeddings"))), core.dense
+    held = weight_bytes(lm.model, bool(lm.config.get("tie_word_embeddings")))
+    return sum(len(x) for x in out) / dt, out, held, core.dense
 
 
 def main():
@@ -110,7 +111,8 @@ def main():
                device=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared)",
                versions=dict(mlx=mx.__version__, python=platform.python_version()),
                commit=subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
-               loadavg_start_end=[load0, os.getloadavg()], model=str(a.model), gen_tokens=a.gen, read_bandwidth_gbs=bw,
+               loadavg_start_end=[load0, os.getloadavg()], model=str(a.model), gen_tokens=a.gen,
+               read_bandwidth_gbs=bw,
                held=held, method="greedy, ignore_eos; one fresh load and engine per run, warm-up generate then a timed "
                "generate of the same prompts; packed/dense interleaved, medians of the repeats. Roofline: the "
                "higher read bandwidth / weight bytes per step (batch 1).", requests=rows)

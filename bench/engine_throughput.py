@@ -44,6 +44,9 @@ from jang_serve.engine.loader import load_model  # noqa: E402
 from jang_serve.engine.sampling_params import SamplingParams  # noqa: E402
 
 
+CPU_DENSE_GB = None  # --cpu-dense-gb, for every engine this script makes
+
+
 def mlx_lm_model(lm):
     """mlx-lm's own llama model carrying exactly our weights (quantized where ours are)."""
     import mlx.nn as nn
@@ -94,7 +97,8 @@ def docs_prompts(tok, n: int, lo: int, hi: int) -> list[list[int]]:
 
 def run_ours(lm, prompts, gen, budget):
     """(wall seconds, seconds to the first token, outputs)."""
-    core = EngineCore(lm, EngineConfig(kv_memory_gb=1.0, max_num_batched_tokens=budget, max_num_seqs=64))
+    core = EngineCore(lm, EngineConfig(cpu_dense_gb=CPU_DENSE_GB, kv_memory_gb=1.0, max_num_batched_tokens=budget,
+                                       max_num_seqs=64))
     sp = SamplingParams(max_tokens=gen, temperature=0, ignore_eos=True)
     t = time.perf_counter()
     for i, p in enumerate(prompts):
@@ -128,7 +132,7 @@ def run_mlx_lm(model, prompts, gen):
 
 
 def ttft(lm, prompt_a, prompt_b):
-    core = EngineCore(lm, EngineConfig(kv_memory_gb=1.0, max_num_batched_tokens=2048))
+    core = EngineCore(lm, EngineConfig(cpu_dense_gb=CPU_DENSE_GB, kv_memory_gb=1.0, max_num_batched_tokens=2048))
     sp = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
     res = {}
     for name, p in (("cold", prompt_a), ("prefix_hit", prompt_b)):
@@ -147,7 +151,7 @@ def profile_decode(lm, prompts, steps: int = 8) -> dict:
     and KV writes, evaluated), sampling, and appending tokens (detokenizer, stop checks)."""
     from jang_serve.engine.sampler import sample
 
-    core = EngineCore(lm, EngineConfig(kv_memory_gb=1.0, max_num_seqs=64))
+    core = EngineCore(lm, EngineConfig(cpu_dense_gb=CPU_DENSE_GB, kv_memory_gb=1.0, max_num_seqs=64))
     for i, p in enumerate(prompts):
         core.add_request(str(i), p, SamplingParams(max_tokens=steps + 2, temperature=0, ignore_eos=True))
     core.step()  # the prefill
@@ -209,6 +213,8 @@ def main():
     ap.add_argument("--ttft-tokens", type=int, default=1000)
     ap.add_argument("--budget", type=int, default=2048, help="our max_num_batched_tokens")
     ap.add_argument("--out", default=str(ROOT / "bench/results/engine-cpu.json"))
+    ap.add_argument("--cpu-dense-gb", type=float, default=None,
+                    help="our EngineConfig.cpu_dense_gb (unset: the engine's default; 0: layers stay packed)")
     ap.add_argument("--qmm-cpu-rule", default="shipped", choices=["shipped", "rows16"],
                     help="rows16: kernels.qmm's earlier CPU route, for comparison (mlx-lm calls quantized_matmul itself)")
     args = ap.parse_args()
@@ -218,6 +224,10 @@ def main():
     if args.quantize == "q4g64":
         quantize_uniform(lm, 4, 64)
     theirs = mlx_lm_model(lm)
+    described = describe(lm)  # before our engine may swap the quantized layers for dense copies (CPU)
+    global CPU_DENSE_GB
+    CPU_DENSE_GB = args.cpu_dense_gb
+    dense = EngineCore(lm, EngineConfig(kv_memory_gb=0.1, cpu_dense_gb=CPU_DENSE_GB)).dense
     tok = lm.tokenizer
     run_ours(lm, docs_prompts(tok, 2, 8, 8), 2, args.budget)  # warm-up both
     run_mlx_lm(theirs, docs_prompts(tok, 2, 8, 8), 2)
@@ -269,8 +279,11 @@ def main():
                          f"{os.getloadavg()[0]:.1f} at the end); timed section held /tmp/jang-bench.lock; "
                          "repeats interleave both engines, so load hits both alike"),
         versions=dict(mlx=version("mlx"), mlx_lm=version("mlx-lm"), python=platform.python_version()),
-        model=dict(path=str(args.model), quantize=args.quantize, activations="float32", **describe(lm),
-                   note="both engines carry the same parameters (mlx-lm's llama.Model loaded with ours)"),
+        model=dict(path=str(args.model), quantize=args.quantize, activations="float32", **described,
+                   our_cpu_dense=dense,
+                   note="both engines carry the same parameters (mlx-lm's llama.Model loaded with ours); with "
+                        "our_cpu_dense set, our engine runs the quantized layers from dense copies of exactly "
+                        "those values (engine/models/dense.py), mlx-lm runs them packed"),
         settings=dict(gen_tokens=args.gen, prompt_tokens=[args.prompt_min, args.prompt_max], greedy=True,
                       repeats=args.repeats, our_max_num_batched_tokens=args.budget, kv="auto (float32)",
                       block_size=16, mlx_lm="BatchGenerator(completion_batch_size=concurrency, "

@@ -52,8 +52,10 @@ def prompts_of(req: CompletionRequest, tokenizer, fim: FimTokens | None = None) 
     out = []
     for k, item in enumerate(items):
         if isinstance(item, str):
-            ids = fim_prompt(tokenizer, fim, item, req.suffix) if fim else tokenizer.encode(item, add_special_tokens=True)
-            out.append((item, ids))
+            if fim:
+                out.append((item, fim_prompt(tokenizer, fim, item, req.suffix)))
+            else:
+                out.append((item, tokenizer.encode(item, add_special_tokens=True)))
             continue
         bad = [t for t in item if t < 0 or (vocab is not None and t >= vocab)]
         if bad:
