@@ -66,8 +66,9 @@ def test_over_the_budget_nothing_changes():
     model, cfg = quantized_tiny()
     need = dense_bytes(model, mx.float32)
     assert densify(model, mx.float32, max_gb=need / 1e9 * 0.99) is None
+    assert densify(model, mx.float32, max_gb=1.0, available=2 * need - 1) is None  # at most half the free memory
     assert kinds(model)["QLinear"] == 15  # 14 + the untied lm_head
-    assert densify(model, mx.float32, max_gb=need / 1e9)["modules"] == 16
+    assert densify(model, mx.float32, max_gb=need / 1e9, available=2 * need)["modules"] == 16
     assert "QLinear" not in kinds(model)
 
 

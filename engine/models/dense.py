@@ -17,6 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
+from ..kv_pool import available_memory_bytes
 from .layers import QLinear
 
 log = logging.getLogger(__name__)
@@ -51,18 +52,20 @@ def _dense(m: nn.Module, dtype: mx.Dtype) -> nn.Module:
     return out
 
 
-def densify(model, dtype: mx.Dtype, max_gb: float) -> dict | None:
+def densify(model, dtype: mx.Dtype, max_gb: float, available: int | None = None) -> dict | None:
     """Swap the quantized linears / embeddings for dense ones when their dense copy takes at most
-    `max_gb` GB; returns what was done ({"modules", "bytes", "dtype"}), or None (nothing to do, or
-    over the budget: the model stays as it is)."""
+    `max_gb` GB and at most half of `available` bytes of free memory (when given); returns what was
+    done ({"modules", "bytes", "dtype"}), or None (nothing to do, or over a limit: the model stays
+    as it is)."""
     found = _candidates(model)
     need = dense_bytes(model, dtype)
     name = str(dtype).removeprefix("mlx.core.")
     if not found or max_gb <= 0:
         return None
-    if need > max_gb * 1e9:
-        log.info("CPU: keeping %d quantized layers packed: their dense %s copy would take %.2f GB "
-                 "(cpu_dense_gb = %.2f)", len(found), name, need / 1e9, max_gb)
+    if need > max_gb * 1e9 or (available is not None and need > available / 2):
+        why = f"cpu_dense_gb = {max_gb:.2f}" if need > max_gb * 1e9 else f"{available / 1e9:.2f} GB of memory free"
+        log.info("CPU: keeping %d quantized layers packed: their dense %s copy would take %.2f GB (%s)",
+                 len(found), name, need / 1e9, why)
         return None
     swaps = [(p, _dense(m, dtype)) for p, m in found]
     model.update_modules(tree_unflatten(swaps))
@@ -72,8 +75,10 @@ def densify(model, dtype: mx.Dtype, max_gb: float) -> dict | None:
 
 
 def densify_for_device(model, dtype: mx.Dtype, cpu_dense_gb: float | None) -> dict | None:
-    """`densify` on the CPU backend with the configured budget (None: DEFAULT_CPU_DENSE_GB); on a GPU,
-    where the quantized kernels are the fast path, nothing."""
+    """`densify` on the CPU backend with the configured budget (None: DEFAULT_CPU_DENSE_GB), within half
+    of the memory still free (the KV pool is already allocated); on a GPU, where the quantized kernels
+    are the fast path, nothing."""
     if mx.default_device() != mx.cpu:
         return None
-    return densify(model, dtype, DEFAULT_CPU_DENSE_GB if cpu_dense_gb is None else cpu_dense_gb)
+    return densify(model, dtype, DEFAULT_CPU_DENSE_GB if cpu_dense_gb is None else cpu_dense_gb,
+                   available_memory_bytes())
