@@ -13,3 +13,16 @@ if command -v nvidia-smi >/dev/null 2>&1; then
   for d in engine kernels quantize server; do ln -sfn "$PWD/$d" "jang_serve/$d"; done
 fi
 if [ -f .ptx/ptx.tgz ] && [ ! -d /tmp/mlx ]; then tar xzf .ptx/ptx.tgz -C /tmp; fi
+
+# ncu_rows CSV [METRIC]: kernel name, metric and value of each row of an `ncu --csv` log (only METRIC's
+# rows when given).
+ncu_rows() {
+  python3 - "$1" "${2:-}" <<'PY'
+import csv, sys
+rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10]
+hdr = rows[0]; ki, mi, vi = hdr.index("Kernel Name"), hdr.index("Metric Name"), hdr.index("Metric Value")
+for r in rows[1:]:
+    if not sys.argv[2] or r[mi] == sys.argv[2]:
+        print(r[ki][:60], r[mi], r[vi])
+PY
+}

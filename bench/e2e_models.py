@@ -5,12 +5,12 @@ weights generated on the device, our JANG_4M / bf16 models, copy bandwidth and t
 from __future__ import annotations
 
 import platform
-import statistics
 import subprocess
-import time
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
+
+from kernels_bench import timed  # bench/ is on sys.path: this module is imported by the bench scripts
 
 from jang_serve.engine.models import build_model
 from jang_serve.engine.models.layers import quantize_model
@@ -38,23 +38,11 @@ def device_name() -> str:
 
 def copy_bandwidth(mb: int) -> float:
     """Bytes read + written per second by a device copy of `mb` MB: the better of an elementwise
-    multiply and a reversed-view copy, 10 queued per eval, median of 5 (as bench/kernels_bench.py)."""
+    multiply and a reversed-view copy, 10 queued per eval, median of 5 (bench/kernels_bench.timed)."""
     a = mx.random.uniform(shape=(mb * (1 << 20) // 2,)).astype(mx.bfloat16)
     mx.eval(a)
-    best = 0.0
-    for make in (lambda: [a * 1.5 for _ in range(10)], lambda: [mx.contiguous(a[::-1]) for _ in range(10)]):
-        mx.eval(make())
-        ts = []
-        for _ in range(5):
-            outs = make()
-            mx.synchronize()
-            t = time.perf_counter()
-            mx.eval(outs)
-            mx.synchronize()
-            ts.append((time.perf_counter() - t) / len(outs))
-            del outs
-        best = max(best, 2 * a.nbytes / statistics.median(ts))
-    return best
+    makers = (lambda: [a * 1.5 for _ in range(10)], lambda: [mx.contiguous(a[::-1]) for _ in range(10)])
+    return max(2 * a.nbytes / timed(make)[0] for make in makers)
 
 
 # -- the models ------------------------------------------------------------------------------------

@@ -18,12 +18,5 @@ if [ "${2:-}" = ncu ]; then
     --metrics gpu__time_duration.sum,dram__bytes_read.sum,smsp__inst_executed.sum,launch__registers_per_thread,launch__grid_size,launch__block_size \
     --csv --log-file "$OUT/ncu.csv" python3 bench/kernels_gemv_tc.py - ncu > "$OUT/ncu.log" 2>&1
   echo "ncu rc=$?"; tail -3 "$OUT/ncu.log"
-  python3 - "$OUT/ncu.csv" <<'PY'
-import csv, sys
-rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10]
-hdr = rows[0]; ki, mi, vi = hdr.index("Kernel Name"), hdr.index("Metric Name"), hdr.index("Metric Value")
-for r in rows[1:]:
-    if r[mi] == "gpu__time_duration.sum":
-        print(r[ki][:50], r[mi], r[vi])
-PY
+  ncu_rows "$OUT/ncu.csv" gpu__time_duration.sum
 fi

@@ -15,11 +15,5 @@ if [ "${2:-}" = ncu ]; then
   timeout ${NCU_TIMEOUT:-120} ncu --clock-control none --profile-from-start off --metrics gpu__time_duration.sum,dram__bytes_read.sum \
     --csv --log-file "$OUT/ncu.csv" python3 bench/paged_small.py - ncu > "$OUT/ncu.log" 2>&1
   echo "ncu rc=$?"; tail -3 "$OUT/ncu.log"
-  python3 - "$OUT/ncu.csv" <<'PY'
-import csv, sys
-rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10]
-hdr = rows[0]; ki, mi, vi = hdr.index("Kernel Name"), hdr.index("Metric Name"), hdr.index("Metric Value")
-for r in rows[1:]:
-    print(r[ki][:60], r[mi], r[vi])
-PY
+  ncu_rows "$OUT/ncu.csv"
 fi

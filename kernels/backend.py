@@ -18,6 +18,15 @@ log = logging.getLogger("jang_serve.kernels")
 _disabled: set[tuple[str, str]] = set()    # (backend, op) pairs that failed their self-test
 
 
+def relerr(a: mx.array, b: mx.array) -> float:
+    """||a - b|| / ||b|| in float32 (inf when a has a non-finite value): the kernels' self-tests' measure."""
+    a = a.astype(mx.float32)
+    b = b.astype(mx.float32)
+    if not mx.all(mx.isfinite(a)).item():
+        return float("inf")
+    return (mx.sqrt(mx.sum((a - b) ** 2)) / mx.maximum(mx.sqrt(mx.sum(b * b)), 1e-30)).item()
+
+
 def _gpu_backend() -> str | None:
     if hasattr(mx, "cuda") and mx.cuda.is_available():
         return "cuda"

@@ -13,6 +13,7 @@ from typing import Callable
 import mlx.core as mx
 
 from . import backend
+from .backend import relerr
 
 HEADER = r"""
 template <int BITS>
@@ -27,14 +28,6 @@ inline uint jang_field(thread const uint* w, int j) {
 """
 
 _results: dict[str, bool] = {}
-
-
-def relerr(a: mx.array, b: mx.array) -> float:
-    a = a.astype(mx.float32)
-    b = b.astype(mx.float32)
-    if not mx.all(mx.isfinite(a)).item():
-        return float("inf")
-    return (mx.sqrt(mx.sum((a - b) ** 2)) / mx.maximum(mx.sqrt(mx.sum(b * b)), 1e-30)).item()
 
 
 def self_test(op: str, cases: Callable[[], list[tuple[mx.array, mx.array]]], tol: float = 2e-2) -> bool:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from .backend import relerr
 from .cuda_common import HEADER as COMMON
 from .qgemm_config import (BK, BN, MAX_STAGES, MIN_K_PER_SPLIT, SMEM_LIMIT, TARGET_BLOCKS,  # noqa: F401 (re-exported)
                            THREADS, block_rows, config, default_reduce, default_split, default_stages,
@@ -434,8 +435,7 @@ def self_test(fn, checked: dict, dtype, sdtype, bits: int, group_size: int, m: i
                 x = mx.random.normal((min(m, bm), k)).astype(dtype)
                 wd = mx.dequantize(wq, s.astype(mx.float32), b.astype(mx.float32), group_size=group_size, bits=bits)
                 ref = x.astype(mx.float32) @ wd.T   # no quantized_matmul: that would JIT MLX's fp32 kernels
-                y = fn(x, wq, s, b, bits, group_size, BM=bm, split=split).astype(mx.float32)
-                err = (mx.linalg.norm(y - ref) / mx.maximum(mx.linalg.norm(ref), 1e-30)).item()
+                err = relerr(fn(x, wq, s, b, bits, group_size, BM=bm, split=split), ref)
                 if not err < 2e-2:
                     ok, why = False, f"relative error {err:.3g} with split={split}"
                     break

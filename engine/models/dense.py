@@ -30,14 +30,13 @@ def _candidates(model) -> list[tuple[str, nn.Module]]:
             if isinstance(m, QLinear) or type(m) is nn.QuantizedEmbedding]
 
 
+def _bytes(found, dtype: mx.Dtype) -> int:
+    return sum(m.weight.shape[0] * (m.weight.shape[1] * 32 // m.bits) * dtype.size for _, m in found)
+
+
 def dense_bytes(model, dtype: mx.Dtype) -> int:
     """Bytes the dense copies of the model's quantized linears / embeddings would take."""
-    total = 0
-    for _, m in _candidates(model):
-        rows = m.weight.shape[0]
-        cols = m.weight.shape[1] * 32 // m.bits
-        total += rows * cols * dtype.size
-    return total
+    return _bytes(_candidates(model), dtype)
 
 
 def _dense(m: nn.Module, dtype: mx.Dtype) -> nn.Module:
@@ -58,7 +57,7 @@ def densify(model, dtype: mx.Dtype, max_gb: float, available: int | None = None)
     done ({"modules", "bytes", "dtype"}), or None (nothing to do, or over a limit: the model stays
     as it is)."""
     found = _candidates(model)
-    need = dense_bytes(model, dtype)
+    need = _bytes(found, dtype)
     name = str(dtype).removeprefix("mlx.core.")
     if not found or max_gb <= 0:
         return None
