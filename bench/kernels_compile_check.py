@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 
-from jang_serve.kernels import cuda_common, paged_cuda, paged_v2_cuda, qgemm_cuda, qmm_cuda
+from jang_serve.kernels import cuda_common, paged_cuda, paged_v2_cuda, qgemm3_cuda, qgemm_cuda, qmm_cuda
 
 STUB = """
 #include <cstdint>
@@ -122,6 +122,22 @@ def check_qgemm():
     return ok
 
 
+def check_qgemm3():
+    """The weight-stationary GEMM (kernels/qgemm3_cuda.py): every bit width, both dtypes, split or not."""
+    ok = True
+    for bits in (2, 4, 8):
+        for nt, tm, split, dt, sdt, gs in ((8, 2, 0, "bfloat16", "bfloat16", 64), (2, 2, 2, "bfloat16", "bfloat16", 32),
+                                           (4, 1, 0, "float16", "float16", 128), (8, 2, 2, "float16", "float32", 64)):
+            st = qgemm3_cuda.default_stages(bits, nt, tm)
+            tmpl = [("T", dt), ("S", sdt), ("BITS", bits), ("GS", gs), ("NT", nt), ("TM", tm), ("STAGES", st),
+                    ("SPLIT", split)]
+            src = build("qgemm3", qgemm3_cuda.SOURCE, qgemm3_cuda.HEADER,
+                        [("x", dt), ("w", "uint32"), ("scales", sdt), ("biases", sdt)],
+                        [("y", "float32" if split else dt)], tmpl)
+            ok &= compile_one(f"qgemm3 bits={bits} NT={nt} TM={tm} split={split} {dt}/{sdt} gs={gs} stages={st}", src)
+    return ok
+
+
 def check_paged():
     ok = True
     hdr = cuda_common.HEADER + paged_cuda.HEADER
@@ -171,6 +187,8 @@ if __name__ == "__main__":
         ok &= check_fused()
     if what in ("qgemm", "all"):
         ok &= check_qgemm()
+    if what in ("qgemm3", "all"):
+        ok &= check_qgemm3()
     if what in ("paged", "all"):
         ok &= check_paged()
     sys.exit(0 if ok else 1)

@@ -53,6 +53,8 @@ QGEMM_BITS = (2, 4, 8)    # JANG_QGEMM_BITS=2,4 (say) narrows it
 # (kernels-gemm-h100.json, qgemm-gputime-h100.json); JANG_QGEMM_IMPL=v1 brings v1 back.
 QGEMM_IMPL = "v2"
 DEQUANT_ROWS = 192
+# The weight-stationary GEMM (kernels/qgemm3_cuda.py, JANG_QGEMM_IMPL=v3) serves up to this many rows.
+QGEMM3_MAX_ROWS = 320
 DEQUANT_ROWS_8BIT = 384   # 8-bit: mx.quantized_matmul beats dequantize + matmul up to at least 256 rows
 # CPU: from this many rows, dequantize + dense matmul beats mx.quantized_matmul for every SmolLM2 shape
 # (bench/qmm_cpu.py: small matrices win from 4 rows, the 49152x576 tied lm_head only from ~16).
@@ -71,12 +73,22 @@ def qgemm_on() -> bool:
 
 def qgemm_impl():
     """The tiled GEMM module serving the "qgemm" route (QGEMM_IMPL, or JANG_QGEMM_IMPL=v1|v2)."""
-    from . import qgemm_cuda, qgemm_v1_cuda
+    from . import qgemm3_cuda, qgemm_cuda, qgemm_v1_cuda
 
     name = os.environ.get("JANG_QGEMM_IMPL", "").strip() or QGEMM_IMPL
-    if name not in ("v1", "v2"):
-        raise ValueError(f"JANG_QGEMM_IMPL must be v1 or v2, got {name!r}")
-    return qgemm_cuda if name == "v2" else qgemm_v1_cuda
+    impls = {"v1": qgemm_v1_cuda, "v2": qgemm_cuda, "v3": qgemm3_cuda}
+    if name not in impls:
+        raise ValueError(f"JANG_QGEMM_IMPL must be v1, v2 or v3, got {name!r}")
+    return impls[name]
+
+
+def qgemm_max_rows(bits: int) -> int:
+    """Rows up to which the tiled GEMM serves (from there, dequantize + dense matmul)."""
+    from . import qgemm3_cuda
+
+    if qgemm_impl() is qgemm3_cuda:
+        return int(os.environ.get("JANG_QGEMM3_MAX_ROWS", QGEMM3_MAX_ROWS))
+    return DEQUANT_ROWS
 
 
 def gemv_tc_mode() -> str:
@@ -158,7 +170,7 @@ def _cuda_route(m: int, x, w, bits: int, group_size: int) -> str:
     if gemv_kind(m, x, w, bits, group_size) != "none":
         return "gemv"
     half = x.dtype in (mx.bfloat16, mx.float16)
-    if (QGEMM_MIN_ROWS_8BIT if bits == 8 else QGEMM_MIN_ROWS) <= m < DEQUANT_ROWS and bits in qgemm_bits() \
+    if (QGEMM_MIN_ROWS_8BIT if bits == 8 else QGEMM_MIN_ROWS) <= m < qgemm_max_rows(bits) and bits in qgemm_bits() \
             and qgemm_on() \
             and qgemm_impl().supports(x, w, bits, group_size):
         return "qgemm"
@@ -184,7 +196,7 @@ def qmm(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: int,
     b = backend.for_op("qmm")
     key = (b, x.shape, w.shape, scales.shape, biases.shape, x.dtype, w.dtype, scales.dtype, bits, group_size,
            os.environ.get("JANG_QGEMM"), os.environ.get("JANG_QGEMM_BITS"), os.environ.get("JANG_QGEMM_SPLIT"),
-           os.environ.get("JANG_QGEMM_IMPL"), os.environ.get("JANG_GEMV_TC"))
+           os.environ.get("JANG_QGEMM_IMPL"), os.environ.get("JANG_GEMV_TC"), os.environ.get("JANG_QGEMM3_MAX_ROWS"))
     route, fn = _routes.get(key, (None, None))
     if route is None:  # first call with these shapes: check the arguments once and pick the path
         _check(x, w, scales, biases, bits, group_size)

@@ -228,6 +228,13 @@ def test_cuda_route_impl(monkeypatch):
     monkeypatch.setenv("JANG_QGEMM_IMPL", "v1")
     assert qmm_mod._cuda_route(64, x, w, 4, 128) == "qgemm"
     monkeypatch.setenv("JANG_QGEMM_IMPL", "v3")
+    from jang_serve.kernels import qgemm3_cuda
+    assert qmm_mod.qgemm_impl() is qgemm3_cuda
+    x3, w3 = _args(256, 4096, 896 * 2, 4)            # K = 3584: whole 128-wide stages, N = 4096
+    assert qmm_mod._cuda_route(256, x3, w3, 4, 64) == "qgemm"        # v3 serves up to QGEMM3_MAX_ROWS
+    monkeypatch.setenv("JANG_QGEMM_IMPL", "v2")
+    assert qmm_mod._cuda_route(256, x3, w3, 4, 64) == "dequant"
+    monkeypatch.setenv("JANG_QGEMM_IMPL", "v4")
     with pytest.raises(ValueError, match="JANG_QGEMM_IMPL"):
         qmm_mod.qgemm_impl()
 
