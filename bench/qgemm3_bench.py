@@ -75,7 +75,7 @@ def timing(quick, out):
             tb = timed(lambda: [x @ wb[i % nsets].T for i in range(CALLS)])
             out.append(rec("bf16_matmul", tb, n=n, k=k, m=m, bits=16))
             line = f"n={n} k={k} bits={bits} m={m}: bf16 {tb[0] * 1e6:.1f}"
-            if m <= 64:
+            if m <= (128 if bits == 8 else 64):
                 t = timed(lambda: [mx.quantized_matmul(x, *ws[i % nq], transpose=True, group_size=64, bits=bits)
                                    for i in range(CALLS)])
                 out.append(rec("mx.quantized_matmul", t, n=n, k=k, m=m, bits=bits, vs_bf16=t[0] / tb[0]))

@@ -158,6 +158,21 @@ SOURCE = r"""
   }
 
   const int wrow = warp * 16 * TM;                      // this warp's first feature in the block
+  // scales and biases of the lane's four rows, one stage ahead (global loads: their latency hides
+  // behind a stage of mmas instead of stalling every warp right after the barrier)
+  S sr[TM][2], br[TM][2];
+  auto load_scales = [&](int kt) {
+    const int grp = (kbeg + kt * KS + 32 * t) / GS;
+#pragma unroll
+    for (int a = 0; a < TM; ++a)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const size_t si = (size_t)(f0 + wrow + a * 16 + g + 8 * h) * NGR + grp;
+        sr[a][h] = scales[si];
+        br[a][h] = biases[si];
+      }
+  };
+  load_scales(0);
   for (int kt = 0; kt < nk; ++kt) {
     jang::cp_wait<STAGES - 2>();
     __syncthreads();
@@ -168,7 +183,6 @@ SOURCE = r"""
     }
     const unsigned char* Ws = smem + (kt % STAGES) * STB;
     const unsigned char* Xs = Ws + WST;
-    const int grp = (kbeg + kt * KS + 32 * t) / GS;
 
     uint32_t wv[TM][2][LW];                            // the lane's packed words: tile a, row g (+8 h)
     uint32_t s2[TM][2], s2b[TM][2], b2[TM][2];
@@ -189,9 +203,8 @@ SOURCE = r"""
             wv[a][h][u] = v.x; wv[a][h][u + 1] = v.y;
           }
         }
-        const size_t si = (size_t)(f0 + r) * NGR + grp;
-        const float s = jang::to_f(scales[si]);
-        const float b = jang::to_f(biases[si]);
+        const float s = jang::to_f(sr[a][h]);
+        const float b = jang::to_f(br[a][h]);
         sf[a][h] = s; bf[a][h] = b;
         b2[a][h] = jang::pack2<T>(b, b);
         constexpr bool BF16 = jang::same_t<T, __nv_bfloat16>::value;   // dq_step's field positions
@@ -202,6 +215,8 @@ SOURCE = r"""
         }
         else { s2[a][h] = jang::pack2<T>(s, s); s2b[a][h] = 0; }
       }
+
+    if (kt + 1 < nk) load_scales(kt + 1);
 
 #pragma unroll
     for (int q = 0; q < 4; ++q) {                       // mma steps j = 2q, 2q + 1

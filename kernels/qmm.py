@@ -53,8 +53,11 @@ QGEMM_BITS = (2, 4, 8)    # JANG_QGEMM_BITS=2,4 (say) narrows it
 # (kernels-gemm-h100.json, qgemm-gputime-h100.json); JANG_QGEMM_IMPL=v1 brings v1 back.
 QGEMM_IMPL = "v2"
 DEQUANT_ROWS = 192
-# The weight-stationary GEMM (kernels/qgemm3_cuda.py, JANG_QGEMM_IMPL=v3) serves up to this many rows.
-QGEMM3_MAX_ROWS = 320
+# The weight-stationary GEMM (kernels/qgemm3_cuda.py, JANG_QGEMM_IMPL=v3) serves up to this many rows;
+# at 8 bits only from 65 (H100, 4096x4096 at 32 / 64 rows: mx.quantized_matmul 17.0 / 19.2 us queued,
+# qgemm3 25.3 / 27.1; bench/results/qgemm3-h100.json).
+QGEMM3_MAX_ROWS = 192
+QGEMM3_MIN_ROWS_8BIT = 65
 DEQUANT_ROWS_8BIT = 384   # 8-bit: mx.quantized_matmul beats dequantize + matmul up to at least 256 rows
 # CPU: from this many rows, dequantize + dense matmul beats mx.quantized_matmul for every SmolLM2 shape
 # (bench/qmm_cpu.py: small matrices win from 4 rows, the 49152x576 tied lm_head only from ~16).
@@ -80,6 +83,15 @@ def qgemm_impl():
     if name not in impls:
         raise ValueError(f"JANG_QGEMM_IMPL must be v1, v2 or v3, got {name!r}")
     return impls[name]
+
+
+def qgemm_min_rows(bits: int) -> int:
+    """Rows from which the tiled GEMM serves (below: the GEMVs or mx.quantized_matmul)."""
+    from . import qgemm3_cuda
+
+    if bits == 8:
+        return QGEMM3_MIN_ROWS_8BIT if qgemm_impl() is qgemm3_cuda else QGEMM_MIN_ROWS_8BIT
+    return QGEMM_MIN_ROWS
 
 
 def qgemm_max_rows(bits: int) -> int:
@@ -170,7 +182,7 @@ def _cuda_route(m: int, x, w, bits: int, group_size: int) -> str:
     if gemv_kind(m, x, w, bits, group_size) != "none":
         return "gemv"
     half = x.dtype in (mx.bfloat16, mx.float16)
-    if (QGEMM_MIN_ROWS_8BIT if bits == 8 else QGEMM_MIN_ROWS) <= m < qgemm_max_rows(bits) and bits in qgemm_bits() \
+    if qgemm_min_rows(bits) <= m < qgemm_max_rows(bits) and bits in qgemm_bits() \
             and qgemm_on() \
             and qgemm_impl().supports(x, w, bits, group_size):
         return "qgemm"
