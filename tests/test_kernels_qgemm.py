@@ -230,17 +230,17 @@ def test_cuda_route_impl(monkeypatch):
     monkeypatch.setenv("JANG_QGEMM_IMPL", "v3")
     from jang_serve.kernels import qgemm3_cuda
     assert qmm_mod.qgemm_impl() is qgemm3_cuda
-    x3, w3 = _args(160, 4096, 896 * 2, 4)            # K = 3584: whole 128-wide stages, N = 4096
+    x3, w3 = _args(160, 4096, 3584, 4)               # K = 3584: whole 128-wide stages, N = 4096
     assert qmm_mod._cuda_route(160, x3, w3, 4, 64) == "qgemm"
     x8, w8 = _args(40, 4096, 1024, 8)
     assert qmm_mod._cuda_route(40, x8, w8, 8, 64) == "reference"     # v3 at 8 bits from 65 rows
     x8, w8 = _args(65, 4096, 1024, 8)
     assert qmm_mod._cuda_route(65, x8, w8, 8, 64) == "qgemm"
-    x5, w5 = _args(64, 4096, 896, 4)                  # K = 896: not whole 128-wide stages
+    x5, w5 = _args(64, 4096, 960, 4)                  # K = 960: not whole 128-wide stages
     monkeypatch.setenv("JANG_QGEMM_IMPL", "v2")
-    assert qmm_mod._cuda_route(64, x5, w5, 4, 64) == "qgemm"         # v2 (64-wide tiles) ...
+    assert qmm_mod._cuda_route(64, x5, w5, 4, 32) == "qgemm"         # v2 (64-wide tiles) ...
     monkeypatch.setenv("JANG_QGEMM_IMPL", "v3")
-    assert qmm_mod._cuda_route(64, x5, w5, 4, 64) == "reference"     # ... but not v3
+    assert qmm_mod._cuda_route(64, x5, w5, 4, 32) == "reference"     # ... but not v3
     monkeypatch.setenv("JANG_QGEMM_IMPL", "v4")
     with pytest.raises(ValueError, match="JANG_QGEMM_IMPL"):
         qmm_mod.qgemm_impl()
