@@ -3,6 +3,7 @@ function under extra environment variables with the model's compiled decode bloc
 
 from __future__ import annotations
 
+import json
 import os
 
 ROUTE_CONFIGS = [
@@ -11,6 +12,8 @@ ROUTE_CONFIGS = [
     ("qgemm-2/4/8bit-nosplit", {"JANG_QGEMM": "1", "JANG_QGEMM_BITS": "2,4,8", "JANG_QGEMM_SPLIT": "1"}),
     ("mlx-quantized_matmul", {"JANG_QGEMM": "0", "JANG_QGEMM_BITS": "2,4,8", "JANG_QGEMM_SPLIT": "grid"}),
 ]
+if os.environ.get("E2E_ROUTES"):   # a JSON list of [name, {env}] pairs replaces them (e.g. qgemm v2 vs v3)
+    ROUTE_CONFIGS = [tuple(c) for c in json.loads(os.environ["E2E_ROUTES"])]
 
 
 # Ablations of this session's switches, each an e2e run of the JANG model with one switch flipped
@@ -43,7 +46,8 @@ class env_set:
 # Every environment switch a run may flip: a compiled decode trace keeps the kernels it was made with,
 # so a model's traces are dropped whenever these differ from the ones it was traced under.
 SWITCHES = sorted({k for _, env in ROUTE_CONFIGS for k in env} | {k for env in ABLATIONS_BATCH1.values() for k in env}
-                  | {k for env in ABLATIONS_BATCHED.values() for k in env} | {"JANG_FUSED_GEMV"})
+                  | {k for env in ABLATIONS_BATCHED.values() for k in env} | {"JANG_FUSED_GEMV", "JANG_QGEMM_IMPL",
+                                                                                "JANG_QGEMM3_MIN_ROWS_8BIT"})
 _traced_under: dict[int, tuple] = {}
 
 

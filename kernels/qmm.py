@@ -90,7 +90,9 @@ def qgemm_min_rows(bits: int) -> int:
     from . import qgemm3_cuda
 
     if bits == 8:
-        return QGEMM3_MIN_ROWS_8BIT if qgemm_impl() is qgemm3_cuda else QGEMM_MIN_ROWS_8BIT
+        if qgemm_impl() is qgemm3_cuda:
+            return int(os.environ.get("JANG_QGEMM3_MIN_ROWS_8BIT", QGEMM3_MIN_ROWS_8BIT))
+        return QGEMM_MIN_ROWS_8BIT
     return QGEMM_MIN_ROWS
 
 
@@ -208,7 +210,8 @@ def qmm(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: int,
     b = backend.for_op("qmm")
     key = (b, x.shape, w.shape, scales.shape, biases.shape, x.dtype, w.dtype, scales.dtype, bits, group_size,
            os.environ.get("JANG_QGEMM"), os.environ.get("JANG_QGEMM_BITS"), os.environ.get("JANG_QGEMM_SPLIT"),
-           os.environ.get("JANG_QGEMM_IMPL"), os.environ.get("JANG_GEMV_TC"), os.environ.get("JANG_QGEMM3_MAX_ROWS"))
+           os.environ.get("JANG_QGEMM_IMPL"), os.environ.get("JANG_GEMV_TC"), os.environ.get("JANG_QGEMM3_MAX_ROWS"),
+           os.environ.get("JANG_QGEMM3_MIN_ROWS_8BIT"))
     route, fn = _routes.get(key, (None, None))
     if route is None:  # first call with these shapes: check the arguments once and pick the path
         _check(x, w, scales, biases, bits, group_size)
