@@ -47,17 +47,20 @@ GEMV_TC_MAX_ROWS = 8
 QGEMM_MIN_ROWS = 16
 QGEMM_MIN_ROWS_8BIT = 17
 QGEMM_BITS = (2, 4, 8)    # JANG_QGEMM_BITS=2,4 (say) narrows it
-# Which tiled GEMM: "v2" (kernels/qgemm_cuda.py: cp.async pipeline, dequantize from shared packed words
-# straight into the mma fragments, split-K reduce kernel) or "v1" (kernels/qgemm_v1_cuda.py: register-staged
-# loads and a dequantized shared tile). On the H100 v2 takes 0.6-1.0x v1's time at 16-256 rows
-# (kernels-gemm-h100.json, qgemm-gputime-h100.json); JANG_QGEMM_IMPL=v1 brings v1 back.
-QGEMM_IMPL = "v2"
+# Which tiled GEMM: "v3" (kernels/qgemm3_cuda.py: weights as the mma's A operand, 64 rows of x per block,
+# K multiples of 128), "v2" (kernels/qgemm_cuda.py: x as A, 16-128 rows per block, K multiples of 64) or "v1"
+# (kernels/qgemm_v1_cuda.py). H100, 64 rows, 4 bits: v3 43-63 us against v2 56-89 and the bf16 matmul 49-91
+# (qgemm3-h100.json). A shape v3 does not take (K % 128) falls to v2's rules only with JANG_QGEMM_IMPL=v2.
+QGEMM_IMPL = "v3"
 DEQUANT_ROWS = 192
-# The weight-stationary GEMM (kernels/qgemm3_cuda.py, JANG_QGEMM_IMPL=v3) serves up to this many rows;
-# at 8 bits only from 65 (H100, 4096x4096 at 32 / 64 rows: mx.quantized_matmul 17.0 / 19.2 us queued,
-# qgemm3 25.3 / 27.1; bench/results/qgemm3-h100.json).
+# The weight-stationary GEMM (kernels/qgemm3_cuda.py) serves up to this many rows (dequantize + cuBLAS
+# from there: 116 vs 124 us at 256 rows of 14336x4096, bench/results/qgemm3-h100.json), at 8 bits from 17
+# like v2: mx.quantized_matmul is faster on 4096x4096 at 32-64 rows (18.8 vs 25.0 us at 64) but slower on
+# the 8-bit lm_head, and the decode step at 64 sequences measured 10.3 ms with qgemm3 on every 8-bit
+# matrix against 13.0-13.7 ms with 8 bits on mx.quantized_matmul below 65 rows (e2e route probe,
+# bench/results/e2e-qgemm3-h100.json).
 QGEMM3_MAX_ROWS = 192
-QGEMM3_MIN_ROWS_8BIT = 65
+QGEMM3_MIN_ROWS_8BIT = 17
 DEQUANT_ROWS_8BIT = 384   # 8-bit: mx.quantized_matmul beats dequantize + matmul up to at least 256 rows
 # CPU: from this many rows, dequantize + dense matmul beats mx.quantized_matmul for every SmolLM2 shape
 # (bench/qmm_cpu.py: small matrices win from 4 rows, the 49152x576 tied lm_head only from ~16).
@@ -103,6 +106,20 @@ def qgemm_max_rows(bits: int) -> int:
     if qgemm_impl() is qgemm3_cuda:
         return int(os.environ.get("JANG_QGEMM3_MAX_ROWS", QGEMM3_MAX_ROWS))
     return DEQUANT_ROWS
+
+
+def qgemm_for(x, w, bits: int, group_size: int):
+    """The tiled GEMM module that serves this weight (qgemm_impl(); where the default v3 does not take the
+    shape, e.g. K not a multiple of 128, v2), or None."""
+    from . import qgemm_cuda
+
+    impl = qgemm_impl()
+    if impl.supports(x, w, bits, group_size):
+        return impl
+    if not os.environ.get("JANG_QGEMM_IMPL", "").strip() and impl is not qgemm_cuda \
+            and qgemm_cuda.supports(x, w, bits, group_size):
+        return qgemm_cuda
+    return None
 
 
 def gemv_tc_mode() -> str:
@@ -186,7 +203,7 @@ def _cuda_route(m: int, x, w, bits: int, group_size: int) -> str:
     half = x.dtype in (mx.bfloat16, mx.float16)
     if qgemm_min_rows(bits) <= m < qgemm_max_rows(bits) and bits in qgemm_bits() \
             and qgemm_on() \
-            and qgemm_impl().supports(x, w, bits, group_size):
+            and qgemm_for(x, w, bits, group_size) is not None:
         return "qgemm"
     if half and m >= (DEQUANT_ROWS_8BIT if bits == 8 else DEQUANT_ROWS):
         return "dequant"
@@ -229,7 +246,7 @@ def qmm(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: int,
 
         if route is None:
             route = _cuda_route(m, x, w, bits, group_size)
-            impl = qgemm_impl()
+            impl = qgemm_for(x, w, bits, group_size) if route == "qgemm" else None
             if route == "qgemm" and not impl.ready(x.dtype, scales.dtype, bits, group_size, m):
                 route = "reference"
             fn = None

@@ -219,7 +219,10 @@ def test_cuda_route_impl(monkeypatch):
     from jang_serve.kernels import qgemm_v1_cuda
     monkeypatch.delenv("JANG_QGEMM", raising=False)
     monkeypatch.delenv("JANG_QGEMM_IMPL", raising=False)
-    assert qmm_mod.qgemm_impl() is {"v1": qgemm_v1_cuda, "v2": qgemm_cuda}[qmm_mod.QGEMM_IMPL]
+    from jang_serve.kernels import qgemm3_cuda
+    assert qmm_mod.qgemm_impl() is {"v1": qgemm_v1_cuda, "v2": qgemm_cuda, "v3": qgemm3_cuda}[qmm_mod.QGEMM_IMPL]
+    xd, wd = _args(64, 4096, 960, 4)                  # K = 960: the default v3 does not take it, v2 does
+    assert qmm_mod.qgemm_for(xd, wd, 4, 32) is (qgemm_cuda if qmm_mod.QGEMM_IMPL == "v3" else qmm_mod.qgemm_impl())
     monkeypatch.setenv("JANG_QGEMM_IMPL", "v2")
     assert qmm_mod.qgemm_impl() is qgemm_cuda
     x, w = _args(64, 4096, 896, 4)
@@ -228,14 +231,14 @@ def test_cuda_route_impl(monkeypatch):
     monkeypatch.setenv("JANG_QGEMM_IMPL", "v1")
     assert qmm_mod._cuda_route(64, x, w, 4, 128) == "qgemm"
     monkeypatch.setenv("JANG_QGEMM_IMPL", "v3")
-    from jang_serve.kernels import qgemm3_cuda
     assert qmm_mod.qgemm_impl() is qgemm3_cuda
     x3, w3 = _args(160, 4096, 3584, 4)               # K = 3584: whole 128-wide stages, N = 4096
     assert qmm_mod._cuda_route(160, x3, w3, 4, 64) == "qgemm"
     x8, w8 = _args(40, 4096, 1024, 8)
-    assert qmm_mod._cuda_route(40, x8, w8, 8, 64) == "reference"     # v3 at 8 bits from 65 rows
-    x8, w8 = _args(65, 4096, 1024, 8)
-    assert qmm_mod._cuda_route(65, x8, w8, 8, 64) == "qgemm"
+    monkeypatch.setenv("JANG_QGEMM3_MIN_ROWS_8BIT", "65")
+    assert qmm_mod._cuda_route(40, x8, w8, 8, 64) == "reference"     # 8 bits from JANG_QGEMM3_MIN_ROWS_8BIT rows
+    monkeypatch.delenv("JANG_QGEMM3_MIN_ROWS_8BIT")
+    assert qmm_mod._cuda_route(40, x8, w8, 8, 64) == "qgemm"
     x5, w5 = _args(64, 4096, 960, 4)                  # K = 960: not whole 128-wide stages
     monkeypatch.setenv("JANG_QGEMM_IMPL", "v2")
     assert qmm_mod._cuda_route(64, x5, w5, 4, 32) == "qgemm"         # v2 (64-wide tiles) ...
