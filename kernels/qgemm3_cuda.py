@@ -1,4 +1,5 @@
-"""Weight-stationary tensor-core GEMM for MLX's affine packed weights on CUDA (16-256 activation rows).
+"""Weight-stationary tensor-core GEMM for MLX's affine packed weights on CUDA (any row count; kernels.qmm
+routes 16-191 rows here).
 
 y[M, N] = x[M, K] @ dequant(w)[N, K].T, w uint32 [N, K*bits/32] (bits 2, 4 or 8), scales / biases
 [N, K/group_size]; MLX's layout as stored. The weights are the mma's A operand ("swap AB"): a warp
@@ -351,12 +352,12 @@ def qgemm(x2d: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: 
           **overrides) -> mx.array:
     """x2d [M, K] bf16/fp16 -> [M, N] in x's dtype. overrides: NT, TM, stages, split, target (config)."""
     m, k = x2d.shape
-    overrides.pop("BM", None)
+    overrides.pop("BM", None)    # qgemm_cuda.self_test passes v2's row tile; qgemm3 derives its own
     cfg = config(m, w.shape[0], k, bits, **overrides)
     return _launch(cfg, m, w.shape[0], x2d.dtype, bits, group_size)(x2d, w, scales, biases)
 
 
-def plan(m: int, n: int, k: int, dtype, bits: int, group_size: int, scale_bytes: int = 2):
+def plan(m: int, n: int, k: int, dtype, bits: int, group_size: int):
     """A callable f(x2d, w, scales, biases) -> y with every launch argument computed once."""
     return _launch(config(m, n, k, bits), m, n, dtype, bits, group_size)
 

@@ -50,7 +50,7 @@ QGEMM_BITS = (2, 4, 8)    # JANG_QGEMM_BITS=2,4 (say) narrows it
 # Which tiled GEMM: "v3" (kernels/qgemm3_cuda.py: weights as the mma's A operand, 64 rows of x per block,
 # K multiples of 128), "v2" (kernels/qgemm_cuda.py: x as A, 16-128 rows per block, K multiples of 64) or "v1"
 # (kernels/qgemm_v1_cuda.py). H100, 64 rows, 4 bits: v3 43-63 us against v2 56-89 and the bf16 matmul 49-91
-# (qgemm3-h100.json). A shape v3 does not take (K % 128) falls to v2's rules only with JANG_QGEMM_IMPL=v2.
+# (qgemm3-h100.json). With the default, a shape v3 does not take (K % 128 != 0) goes to v2 (qgemm_for).
 QGEMM_IMPL = "v3"
 DEQUANT_ROWS = 192
 # The weight-stationary GEMM (kernels/qgemm3_cuda.py) serves up to this many rows (dequantize + cuBLAS
@@ -78,7 +78,7 @@ def qgemm_on() -> bool:
 
 
 def qgemm_impl():
-    """The tiled GEMM module serving the "qgemm" route (QGEMM_IMPL, or JANG_QGEMM_IMPL=v1|v2)."""
+    """The tiled GEMM module serving the "qgemm" route (QGEMM_IMPL, or JANG_QGEMM_IMPL=v1|v2|v3)."""
     from . import qgemm3_cuda, qgemm_cuda, qgemm_v1_cuda
 
     name = os.environ.get("JANG_QGEMM_IMPL", "").strip() or QGEMM_IMPL
