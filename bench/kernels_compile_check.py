@@ -14,7 +14,8 @@ import subprocess
 import sys
 import tempfile
 
-from jang_serve.kernels import cuda_common, paged_cuda, paged_v2_cuda, qgemm3_cuda, qgemm_cuda, qmm_cuda
+from jang_serve.kernels import (cuda_common, paged_cuda, paged_v2_cuda, qgemm3_cuda, qgemm_cuda, qgemv_tc_source,
+                                qmm_cuda)
 
 STUB = """
 #include <cstdint>
@@ -71,14 +72,14 @@ def compile_one(label, src):
 def check_qmm():
     ok = True
     for bits in (2, 3, 4, 5, 6, 8):
-        for m, r, w, fast, pf in ((1, 4, 1, True, False), (1, 4, 4, False, False), (8, 2, 2, True, False),
-                                  (1, 8, 1, True, True), (1, 4, 2, False, True)):
+        for m, r, w, fast, pf, l2p in ((1, 4, 1, True, False, 0), (1, 4, 4, False, False, 1),
+                                       (8, 2, 2, True, False, 2), (1, 8, 1, True, True, 1), (1, 4, 2, False, True, 0)):
             tmpl = [("T", "bfloat16"), ("S", "bfloat16"), ("BITS", bits), ("GS", 32 if bits == 2 else 64),
-                    ("MM", m), ("R", r), ("W", w), ("FAST", fast), ("PF", pf)]
+                    ("MM", m), ("R", r), ("W", w), ("FAST", fast), ("PF", pf), ("L2P", l2p)]
             src = build("qgemv", qmm_cuda.SOURCE, cuda_common.HEADER,
                         [("x", "bfloat16"), ("w", "uint32"), ("scales", "bfloat16"), ("biases", "bfloat16")],
                         [("y", "bfloat16")], tmpl)
-            ok &= compile_one(f"qgemv bits={bits} M={m} R={r} W={w} fast={fast} pf={pf}", src)
+            ok &= compile_one(f"qgemv bits={bits} M={m} R={r} W={w} fast={fast} pf={pf} l2p={l2p}", src)
     return ok
 
 
@@ -93,7 +94,7 @@ def check_fused():
     for epi, norm, bits, m, r, w, rope in cases:
         defines, names = qmm_cuda.fused_variant(epi, norm, 1e-5, rope)
         tmpl = [("T", "bfloat16"), ("S", "bfloat16"), ("BITS", bits), ("GS", 64), ("MM", m), ("R", r),
-                ("W", w), ("FAST", True), ("PF", False)]
+                ("W", w), ("FAST", True), ("PF", False), ("L2P", (epi + bits) % 3)]
         src = build("qgemv_fused", qmm_cuda.SOURCE, defines + cuda_common.HEADER, [(n, dtypes[n]) for n in names],
                     [("y", "bfloat16")], tmpl)
         ok &= compile_one(f"qgemv fused epi={epi} norm={norm} bits={bits} M={m} R={r} W={w} rope={rope}", src)
@@ -135,6 +136,22 @@ def check_qgemm3():
                         [("x", dt), ("w", "uint32"), ("scales", sdt), ("biases", sdt)],
                         [("y", "float32" if split else dt)], tmpl)
             ok &= compile_one(f"qgemm3 bits={bits} NT={nt} TM={tm} split={split} {dt}/{sdt} gs={gs} stages={st}", src)
+    return ok
+
+
+def check_tc():
+    """The tensor-core GEMV (kernels/qgemv_tc_source.py): plain and fused variants, each L2 prefetch mode."""
+    dtypes = dict(x="bfloat16", w="uint32", scales="bfloat16", biases="bfloat16", nw="bfloat16", res="bfloat16",
+                  rpos="int32", rfreq="float32")
+    ok = True
+    for epi, norm, bits, rope, l2p in ((0, False, 4, None, 0), (0, False, 2, None, 1), (0, False, 8, None, 2),
+                                       (1, False, 4, None, 1), (2, True, 4, None, 2), (3, True, 8, (128, 40), 1)):
+        defines, names = qmm_cuda.fused_variant(epi, norm, 1e-5, rope)
+        tmpl = [("T", "bfloat16"), ("S", "bfloat16"), ("BITS", bits), ("GS", 64), ("MM", 1), ("TT", 1),
+                ("NWARP", 4), ("U", 2), ("L2P", l2p)]
+        src = build("qgemv_tc", qgemv_tc_source.SOURCE, defines + qgemv_tc_source.HEADER,
+                    [(n, dtypes[n]) for n in names], [("y", "bfloat16")], tmpl)
+        ok &= compile_one(f"qgemv_tc epi={epi} norm={norm} bits={bits} l2p={l2p}", src)
     return ok
 
 
@@ -185,6 +202,8 @@ if __name__ == "__main__":
         ok &= check_qmm()
     if what in ("fused", "all"):
         ok &= check_fused()
+    if what in ("tc", "all"):
+        ok &= check_tc()
     if what in ("qgemm", "all"):
         ok &= check_qgemm()
     if what in ("qgemm3", "all"):

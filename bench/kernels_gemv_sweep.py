@@ -4,6 +4,10 @@ mx.quantized_matmul and the bf16 matmul of the same shape, all in one run.
 
     python3 bench/kernels_gemv_sweep.py OUT.json
 
+GS_VARIANTS (JSON list of configs) replaces the variant grid; a config with "impl": "tc" runs the
+tensor-core GEMV (kernels/qgemv_tc_cuda.py, its TT / NWARP / U / L2P) instead of the scalar one (R / W /
+PF / FAST / L2P). GS_SHAPES (JSON list of [N, K, bits, what]) replaces the shapes.
+
 Method as bench/kernels_bench.py (BENCHMARKING.md): 100 calls queued, one eval, median of 5,
 weights rotated over > 8x the L2; bandwidth = (packed weights + scales + biases + x + y) / time
 against the measured copy bandwidth. Each variant's output is checked against the float32 matmul
@@ -16,13 +20,14 @@ import datetime
 import itertools
 import json
 import math
+import os
 import subprocess
 import sys
 import time
 
 import mlx.core as mx
 
-from jang_serve.kernels import qmm_cuda
+from jang_serve.kernels import qgemv_tc_cuda, qmm_cuda
 from kernels_bench import CALLS, ROTATE_BYTES, check, copy_bandwidth, qweights, rec, timed
 
 SHAPES = [  # (N, K, bits, what)
@@ -32,6 +37,18 @@ SHAPES = [  # (N, K, bits, what)
     (28672, 4096, 4, "gate+up fused"), (6144, 4096, 8, "q+k+v fused"), (4096, 4096, 8, "o"),
 ]
 VARIANTS = [dict(R=r, W=w, PF=pf, FAST=True) for r, w, pf in itertools.product((4, 8), (1, 2, 4), (False, True))]
+if os.environ.get("GS_VARIANTS"):
+    VARIANTS = json.loads(os.environ["GS_VARIANTS"])
+if os.environ.get("GS_SHAPES"):
+    SHAPES = [tuple(s) for s in json.loads(os.environ["GS_SHAPES"])]
+
+
+def gemv(x, w, sc, bi, bits, gs, cfg):
+    if cfg.get("impl") == "tc":
+        if not qgemv_tc_cuda.supports(x, w, bits, gs):
+            raise ValueError("the tensor-core GEMV does not serve this case")
+        return qgemv_tc_cuda.qgemv_tc(x, w, sc, bi, bits, gs, **{k: v for k, v in cfg.items() if k != "impl"})
+    return qmm_cuda.qgemv(x, w, sc, bi, bits, gs, **{k: v for k, v in cfg.items() if k != "impl"})
 
 
 def main(path: str) -> int:
@@ -66,8 +83,8 @@ def main(path: str) -> int:
         for v in [None] + VARIANTS:
             cfg = v or {}
             try:
-                t = timed(lambda: [qmm_cuda.qgemv(x, *ws[i % nsets], bits, gs, **cfg) for i in range(CALLS)])
-                err = check(qmm_cuda.qgemv(x, *ws[0], bits, gs, **cfg), ref)
+                t = timed(lambda: [gemv(x, *ws[i % nsets], bits, gs, cfg) for i in range(CALLS)])
+                err = check(gemv(x, *ws[0], bits, gs, cfg), ref)
                 row = rec("qgemv" if v else "qgemv_default", t, nbytes, bw, **base,
                           cfg=cfg or qmm_cuda.default_config(m, n, k, bits), err=err)
             except Exception as e:  # one broken variant must not lose the sweep
@@ -82,7 +99,7 @@ def main(path: str) -> int:
     best = {}
     for r in res["rows"]:
         if r.get("name") == "qgemv" and "us" in r:
-            key = f'{r["n"]}x{r["k"]}/{r["bits"]}'
+            key = f'{r["n"]}x{r["k"]}/{r["bits"]}/{r["cfg"].get("impl", "scalar")}'
             if key not in best or r["us"] < best[key]["us"]:
                 best[key] = r
     res["best"] = {k2: dict(cfg=v2["cfg"], us=round(v2["us"], 2), pct_copy_bw=round(v2["pct_copy_bw"], 1),

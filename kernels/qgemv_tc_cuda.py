@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 
 import mlx.core as mx
 
@@ -34,6 +35,9 @@ from .backend import relerr
 from .qgemv_tc_source import HEADER, SOURCE
 
 MAX_ROWS = 8
+# L2 prefetch of a block's rows at its start (the L2P template of kernels/cuda_common.l2_prefetch_rows);
+# JANG_GEMV_TC_L2P overrides the default.
+L2P = int(os.environ.get("JANG_GEMV_TC_L2P", "0"))
 
 
 def supports(x2d: mx.array, w: mx.array, bits: int, group_size: int) -> bool:
@@ -66,7 +70,7 @@ def config(m: int, n: int, k: int, bits: int, group_size: int, paired: bool = Fa
     # H100 (kernels-gemv-tc-h100.json, GPU time at one row): TT=2 was slower (23.4 vs 21.9 us at 14336x4096,
     # 46.4 vs 25.5 at 4096x14336: 104 registers, half the blocks), so one tile per warp everywhere; 8 warps
     # per block along long K (fewer, longer blocks otherwise).
-    return {"TT": 1, "NWARP": 8 if k >= 8192 else 4, "U": u}
+    return {"TT": 1, "NWARP": 8 if k >= 8192 else 4, "U": u, "L2P": L2P}
 
 
 def _fused_names(epi: int, norm: bool) -> list[str]:
@@ -94,11 +98,13 @@ def kernel(epi: int = 0, norm: bool = False, eps: float = 1e-5, rope: tuple[int,
     return k
 
 
-def launch(m, n, k, dtype, bits, group_size, epi=0, norm=False, eps=1e-5, rope=None, TT=None, NWARP=None, U=None):
+def launch(m, n, k, dtype, bits, group_size, epi=0, norm=False, eps=1e-5, rope=None, TT=None, NWARP=None, U=None,
+           L2P=None):
     """A callable f(inputs: list, sdtype) -> y with this shape's launch arguments computed once."""
     paired = epi in (2, 3)
     cfg = config(m, n, k, bits, group_size, paired)
     tt, nwarp, u = TT or cfg["TT"], NWARP or cfg["NWARP"], U or cfg["U"]
+    l2p = cfg["L2P"] if L2P is None else L2P
     if (k // group_size) % u:
         raise ValueError(f"qgemv_tc: U={u} does not divide the {k // group_size} groups")
     blocks = -(-tiles(n, paired) // tt)
@@ -106,7 +112,8 @@ def launch(m, n, k, dtype, bits, group_size, epi=0, norm=False, eps=1e-5, rope=N
     grid, tg = (blocks * 32 * nwarp, 1, 1), (32 * nwarp, 1, 1)
     n_out = n // 2 if epi == 2 else n
     shp, odt = [(m, n_out)], [dtype]
-    fixed = [("BITS", bits), ("GS", group_size), ("MM", rows_bucket(m)), ("TT", tt), ("NWARP", nwarp), ("U", u)]
+    fixed = [("BITS", bits), ("GS", group_size), ("MM", rows_bucket(m)), ("TT", tt), ("NWARP", nwarp), ("U", u),
+             ("L2P", int(l2p))]
 
     def f(inputs, sdtype):
         return kern(inputs=inputs, template=[("T", dtype), ("S", sdtype)] + fixed, grid=grid, threadgroup=tg,
