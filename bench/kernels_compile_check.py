@@ -144,14 +144,20 @@ def check_tc():
     dtypes = dict(x="bfloat16", w="uint32", scales="bfloat16", biases="bfloat16", nw="bfloat16", res="bfloat16",
                   rpos="int32", rfreq="float32")
     ok = True
-    for epi, norm, bits, rope, l2p in ((0, False, 4, None, 0), (0, False, 2, None, 1), (0, False, 8, None, 2),
-                                       (1, False, 4, None, 1), (2, True, 4, None, 2), (3, True, 8, (128, 40), 1)):
+    for epi, norm, bits, rope, l2p, pipe, mm, sdt in (
+            (0, False, 4, None, 0, 0, 1, "bfloat16"), (0, False, 2, None, 1, 0, 1, "bfloat16"),
+            (0, False, 8, None, 2, 0, 1, "bfloat16"), (1, False, 4, None, 1, 0, 1, "bfloat16"),
+            (2, True, 4, None, 2, 0, 1, "bfloat16"), (3, True, 8, (128, 40), 1, 0, 1, "bfloat16"),
+            (0, False, 4, None, 0, 6, 1, "bfloat16"), (0, False, 2, None, 0, 4, 8, "bfloat16"),
+            (0, False, 8, None, 0, 8, 1, "float32"), (2, True, 4, None, 0, 6, 1, "bfloat16"),
+            (3, True, 8, (128, 40), 0, 6, 4, "bfloat16"), (1, False, 4, None, 0, 6, 2, "float16")):
+        dtypes.update(scales=sdt, biases=sdt)
         defines, names = qmm_cuda.fused_variant(epi, norm, 1e-5, rope)
-        tmpl = [("T", "bfloat16"), ("S", "bfloat16"), ("BITS", bits), ("GS", 64), ("MM", 1), ("TT", 1),
-                ("NWARP", 4), ("U", 2), ("L2P", l2p)]
+        tmpl = [("T", "bfloat16"), ("S", sdt), ("BITS", bits), ("GS", 64), ("MM", mm), ("TT", 1),
+                ("NWARP", 4), ("U", 2), ("L2P", l2p), ("PIPE", pipe)]
         src = build("qgemv_tc", qgemv_tc_source.SOURCE, defines + qgemv_tc_source.HEADER,
                     [(n, dtypes[n]) for n in names], [("y", "bfloat16")], tmpl)
-        ok &= compile_one(f"qgemv_tc epi={epi} norm={norm} bits={bits} l2p={l2p}", src)
+        ok &= compile_one(f"qgemv_tc epi={epi} norm={norm} bits={bits} l2p={l2p} pipe={pipe} MM={mm} S={sdt}", src)
     return ok
 
 

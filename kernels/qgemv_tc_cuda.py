@@ -38,6 +38,9 @@ MAX_ROWS = 8
 # L2 prefetch of a block's rows at its start (the L2P template of kernels/cuda_common.l2_prefetch_rows);
 # JANG_GEMV_TC_L2P overrides the default.
 L2P = int(os.environ.get("JANG_GEMV_TC_L2P", "0"))
+# Stages of the cp.async ring through which a warp's loads run (the PIPE template; 0: straight into registers);
+# JANG_GEMV_TC_PIPE overrides the default.
+PIPE = int(os.environ.get("JANG_GEMV_TC_PIPE", "0"))
 
 
 def supports(x2d: mx.array, w: mx.array, bits: int, group_size: int) -> bool:
@@ -70,7 +73,7 @@ def config(m: int, n: int, k: int, bits: int, group_size: int, paired: bool = Fa
     # H100 (kernels-gemv-tc-h100.json, GPU time at one row): TT=2 was slower (23.4 vs 21.9 us at 14336x4096,
     # 46.4 vs 25.5 at 4096x14336: 104 registers, half the blocks), so one tile per warp everywhere; 8 warps
     # per block along long K (fewer, longer blocks otherwise).
-    return {"TT": 1, "NWARP": 8 if k >= 8192 else 4, "U": u, "L2P": L2P}
+    return {"TT": 1, "NWARP": 8 if k >= 8192 else 4, "U": u, "L2P": L2P, "PIPE": PIPE}
 
 
 def _fused_names(epi: int, norm: bool) -> list[str]:
@@ -81,10 +84,11 @@ def _fused_names(epi: int, norm: bool) -> list[str]:
 _kernels: dict = {}
 
 
-def kernel(epi: int = 0, norm: bool = False, eps: float = 1e-5, rope: tuple[int, int] | None = None):
+def kernel(epi: int = 0, norm: bool = False, eps: float = 1e-5, rope: tuple[int, int] | None = None, smem: int = 0):
     """The kernel of one epilogue variant (epi 0 plain / 1 residual / 2 SwiGLU / 3 RoPE with
-    rope = (head_dim, rotated heads)); compiled by MLX per template."""
-    key = (epi, norm, float(eps) if norm else None, rope)
+    rope = (head_dim, rotated heads)) and dynamic shared memory size (the pipelined loads); compiled by MLX
+    per template."""
+    key = (epi, norm, float(eps) if norm else None, rope, smem)
     k = _kernels.get(key)
     if k is None:
         defines = f"#define JANG_EPI {epi}\n#define JANG_NORM {int(norm)}\n"
@@ -94,30 +98,53 @@ def kernel(epi: int = 0, norm: bool = False, eps: float = 1e-5, rope: tuple[int,
             defines += f"#define JANG_HD {rope[0]}\n#define JANG_NROT {rope[1]}\n"
         k = _kernels[key] = mx.fast.cuda_kernel(name=f"jang_qgemv_tc_{len(_kernels)}",
                                                 input_names=_fused_names(epi, norm), output_names=["y"],
-                                                source=SOURCE, header=defines + HEADER)
+                                                source=SOURCE, header=defines + HEADER, shared_memory=smem)
     return k
 
 
+def pipe_shape(m: int, k: int, bits: int, group_size: int, u: int, ssize: int, tsize: int = 2):
+    """(U, bytes of one stage) of the pipelined loads, or None where they do not apply: a stage copies U
+    groups' scales of a row in one cp.async of 4, 8 or 16 bytes, and a row's group in 16-byte pieces."""
+    u = max(u, 4 // ssize)
+    ngr = k // group_size
+    if ngr % u or u * ssize > 16 or (group_size * bits // 8) % 16:
+        return None
+    return u, u * 16 * group_size * bits // 8 + rows_bucket(m) * u * group_size * tsize + 2 * 16 * u * ssize
+
+
 def launch(m, n, k, dtype, bits, group_size, epi=0, norm=False, eps=1e-5, rope=None, TT=None, NWARP=None, U=None,
-           L2P=None):
-    """A callable f(inputs: list, sdtype) -> y with this shape's launch arguments computed once."""
+           L2P=None, PIPE=None):
+    """A callable f(inputs: list, sdtype) -> y with this shape's launch arguments computed once (per scale
+    dtype)."""
     paired = epi in (2, 3)
     cfg = config(m, n, k, bits, group_size, paired)
     tt, nwarp, u = TT or cfg["TT"], NWARP or cfg["NWARP"], U or cfg["U"]
     l2p = cfg["L2P"] if L2P is None else L2P
+    pipe = cfg["PIPE"] if PIPE is None else PIPE
     if (k // group_size) % u:
         raise ValueError(f"qgemv_tc: U={u} does not divide the {k // group_size} groups")
     blocks = -(-tiles(n, paired) // tt)
-    kern = kernel(epi, norm, eps, rope)
     grid, tg = (blocks * 32 * nwarp, 1, 1), (32 * nwarp, 1, 1)
     n_out = n // 2 if epi == 2 else n
     shp, odt = [(m, n_out)], [dtype]
-    fixed = [("BITS", bits), ("GS", group_size), ("MM", rows_bucket(m)), ("TT", tt), ("NWARP", nwarp), ("U", u),
-             ("L2P", int(l2p))]
+    per_sdtype: dict = {}
+
+    def prepared(sdtype):
+        uu, smem, pp = u, 0, 0
+        ps = pipe_shape(m, k, bits, group_size, u, sdtype.size, dtype.size) if pipe and tt == 1 else None
+        if ps is not None:
+            uu, pp = ps[0], pipe
+            smem = nwarp * pipe * ps[1]
+        fixed = [("T", dtype), ("S", sdtype), ("BITS", bits), ("GS", group_size), ("MM", rows_bucket(m)),
+                 ("TT", tt), ("NWARP", nwarp), ("U", uu), ("L2P", int(l2p)), ("PIPE", pp)]
+        return kernel(epi, norm, eps, rope, smem), fixed
 
     def f(inputs, sdtype):
-        return kern(inputs=inputs, template=[("T", dtype), ("S", sdtype)] + fixed, grid=grid, threadgroup=tg,
-                    output_shapes=shp, output_dtypes=odt)[0]
+        p = per_sdtype.get(sdtype)
+        if p is None:
+            p = per_sdtype[sdtype] = prepared(sdtype)
+        return p[0](inputs=inputs, template=p[1], grid=grid, threadgroup=tg, output_shapes=shp,
+                    output_dtypes=odt)[0]
     return f
 
 

@@ -65,6 +65,37 @@ __device__ __forceinline__ void tc_ldw(const uint32_t* p, uint32_t* r) {
   }
 }
 
+// N (4, 8 or 16) bytes global -> shared without registers (cp.async; 16 bytes bypass L1).
+template <int N>
+__device__ __forceinline__ void tc_cp(void* dst, const void* src) {
+  const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+  if constexpr (N == 16) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" :: "r"(d), "l"(src));
+  } else {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" :: "r"(d), "l"(src), "n"(N));
+  }
+}
+__device__ __forceinline__ void tc_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void tc_wait() { asm volatile("cp.async.wait_group %0;\n" :: "n"(N) : "memory"); }
+
+// N consecutive 32-bit words from shared memory (p aligned to min(N, 4) * 4 bytes).
+template <int N>
+__device__ __forceinline__ void tc_lds(const uint32_t* p, uint32_t* r) {
+  if constexpr (N >= 4) {
+#pragma unroll
+    for (int i = 0; i < N; i += 4) {
+      const uint4 v = *reinterpret_cast<const uint4*>(p + i);
+      r[i] = v.x; r[i + 1] = v.y; r[i + 2] = v.z; r[i + 3] = v.w;
+    }
+  } else if constexpr (N == 2) {
+    const uint2 v = *reinterpret_cast<const uint2*>(p);
+    r[0] = v.x; r[1] = v.y;
+  } else {
+    r[0] = *p;
+  }
+}
+
 }  // namespace jang
 """
 
@@ -106,28 +137,30 @@ SOURCE = r"""
   constexpr int HH = JANG_HD / 2;
 #endif
 
+  // Row of tile `tile` held by lane group gg (r = 0: A row gg, r = 1: A row gg + 8).
+  auto row_of = [&](int tile, int gg, int r) -> int {
+#if JANG_EPI == 2
+    return min(tile * 8 + gg, NO - 1) + r * NO;
+#elif JANG_EPI == 3
+    const int o = min(tile * 8 + gg, NO - 1);
+    return (o / HH) * JANG_HD + o % HH + r * HH;
+#else
+    return min(tile * 16 + gg + 8 * r, N - 1);
+#endif
+  };
   // This lane's two weight rows of each tile.
   const uint32_t* wr[TT][2];
   const S* sr[TT][2];
   const S* br[TT][2];
 #pragma unroll
-  for (int a = 0; a < TT; ++a) {
-    const int tile = blockIdx.x * TT + a;
+  for (int a = 0; a < TT; ++a)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-#if JANG_EPI == 2
-      const int n = min(tile * 8 + g, NO - 1) + r * NO;
-#elif JANG_EPI == 3
-      const int o = min(tile * 8 + g, NO - 1);
-      const int n = (o / HH) * JANG_HD + o % HH + r * HH;
-#else
-      const int n = min(tile * 16 + g + 8 * r, N - 1);
-#endif
+      const int n = row_of(blockIdx.x * TT + a, g, r);
       wr[a][r] = w + (size_t)n * KW + t * WL;
       sr[a][r] = scales + (size_t)n * NGR;
       br[a][r] = biases + (size_t)n * NGR;
     }
-  }
   {  // L2P: ask the L2 for this block's rows up front (0 off, 1 a row per thread, 2 one range)
 #if JANG_EPI == 2
     const int pb = blockIdx.x * TT * 8, np = min(TT * 8, NO - pb);
@@ -152,29 +185,9 @@ SOURCE = r"""
   float ssd[4] = {0.f, 0.f, 0.f, 0.f};              // JANG_NORM: x x^T, its diagonal is sum x^2
 
   const int nch = NGR / U;
-  for (int ch = warp; ch < nch; ch += NWARP) {
-    const int g0 = ch * U;
-    // 1. every load of the chunk first: weights, x, scales and biases
-    uint32_t wq[U][TT][2][WL];
-    uint32_t xv[U][XL];
-    S sv[U][TT][2], bv[U][TT][2];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int grp = g0 + u;
-#pragma unroll
-      for (int a = 0; a < TT; ++a)
-#pragma unroll
-        for (int r = 0; r < 2; ++r) jang::tc_ldw<WL>(wr[a][r] + (size_t)grp * (GS * BITS / 32), wq[u][a][r]);
-      jang::tc_ldw<XL>(reinterpret_cast<const uint32_t*>(xr + (size_t)grp * GS), xv[u]);
-#pragma unroll
-      for (int a = 0; a < TT; ++a)
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          sv[u][a][r] = sr[a][r][grp];
-          bv[u][a][r] = br[a][r][grp];
-        }
-    }
-    // 2. per group: mmas into fresh sums, then the group's scale and bias
+  // 2. per group: mmas into fresh sums, then the group's scale and bias (g0: the chunk's first group)
+  auto compute_chunk = [&](int g0, const uint32_t (&wq)[U][TT][2][WL], uint32_t (&xv)[U][XL],
+                           const S (&sv)[U][TT][2], const S (&bv)[U][TT][2]) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
 #if JANG_NORM
@@ -233,6 +246,103 @@ SOURCE = r"""
             acc[a][2 * r + c] = v;
           }
         }
+    }
+  };
+
+  if constexpr (PIPE == 0) {
+    for (int ch = warp; ch < nch; ch += NWARP) {
+      const int g0 = ch * U;
+      // 1. every load of the chunk first: weights, x, scales and biases
+      uint32_t wq[U][TT][2][WL];
+      uint32_t xv[U][XL];
+      S sv[U][TT][2], bv[U][TT][2];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int grp = g0 + u;
+#pragma unroll
+        for (int a = 0; a < TT; ++a)
+#pragma unroll
+          for (int r = 0; r < 2; ++r) jang::tc_ldw<WL>(wr[a][r] + (size_t)grp * (GS * BITS / 32), wq[u][a][r]);
+        jang::tc_ldw<XL>(reinterpret_cast<const uint32_t*>(xr + (size_t)grp * GS), xv[u]);
+#pragma unroll
+        for (int a = 0; a < TT; ++a)
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            sv[u][a][r] = sr[a][r][grp];
+            bv[u][a][r] = br[a][r][grp];
+          }
+      }
+      compute_chunk(g0, wq, xv, sv, bv);
+    }
+  } else {
+    // PIPE stages of this warp's chunks in flight through a cp.async ring in dynamic shared memory (no
+    // registers held by loads in flight). A stage: weights [u][16 rows][GB bytes] (a lane's A words for
+    // rows g and g + 8 are then one contiguous, conflict-free 256-byte span per u), x [MM rows][U*GS],
+    // scales [16 rows][U], biases [16 rows][U].
+    static_assert(TT == 1, "qgemv_tc: the pipelined loads take one tile per warp");
+    constexpr int GB = GS * BITS / 8;               // bytes of one row's group
+    constexpr int PG = GB / 16;                     // 16-byte pieces per row and group
+    constexpr int WB = U * 16 * GB;
+    constexpr int XR = U * GS * (int)sizeof(T);     // bytes of one x row's chunk
+    constexpr int XB = MM * XR;
+    constexpr int SB = 16 * U * (int)sizeof(S);
+    constexpr int STG = WB + XB + 2 * SB;
+    static_assert(GB % 16 == 0 && XR % 16 == 0 && SB % 16 == 0, "qgemv_tc: stage pieces");
+    static_assert(U * sizeof(S) == 4 || U * sizeof(S) == 8 || U * sizeof(S) == 16, "qgemv_tc: scale copy size");
+    extern __shared__ __align__(16) unsigned char smem[];
+    unsigned char* ring = smem + warp * PIPE * STG;
+    const int tile = blockIdx.x;
+    auto issue = [&](int ch, unsigned char* st) {
+      const int g0 = ch * U;
+      for (int p = lane; p < U * 16 * PG; p += 32) {
+        const int h = p % PG, rr = (p / PG) % 16, u = p / (PG * 16);
+        const int n = row_of(tile, rr & 7, rr >> 3);
+        jang::tc_cp<16>(st + p * 16, w + (size_t)n * KW + (size_t)(g0 + u) * (GB / 4) + h * 4);
+      }
+      for (int q = lane; q < XB / 16; q += 32) {
+        const int m = q / (XR / 16), c = q % (XR / 16);
+        jang::tc_cp<16>(st + WB + q * 16, x + (size_t)min(m, M - 1) * K + (size_t)g0 * GS + c * (16 / (int)sizeof(T)));
+      }
+      {
+        const int rr = lane & 15;
+        const int n = row_of(tile, rr & 7, rr >> 3);
+        const S* src = (lane < 16 ? scales : biases) + (size_t)n * NGR + g0;
+        jang::tc_cp<U * sizeof(S)>(st + WB + XB + (lane < 16 ? 0 : SB) + rr * U * sizeof(S), src);
+      }
+    };
+    const int nmine = nch > warp ? (nch - warp + NWARP - 1) / NWARP : 0;   // chunks warp, warp + NWARP, ...
+#pragma unroll
+    for (int s = 0; s < PIPE - 1; ++s) {
+      if (s < nmine) issue(warp + s * NWARP, ring + s * STG);
+      jang::tc_commit();
+    }
+    const int xrow = min(g, MM - 1);
+    for (int j = 0; j < nmine; ++j) {
+      {
+        const int nx = j + PIPE - 1;
+        if (nx < nmine) issue(warp + nx * NWARP, ring + (nx % PIPE) * STG);
+        jang::tc_commit();
+      }
+      jang::tc_wait<PIPE - 1>();
+      __syncwarp();
+      const unsigned char* st = ring + (j % PIPE) * STG;
+      uint32_t wq[U][TT][2][WL];
+      uint32_t xv[U][XL];
+      S sv[U][TT][2], bv[U][TT][2];
+      const S* ss = reinterpret_cast<const S*>(st + WB + XB);
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          jang::tc_lds<WL>(reinterpret_cast<const uint32_t*>(st + (u * 16 + g + 8 * r) * GB) + t * WL, wq[u][0][r]);
+          sv[u][0][r] = ss[(g + 8 * r) * U + u];
+          bv[u][0][r] = ss[16 * U + (g + 8 * r) * U + u];
+        }
+        jang::tc_lds<XL>(reinterpret_cast<const uint32_t*>(st + WB + xrow * XR + u * GS * (int)sizeof(T)) + t * XL,
+                         xv[u]);
+      }
+      compute_chunk((warp + j * NWARP) * U, wq, xv, sv, bv);
+      __syncwarp();
     }
   }
 
