@@ -6,7 +6,8 @@ mx.quantized_matmul and the bf16 matmul of the same shape, all in one run.
 
 GS_VARIANTS (JSON list of configs) replaces the variant grid; a config with "impl": "tc" runs the
 tensor-core GEMV (kernels/qgemv_tc_cuda.py, its TT / NWARP / U / L2P) instead of the scalar one (R / W /
-PF / FAST / L2P). GS_SHAPES (JSON list of [N, K, bits, what]) replaces the shapes.
+PF / FAST / L2P). GS_SHAPES (JSON list of [N, K, bits, what]) replaces the shapes; GS_ROWS sets the
+activation rows (default 1).
 
 Method as bench/kernels_bench.py (BENCHMARKING.md): 100 calls queued, one eval, median of 5,
 weights rotated over > 8x the L2; bandwidth = (packed weights + scales + biases + x + y) / time
@@ -59,7 +60,7 @@ def main(path: str) -> int:
     res = dict(benchmark="kernels_gemv_sweep", device=name, mlx=mx.__version__,
                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                copy_bandwidth_GBps=round(bw / 1e9, 1), copies=copies, method=__doc__.split("\n\n")[1], rows=[])
-    gs, m = 64, 1
+    gs, m = 64, int(os.environ.get("GS_ROWS", "1"))
     for n, k, bits, what in SHAPES:
         qbytes = n * k * bits // 8 + 2 * 2 * n * (k // gs)
         nbytes = qbytes + 2 * (m * k + m * n)
@@ -107,7 +108,7 @@ def main(path: str) -> int:
     res["seconds"] = round(time.time() - t0, 1)
     with open(path, "w") as f:
         json.dump(res, f, indent=1)
-    print("\n== best per shape (one row) ==")
+    print(f"\n== best per shape ({m} rows) ==")
     for k2, v2 in res["best"].items():
         print(k2, json.dumps(v2))
     for r in res["rows"]:
