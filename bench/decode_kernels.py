@@ -20,6 +20,7 @@ paged decode at contexts 140 / 1024 / 4096 and tokens-per-part 32..512.
 from __future__ import annotations
 
 import json
+import os
 import math
 import sys
 import time
@@ -54,11 +55,12 @@ def weight_sets(name):
 
 
 def layer_inputs() -> dict:
-    """One decode row's activations: x [1, H], the norm weight, the residual, the RoPE position and
-    rates, and down_proj's input xd [1, I] (evaluated)."""
-    inp = dict(x=mx.random.normal((1, H)).astype(DT), nw=(mx.random.normal((H,)) * 0.1 + 1).astype(DT),
-               res=mx.random.normal((1, H)).astype(DT), pos=mx.array([140], dtype=mx.int32),
-               inv=rope_inv_freq(HD, 500000.0), xd=mx.random.normal((1, I)).astype(DT))
+    """DK_ROWS (default 1) decode rows' activations: x [m, H], the norm weight, the residual, the RoPE
+    positions and rates, and down_proj's input xd [m, I] (evaluated)."""
+    m = int(os.environ.get("DK_ROWS", "1"))
+    inp = dict(x=mx.random.normal((m, H)).astype(DT), nw=(mx.random.normal((H,)) * 0.1 + 1).astype(DT),
+               res=mx.random.normal((m, H)).astype(DT), pos=mx.arange(140, 140 + m, dtype=mx.int32),
+               inv=rope_inv_freq(HD, 500000.0), xd=mx.random.normal((m, I)).astype(DT))
     mx.eval(list(inp.values()))
     return inp
 

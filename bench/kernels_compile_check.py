@@ -14,8 +14,8 @@ import subprocess
 import sys
 import tempfile
 
-from jang_serve.kernels import (cuda_common, paged_cuda, paged_v2_cuda, qgemm3_cuda, qgemm_cuda, qgemv_tc_source,
-                                qmm_cuda)
+from jang_serve.kernels import (cuda_common, paged_cuda, paged_v2_cuda, qgemm3_cuda, qgemm_cuda, qgemv_tc_cuda,
+                                qgemv_tc_source, qmm_cuda)
 
 STUB = """
 #include <cstdint>
@@ -153,8 +153,11 @@ def check_tc():
             (3, True, 8, (128, 40), 0, 6, 4, "bfloat16"), (1, False, 4, None, 0, 6, 2, "float16")):
         dtypes.update(scales=sdt, biases=sdt)
         defines, names = qmm_cuda.fused_variant(epi, norm, 1e-5, rope)
+        u = qgemv_tc_cuda.config(mm, 4096, 4096, bits, 64)["U"]      # as the launch picks it (8 bits: 1)
+        if pipe:
+            u = qgemv_tc_cuda.pipe_shape(mm, 4096, bits, 64, u, 4 if sdt == "float32" else 2)[0]
         tmpl = [("T", "bfloat16"), ("S", sdt), ("BITS", bits), ("GS", 64), ("MM", mm), ("TT", 1),
-                ("NWARP", 4), ("U", 2), ("L2P", l2p), ("PIPE", pipe)]
+                ("NWARP", 4), ("U", u), ("L2P", l2p), ("PIPE", pipe)]
         src = build("qgemv_tc", qgemv_tc_source.SOURCE, defines + qgemv_tc_source.HEADER,
                     [(n, dtypes[n]) for n in names], [("y", "bfloat16")], tmpl)
         ok &= compile_one(f"qgemv_tc epi={epi} norm={norm} bits={bits} l2p={l2p} pipe={pipe} MM={mm} S={sdt}", src)

@@ -192,7 +192,7 @@ def time_fused(out, bw):
         for impl in ("tc", "scalar"):
             t = with_impl(impl, lambda: timed(lambda: [call(name, sets[i % len(sets)]) for i in range(CALLS)]))
             y = with_impl(impl, lambda: call(name, sets[0]))
-            r = rec(name, t, nbytes, bw, impl=impl, n=n, k=k, bits=bits)
+            r = rec(name, t, nbytes, bw, impl=impl, n=n, k=k, bits=bits, m=int(os.environ.get("DK_ROWS", "1")))
             if impl == "tc":
                 y_tc = y
             else:
@@ -271,6 +271,11 @@ def main():
     try:
         if "parity" in modes:
             parity(out, time.time() + budget)
+            save()
+        if "fused" in modes:      # only the fused decode GEMVs (DK_ROWS rows), tc vs scalar
+            bw, copies = copy_bandwidth()
+            out["copy_GBps"], out["copies"] = bw / 1e9, copies
+            time_fused(out, bw)
             save()
         if "time" in modes:
             bw, copies = copy_bandwidth()

@@ -40,7 +40,9 @@ MAX_ROWS = 8
 L2P = int(os.environ.get("JANG_GEMV_TC_L2P", "0"))
 # Stages of the cp.async ring through which a warp's loads run (the PIPE template; 0: straight into registers);
 # JANG_GEMV_TC_PIPE overrides the default.
-PIPE = int(os.environ.get("JANG_GEMV_TC_PIPE", "0"))
+# 4 stages: faster than loads straight into registers at 1-8 rows on the H100 (8 rows, 14336x4096 4-bit:
+# 29.0 vs 38.3 us; bench/results/kernels-gemv-pipe-h100.json), and than 6 stages at most shapes.
+PIPE = int(os.environ.get("JANG_GEMV_TC_PIPE", "4"))
 
 
 def supports(x2d: mx.array, w: mx.array, bits: int, group_size: int) -> bool:
@@ -102,14 +104,15 @@ def kernel(epi: int = 0, norm: bool = False, eps: float = 1e-5, rope: tuple[int,
     return k
 
 
-def pipe_shape(m: int, k: int, bits: int, group_size: int, u: int, ssize: int, tsize: int = 2):
+def pipe_shape(m: int, k: int, bits: int, group_size: int, u: int, ssize: int, tsize: int = 2, norm: bool = False):
     """(U, bytes of one stage) of the pipelined loads, or None where they do not apply: a stage copies U
     groups' scales of a row in one cp.async of 4, 8 or 16 bytes, and a row's group in 16-byte pieces."""
     u = max(u, 4 // ssize)
     ngr = k // group_size
     if ngr % u or u * ssize > 16 or (group_size * bits // 8) % 16:
         return None
-    return u, u * 16 * group_size * bits // 8 + rows_bucket(m) * u * group_size * tsize + 2 * 16 * u * ssize
+    return u, (u * 16 * group_size * bits // 8 + rows_bucket(m) * u * group_size * tsize + 2 * 16 * u * ssize
+               + (u * group_size * tsize if norm else 0))
 
 
 def launch(m, n, k, dtype, bits, group_size, epi=0, norm=False, eps=1e-5, rope=None, TT=None, NWARP=None, U=None,
@@ -131,7 +134,7 @@ def launch(m, n, k, dtype, bits, group_size, epi=0, norm=False, eps=1e-5, rope=N
 
     def prepared(sdtype):
         uu, smem, pp = u, 0, 0
-        ps = pipe_shape(m, k, bits, group_size, u, sdtype.size, dtype.size) if pipe and tt == 1 else None
+        ps = pipe_shape(m, k, bits, group_size, u, sdtype.size, dtype.size, norm) if pipe and tt == 1 else None
         if ps is not None:
             uu, pp = ps[0], pipe
             smem = nwarp * pipe * ps[1]

@@ -186,14 +186,16 @@ SOURCE = r"""
 
   const int nch = NGR / U;
   // 2. per group: mmas into fresh sums, then the group's scale and bias (g0: the chunk's first group)
+  // nwp (JANG_NORM): this lane's norm-weight words of the chunk's first group (global or staged);
+  // group u's are nwp + u * GS / 2.
   auto compute_chunk = [&](int g0, const uint32_t (&wq)[U][TT][2][WL], uint32_t (&xv)[U][XL],
-                           const S (&sv)[U][TT][2], const S (&bv)[U][TT][2]) {
+                           const S (&sv)[U][TT][2], const S (&bv)[U][TT][2], const uint32_t* nwp) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
 #if JANG_NORM
       {
         uint32_t nv[XL];
-        jang::tc_ldw<XL>(reinterpret_cast<const uint32_t*>(nw + (size_t)(g0 + u) * GS + t * KL), nv);
+        jang::tc_lds<XL>(nwp + u * (GS / 2), nv);
 #pragma unroll
         for (int i = 0; i < XL; i += 2)     // sum x^2: A = B = raw x, the diagonal of the product
           jang::tc_mma<T>(ssd, xv[u][i], xv[u][i], xv[u][i + 1], xv[u][i + 1], xv[u][i], xv[u][i + 1]);
@@ -272,23 +274,30 @@ SOURCE = r"""
             bv[u][a][r] = br[a][r][grp];
           }
       }
-      compute_chunk(g0, wq, xv, sv, bv);
+#if JANG_NORM
+      compute_chunk(g0, wq, xv, sv, bv, reinterpret_cast<const uint32_t*>(nw + (size_t)g0 * GS + t * KL));
+#else
+      compute_chunk(g0, wq, xv, sv, bv, nullptr);
+#endif
     }
   } else {
     // PIPE stages of this warp's chunks in flight through a cp.async ring in dynamic shared memory (no
     // registers held by loads in flight). A stage: weights [u][16 rows][GB bytes] (a lane's A words for
     // rows g and g + 8 are then one contiguous, conflict-free 256-byte span per u), x [MM rows][U*GS],
-    // scales [16 rows][U], biases [16 rows][U].
-    static_assert(TT == 1, "qgemv_tc: the pipelined loads take one tile per warp");
+    // scales [16 rows][U], biases [16 rows][U], the norm weight [U*GS] (JANG_NORM).
+    static_assert(PIPE == 0 || TT == 1, "qgemv_tc: the pipelined loads take one tile per warp");
     constexpr int GB = GS * BITS / 8;               // bytes of one row's group
     constexpr int PG = GB / 16;                     // 16-byte pieces per row and group
     constexpr int WB = U * 16 * GB;
     constexpr int XR = U * GS * (int)sizeof(T);     // bytes of one x row's chunk
     constexpr int XB = MM * XR;
     constexpr int SB = 16 * U * (int)sizeof(S);
-    constexpr int STG = WB + XB + 2 * SB;
-    static_assert(GB % 16 == 0 && XR % 16 == 0 && SB % 16 == 0, "qgemv_tc: stage pieces");
-    static_assert(U * sizeof(S) == 4 || U * sizeof(S) == 8 || U * sizeof(S) == 16, "qgemv_tc: scale copy size");
+    constexpr int NB = JANG_NORM ? U * GS * (int)sizeof(T) : 0;   // the norm weight's chunk (JANG_NORM)
+    constexpr int STG = WB + XB + 2 * SB + NB;
+    // (the kernel body is no template: this branch is compiled at PIPE == 0 too, so the checks name PIPE)
+    constexpr int SCP = U * (int)sizeof(S) < 4 ? 4 : U * (int)sizeof(S) > 16 ? 16 : U * (int)sizeof(S);
+    static_assert(PIPE == 0 || (GB % 16 == 0 && XR % 16 == 0 && SB % 16 == 0), "qgemv_tc: stage pieces");
+    static_assert(PIPE == 0 || SCP == U * (int)sizeof(S), "qgemv_tc: scale copy size");
     extern __shared__ __align__(16) unsigned char smem[];
     unsigned char* ring = smem + warp * PIPE * STG;
     const int tile = blockIdx.x;
@@ -307,8 +316,12 @@ SOURCE = r"""
         const int rr = lane & 15;
         const int n = row_of(tile, rr & 7, rr >> 3);
         const S* src = (lane < 16 ? scales : biases) + (size_t)n * NGR + g0;
-        jang::tc_cp<U * sizeof(S)>(st + WB + XB + (lane < 16 ? 0 : SB) + rr * U * sizeof(S), src);
+        jang::tc_cp<SCP>(st + WB + XB + (lane < 16 ? 0 : SB) + rr * U * sizeof(S), src);
       }
+#if JANG_NORM
+      for (int q = lane; q < NB / 16; q += 32)
+        jang::tc_cp<16>(st + WB + XB + 2 * SB + q * 16, nw + (size_t)g0 * GS + q * (16 / (int)sizeof(T)));
+#endif
     };
     const int nmine = nch > warp ? (nch - warp + NWARP - 1) / NWARP : 0;   // chunks warp, warp + NWARP, ...
 #pragma unroll
@@ -341,7 +354,8 @@ SOURCE = r"""
         jang::tc_lds<XL>(reinterpret_cast<const uint32_t*>(st + WB + xrow * XR + u * GS * (int)sizeof(T)) + t * XL,
                          xv[u]);
       }
-      compute_chunk((warp + j * NWARP) * U, wq, xv, sv, bv);
+      compute_chunk((warp + j * NWARP) * U, wq, xv, sv, bv,
+                    reinterpret_cast<const uint32_t*>(st + WB + XB + 2 * SB) + t * XL);
       __syncwarp();
     }
   }

@@ -9,9 +9,10 @@ Paths by backend (kernels/backend.py) and by activation rows M = prod(x.shape[:-
                MLX's CPU quantized_matmul does ~1 GFLOP/s, dense float32 with OpenBLAS ~45
                (bench/results/qmm-cpu.json)
   cpu, else    the reference
-  cuda, M<=4   fused dequant + GEMV kernel (kernels/qmm_cuda.py)
-  cuda, 5-8    tensor-core GEMV (kernels/qgemv_tc_cuda.py) at 2/4/8 bits where it supports the case and
-               passed its self-test (JANG_GEMV_TC=0: off; =all: also 1-4 rows), else mx.quantized_matmul
+  cuda, 2-8    tensor-core GEMV (kernels/qgemv_tc_cuda.py) at 2/4/8 bits where it supports the case and
+               passed its self-test (JANG_GEMV_TC=0: off; =all: also 1 row), else the fused dequant + GEMV
+               kernel (kernels/qmm_cuda.py) up to 4 rows, else mx.quantized_matmul
+  cuda, M=1    fused dequant + GEMV kernel (kernels/qmm_cuda.py)
   cuda, 16<=M<DEQUANT_ROWS (17 at 8 bits), 2/4/8 bits  tiled dequant + tensor-core GEMM
                (kernels/qgemm_cuda.py; kernels/qgemm_v1_cuda.py with JANG_QGEMM_IMPL=v1; N % 128 == 0),
                checked once per template against the reference at first use (off on a mismatch);
@@ -37,12 +38,15 @@ GEMV_ROWS = 4
 # The tiled tensor-core GEMM (kernels/qgemm_cuda.py) from 16 rows at 2/4 bits (H100, 16 rows: 30-47 us
 # queued vs 31-57 for mx.quantized_matmul, and 39-45 vs 72-225 us of GPU time; kernels-gemm-h100.json,
 # qgemm-gputime-h100.json); at 8 bits from 17 (at 16 rows mx.quantized_matmul queues faster: 19.5 vs 30.6 us).
-# The tensor-core GEMV (kernels/qgemv_tc_cuda.py: 2/4/8 bits, bf16/fp16, up to 8 rows) serves 5-8 rows where
-# it supports the case (H100, 14336x4096 4-bit, 8 rows: 27.2 us queued vs 34.4 for mx.quantized_matmul and 77.0
-# for the scalar GEMV; bench/results/kernels-gemv-tc-h100.json). At one row it is slower than the scalar
-# kernel (25.8 vs 20.8 us queued, 21.9 vs 20.7 us GPU time; every fused decode shape too), so 1-4 rows keep the
-# scalar kernel. JANG_GEMV_TC=all: the tensor-core kernel for 1-8 rows (and the fused variants); =0: never.
-GEMV_TC_MIN_ROWS = 5
+# The tensor-core GEMV (kernels/qgemv_tc_cuda.py: 2/4/8 bits, bf16/fp16, up to 8 rows, loads through a 4-stage
+# cp.async ring) serves 2-8 rows where it supports the case (H100, bench/results/kernels-gemv-pipe-h100.json:
+# 4 rows, 4-bit: 23.8-26.2 us vs 46.4-48.4 for the scalar GEMV and 128-132 for mx.quantized_matmul; 2 rows:
+# 21.0-23.2 vs 25.7-28.0; 8 rows: 24.0-29.0 vs 29.1-32.5 for mx.quantized_matmul). At one row it is no
+# faster than the scalar kernel (22.9 vs 20.7 us at 14336x4096, 4-bit), which keeps 1 row and the fused
+# decode GEMVs. JANG_GEMV_TC=all: the tensor-core kernel for 1-8 rows (and the fused variants); =0: never.
+GEMV_TC_MIN_ROWS = 2
+# The fused decode GEMVs (kernels/qmm_fused.py) likewise (JANG_GEMV_TC_FUSED_MIN_ROWS overrides).
+FUSED_TC_MIN_ROWS = int(os.environ.get("JANG_GEMV_TC_FUSED_MIN_ROWS", "2"))
 GEMV_TC_MAX_ROWS = 8
 QGEMM_MIN_ROWS = 16
 QGEMM_MIN_ROWS_8BIT = 17
@@ -124,14 +128,16 @@ def qgemm_for(x, w, bits: int, group_size: int):
 
 def gemv_tc_mode() -> str:
     """JANG_GEMV_TC: "off" (0), "all" (the tensor-core GEMV for 1-8 rows and the fused variants) or the
-    default "wide" (5-8 rows only)."""
+    default "wide" (2-8 rows: GEMV_TC_MIN_ROWS..GEMV_TC_MAX_ROWS)."""
     v = os.environ.get("JANG_GEMV_TC", "").strip().lower()
     return "off" if v in ("0", "false", "off") else "all" if v in ("1", "all", "on", "true") else "wide"
 
 
-def gemv_tc_on() -> bool:
-    """Whether the fused decode GEMVs (1-4 rows) use the tensor-core kernel: only with JANG_GEMV_TC=all."""
-    return gemv_tc_mode() == "all"
+def gemv_tc_on(m: int = 1) -> bool:
+    """Whether the fused decode GEMVs (1-4 rows) use the tensor-core kernel for m rows: always with
+    JANG_GEMV_TC=all, from FUSED_TC_MIN_ROWS rows by default, never with JANG_GEMV_TC=0."""
+    mode = gemv_tc_mode()
+    return mode == "all" or (mode == "wide" and m >= FUSED_TC_MIN_ROWS)
 
 
 def gemv_kind(m: int, x, w, bits: int, group_size: int) -> str:

@@ -99,7 +99,7 @@ def _kernel(epi: int, norm: bool, eps: float, rope: tuple[int, int] | None = Non
 
 def _tc(x2d, w, scales, bits, group_size) -> bool:
     """Whether the tensor-core GEMV (kernels/qgemv_tc_cuda.py) serves this case (self-tested per template)."""
-    return (gemv_tc_on() and qgemv_tc_cuda.supports(x2d, w, bits, group_size)
+    return (gemv_tc_on(x2d.shape[0]) and qgemv_tc_cuda.supports(x2d, w, bits, group_size)
             and qgemv_tc_cuda.ready(x2d.dtype, scales.dtype, bits, group_size, x2d.shape[0], fused=True))
 
 

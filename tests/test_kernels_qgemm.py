@@ -188,7 +188,7 @@ def _args(m, n, k, bits, dtype=mx.bfloat16):
 
 @pytest.mark.parametrize("m,bits,n,want", [
     (1, 4, 4096, "gemv"), (4, 8, 4096, "gemv"),
-    (8, 4, 4096, "gemv"),                # 5-8 rows: the tensor-core GEMV (kernels/qgemv_tc_cuda.py) ...
+    (8, 4, 4096, "gemv"),                # 2-8 rows: the tensor-core GEMV (kernels/qgemv_tc_cuda.py) ...
     (8, 3, 4096, "reference"), (12, 4, 4096, "reference"),   # ... where it serves; else MLX's quantized_matmul
     (16, 4, 4096, "qgemm"), (16, 2, 4096, "qgemm"), (16, 8, 4096, "reference"),   # 8 bits from 17 rows
     (17, 4, 4096, "qgemm"), (17, 8, 4096, "qgemm"), (64, 4, 14336, "qgemm"), (191, 2, 4096, "qgemm"),

@@ -290,22 +290,27 @@ def test_supports_and_config():
 
 
 def test_gemv_route_picks_tc_unless_off(monkeypatch):
-    """kernels.qmm's GEMV route: the tensor-core kernel for 5-8 rows where it serves the case (its self-test,
-    which needs the GPU, comes after this choice), the scalar kernel for 1-4 rows; JANG_GEMV_TC=all puts 1-4
-    rows (and the fused variants) on the tensor-core kernel, JANG_GEMV_TC=0 takes it off."""
+    """kernels.qmm's GEMV route: the tensor-core kernel for 2-8 rows where it serves the case (its self-test,
+    which needs the GPU, comes after this choice), the scalar kernel for one row and for 2-4 rows it does not
+    serve; JANG_GEMV_TC=all puts one row (and the fused variants) on the tensor-core kernel, JANG_GEMV_TC=0
+    takes it off."""
     w4, w3, w2 = mx.zeros((64, 512), mx.uint32), mx.zeros((64, 384), mx.uint32), mx.zeros((64, 256), mx.uint32)
     x1, x8 = mx.zeros((1, 4096), mx.bfloat16), mx.zeros((8, 4096), mx.bfloat16)
     monkeypatch.delenv("JANG_GEMV_TC", raising=False)
-    assert qmm_mod.gemv_kind(1, x1, w4, 4, 64) == "scalar" and not qmm_mod.gemv_tc_on()
+    assert qmm_mod.gemv_kind(1, x1, w4, 4, 64) == "scalar" and not qmm_mod.gemv_tc_on(1)
+    assert qmm_mod.gemv_tc_on(4) == (qmm_mod.FUSED_TC_MIN_ROWS <= 4)      # the fused GEMVs from 2 rows
     assert qmm_mod.gemv_kind(8, x8, w4, 4, 64) == "tc"
     assert qmm_mod.gemv_kind(5, x8[:5], mx.zeros((64, 1024), mx.uint32), 8, 32) == "tc"
+    assert qmm_mod.gemv_kind(2, x8[:2], w4, 4, 64) == "tc" and qmm_mod.gemv_kind(4, x8[:4], w2, 2, 64) == "tc"
+    assert qmm_mod.gemv_kind(3, x8[:3], w3, 3, 64) == "scalar"          # 3 bits: the scalar GEMV up to 4 rows
     assert qmm_mod.gemv_kind(8, x8, w3, 3, 64) == "none"                 # 3 bits: mx.quantized_matmul
     assert qmm_mod.gemv_kind(8, x8, w2, 2, 32) == "none"                 # 2 bits at group 32: not served
     assert qmm_mod.gemv_kind(8, x8.astype(mx.float32), w4, 4, 64) == "none"
     assert qmm_mod._cuda_route(8, x8, w4, 4, 64) == "gemv" and qmm_mod._cuda_route(8, x8, w3, 3, 64) == "reference"
     monkeypatch.setenv("JANG_GEMV_TC", "all")
-    assert qmm_mod.gemv_kind(1, x1, w4, 4, 64) == "tc" and qmm_mod.gemv_tc_on()
+    assert qmm_mod.gemv_kind(1, x1, w4, 4, 64) == "tc" and qmm_mod.gemv_tc_on(1)
     assert qmm_mod.gemv_kind(1, x1, w3, 3, 64) == "scalar"
     monkeypatch.setenv("JANG_GEMV_TC", "0")
     assert qmm_mod.gemv_kind(8, x8, w4, 4, 64) == "none" and qmm_mod.gemv_kind(1, x1, w4, 4, 64) == "scalar"
+    assert not qmm_mod.gemv_tc_on(4)
     assert qmm_mod._cuda_route(8, x8, w4, 4, 64) == "reference"

@@ -1,7 +1,8 @@
 """The pipelined loads of the tensor-core GEMV (PIPE > 0 in kernels/qgemv_tc_source.py) on the CPU: a
 byte-level NumPy emulation of one stage -- the cp.async pieces each lane issues (weights, x rows, scales,
 biases) into the stage's shared-memory layout, then the words every lane reads back from it -- must give
-each lane exactly the registers the direct path loads from global memory (wq, xv, sv, bv), for every
+each lane exactly the registers the direct path loads from global memory (wq, xv, sv, bv, and the norm
+weight's words), for every
 row mapping (plain, gate/up pairs, RoPE pairs), bit width, group size, row bucket and scale dtype.
 The stage size must match kernels/qgemv_tc_cuda.pipe_shape, which sizes the dynamic shared memory."""
 
@@ -24,7 +25,7 @@ def row_of(epi, tile, gg, r, n, hd=8):
     return min(tile * 16 + gg + 8 * r, n - 1)
 
 
-def stage(epi, bits, gs, u, mm, m, ssize, w, x, sc, bi, tile, ch):
+def stage(epi, bits, gs, u, mm, m, ssize, w, x, sc, bi, tile, ch, nw=None):
     """The bytes one `issue(ch, st)` writes (every lane's cp.async), as the kernel lays them out."""
     n, kw = w.shape
     k = x.shape[1]
@@ -33,7 +34,8 @@ def stage(epi, bits, gs, u, mm, m, ssize, w, x, sc, bi, tile, ch):
     pg = gb // 16
     wb, xr = u * 16 * gb, u * gs * 2
     xb, sb = mm * xr, 16 * u * ssize
-    st = np.zeros(wb + xb + 2 * sb, np.uint8)
+    nb = u * gs * 2 if nw is not None else 0
+    st = np.zeros(wb + xb + 2 * sb + nb, np.uint8)
     wbytes, xbytes = w.view(np.uint8).reshape(n, -1), x.view(np.uint8).reshape(x.shape[0], -1)
     sbytes, bbytes = sc.view(np.uint8).reshape(n, -1), bi.view(np.uint8).reshape(n, -1)
     g0 = ch * u
@@ -52,27 +54,31 @@ def stage(epi, bits, gs, u, mm, m, ssize, w, x, sc, bi, tile, ch):
         srcb = (sbytes if lane < 16 else bbytes)[row, g0 * ssize:(g0 + u) * ssize]
         dst = wb + xb + (0 if lane < 16 else sb) + rr * u * ssize
         st[dst:dst + u * ssize] = srcb
+        for q in range(lane, nb // 16, 32):
+            src = (g0 * gs + q * 8) * 2
+            st[wb + xb + 2 * sb + q * 16:wb + xb + 2 * sb + q * 16 + 16] = nw.view(np.uint8)[src:src + 16]
     return st
 
 
-@pytest.mark.parametrize("epi,bits,gs,mm,m,sdt", [
-    (0, 4, 64, 1, 1, np.uint16), (0, 2, 64, 8, 5, np.uint16), (0, 8, 64, 1, 1, np.uint32),
-    (0, 4, 32, 2, 2, np.uint16), (0, 4, 128, 4, 3, np.uint16), (2, 4, 64, 1, 1, np.uint16),
-    (3, 8, 32, 4, 4, np.uint16), (1, 8, 128, 1, 1, np.uint32), (0, 2, 128, 8, 8, np.uint16),
+@pytest.mark.parametrize("epi,bits,gs,mm,m,sdt,norm", [
+    (0, 4, 64, 1, 1, np.uint16, False), (0, 2, 64, 8, 5, np.uint16, False), (0, 8, 64, 1, 1, np.uint32, True),
+    (0, 4, 32, 2, 2, np.uint16, True), (0, 4, 128, 4, 3, np.uint16, False), (2, 4, 64, 1, 1, np.uint16, True),
+    (3, 8, 32, 4, 4, np.uint16, True), (1, 8, 128, 1, 1, np.uint32, False), (0, 2, 128, 8, 8, np.uint16, False),
 ])
-def test_stage_reads_equal_direct_loads(epi, bits, gs, mm, m, sdt):
+def test_stage_reads_equal_direct_loads(epi, bits, gs, mm, m, sdt, norm):
     rng = np.random.default_rng(bits * 1000 + gs + mm)
     n, k = (48 if epi in (2, 3) else 40), 512
     ssize = np.dtype(sdt).itemsize
     kw, ngr = k * bits // 32, k // gs
     u0 = tc.config(m, n, k, bits, gs)["U"]
-    shape = tc.pipe_shape(m, k, bits, gs, u0, ssize)
+    shape = tc.pipe_shape(m, k, bits, gs, u0, ssize, norm=norm)
     assert shape is not None
     u, stb = shape
     w = rng.integers(0, 2**32, (n, kw), dtype=np.uint64).astype(np.uint32)
     x = rng.integers(0, 2**16, (m, k), dtype=np.uint32).astype(np.uint16)
     sc = rng.integers(0, 2**31, (n, ngr), dtype=np.uint64).astype(sdt)
     bi = rng.integers(0, 2**31, (n, ngr), dtype=np.uint64).astype(sdt)
+    nw = rng.integers(0, 2**16, (k,), dtype=np.uint32).astype(np.uint16) if norm else None
     gb, wl, kl = gs * bits // 8, gs * bits // 128, gs // 4
     xl = kl // 2
     wb, xr = u * 16 * gb, u * gs * 2
@@ -80,7 +86,7 @@ def test_stage_reads_equal_direct_loads(epi, bits, gs, mm, m, sdt):
     tiles = tc.tiles(n, epi in (2, 3))
     for tile in range(tiles):
         for ch in range(ngr // u):
-            st = stage(epi, bits, gs, u, mm, m, ssize, w, x, sc, bi, tile, ch)
+            st = stage(epi, bits, gs, u, mm, m, ssize, w, x, sc, bi, tile, ch, nw)
             assert st.size == stb
             words = st.view(np.uint32)
             for lane in LANE:
@@ -99,6 +105,11 @@ def test_stage_reads_equal_direct_loads(epi, bits, gs, mm, m, sdt):
                     got = words[(wb + xrow * xr + uu * gs * 2) // 4 + t * xl:][:xl]
                     want = x[min(g, m - 1)].view(np.uint32)[(grp * gs + t * kl) // 2:][:xl]
                     assert np.array_equal(got, want), (tile, ch, lane, uu, "x")
+                    if norm:   # the lane's norm-weight words: staged base + t * XL, then u * GS / 2
+                        base = (wb + xb + 2 * 16 * u * ssize) // 4 + t * xl
+                        got = words[base + uu * (gs // 2):][:xl]
+                        want = nw.view(np.uint32)[(grp * gs + t * kl) // 2:][:xl]
+                        assert np.array_equal(got, want), (tile, ch, lane, uu, "nw")
 
 
 def test_pipe_shape_rules():
