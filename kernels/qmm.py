@@ -44,7 +44,7 @@ GEMV_ROWS = 4
 # 21.0-23.2 vs 25.7-28.0; 8 rows: 24.0-29.0 vs 29.1-32.5 for mx.quantized_matmul). At one row it is no
 # faster than the scalar kernel (22.9 vs 20.7 us at 14336x4096, 4-bit), which keeps 1 row and the fused
 # decode GEMVs. JANG_GEMV_TC=all: the tensor-core kernel for 1-8 rows (and the fused variants); =0: never.
-GEMV_TC_MIN_ROWS = 2
+GEMV_TC_MIN_ROWS = int(os.environ.get("JANG_GEMV_TC_MIN_ROWS", "2"))   # (the env var overrides)
 # The fused decode GEMVs (kernels/qmm_fused.py) likewise (JANG_GEMV_TC_FUSED_MIN_ROWS overrides).
 FUSED_TC_MIN_ROWS = int(os.environ.get("JANG_GEMV_TC_FUSED_MIN_ROWS", "2"))
 GEMV_TC_MAX_ROWS = 8
