@@ -3,7 +3,7 @@
 On CUDA each distinct template (dtype, bits, group size, row bucket, launch shape; for attention:
 heads per KV head, head dim, KV bits, window) is one NVRTC compile of a few seconds, so the first
 request would otherwise pay them all. A variant's template does not depend on N or K, so warm-up
-runs each one on tiny dummy inputs. MLX's own quantized_matmul kernels (used from 5 rows) are
+runs each one on tiny dummy inputs. MLX's own quantized_matmul kernels (where ours do not serve) are
 compiled the same way. Compiled PTX of MLX's kernels is cached on disk (MLX_PTX_CACHE_DIR).
 
     shapes = qmm_shapes(model) + [dict(op="paged", heads=32, kv_heads=8, head_dim=128,
@@ -42,7 +42,7 @@ def qmm_shapes(module) -> list[dict]:
 
 def _qmm(spec, dtype, rows):
     from . import qmm_cuda
-    from .qmm import GEMV_ROWS
+    from .qmm import GEMV_ROWS, gemv_kind
 
     bits, gs = spec["bits"], spec["group_size"]
     sdt = spec.get("scale_dtype", dtype)
@@ -50,13 +50,15 @@ def _qmm(spec, dtype, rows):
     n_calls = 0
     for m in rows:
         x = mx.zeros((m, k), dtype=dtype)
-        if m <= GEMV_ROWS and spec.get("k", 128) % 128 == 0:
+        wk = mx.zeros((256, k * bits // 32), dtype=mx.uint32)
+        tc = backend.for_op("qmm") == "cuda" and gemv_kind(m, x, wk, bits, gs) == "tc"
+        if m <= GEMV_ROWS and spec.get("k", 128) % 128 == 0 and not tc:   # the scalar GEMV's template
             cfg = qmm_cuda.default_config(m, spec["n"], spec.get("k", k), bits)
             n = cfg["R"] * 4
             w = mx.zeros((n, k * bits // 32), dtype=mx.uint32)
             s = mx.ones((n, k // gs), dtype=sdt)
             mx.eval(qmm_cuda.qgemv(x, w, s, s, bits, gs, **cfg))
-        else:  # through the public entry point: the tiled GEMM (self-tested here) or MLX's kernels
+        else:  # the public entry point: the tensor-core GEMV / tiled GEMM (self-tested here) or MLX's kernels
             from .qmm import qmm
 
             w = mx.zeros((256, k * bits // 32), dtype=mx.uint32)
