@@ -72,6 +72,24 @@ __device__ __forceinline__ float u2f(uint32_t v) {
   return __uint_as_float(v | 0x4B000000u) - 8388608.0f;
 }
 
+// cp.async (global -> shared, no registers held while in flight; kernels/qgemm*_cuda.py, qgemv_tc).
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global -> shared without registers; zero-filled when !full (rows past M).
+__device__ __forceinline__ void cp16(void* dst, const void* src, bool full) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+               :: "r"(smem_u32(dst)), "l"(src), "r"(full ? 16 : 0));
+}
+template <int NB>  // 4, 8 or 16 bytes (through L1)
+__device__ __forceinline__ void cpn(void* dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" :: "r"(smem_u32(dst)), "l"(src), "n"(NB));
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;\n" :: "n"(N) : "memory"); }
+
 // Ask the L2 to fetch [p, p + bytes) now (cp.async.bulk.prefetch, sm_90 and later; nothing before).
 // A hint: rounded inward to 16 bytes, issued in pieces of at most 64 KB, no completion to wait for.
 __device__ __forceinline__ void l2_prefetch(const void* p, size_t bytes) {

@@ -48,51 +48,26 @@ template <> __device__ __forceinline__ uint32_t tc_mul2<__half>(uint32_t a, uint
   return *reinterpret_cast<uint32_t*>(&r);
 }
 
-// N consecutive 32-bit words (N in 1, 2, 4, 8; p aligned to min(N, 4) * 4 bytes).
-template <int N>
+// N consecutive 32-bit words (N in 1, 2, 4, 8; p aligned to min(N, 4) * 4 bytes): read-only global loads
+// (__ldg), or plain loads (shared memory, NC = false).
+template <bool NC>
+__device__ __forceinline__ uint4 tc_ld4(const uint32_t* p) {
+  if constexpr (NC) return __ldg(reinterpret_cast<const uint4*>(p));
+  else return *reinterpret_cast<const uint4*>(p);
+}
+template <int N, bool NC = true>
 __device__ __forceinline__ void tc_ldw(const uint32_t* p, uint32_t* r) {
   if constexpr (N >= 4) {
 #pragma unroll
     for (int i = 0; i < N; i += 4) {
-      const uint4 v = __ldg(reinterpret_cast<const uint4*>(p + i));
+      const uint4 v = tc_ld4<NC>(p + i);
       r[i] = v.x; r[i + 1] = v.y; r[i + 2] = v.z; r[i + 3] = v.w;
     }
   } else if constexpr (N == 2) {
-    const uint2 v = __ldg(reinterpret_cast<const uint2*>(p));
+    const uint2 v = NC ? __ldg(reinterpret_cast<const uint2*>(p)) : *reinterpret_cast<const uint2*>(p);
     r[0] = v.x; r[1] = v.y;
   } else {
-    r[0] = __ldg(p);
-  }
-}
-
-// N (4, 8 or 16) bytes global -> shared without registers (cp.async; 16 bytes bypass L1).
-template <int N>
-__device__ __forceinline__ void tc_cp(void* dst, const void* src) {
-  const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
-  if constexpr (N == 16) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" :: "r"(d), "l"(src));
-  } else {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" :: "r"(d), "l"(src), "n"(N));
-  }
-}
-__device__ __forceinline__ void tc_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void tc_wait() { asm volatile("cp.async.wait_group %0;\n" :: "n"(N) : "memory"); }
-
-// N consecutive 32-bit words from shared memory (p aligned to min(N, 4) * 4 bytes).
-template <int N>
-__device__ __forceinline__ void tc_lds(const uint32_t* p, uint32_t* r) {
-  if constexpr (N >= 4) {
-#pragma unroll
-    for (int i = 0; i < N; i += 4) {
-      const uint4 v = *reinterpret_cast<const uint4*>(p + i);
-      r[i] = v.x; r[i + 1] = v.y; r[i + 2] = v.z; r[i + 3] = v.w;
-    }
-  } else if constexpr (N == 2) {
-    const uint2 v = *reinterpret_cast<const uint2*>(p);
-    r[0] = v.x; r[1] = v.y;
-  } else {
-    r[0] = *p;
+    r[0] = NC ? __ldg(p) : *p;
   }
 }
 
@@ -195,7 +170,7 @@ SOURCE = r"""
 #if JANG_NORM
       {
         uint32_t nv[XL];
-        jang::tc_lds<XL>(nwp + u * (GS / 2), nv);
+        jang::tc_ldw<XL, false>(nwp + u * (GS / 2), nv);
 #pragma unroll
         for (int i = 0; i < XL; i += 2)     // sum x^2: A = B = raw x, the diagonal of the product
           jang::tc_mma<T>(ssd, xv[u][i], xv[u][i], xv[u][i + 1], xv[u][i + 1], xv[u][i], xv[u][i + 1]);
@@ -306,37 +281,38 @@ SOURCE = r"""
       for (int p = lane; p < U * 16 * PG; p += 32) {
         const int h = p % PG, rr = (p / PG) % 16, u = p / (PG * 16);
         const int n = row_of(tile, rr & 7, rr >> 3);
-        jang::tc_cp<16>(st + p * 16, w + (size_t)n * KW + (size_t)(g0 + u) * (GB / 4) + h * 4);
+        jang::cp16(st + p * 16, w + (size_t)n * KW + (size_t)(g0 + u) * (GB / 4) + h * 4, true);
       }
       for (int q = lane; q < XB / 16; q += 32) {
         const int m = q / (XR / 16), c = q % (XR / 16);
-        jang::tc_cp<16>(st + WB + q * 16, x + (size_t)min(m, M - 1) * K + (size_t)g0 * GS + c * (16 / (int)sizeof(T)));
+        jang::cp16(st + WB + q * 16, x + (size_t)min(m, M - 1) * K + (size_t)g0 * GS + c * (16 / (int)sizeof(T)),
+                   true);
       }
       {
         const int rr = lane & 15;
         const int n = row_of(tile, rr & 7, rr >> 3);
         const S* src = (lane < 16 ? scales : biases) + (size_t)n * NGR + g0;
-        jang::tc_cp<SCP>(st + WB + XB + (lane < 16 ? 0 : SB) + rr * U * sizeof(S), src);
+        jang::cpn<SCP>(st + WB + XB + (lane < 16 ? 0 : SB) + rr * U * sizeof(S), src);
       }
 #if JANG_NORM
       for (int q = lane; q < NB / 16; q += 32)
-        jang::tc_cp<16>(st + WB + XB + 2 * SB + q * 16, nw + (size_t)g0 * GS + q * (16 / (int)sizeof(T)));
+        jang::cp16(st + WB + XB + 2 * SB + q * 16, nw + (size_t)g0 * GS + q * (16 / (int)sizeof(T)), true);
 #endif
     };
     const int nmine = nch > warp ? (nch - warp + NWARP - 1) / NWARP : 0;   // chunks warp, warp + NWARP, ...
 #pragma unroll
     for (int s = 0; s < PIPE - 1; ++s) {
       if (s < nmine) issue(warp + s * NWARP, ring + s * STG);
-      jang::tc_commit();
+      jang::cp_commit();
     }
     const int xrow = min(g, MM - 1);
     for (int j = 0; j < nmine; ++j) {
       {
         const int nx = j + PIPE - 1;
         if (nx < nmine) issue(warp + nx * NWARP, ring + (nx % PIPE) * STG);
-        jang::tc_commit();
+        jang::cp_commit();
       }
-      jang::tc_wait<PIPE - 1>();
+      jang::cp_wait<PIPE - 1>();
       __syncwarp();
       const unsigned char* st = ring + (j % PIPE) * STG;
       uint32_t wq[U][TT][2][WL];
@@ -347,11 +323,11 @@ SOURCE = r"""
       for (int u = 0; u < U; ++u) {
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-          jang::tc_lds<WL>(reinterpret_cast<const uint32_t*>(st + (u * 16 + g + 8 * r) * GB) + t * WL, wq[u][0][r]);
+          jang::tc_ldw<WL, false>(reinterpret_cast<const uint32_t*>(st + (u * 16 + g + 8 * r) * GB) + t * WL, wq[u][0][r]);
           sv[u][0][r] = ss[(g + 8 * r) * U + u];
           bv[u][0][r] = ss[16 * U + (g + 8 * r) * U + u];
         }
-        jang::tc_lds<XL>(reinterpret_cast<const uint32_t*>(st + WB + xrow * XR + u * GS * (int)sizeof(T)) + t * XL,
+        jang::tc_ldw<XL, false>(reinterpret_cast<const uint32_t*>(st + WB + xrow * XR + u * GS * (int)sizeof(T)) + t * XL,
                          xv[u]);
       }
       compute_chunk((warp + j * NWARP) * U, wq, xv, sv, bv,
