@@ -72,14 +72,14 @@ def compile_one(label, src):
 def check_qmm():
     ok = True
     for bits in (2, 3, 4, 5, 6, 8):
-        for m, r, w, fast, pf, l2p in ((1, 4, 1, True, False, 0), (1, 4, 4, False, False, 1),
-                                       (8, 2, 2, True, False, 2), (1, 8, 1, True, True, 1), (1, 4, 2, False, True, 0)):
+        for m, r, w, fast, pf in ((1, 4, 1, True, False), (1, 4, 4, False, False), (8, 2, 2, True, False),
+                                  (1, 8, 1, True, True), (1, 4, 2, False, True)):
             tmpl = [("T", "bfloat16"), ("S", "bfloat16"), ("BITS", bits), ("GS", 32 if bits == 2 else 64),
-                    ("MM", m), ("R", r), ("W", w), ("FAST", fast), ("PF", pf), ("L2P", l2p)]
+                    ("MM", m), ("R", r), ("W", w), ("FAST", fast), ("PF", pf)]
             src = build("qgemv", qmm_cuda.SOURCE, cuda_common.HEADER,
                         [("x", "bfloat16"), ("w", "uint32"), ("scales", "bfloat16"), ("biases", "bfloat16")],
                         [("y", "bfloat16")], tmpl)
-            ok &= compile_one(f"qgemv bits={bits} M={m} R={r} W={w} fast={fast} pf={pf} l2p={l2p}", src)
+            ok &= compile_one(f"qgemv bits={bits} M={m} R={r} W={w} fast={fast} pf={pf}", src)
     return ok
 
 
@@ -94,7 +94,7 @@ def check_fused():
     for epi, norm, bits, m, r, w, rope in cases:
         defines, names = qmm_cuda.fused_variant(epi, norm, 1e-5, rope)
         tmpl = [("T", "bfloat16"), ("S", "bfloat16"), ("BITS", bits), ("GS", 64), ("MM", m), ("R", r),
-                ("W", w), ("FAST", True), ("PF", False), ("L2P", (epi + bits) % 3)]
+                ("W", w), ("FAST", True), ("PF", False)]
         src = build("qgemv_fused", qmm_cuda.SOURCE, defines + cuda_common.HEADER, [(n, dtypes[n]) for n in names],
                     [("y", "bfloat16")], tmpl)
         ok &= compile_one(f"qgemv fused epi={epi} norm={norm} bits={bits} M={m} R={r} W={w} rope={rope}", src)
@@ -140,27 +140,27 @@ def check_qgemm3():
 
 
 def check_tc():
-    """The tensor-core GEMV (kernels/qgemv_tc_source.py): plain and fused variants, each L2 prefetch mode."""
+    """The tensor-core GEMV (kernels/qgemv_tc_source.py): plain and fused variants, with and without the ring."""
     dtypes = dict(x="bfloat16", w="uint32", scales="bfloat16", biases="bfloat16", nw="bfloat16", res="bfloat16",
                   rpos="int32", rfreq="float32")
     ok = True
-    for epi, norm, bits, rope, l2p, pipe, mm, sdt in (
-            (0, False, 4, None, 0, 0, 1, "bfloat16"), (0, False, 2, None, 1, 0, 1, "bfloat16"),
-            (0, False, 8, None, 2, 0, 1, "bfloat16"), (1, False, 4, None, 1, 0, 1, "bfloat16"),
-            (2, True, 4, None, 2, 0, 1, "bfloat16"), (3, True, 8, (128, 40), 1, 0, 1, "bfloat16"),
-            (0, False, 4, None, 0, 6, 1, "bfloat16"), (0, False, 2, None, 0, 4, 8, "bfloat16"),
-            (0, False, 8, None, 0, 8, 1, "float32"), (2, True, 4, None, 0, 6, 1, "bfloat16"),
-            (3, True, 8, (128, 40), 0, 6, 4, "bfloat16"), (1, False, 4, None, 0, 6, 2, "float16")):
+    for epi, norm, bits, rope, pipe, mm, sdt in (
+            (0, False, 4, None, 0, 1, "bfloat16"), (0, False, 2, None, 0, 1, "bfloat16"),
+            (0, False, 8, None, 0, 1, "bfloat16"), (1, False, 4, None, 0, 1, "bfloat16"),
+            (2, True, 4, None, 0, 1, "bfloat16"), (3, True, 8, (128, 40), 0, 1, "bfloat16"),
+            (0, False, 4, None, 6, 1, "bfloat16"), (0, False, 2, None, 4, 8, "bfloat16"),
+            (0, False, 8, None, 8, 1, "float32"), (2, True, 4, None, 6, 1, "bfloat16"),
+            (3, True, 8, (128, 40), 6, 4, "bfloat16"), (1, False, 4, None, 6, 2, "float16")):
         dtypes.update(scales=sdt, biases=sdt)
         defines, names = qmm_cuda.fused_variant(epi, norm, 1e-5, rope)
         u = qgemv_tc_cuda.config(mm, 4096, 4096, bits, 64)["U"]      # as the launch picks it (8 bits: 1)
         if pipe:
             u = qgemv_tc_cuda.pipe_shape(mm, 4096, bits, 64, u, 4 if sdt == "float32" else 2)[0]
         tmpl = [("T", "bfloat16"), ("S", sdt), ("BITS", bits), ("GS", 64), ("MM", mm), ("TT", 1),
-                ("NWARP", 4), ("U", u), ("L2P", l2p), ("PIPE", pipe)]
+                ("NWARP", 4), ("U", u), ("PIPE", pipe)]
         src = build("qgemv_tc", qgemv_tc_source.SOURCE, defines + qgemv_tc_source.HEADER,
                     [(n, dtypes[n]) for n in names], [("y", "bfloat16")], tmpl)
-        ok &= compile_one(f"qgemv_tc epi={epi} norm={norm} bits={bits} l2p={l2p} pipe={pipe} MM={mm} S={sdt}", src)
+        ok &= compile_one(f"qgemv_tc epi={epi} norm={norm} bits={bits} pipe={pipe} MM={mm} S={sdt}", src)
     return ok
 
 

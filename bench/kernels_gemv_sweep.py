@@ -5,8 +5,8 @@ mx.quantized_matmul and the bf16 matmul of the same shape, all in one run.
     python3 bench/kernels_gemv_sweep.py OUT.json
 
 GS_VARIANTS (JSON list of configs) replaces the variant grid; a config with "impl": "tc" runs the
-tensor-core GEMV (kernels/qgemv_tc_cuda.py, its TT / NWARP / U / L2P) instead of the scalar one (R / W /
-PF / FAST / L2P). GS_SHAPES (JSON list of [N, K, bits, what]) replaces the shapes; GS_ROWS sets the
+tensor-core GEMV (kernels/qgemv_tc_cuda.py, its TT / NWARP / U / PIPE) instead of the scalar one (R / W /
+PF / FAST). GS_SHAPES (JSON list of [N, K, bits, what]) replaces the shapes; GS_ROWS sets the
 activation rows (default 1).
 
 Method as bench/kernels_bench.py (BENCHMARKING.md): 100 calls queued, one eval, median of 5,

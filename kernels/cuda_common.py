@@ -90,34 +90,5 @@ __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_grou
 template <int N>
 __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;\n" :: "n"(N) : "memory"); }
 
-// Ask the L2 to fetch [p, p + bytes) now (cp.async.bulk.prefetch, sm_90 and later; nothing before).
-// A hint: rounded inward to 16 bytes, issued in pieces of at most 64 KB, no completion to wait for.
-__device__ __forceinline__ void l2_prefetch(const void* p, size_t bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  size_t a = (reinterpret_cast<size_t>(p) + 15) & ~size_t(15);
-  const size_t e = (reinterpret_cast<size_t>(p) + bytes) & ~size_t(15);
-  for (; a < e; a += 65536) {
-    const uint32_t n = (uint32_t)min(e - a, (size_t)65536);
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" :: "l"(a), "r"(n) : "memory");
-  }
-#endif
-}
-
-// L2 prefetch of rows [r0, r0 + nr) of a packed weight (kw words per row) and of their scales and
-// biases (ngr per row). MODE 1: one weight row per thread (the rows' streams interleave); MODE 2: the
-// rows' whole contiguous range from one thread. Scales and biases from the last two threads.
-template <int MODE, typename S>
-__device__ __forceinline__ void l2_prefetch_rows(int tid, int nt, const uint32_t* w, int kw, const S* sc,
-                                                 const S* bi, int ngr, int r0, int nr) {
-  if (MODE == 0 || nr <= 0) return;
-  if (MODE == 1) {
-    for (int i = tid; i < nr; i += nt) l2_prefetch(w + (size_t)(r0 + i) * kw, (size_t)kw * 4);
-  } else if (tid == 0) {
-    l2_prefetch(w + (size_t)r0 * kw, (size_t)nr * kw * 4);
-  }
-  if (tid == nt - 1) l2_prefetch(sc + (size_t)r0 * ngr, (size_t)nr * ngr * sizeof(S));
-  if (tid == nt - 2) l2_prefetch(bi + (size_t)r0 * ngr, (size_t)nr * ngr * sizeof(S));
-}
-
 }  // namespace jang
 """

@@ -35,9 +35,6 @@ from .backend import relerr
 from .qgemv_tc_source import HEADER, SOURCE
 
 MAX_ROWS = 8
-# L2 prefetch of a block's rows at its start (the L2P template of kernels/cuda_common.l2_prefetch_rows);
-# JANG_GEMV_TC_L2P overrides the default.
-L2P = int(os.environ.get("JANG_GEMV_TC_L2P", "0"))
 # Stages of the cp.async ring through which a warp's loads run (the PIPE template; 0: straight into registers);
 # JANG_GEMV_TC_PIPE overrides the default.
 # 4 stages: faster than loads straight into registers at 1-8 rows on the H100 (8 rows, 14336x4096 4-bit:
@@ -75,7 +72,7 @@ def config(m: int, n: int, k: int, bits: int, group_size: int, paired: bool = Fa
     # H100 (kernels-gemv-tc-h100.json, GPU time at one row): TT=2 was slower (23.4 vs 21.9 us at 14336x4096,
     # 46.4 vs 25.5 at 4096x14336: 104 registers, half the blocks), so one tile per warp everywhere; 8 warps
     # per block along long K (fewer, longer blocks otherwise).
-    return {"TT": 1, "NWARP": 8 if k >= 8192 else 4, "U": u, "L2P": L2P, "PIPE": PIPE}
+    return {"TT": 1, "NWARP": 8 if k >= 8192 else 4, "U": u, "PIPE": PIPE}
 
 
 def _fused_names(epi: int, norm: bool) -> list[str]:
@@ -116,13 +113,12 @@ def pipe_shape(m: int, k: int, bits: int, group_size: int, u: int, ssize: int, t
 
 
 def launch(m, n, k, dtype, bits, group_size, epi=0, norm=False, eps=1e-5, rope=None, TT=None, NWARP=None, U=None,
-           L2P=None, PIPE=None):
+           PIPE=None):
     """A callable f(inputs: list, sdtype) -> y with this shape's launch arguments computed once (per scale
     dtype)."""
     paired = epi in (2, 3)
     cfg = config(m, n, k, bits, group_size, paired)
     tt, nwarp, u = TT or cfg["TT"], NWARP or cfg["NWARP"], U or cfg["U"]
-    l2p = cfg["L2P"] if L2P is None else L2P
     pipe = cfg["PIPE"] if PIPE is None else PIPE
     if (k // group_size) % u:
         raise ValueError(f"qgemv_tc: U={u} does not divide the {k // group_size} groups")
@@ -139,7 +135,7 @@ def launch(m, n, k, dtype, bits, group_size, epi=0, norm=False, eps=1e-5, rope=N
             uu, pp = ps[0], pipe
             smem = nwarp * pipe * ps[1]
         fixed = [("T", dtype), ("S", sdtype), ("BITS", bits), ("GS", group_size), ("MM", rows_bucket(m)),
-                 ("TT", tt), ("NWARP", nwarp), ("U", uu), ("L2P", int(l2p)), ("PIPE", pp)]
+                 ("TT", tt), ("NWARP", nwarp), ("U", uu), ("PIPE", pp)]
         return kernel(epi, norm, eps, rope, smem), fixed
 
     def f(inputs, sdtype):

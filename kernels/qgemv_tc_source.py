@@ -136,20 +136,6 @@ SOURCE = r"""
       sr[a][r] = scales + (size_t)n * NGR;
       br[a][r] = biases + (size_t)n * NGR;
     }
-  {  // L2P: ask the L2 for this block's rows up front (0 off, 1 a row per thread, 2 one range)
-#if JANG_EPI == 2
-    const int pb = blockIdx.x * TT * 8, np = min(TT * 8, NO - pb);
-    jang::l2_prefetch_rows<L2P>(tid, NT, w, KW, scales, biases, NGR, pb, np);
-    jang::l2_prefetch_rows<L2P>(tid, NT, w, KW, scales, biases, NGR, NO + pb, np);
-#elif JANG_EPI == 3
-    const int pb = blockIdx.x * TT * 8, pe = min(pb + TT * 8, NO);
-    const int rb = (pb / HH) * JANG_HD, re = min(((pe - 1) / HH) * JANG_HD + JANG_HD, N);
-    jang::l2_prefetch_rows<L2P>(tid, NT, w, KW, scales, biases, NGR, rb, re - rb);
-#else
-    const int rb = blockIdx.x * TT * 16;
-    jang::l2_prefetch_rows<L2P>(tid, NT, w, KW, scales, biases, NGR, rb, min(TT * 16, N - rb));
-#endif
-  }
   const T* xr = x + (size_t)min(g, M - 1) * K + t * KL;   // B column g = x row g
 
   float acc[TT][4];

@@ -19,7 +19,6 @@ by 2^-(bits*j) to undo the field's position j. Saves one shift per weight.
 from __future__ import annotations
 
 import math
-import os
 
 import mlx.core as mx
 
@@ -86,20 +85,6 @@ SOURCE = r"""
     wrow[r] = w + (size_t)n * KW;
     srow[r] = scales + (size_t)n * NGR;
     brow[r] = biases + (size_t)n * NGR;
-  }
-
-  {  // L2P: ask the L2 for this block's rows up front (0 off, 1 a row per thread, 2 one range)
-#if JANG_EPI == 3
-    const int pb = blockIdx.x * TEAMS * RO, pe = min(pb + TEAMS * RO, NO);
-    const int rb = (pb / HH) * JANG_HD, re = min(((pe - 1) / HH) * JANG_HD + JANG_HD, N);
-    jang::l2_prefetch_rows<L2P>(tid, NW * 32, w, KW, scales, biases, NGR, rb, re - rb);
-#else
-    const int rb = blockIdx.x * TEAMS * RO, nr = min(TEAMS * RO, NO - rb);
-    jang::l2_prefetch_rows<L2P>(tid, NW * 32, w, KW, scales, biases, NGR, rb, nr);
-#if JANG_EPI == 2
-    jang::l2_prefetch_rows<L2P>(tid, NW * 32, w, KW, scales, biases, NGR, NO + rb, nr);
-#endif
-#endif
   }
 
   const T* xrow[MM];
@@ -328,9 +313,6 @@ def fused_variant(epi: int, norm: bool, eps: float, rope: tuple[int, int] | None
     return defines, names
 
 
-# L2 prefetch of a block's rows at its start (L2P template: 0 off, 1 a row per thread, 2 one range);
-# JANG_GEMV_L2P overrides the default.
-L2P = int(os.environ.get("JANG_GEMV_L2P", "0"))
 MAX_ROWS = 8          # the kernel serves 1..8 activation rows (qmm.py routes only 1..GEMV_ROWS here)
 
 
@@ -364,7 +346,7 @@ def default_config(m: int, n: int, k: int, bits: int) -> dict:
     w = 1 if n >= 8192 else 2
     if bits == 8 and mm == 1 and n < 8192:
         w = 4   # 8-bit q/k/v (fused) and o at one row: 15.0 / 13.7 us vs 16.5 / 16.4 (kernels-gemv-sweep-h100.json)
-    return {"R": r, "W": w, "FAST": True, "PF": False, "L2P": L2P}
+    return {"R": r, "W": w, "FAST": True, "PF": False}
 
 
 def supports(x: mx.array, w: mx.array, bits: int, group_size: int) -> bool:
@@ -381,7 +363,7 @@ def supports(x: mx.array, w: mx.array, bits: int, group_size: int) -> bool:
 
 def qgemv(x2d: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: int,
           group_size: int, R: int | None = None, W: int | None = None, FAST: bool | None = None,
-          PF: bool | None = None, L2P: int | None = None) -> mx.array:
+          PF: bool | None = None) -> mx.array:
     """x2d: [M<=8, K]; returns [M, N] in x's dtype."""
     m, k = x2d.shape
     n = w.shape[0]
@@ -390,14 +372,12 @@ def qgemv(x2d: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: 
     W = cfg["W"] if W is None else W
     FAST = cfg["FAST"] if FAST is None else FAST
     PF = cfg["PF"] if PF is None else PF
-    L2P = cfg["L2P"] if L2P is None else L2P
     teams = 4 // W
     blocks = math.ceil(n / (R * teams))
     return kernel()(
         inputs=[x2d, w, scales, biases],
         template=[("T", x2d.dtype), ("S", scales.dtype), ("BITS", bits), ("GS", group_size),
-                  ("MM", rows_bucket(m)), ("R", R), ("W", W), ("FAST", bool(FAST)), ("PF", bool(PF)),
-                  ("L2P", int(L2P))],
+                  ("MM", rows_bucket(m)), ("R", R), ("W", W), ("FAST", bool(FAST)), ("PF", bool(PF))],
         grid=(blocks * THREADS, 1, 1),
         threadgroup=(THREADS, 1, 1),
         output_shapes=[(m, n)],
@@ -411,6 +391,6 @@ def plan(m: int, n: int, k: int, dtype, bits: int, group_size: int):
     blocks = math.ceil(n / (cfg["R"] * (4 // cfg["W"])))
     kern, grid, tg, shp, odt = kernel(), (blocks * THREADS, 1, 1), (THREADS, 1, 1), [(m, n)], [dtype]
     fixed = [("BITS", bits), ("GS", group_size), ("MM", rows_bucket(m)), ("R", cfg["R"]), ("W", cfg["W"]),
-             ("FAST", bool(cfg["FAST"])), ("PF", bool(cfg["PF"])), ("L2P", cfg["L2P"])]
+             ("FAST", bool(cfg["FAST"])), ("PF", bool(cfg["PF"]))]
     return lambda x2d, w, sc, bi: kern(inputs=[x2d, w, sc, bi], template=[("T", dtype), ("S", sc.dtype)] + fixed,
                                        grid=grid, threadgroup=tg, output_shapes=shp, output_dtypes=odt)[0]

@@ -123,7 +123,7 @@ def qgemv_fused(x2d, w, scales, biases, bits, group_size, norm_weight=None, eps=
     return _kernel(epi, norm_weight is not None, eps)(
         inputs=inputs,
         template=[("T", x2d.dtype), ("S", scales.dtype), ("BITS", bits), ("GS", group_size),
-                  ("MM", qmm_cuda.rows_bucket(m)), ("R", r), ("W", wv), ("FAST", True), ("PF", False), ("L2P", qmm_cuda.L2P)],
+                  ("MM", qmm_cuda.rows_bucket(m)), ("R", r), ("W", wv), ("FAST", True), ("PF", False)],
         grid=(blocks * qmm_cuda.THREADS, 1, 1),
         threadgroup=(qmm_cuda.THREADS, 1, 1),
         output_shapes=[(m, n_out)],
@@ -198,7 +198,7 @@ def _qgemv_rope(x2d, w, scales, biases, bits, group_size, norm_weight, eps, posi
     return _kernel(3, norm_weight is not None, eps, (head_dim, nrot))(
         inputs=inputs,
         template=[("T", x2d.dtype), ("S", scales.dtype), ("BITS", bits), ("GS", group_size),
-                  ("MM", qmm_cuda.rows_bucket(m)), ("R", r), ("W", wv), ("FAST", True), ("PF", False), ("L2P", qmm_cuda.L2P)],
+                  ("MM", qmm_cuda.rows_bucket(m)), ("R", r), ("W", wv), ("FAST", True), ("PF", False)],
         grid=(blocks * qmm_cuda.THREADS, 1, 1),
         threadgroup=(qmm_cuda.THREADS, 1, 1),
         output_shapes=[(m, n)],

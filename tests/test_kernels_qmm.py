@@ -113,7 +113,7 @@ def test_cuda_gemv_algorithm_in_numpy(bits, gs, fast):
 
 def test_cuda_launch_config_and_support_rules():
     cfg = qmm_cuda.default_config(1, 14336, 4096, 4)
-    assert cfg == {"R": 8, "W": 1, "FAST": True, "PF": False, "L2P": qmm_cuda.L2P}
+    assert cfg == {"R": 8, "W": 1, "FAST": True, "PF": False}
     assert qmm_cuda.default_config(1, 4096, 14336, 4)["W"] == 2
     assert [qmm_cuda.rows_bucket(m) for m in (1, 2, 3, 4, 5, 8)] == [1, 2, 4, 4, 8, 8]
     wq, _, _ = _quant(8, 256, 4, 64)
