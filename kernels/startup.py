@@ -50,8 +50,8 @@ def _qmm(spec, dtype, rows):
     n_calls = 0
     for m in rows:
         x = mx.zeros((m, k), dtype=dtype)
-        wk = mx.zeros((256, k * bits // 32), dtype=mx.uint32)
-        tc = backend.for_op("qmm") == "cuda" and gemv_kind(m, x, wk, bits, gs) == "tc"
+        w = mx.zeros((256, k * bits // 32), dtype=mx.uint32)
+        tc = backend.for_op("qmm") == "cuda" and gemv_kind(m, x, w, bits, gs) == "tc"
         if m <= GEMV_ROWS and spec.get("k", 128) % 128 == 0 and not tc:   # the scalar GEMV's template
             cfg = qmm_cuda.default_config(m, spec["n"], spec.get("k", k), bits)
             n = cfg["R"] * 4
@@ -61,7 +61,6 @@ def _qmm(spec, dtype, rows):
         else:  # the public entry point: the tensor-core GEMV / tiled GEMM (self-tested here) or MLX's kernels
             from .qmm import qmm
 
-            w = mx.zeros((256, k * bits // 32), dtype=mx.uint32)
             s = mx.ones((256, k // gs), dtype=sdt)
             mx.eval(qmm(x, w, s, s, bits, gs))
         n_calls += 1
