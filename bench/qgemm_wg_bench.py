@@ -1,0 +1,168 @@
+"""The warpgroup GEMM (kernels/qgemm_wg_cuda.py, wgmma on sm_90a) on the device: NVRTC and descriptor
+probe, parity, then queued timings against the bf16 matmul, qgemm3 and kernels.qmm's route, every ratio
+from the same run (method of bench/kernels_bench.py: 100 calls queued, one eval, median of 5, weights
+rotated over > 200 MB).
+
+    python3 bench/qgemm_wg_bench.py OUT.json [probe] [parity] [timing] [quick]
+    WG_VARIANTS='[{"BN": 128}, {"stages": 3}]'   # extra configs timed at every row count
+    WG_ROWS=128,256 WG_SHAPES=14336x4096x4,...   # narrow the timing grid
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import mlx.core as mx
+
+sys.path.insert(0, os.path.dirname(__file__))
+from kernels_bench import CALLS, check, copy_bandwidth, qweights, rec, timed  # noqa: E402
+
+from jang_serve.kernels import nvrtc, qgemm3_cuda as q3, qgemm_wg_cuda as wg  # noqa: E402
+from jang_serve.kernels.qmm import qmm as kqmm  # noqa: E402
+from jang_serve.kernels.backend import relerr  # noqa: E402
+
+
+def one_case(bits, gs, dt, m, n, k, over):
+    w = (mx.random.normal((n, k)) * 0.05).astype(dt)
+    wq, s, b = mx.quantize(w, group_size=gs, bits=bits)
+    s, b = s.astype(dt), b.astype(dt)
+    x = mx.random.normal((m, k)).astype(dt)
+    wd = mx.dequantize(wq, s.astype(mx.float32), b.astype(mx.float32), group_size=gs, bits=bits)
+    ref = x.astype(mx.float32) @ wd.T
+    try:
+        return relerr(wg.qgemm(x, wq, s, b, bits, gs, **over), ref)
+    except Exception as e:  # keep going: the record says what broke
+        return repr(e)[:600]
+
+
+def probe(quick, out):
+    """NVRTC present, compile time, and which descriptor byte offsets give the right product."""
+    t0 = time.time()
+    try:
+        v = nvrtc.version()
+        wg.cubin(4, 64, True, 128, 4, False)
+        out.append(dict(nvrtc=list(v), compile_s=round(time.time() - t0, 2)))
+    except Exception as e:
+        out.append(dict(nvrtc_error=repr(e)[:2000]))
+        print("nvrtc:", e, flush=True)
+        return
+    print("nvrtc", v, f"compile {time.time() - t0:.2f}s", flush=True)
+    good = None
+    for desc in ((128, 1024), (1024, 128)):
+        wg.DESC = desc
+        err = one_case(4, 64, mx.bfloat16, 128, 256, 512, {"BN": 128, "split": 1})
+        out.append(dict(desc=list(desc), relerr=err))
+        print("desc", desc, err, flush=True)
+        if good is None and isinstance(err, float) and err < 1e-2:
+            good = desc
+    wg.DESC = good or (128, 1024)
+
+
+def parity(quick, out):
+    cases = [(b, gs, dt, 136, 512, 1024, {}) for b in (2, 4, 8) for gs in (32, 64, 128)
+             for dt in (mx.bfloat16, mx.float16)]
+    cases += [(4, 64, mx.bfloat16, m, n, k, o) for m, n, k, o in
+              ((128, 256, 512, {"BN": 128, "split": 1}), (256, 512, 1024, {"BN": 256}), (200, 384, 2048, {}),
+               (65, 512, 1024, {"split": 4}), (256, 4096, 4096, {}), (192, 1024, 14336, {}),
+               (256, 512, 1024, {"stages": 3}), (130, 768, 1024, {"split": 2, "BN": 256}))]
+    cases += [(8, 64, mx.bfloat16, 256, 512, 1024, {"BN": 256}), (2, 32, mx.float16, 256, 768, 1024, {"split": 2})]
+    if quick:
+        cases = cases[::3]
+    for bits, gs, dt, m, n, k, over in cases:
+        err = one_case(bits, gs, dt, m, n, k, over)
+        ok = isinstance(err, float) and err < 1e-2
+        try:
+            cfg = wg.config(m, n, k, bits, **{("bn" if a == "BN" else a): v for a, v in over.items()})
+        except Exception as e:
+            cfg = repr(e)
+        out.append(dict(bits=bits, gs=gs, dtype=str(dt), m=m, n=n, k=k, over=over, cfg=cfg, relerr=err, ok=ok))
+        print(f"parity bits={bits} gs={gs} {dt} m={m} n={n} k={k} {over}: {err} {'ok' if ok else 'FAIL'}", flush=True)
+
+
+def parse_shapes(env, default):
+    if not env:
+        return default
+    return [tuple(int(v) for v in s.split("x")) for s in env.split(",")]
+
+
+def timing(quick, out):
+    shapes = parse_shapes(os.environ.get("WG_SHAPES"), [(14336, 4096, 4), (4096, 14336, 4), (28672, 4096, 4),
+                                                        (14336, 4096, 2), (6144, 4096, 8), (4096, 4096, 8)])
+    rows = tuple(int(r) for r in os.environ.get("WG_ROWS", "64,128,192,256").split(","))
+    if quick:
+        shapes, rows = shapes[:2], (128, 256)
+    variants = [{}] + json.loads(os.environ.get("WG_VARIANTS", "[]"))
+    for n, k, bits in shapes:
+        nsets = max(3, math.ceil(200e6 / (n * k * 2)))
+        wb = [(mx.random.normal((n, k)) * 0.05).astype(mx.bfloat16) for _ in range(nsets)]
+        nq = max(3, math.ceil(200e6 / (n * k * bits / 8)))
+        ws = [qweights(n, k, bits, 64) for _ in range(nq)]
+        mx.eval(wb, ws)
+        for m in rows:
+            x = mx.random.normal((m, k)).astype(mx.bfloat16)
+            ref = mx.dequantize(*ws[0], group_size=64, bits=bits)
+            ref = (x.astype(mx.float32) @ ref.astype(mx.float32).T)
+            tb = timed(lambda: [x @ wb[i % nsets].T for i in range(CALLS)])
+            out.append(rec("bf16_matmul", tb, n=n, k=k, m=m, bits=16))
+            line = f"n={n} k={k} bits={bits} m={m}: bf16 {tb[0] * 1e6:.1f}"
+            t = timed(lambda: [kqmm(x, *ws[i % nq], bits, 64) for i in range(CALLS)])
+            out.append(rec("kernels.qmm", t, n=n, k=k, m=m, bits=bits, speedup_vs_bf16=tb[0] / t[0],
+                           err=check(kqmm(x, *ws[0], bits, 64), ref)))
+            line += f" | kqmm {t[0] * 1e6:.1f}"
+            t = timed(lambda: [q3.qgemm(x, *ws[i % nq], bits, 64) for i in range(CALLS)])
+            out.append(rec("qgemm3", t, n=n, k=k, m=m, bits=bits, speedup_vs_bf16=tb[0] / t[0],
+                           err=check(q3.qgemm(x, *ws[0], bits, 64), ref)))
+            line += f" | v3 {t[0] * 1e6:.1f}"
+            for v in variants:
+                try:
+                    cfg = wg.config(m, n, k, bits, **{("bn" if a == "BN" else a): val for a, val in v.items()})
+                    t = timed(lambda: [wg.qgemm(x, *ws[i % nq], bits, 64, **v) for i in range(CALLS)])
+                except Exception as e:
+                    out.append(dict(name="qgemm_wg", n=n, k=k, m=m, bits=bits, variant=v, error=repr(e)[:300]))
+                    line += f" | wg{v} error"
+                    continue
+                flops = 2 * m * n * k
+                out.append(rec("qgemm_wg", t, n=n, k=k, m=m, bits=bits, speedup_vs_bf16=tb[0] / t[0], cfg=cfg, variant=v,
+                               tflops=flops / t[0] / 1e12, bf16_tflops=flops / tb[0] / 1e12,
+                               err=check(wg.qgemm(x, *ws[0], bits, 64, **v), ref)))
+                line += f" | wg{v or ''} {t[0] * 1e6:.1f} ({tb[0] / t[0]:.2f}x bf16)"
+            print(line, flush=True)
+        del wb, ws
+
+
+def main(path, what, quick):
+    gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem",
+                          "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()
+    res = dict(device=gpu, mlx=mx.__version__, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+               commit=os.environ.get("COMMIT", "?"),
+               method=f"{CALLS} calls queued, one mx.eval, median of 5; weights rotated over > 200 MB; "
+                      "speedup_vs_bf16 = bf16 matmul time / this time (above 1: faster)")
+    bw, copy = copy_bandwidth()
+    res["copy_bandwidth_GBps"], res["copy"] = bw / 1e9, copy
+    for name, fn in (("probe", probe), ("parity", parity), ("timing", timing)):
+        if name in what:
+            t0 = time.time()
+            res[name] = []
+            try:
+                fn(quick, res[name])
+            except BaseException as e:   # also a timeout's SIGINT: keep what was measured
+                res[name + "_error"] = repr(e)
+                print(f"{name} failed: {e!r}", flush=True)
+            res[name + "_seconds"] = round(time.time() - t0, 1)
+            res["desc"] = list(wg.DESC)
+            with open(path, "w") as f:
+                json.dump(res, f, indent=1)
+    if "parity" in res:
+        bad = [r for r in res["parity"] if not r["ok"]]
+        print(f"parity: {len(res['parity']) - len(bad)}/{len(res['parity'])} ok")
+
+
+if __name__ == "__main__":
+    args = sys.argv[2:]
+    main(sys.argv[1], [a for a in args if a in ("probe", "parity", "timing")] or ["probe", "parity", "timing"],
+         "quick" in args)

@@ -1,0 +1,165 @@
+"""Warpgroup (wgmma) GEMM for MLX's affine packed weights on Hopper (sm_90a): the route for 128 and more rows.
+
+y[M, N] = x[M, K] @ dequant(w)[N, K].T, w uint32 [N, K*bits/32] (bits 2, 4 or 8), scales / biases
+[N, K/group_size] in x's dtype (bf16 or fp16); MLX's layout as stored.
+
+Why: at 128-256 rows the mma.sync GEMMs (qgemm3) stay at 0.46-0.86x the bf16 matmul, which cuBLAS runs
+with Hopper's asynchronous warpgroup MMA. `mx.fast.cuda_kernel` compiles for sm_90, where wgmma does not
+exist, so this kernel is compiled for sm_90a with NVRTC (kernels/nvrtc.py) and launched through
+`mx.fast.precompiled_cuda_kernel`.
+
+- **Block** = 2 warpgroups (256 threads) and a tile of BM = 128 rows of x (64 per warpgroup) by BN = 128
+  or 256 output features; one K slice (split-K over grid z when too few tiles fill the GPU; fp32 partials
+  summed by qgemm_cuda's reduce kernel). Grid x runs over the row tiles, so the blocks that share a
+  weight tile run together and the second reads it from L2.
+- **Operands**: both from shared memory (descriptors), K-major without swizzle: 8-row x 16-byte core
+  matrices, 128 bytes apart along K and 1024 bytes apart along rows. x is A (m64 per warpgroup), the
+  dequantized weight tile is B (n = BN): `wgmma.mma_async.m64n{BN}k16`, fp32 accumulators in registers
+  (BN/2 per thread).
+- **Pipeline**: K in stages of 64 through a STAGES-slot cp.async ring (x tile + the packed weight rows),
+  STAGES-2 stages ahead; each stage the 256 threads dequantize the packed tile into one of two bf16 / fp16
+  tiles (a 32-value unit per thread and 128 features: its row's 16-byte core-matrix rows), fence the
+  writes to the async proxy, barrier, and the warpgroups issue 4 wgmmas (one per k16) and keep one stage
+  of them in flight (wait_group 1), so a stage's dequant overlaps the previous stage's MMAs.
+- **Dequant** of a 32-bit word: pairs of fields (i, i + 4) at 4 bits ((i, i + 8) at 2 bits) go under the
+  magic exponent with one mask-or each (128 + q in bf16, 1024 + q in fp16), one packed sub removes the
+  magic (exact), one packed fma applies scale and bias (one rounding, as the reference), and byte
+  permutes restore the K order. 8 bits in bf16 go through fp32 (128 + q does not fit bf16).
+"""
+
+from __future__ import annotations
+
+import os
+
+import mlx.core as mx
+
+from . import nvrtc, qgemm_cuda
+from .qgemm_wg_source import kernel_name, source
+
+BM, BK, THREADS = 128, 64, 256
+TARGET_BLOCKS = 132
+SMEM_MAX = 227 * 1024
+
+
+def supports(x: mx.array, w: mx.array, bits: int, group_size: int, scales_dtype=None) -> bool:
+    """2/4/8 bits, groups 32/64/128, bf16/fp16 activations with scales of the same dtype, K a multiple of 64,
+    N a multiple of 128."""
+    k = x.shape[-1]
+    return (x.dtype in (mx.bfloat16, mx.float16) and bits in (2, 4, 8) and group_size in (32, 64, 128)
+            and (scales_dtype is None or scales_dtype == x.dtype)
+            and k % BK == 0 and w.shape[0] % 128 == 0 and w.dtype == mx.uint32 and w.shape[-1] * 32 == k * bits)
+
+
+def smem_bytes(bits: int, bn: int, stages: int) -> int:
+    """Dynamic shared memory (mirrors STB / WBB in the kernel)."""
+    return stages * (BM * BK * 2 + bn * BK * bits // 8) + 2 * bn * BK * 2
+
+
+def config(m: int, n: int, k: int, bits: int, bn: int | None = None, stages: int | None = None,
+           split: int | None = None, target: int | None = None) -> dict:
+    bn = bn or int(os.environ.get("JANG_QGEMM_WG_BN", 0)) or (256 if n % 256 == 0 and m > BM else 128)
+    if n % bn:
+        raise ValueError(f"qgemm_wg: N={n} is not a multiple of {bn}")
+    st = stages or int(os.environ.get("JANG_QGEMM_WG_STAGES", 4))
+    if st < 3 or smem_bytes(bits, bn, st) > SMEM_MAX:
+        raise ValueError(f"qgemm_wg: {st} stages do not fit")
+    tgt = target or TARGET_BLOCKS
+    if split is None:
+        blocks, split = -(-m // BM) * (n // bn), 1
+        while blocks * split * 2 <= tgt and k % (BK * split * 2) == 0 and k // (split * 2) >= 4 * BK:
+            split *= 2
+    if k % (BK * split):
+        raise ValueError(f"qgemm_wg: K={k} does not split into {split} parts of whole {BK}-wide stages")
+    return dict(BN=bn, stages=st, split=split)
+
+
+_cubins: dict[tuple, bytes] = {}
+DESC = (128, 1024)   # descriptor byte offsets (LBO: along K, SBO: between 8-row groups); bench probes override
+
+
+def cubin(bits: int, group_size: int, bf16: bool, bn: int, stages: int, split: bool) -> tuple[str, bytes]:
+    key = (bits, group_size, bf16, bn, stages, split, DESC)
+    name = kernel_name(*key[:6]) + ("" if DESC == (128, 1024) else f"_d{DESC[0]}_{DESC[1]}")
+    if key not in _cubins:
+        _cubins[key] = nvrtc.compile_cubin(source(*key[:6], *DESC).replace(kernel_name(*key[:6]), name), name)
+    return name, _cubins[key]
+
+
+def _launch(cfg, m, n, dtype, bits, group_size):
+    bn, st, s = cfg["BN"], cfg["stages"], cfg["split"]
+    bf16 = dtype == mx.bfloat16
+    name, code = cubin(bits, group_size, bf16, bn, st, s > 1)
+    grid, tg, smem = (-(-m // BM) * THREADS, n // bn, s), (THREADS, 1, 1), smem_bytes(bits, bn, st)
+    shp, scal = [(m, n)], lambda k: [m, n, k]
+
+    def run(x2d, w, sc, bi, shapes, dtypes):
+        return mx.fast.precompiled_cuda_kernel(
+            name=name, compiled_source=code, inputs=[x2d, w, sc, bi], output_shapes=shapes, output_dtypes=dtypes,
+            scalars=scal(x2d.shape[1]), grid=grid, threadgroup=tg, shared_memory=smem,
+            ensure_row_contiguous=True)[0]
+
+    if s == 1:
+        return lambda x2d, w, sc, bi: run(x2d, w, sc, bi, shp, [dtype])
+    red, wshp, odt = qgemm_cuda.reduce_kernel(), [(s, m, n)], [dtype]
+    rgrid, rtmpl = (-(-(m * n // 4) // 256) * 256, 1, 1), [("T", dtype)]
+
+    def f(x2d, w, sc, bi):
+        ws = run(x2d, w, sc, bi, wshp, [mx.float32])
+        return red(inputs=[ws], template=rtmpl, grid=rgrid, threadgroup=(256, 1, 1), output_shapes=shp,
+                   output_dtypes=odt)[0]
+    return f
+
+
+def qgemm(x2d: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: int, group_size: int,
+          **overrides) -> mx.array:
+    """x2d [M, K] bf16/fp16 -> [M, N] in x's dtype. overrides: BN, stages, split, target (config)."""
+    m, k = x2d.shape
+    overrides.pop("BM", None)    # qgemm_cuda.self_test passes v2's row tile
+    cfg = config(m, w.shape[0], k, bits, **{("bn" if a == "BN" else a): v for a, v in overrides.items()})
+    return _launch(cfg, m, w.shape[0], x2d.dtype, bits, group_size)(x2d, w, scales, biases)
+
+
+def plan(m: int, n: int, k: int, dtype, bits: int, group_size: int):
+    """A callable f(x2d, w, scales, biases) -> y with every launch argument computed once."""
+    return _launch(config(m, n, k, bits), m, n, dtype, bits, group_size)
+
+
+_checked: dict[tuple, bool] = {}
+
+
+def self_test(dtype, bits: int, group_size: int) -> tuple[bool, str]:
+    """Both tile widths, split and not, a partial row tile, against the dequantized float32 matmul."""
+    from .backend import relerr
+
+    n, k = 512, 1024
+    wf = mx.random.normal((n, k)).astype(dtype) * 0.05
+    wq, s, b = mx.quantize(wf, group_size=group_size, bits=bits)
+    s, b = s.astype(dtype), b.astype(dtype)
+    wd = mx.dequantize(wq, s.astype(mx.float32), b.astype(mx.float32), group_size=group_size, bits=bits)
+    for m, bn, split in ((136, 128, 1), (200, 256, 2), (128, 256, 1), (72, 128, 4)):
+        x = mx.random.normal((m, k)).astype(dtype)
+        ref = x.astype(mx.float32) @ wd.T   # no quantized_matmul: that would JIT MLX's fp32 kernels
+        err = relerr(qgemm(x, wq, s, b, bits, group_size, BN=bn, split=split), ref)
+        if not err < 2e-2:
+            return False, f"relative error {err:.3g} at {m} rows, BN={bn}, split={split}"
+    return True, ""
+
+
+def ready(dtype, sdtype, bits: int, group_size: int, m: int = 0) -> bool:
+    """First use of a template (dtype, bits, group): compile (NVRTC) and self-test (self_test); a failure (no
+    NVRTC, not a Hopper GPU, a mismatch) turns it off, logged, and the route falls back."""
+    if sdtype != dtype:
+        return False
+    key = (dtype, bits, group_size)
+    if key not in _checked:
+        try:
+            ok, why = self_test(dtype, bits, group_size)
+        except Exception as e:  # no NVRTC, a compile or launch error: keep serving through the fallback
+            ok, why = False, f"{type(e).__name__}: {str(e)[:500]}"
+        if not ok:
+            import logging
+
+            logging.getLogger("jang_serve.kernels").warning(
+                "kernels: cuda qgemm_wg %s disabled (%s)", key, why)
+        _checked[key] = ok
+    return _checked[key]
