@@ -53,14 +53,14 @@ def probe(quick, out):
         return
     print("nvrtc", v, f"compile {time.time() - t0:.2f}s", flush=True)
     good = None
-    for desc in ((128, 1024), (1024, 128)):
-        wg.DESC = desc
+    for swz, desc in ((True, (128, 1024)), (False, (128, 1024))):
+        wg.SWZ, wg.DESC = swz, desc
         err = one_case(4, 64, mx.bfloat16, 128, 256, 512, {"BN": 128, "split": 1})
-        out.append(dict(desc=list(desc), relerr=err))
-        print("desc", desc, err, flush=True)
+        out.append(dict(swz=swz, desc=list(desc), relerr=err))
+        print("swz", swz, "desc", desc, err, flush=True)
         if good is None and isinstance(err, float) and err < 1e-2:
-            good = desc
-    wg.DESC = good or (128, 1024)
+            good = (swz, desc)
+    wg.SWZ, wg.DESC = good or (True, (128, 1024))
 
 
 def parity(quick, out):
@@ -118,19 +118,23 @@ def timing(quick, out):
             out.append(rec("qgemm3", t, n=n, k=k, m=m, bits=bits, speedup_vs_bf16=tb[0] / t[0],
                            err=check(q3.qgemm(x, *ws[0], bits, 64), ref)))
             line += f" | v3 {t[0] * 1e6:.1f}"
-            for v in variants:
+            for var in variants:
+                v = {a: val for a, val in var.items() if a != "swz"}   # {"swz": false}: the unswizzled layout
+                swz0, wg.SWZ = wg.SWZ, var.get("swz", wg.SWZ)
                 try:
                     cfg = wg.config(m, n, k, bits, **{("bn" if a == "BN" else a): val for a, val in v.items()})
                     t = timed(lambda: [wg.qgemm(x, *ws[i % nq], bits, 64, **v) for i in range(CALLS)])
+                    err = check(wg.qgemm(x, *ws[0], bits, 64, **v), ref)
                 except Exception as e:
-                    out.append(dict(name="qgemm_wg", n=n, k=k, m=m, bits=bits, variant=v, error=repr(e)[:300]))
-                    line += f" | wg{v} error"
+                    out.append(dict(name="qgemm_wg", n=n, k=k, m=m, bits=bits, variant=var, error=repr(e)[:300]))
+                    line += f" | wg{var} error"
                     continue
+                finally:
+                    wg.SWZ = swz0
                 flops = 2 * m * n * k
-                out.append(rec("qgemm_wg", t, n=n, k=k, m=m, bits=bits, speedup_vs_bf16=tb[0] / t[0], cfg=cfg, variant=v,
-                               tflops=flops / t[0] / 1e12, bf16_tflops=flops / tb[0] / 1e12,
-                               err=check(wg.qgemm(x, *ws[0], bits, 64, **v), ref)))
-                line += f" | wg{v or ''} {t[0] * 1e6:.1f} ({tb[0] / t[0]:.2f}x bf16)"
+                out.append(rec("qgemm_wg", t, n=n, k=k, m=m, bits=bits, speedup_vs_bf16=tb[0] / t[0], cfg=cfg,
+                               variant=var, tflops=flops / t[0] / 1e12, bf16_tflops=flops / tb[0] / 1e12, err=err))
+                line += f" | wg{var or ''} {t[0] * 1e6:.1f} ({tb[0] / t[0]:.2f}x bf16)"
             print(line, flush=True)
         del wb, ws
 
@@ -154,7 +158,7 @@ def main(path, what, quick):
                 res[name + "_error"] = repr(e)
                 print(f"{name} failed: {e!r}", flush=True)
             res[name + "_seconds"] = round(time.time() - t0, 1)
-            res["desc"] = list(wg.DESC)
+            res["layout"] = dict(swz=wg.SWZ, desc=list(wg.DESC))
             with open(path, "w") as f:
                 json.dump(res, f, indent=1)
     if "parity" in res:

@@ -12,8 +12,8 @@ exist, so this kernel is compiled for sm_90a with NVRTC (kernels/nvrtc.py) and l
   or 256 output features; one K slice (split-K over grid z when too few tiles fill the GPU; fp32 partials
   summed by qgemm_cuda's reduce kernel). Grid x runs over the row tiles, so the blocks that share a
   weight tile run together and the second reads it from L2.
-- **Operands**: both from shared memory (descriptors), K-major without swizzle: 8-row x 16-byte core
-  matrices, 128 bytes apart along K and 1024 bytes apart along rows. x is A (m64 per warpgroup), the
+- **Operands**: both from shared memory (descriptors), K-major, 128-byte swizzle: a tile row's 64 values
+  are 128 bytes whose 16-byte chunks are XOR-permuted by the row's index within its 8-row, 1024-byte atom. x is A (m64 per warpgroup), the
   dequantized weight tile is B (n = BN): `wgmma.mma_async.m64n{BN}k16`, fp32 accumulators in registers
   (BN/2 per thread).
 - **Pipeline**: K in stages of 64 through a STAGES-slot cp.async ring (x tile + the packed weight rows),
@@ -74,14 +74,18 @@ def config(m: int, n: int, k: int, bits: int, bn: int | None = None, stages: int
 
 
 _cubins: dict[tuple, bytes] = {}
-DESC = (128, 1024)   # descriptor byte offsets (LBO: along K, SBO: between 8-row groups); bench probes override
+# Shared-memory layout of the tiles: 128-byte swizzle (SWZ), else no swizzle with these descriptor byte
+# offsets (LBO along K, SBO between 8-row groups; measured slower: bank conflicts). The bench overrides them.
+SWZ = True
+DESC = (128, 1024)
 
 
 def cubin(bits: int, group_size: int, bf16: bool, bn: int, stages: int, split: bool) -> tuple[str, bytes]:
-    key = (bits, group_size, bf16, bn, stages, split, DESC)
-    name = kernel_name(*key[:6]) + ("" if DESC == (128, 1024) else f"_d{DESC[0]}_{DESC[1]}")
+    key = (bits, group_size, bf16, bn, stages, split, SWZ, DESC)
+    base = kernel_name(*key[:6])
+    name = base + ("" if SWZ else f"_i{DESC[0]}_{DESC[1]}")
     if key not in _cubins:
-        _cubins[key] = nvrtc.compile_cubin(source(*key[:6], *DESC).replace(kernel_name(*key[:6]), name), name)
+        _cubins[key] = nvrtc.compile_cubin(source(*key[:6], *DESC, swz=SWZ).replace(base, name), name)
     return name, _cubins[key]
 
 

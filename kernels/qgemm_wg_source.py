@@ -129,10 +129,26 @@ __device__ __forceinline__ void dequant_unit(const u32* pw, u32 s2, u32 b2, u32*
 #endif
 }
 
-// Shared-memory matrix descriptor, K-major without swizzle: 8x16-byte core matrices, LBO = 128 bytes
-// between the two core matrices along K of a k16 step, SBO = 1024 bytes between 8-row groups.
+// Byte offset of 16-byte chunk c (K values 8c..8c+7) of row r in a [rows][64] tile. SWZ: rows of 128 bytes,
+// chunks XOR-swizzled by the row's index within its 8-row, 1024-byte atom (the 128-byte swizzle the
+// wgmma descriptor names); else 8x16-byte core matrices, 128 bytes apart along K, 1024 between 8-row groups.
+__device__ __forceinline__ u32 toff(int r, int c) {
+#if SWZ
+  return r * 128 + ((c ^ (r & 7)) << 4);
+#else
+  return (r >> 3) * 1024 + c * 128 + (r & 7) * 16;
+#endif
+}
+// Shared-memory matrix descriptor of a K-major tile at addr (k16 step j: addr + KSTEP * j). SWZ: 128-byte
+// swizzle, SBO = 1024 between 8-row atoms (LBO unused). Else no swizzle: LBO between the two core matrices
+// along K, SBO between 8-row groups.
+constexpr u32 KSTEP = SWZ ? 32 : 256;
 __device__ __forceinline__ u64 desc(u32 addr) {
+#if SWZ
+  return (u64)((addr >> 4) & 0x3FFF) | ((u64)1 << 16) | ((u64)(1024 >> 4) << 32) | ((u64)1 << 62);
+#else
   return (u64)((addr >> 4) & 0x3FFF) | ((u64)(LBO >> 4) << 16) | ((u64)(SBO >> 4) << 32);
+#endif
 }
 
 __device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
@@ -168,7 +184,7 @@ KNAME(const u16* __restrict__ x, const u32* __restrict__ w, const u16* __restric
       for (int it = 0; it < BM * 8 / NTH; ++it) {      // 16-byte chunks: row r, K chunk c
         const int ch = tid + it * NTH, r = ch >> 3, c = ch & 7;
         const int row = imin(m0 + r, M - 1);
-        cp16(slot + (r >> 3) * 1024 + c * 128 + (r & 7) * 16, x + (u64)row * K + k0 + c * 8, m0 + r < M);
+        cp16(slot + toff(r, c), x + (u64)row * K + k0 + c * 8, m0 + r < M);
       }
       constexpr int WCH = WQST / 16;                   // packed chunks of the stage
 #pragma unroll
@@ -234,7 +250,7 @@ KNAME(const u16* __restrict__ x, const u32* __restrict__ w, const u16* __restric
       dequant_unit(pw, s2[u], b2[u], o);
 #pragma unroll
       for (int c = 0; c < 4; ++c)                      // K chunk 4h + c of row r
-        *reinterpret_cast<v4u*>(wt + (r >> 3) * 1024 + (4 * h + c) * 128 + (r & 7) * 16) =
+        *reinterpret_cast<v4u*>(wt + toff(r, 4 * h + c)) =
             v4u{o[4 * c], o[4 * c + 1], o[4 * c + 2], o[4 * c + 3]};
     }
     load_sb(i + 2, s2, b2);
@@ -244,7 +260,7 @@ KNAME(const u16* __restrict__ x, const u32* __restrict__ w, const u16* __restric
     const u32 wa = wb_s + (i & 1) * WBB;
     wg_fence();
 #pragma unroll
-    for (int j = 0; j < BK / 16; ++j) wgmma(d, desc(xa + j * 256), desc(wa + j * 256));
+    for (int j = 0; j < BK / 16; ++j) wgmma(d, desc(xa + j * KSTEP), desc(wa + j * KSTEP));
     wg_commit();
     wg_wait<1>();
   };
@@ -294,9 +310,10 @@ def kernel_name(bits: int, gs: int, bf16: bool, bn: int, stages: int, split: boo
     return f"jang_qgemm_wg_b{bits}_g{gs}_{'bf16' if bf16 else 'f16'}_n{bn}_s{stages}_{'split' if split else 'out'}"
 
 
-def source(bits: int, gs: int, bf16: bool, bn: int, stages: int, split: bool, lbo: int = 128, sbo: int = 1024) -> str:
+def source(bits: int, gs: int, bf16: bool, bn: int, stages: int, split: bool, lbo: int = 128, sbo: int = 1024,
+           swz: bool = True) -> str:
     head = (f"#define BITS {bits}\n#define GS {gs}\n#define IS_BF16 {int(bf16)}\n#define BN {bn}\n"
             f"#define STAGES {stages}\n#define SPLIT {int(split)}\n#define OUT_T {'float' if split else 'u16'}\n"
             f"#define KNAME {kernel_name(bits, gs, bf16, bn, stages, split)}\n"
-            + (f"#define LBO {lbo}\n#define SBO {sbo}\n"))
+            + (f"#define LBO {lbo}\n#define SBO {sbo}\n#define SWZ {int(swz)}\n"))
     return head + BODY.replace("WGMMA_ASM", wgmma_asm(bn, bf16))
