@@ -36,7 +36,7 @@ import mlx.core as mx
 from . import nvrtc, qgemm_cuda
 from .qgemm_wg_source import kernel_name, source
 
-BM, BK, THREADS = 128, 64, 256
+BK = 64
 TARGET_BLOCKS = 132
 SMEM_MAX = 227 * 1024
 
@@ -50,27 +50,29 @@ def supports(x: mx.array, w: mx.array, bits: int, group_size: int, scales_dtype=
             and k % BK == 0 and w.shape[0] % 128 == 0 and w.dtype == mx.uint32 and w.shape[-1] * 32 == k * bits)
 
 
-def smem_bytes(bits: int, bn: int, stages: int) -> int:
+def smem_bytes(bits: int, bn: int, stages: int, wgs: int) -> int:
     """Dynamic shared memory (mirrors STB / WBB in the kernel)."""
-    return stages * (BM * BK * 2 + bn * BK * bits // 8) + 2 * bn * BK * 2
+    return stages * (64 * wgs * BK * 2 + bn * BK * bits // 8) + 2 * bn * BK * 2
 
 
 def config(m: int, n: int, k: int, bits: int, bn: int | None = None, stages: int | None = None,
-           split: int | None = None, target: int | None = None) -> dict:
-    bn = bn or int(os.environ.get("JANG_QGEMM_WG_BN", 0)) or (256 if n % 256 == 0 and m > BM else 128)
+           split: int | None = None, target: int | None = None, wgs: int | None = None) -> dict:
+    wgs = wgs or int(os.environ.get("JANG_QGEMM_WG_WGS", 0)) or 2
+    bm = 64 * wgs
+    bn = bn or int(os.environ.get("JANG_QGEMM_WG_BN", 0)) or (256 if n % 256 == 0 and m > bm else 128)
     if n % bn:
         raise ValueError(f"qgemm_wg: N={n} is not a multiple of {bn}")
     st = stages or int(os.environ.get("JANG_QGEMM_WG_STAGES", 4))
-    if st < 3 or smem_bytes(bits, bn, st) > SMEM_MAX:
+    if st < 3 or smem_bytes(bits, bn, st, wgs) > SMEM_MAX:
         raise ValueError(f"qgemm_wg: {st} stages do not fit")
     tgt = target or TARGET_BLOCKS
     if split is None:
-        blocks, split = -(-m // BM) * (n // bn), 1
+        blocks, split = -(-m // bm) * (n // bn), 1
         while blocks * split * 2 <= tgt and k % (BK * split * 2) == 0 and k // (split * 2) >= 4 * BK:
             split *= 2
     if k % (BK * split):
         raise ValueError(f"qgemm_wg: K={k} does not split into {split} parts of whole {BK}-wide stages")
-    return dict(BN=bn, stages=st, split=split)
+    return dict(BN=bn, stages=st, split=split, WGS=wgs)
 
 
 _cubins: dict[tuple, bytes] = {}
@@ -80,20 +82,21 @@ SWZ = True
 DESC = (128, 1024)
 
 
-def cubin(bits: int, group_size: int, bf16: bool, bn: int, stages: int, split: bool) -> tuple[str, bytes]:
-    key = (bits, group_size, bf16, bn, stages, split, SWZ, DESC)
-    base = kernel_name(*key[:6])
+def cubin(bits: int, group_size: int, bf16: bool, bn: int, stages: int, split: bool, wgs: int) -> tuple[str, bytes]:
+    key = (bits, group_size, bf16, bn, stages, split, wgs, SWZ, DESC)
+    base = kernel_name(*key[:7])
     name = base + ("" if SWZ else f"_i{DESC[0]}_{DESC[1]}")
     if key not in _cubins:
-        _cubins[key] = nvrtc.compile_cubin(source(*key[:6], *DESC, swz=SWZ).replace(base, name), name)
+        _cubins[key] = nvrtc.compile_cubin(source(*key[:7], *DESC, swz=SWZ).replace(base, name), name)
     return name, _cubins[key]
 
 
 def _launch(cfg, m, n, dtype, bits, group_size):
-    bn, st, s = cfg["BN"], cfg["stages"], cfg["split"]
+    bn, st, s, wgs = cfg["BN"], cfg["stages"], cfg["split"], cfg["WGS"]
     bf16 = dtype == mx.bfloat16
-    name, code = cubin(bits, group_size, bf16, bn, st, s > 1)
-    grid, tg, smem = (-(-m // BM) * THREADS, n // bn, s), (THREADS, 1, 1), smem_bytes(bits, bn, st)
+    name, code = cubin(bits, group_size, bf16, bn, st, s > 1, wgs)
+    grid, tg = (-(-m // (64 * wgs)) * 128 * wgs, n // bn, s), (128 * wgs, 1, 1)
+    smem = smem_bytes(bits, bn, st, wgs)
     shp, scal = [(m, n)], lambda k: [m, n, k]
 
     def run(x2d, w, sc, bi, shapes, dtypes):
@@ -118,8 +121,7 @@ def qgemm(x2d: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: 
           **overrides) -> mx.array:
     """x2d [M, K] bf16/fp16 -> [M, N] in x's dtype. overrides: BN, stages, split, target (config)."""
     m, k = x2d.shape
-    overrides.pop("BM", None)    # qgemm_cuda.self_test passes v2's row tile
-    cfg = config(m, w.shape[0], k, bits, **{("bn" if a == "BN" else a): v for a, v in overrides.items()})
+    cfg = config(m, w.shape[0], k, bits, **{a.lower() if a in ("BN", "WGS") else a: v for a, v in overrides.items()})
     return _launch(cfg, m, w.shape[0], x2d.dtype, bits, group_size)(x2d, w, scales, biases)
 
 

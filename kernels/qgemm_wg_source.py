@@ -12,15 +12,15 @@ struct alignas(8) v2f { float x, y; };
 __device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
 __device__ __forceinline__ float as_float(u32 v) { float f; asm("mov.b32 %0, %1;" : "=f"(f) : "r"(v)); return f; }
 
-constexpr int BM = 128;                         // x rows (tokens) per block: 2 warpgroups x 64
+constexpr int BM = 64 * WGS;                    // x rows (tokens) per block: 64 per warpgroup
 constexpr int BK = 64;                          // K values per stage
-constexpr int NTH = 256;
+constexpr int NTH = 128 * WGS;
 constexpr int XST = BM * BK * 2;                // x bytes per stage
 constexpr int RB = BK * BITS / 8;               // packed bytes per weight row per stage
 constexpr int WQST = BN * RB;                   // packed weight bytes per stage
 constexpr int STB = XST + WQST;                 // one ring slot
 constexpr int WBB = BN * BK * 2;                // one dequantized weight tile (bf16 / fp16)
-constexpr int UPT = BN / 128;                   // 32-value units dequantized per thread and stage
+constexpr int UPT = BN * 2 / NTH;               // 32-value units dequantized per thread and stage
 constexpr int UB = 32 * BITS / 8;               // packed bytes of a unit
 constexpr int NACC = BN / 2;                    // fp32 accumulators per thread (m64 x BN per warpgroup)
 #if IS_BF16
@@ -160,7 +160,7 @@ __device__ __forceinline__ void wgmma(float* d, u64 da, u64 db) {
 WGMMA_ASM
 }
 
-extern "C" __global__ void __launch_bounds__(256, 1)
+extern "C" __global__ void __launch_bounds__(128 * WGS, 1)
 KNAME(const u16* __restrict__ x, const u32* __restrict__ w, const u16* __restrict__ scales,
       const u16* __restrict__ biases, OUT_T* __restrict__ y, int M, int N, int K) {
   extern __shared__ __align__(1024) unsigned char smem[];
@@ -306,14 +306,15 @@ def wgmma_asm(bn: int, bf16: bool) -> str:
             f'               : "l"(da), "l"(db), "r"(1));')
 
 
-def kernel_name(bits: int, gs: int, bf16: bool, bn: int, stages: int, split: bool) -> str:
-    return f"jang_qgemm_wg_b{bits}_g{gs}_{'bf16' if bf16 else 'f16'}_n{bn}_s{stages}_{'split' if split else 'out'}"
+def kernel_name(bits: int, gs: int, bf16: bool, bn: int, stages: int, split: bool, wgs: int = 2) -> str:
+    return (f"jang_qgemm_wg_b{bits}_g{gs}_{'bf16' if bf16 else 'f16'}_n{bn}_s{stages}_w{wgs}_"
+            f"{'split' if split else 'out'}")
 
 
-def source(bits: int, gs: int, bf16: bool, bn: int, stages: int, split: bool, lbo: int = 128, sbo: int = 1024,
-           swz: bool = True) -> str:
+def source(bits: int, gs: int, bf16: bool, bn: int, stages: int, split: bool, wgs: int = 2, lbo: int = 128,
+           sbo: int = 1024, swz: bool = True) -> str:
     head = (f"#define BITS {bits}\n#define GS {gs}\n#define IS_BF16 {int(bf16)}\n#define BN {bn}\n"
             f"#define STAGES {stages}\n#define SPLIT {int(split)}\n#define OUT_T {'float' if split else 'u16'}\n"
-            f"#define KNAME {kernel_name(bits, gs, bf16, bn, stages, split)}\n"
+            f"#define WGS {wgs}\n#define KNAME {kernel_name(bits, gs, bf16, bn, stages, split, wgs)}\n"
             + (f"#define LBO {lbo}\n#define SBO {sbo}\n#define SWZ {int(swz)}\n"))
     return head + BODY.replace("WGMMA_ASM", wgmma_asm(bn, bf16))
