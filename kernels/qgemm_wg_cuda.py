@@ -50,20 +50,24 @@ def supports(x: mx.array, w: mx.array, bits: int, group_size: int, scales_dtype=
             and k % BK == 0 and w.shape[0] % 128 == 0 and w.dtype == mx.uint32 and w.shape[-1] * 32 == k * bits)
 
 
-def smem_bytes(bits: int, bn: int, stages: int, wgs: int) -> int:
+def smem_bytes(bits: int, bn: int, stages: int, wgs: int, mt: int = 1) -> int:
     """Dynamic shared memory (mirrors STB / WBB in the kernel)."""
-    return stages * (64 * wgs * BK * 2 + bn * BK * bits // 8) + 2 * bn * BK * 2
+    return stages * (64 * wgs * mt * BK * 2 + bn * BK * bits // 8) + 2 * bn * BK * 2
 
 
 def config(m: int, n: int, k: int, bits: int, bn: int | None = None, stages: int | None = None,
-           split: int | None = None, target: int | None = None, wgs: int | None = None) -> dict:
+           split: int | None = None, target: int | None = None, wgs: int | None = None, mt: int | None = None,
+           probe: int = 0) -> dict:
     wgs = wgs or int(os.environ.get("JANG_QGEMM_WG_WGS", 0)) or 2
-    bm = 64 * wgs
+    mt = mt or int(os.environ.get("JANG_QGEMM_WG_MT", 0)) or 1
+    bm = 64 * wgs * mt
     bn = bn or int(os.environ.get("JANG_QGEMM_WG_BN", 0)) or (256 if n % 256 == 0 and m > bm else 128)
     if n % bn:
         raise ValueError(f"qgemm_wg: N={n} is not a multiple of {bn}")
+    if mt * bn > 256:
+        raise ValueError(f"qgemm_wg: {mt} m64 tiles of {bn} features take more than 128 accumulators per thread")
     st = stages or int(os.environ.get("JANG_QGEMM_WG_STAGES", 4))
-    if st < 3 or smem_bytes(bits, bn, st, wgs) > SMEM_MAX:
+    if st < 3 or smem_bytes(bits, bn, st, wgs, mt) > SMEM_MAX:
         raise ValueError(f"qgemm_wg: {st} stages do not fit")
     tgt = target or TARGET_BLOCKS
     if split is None:
@@ -72,7 +76,7 @@ def config(m: int, n: int, k: int, bits: int, bn: int | None = None, stages: int
             split *= 2
     if k % (BK * split):
         raise ValueError(f"qgemm_wg: K={k} does not split into {split} parts of whole {BK}-wide stages")
-    return dict(BN=bn, stages=st, split=split, WGS=wgs)
+    return dict(BN=bn, stages=st, split=split, WGS=wgs, MT=mt, probe=probe)
 
 
 _cubins: dict[tuple, bytes] = {}
@@ -82,21 +86,22 @@ SWZ = True
 DESC = (128, 1024)
 
 
-def cubin(bits: int, group_size: int, bf16: bool, bn: int, stages: int, split: bool, wgs: int) -> tuple[str, bytes]:
-    key = (bits, group_size, bf16, bn, stages, split, wgs, SWZ, DESC)
-    base = kernel_name(*key[:7])
+def cubin(bits: int, group_size: int, bf16: bool, bn: int, stages: int, split: bool, wgs: int, mt: int = 1,
+          probe: int = 0) -> tuple[str, bytes]:
+    key = (bits, group_size, bf16, bn, stages, split, wgs, mt, probe, SWZ, DESC)
+    base = kernel_name(*key[:9])
     name = base + ("" if SWZ else f"_i{DESC[0]}_{DESC[1]}")
     if key not in _cubins:
-        _cubins[key] = nvrtc.compile_cubin(source(*key[:7], *DESC, swz=SWZ).replace(base, name), name)
+        _cubins[key] = nvrtc.compile_cubin(source(*key[:9], *DESC, swz=SWZ).replace(base, name), name)
     return name, _cubins[key]
 
 
 def _launch(cfg, m, n, dtype, bits, group_size):
-    bn, st, s, wgs = cfg["BN"], cfg["stages"], cfg["split"], cfg["WGS"]
+    bn, st, s, wgs, mt = cfg["BN"], cfg["stages"], cfg["split"], cfg["WGS"], cfg["MT"]
     bf16 = dtype == mx.bfloat16
-    name, code = cubin(bits, group_size, bf16, bn, st, s > 1, wgs)
-    grid, tg = (-(-m // (64 * wgs)) * 128 * wgs, n // bn, s), (128 * wgs, 1, 1)
-    smem = smem_bytes(bits, bn, st, wgs)
+    name, code = cubin(bits, group_size, bf16, bn, st, s > 1, wgs, mt, cfg["probe"])
+    grid, tg = (-(-m // (64 * wgs * mt)) * 128 * wgs, n // bn, s), (128 * wgs, 1, 1)
+    smem = smem_bytes(bits, bn, st, wgs, mt)
     shp, scal = [(m, n)], lambda k: [m, n, k]
 
     def run(x2d, w, sc, bi, shapes, dtypes):
@@ -121,7 +126,7 @@ def qgemm(x2d: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: 
           **overrides) -> mx.array:
     """x2d [M, K] bf16/fp16 -> [M, N] in x's dtype. overrides: BN, stages, split, target (config)."""
     m, k = x2d.shape
-    cfg = config(m, w.shape[0], k, bits, **{a.lower() if a in ("BN", "WGS") else a: v for a, v in overrides.items()})
+    cfg = config(m, w.shape[0], k, bits, **{a.lower() if a in ("BN", "WGS", "MT") else a: v for a, v in overrides.items()})
     return _launch(cfg, m, w.shape[0], x2d.dtype, bits, group_size)(x2d, w, scales, biases)
 
 

@@ -12,7 +12,7 @@ struct alignas(8) v2f { float x, y; };
 __device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
 __device__ __forceinline__ float as_float(u32 v) { float f; asm("mov.b32 %0, %1;" : "=f"(f) : "r"(v)); return f; }
 
-constexpr int BM = 64 * WGS;                    // x rows (tokens) per block: 64 per warpgroup
+constexpr int BM = 64 * WGS * MT;               // x rows (tokens) per block: 64 MT per warpgroup
 constexpr int BK = 64;                          // K values per stage
 constexpr int NTH = 128 * WGS;
 constexpr int XST = BM * BK * 2;                // x bytes per stage
@@ -214,10 +214,12 @@ KNAME(const u16* __restrict__ x, const u32* __restrict__ w, const u16* __restric
     }
   };
 
-  float d[NACC];
+  float d[MT][NACC];
 #pragma unroll
-  for (int i = 0; i < NACC; ++i) d[i] = 0.f;
-  const int wg = tid >> 7;                             // warpgroup: x rows 64 wg .. 64 wg + 63 of the tile
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int i = 0; i < NACC; ++i) d[mt][i] = 0.f;
+  const int wg = tid >> 7;                             // warpgroup: x rows 64 MT wg .. of the tile
   u32 sA[UPT], bA[UPT], sB[UPT], bB[UPT];
 
 #pragma unroll
@@ -247,20 +249,31 @@ KNAME(const u16* __restrict__ x, const u32* __restrict__ w, const u16* __restric
       }
 #endif
       u32 o[16];
+#if PROBE == 2   // timing probe: no dequant arithmetic
+#pragma unroll
+      for (int q = 0; q < 16; ++q) o[q] = pw[q % (UB / 4)] ^ s2[u];
+#else
       dequant_unit(pw, s2[u], b2[u], o);
+#endif
 #pragma unroll
       for (int c = 0; c < 4; ++c)                      // K chunk 4h + c of row r
         *reinterpret_cast<v4u*>(wt + toff(r, 4 * h + c)) =
             v4u{o[4 * c], o[4 * c + 1], o[4 * c + 2], o[4 * c + 3]};
     }
     load_sb(i + 2, s2, b2);
+#if PROBE != 1   // (timing probe 1: without the proxy fence)
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
     __syncthreads();                                   // the weight tile is written
-    const u32 xa = ring_s + (i % STAGES) * STB + wg * 8 * 1024;
+    const u32 xa = ring_s + (i % STAGES) * STB + wg * MT * 8192;
     const u32 wa = wb_s + (i & 1) * WBB;
     wg_fence();
+#if PROBE != 3   // (timing probe 3: no MMAs)
 #pragma unroll
-    for (int j = 0; j < BK / 16; ++j) wgmma(d, desc(xa + j * KSTEP), desc(wa + j * KSTEP));
+    for (int j = 0; j < BK / 16; ++j)
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) wgmma(d[mt], desc(xa + mt * 8192 + j * KSTEP), desc(wa + j * KSTEP));
+#endif
     wg_commit();
     wg_wait<1>();
   };
@@ -270,22 +283,25 @@ KNAME(const u16* __restrict__ x, const u32* __restrict__ w, const u16* __restric
   }
   wg_wait<0>();
 
-  // d[4i + e]: row 16 warp + g (+8 for e >= 2) of the warpgroup's 64, feature 8i + 2t (+1 for odd e)
+  // d[mt][4i + e]: row 16 warp + g (+8 for e >= 2) of the warpgroup's m64 tile mt, feature 8i + 2t (+1: odd e)
   const int lane = tid & 31, g = lane >> 2, t = lane & 3, wr = (tid >> 5) & 3;
-  const int rbase = m0 + wg * 64 + wr * 16 + g;
 #pragma unroll
-  for (int i = 0; i < NACC / 4; ++i) {
-    const int col = n0 + 8 * i + 2 * t;
+  for (int mt = 0; mt < MT; ++mt) {
+    const int rbase = m0 + (wg * MT + mt) * 64 + wr * 16 + g;
 #pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-      const int row = rbase + 8 * hh;
-      if (row < M) {
+    for (int i = 0; i < NACC / 4; ++i) {
+      const int col = n0 + 8 * i + 2 * t;
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        const int row = rbase + 8 * hh;
+        if (row < M) {
 #if SPLIT
-        *reinterpret_cast<v2f*>(y + ((u64)blockIdx.z * M + row) * N + col) =
-            v2f{d[4 * i + 2 * hh], d[4 * i + 2 * hh + 1]};
+          *reinterpret_cast<v2f*>(y + ((u64)blockIdx.z * M + row) * N + col) =
+              v2f{d[mt][4 * i + 2 * hh], d[mt][4 * i + 2 * hh + 1]};
 #else
-        *reinterpret_cast<u32*>(y + (u64)row * N + col) = pack2f(d[4 * i + 2 * hh], d[4 * i + 2 * hh + 1]);
+          *reinterpret_cast<u32*>(y + (u64)row * N + col) = pack2f(d[mt][4 * i + 2 * hh], d[mt][4 * i + 2 * hh + 1]);
 #endif
+        }
       }
     }
   }
@@ -306,15 +322,17 @@ def wgmma_asm(bn: int, bf16: bool) -> str:
             f'               : "l"(da), "l"(db), "r"(1));')
 
 
-def kernel_name(bits: int, gs: int, bf16: bool, bn: int, stages: int, split: bool, wgs: int = 2) -> str:
-    return (f"jang_qgemm_wg_b{bits}_g{gs}_{'bf16' if bf16 else 'f16'}_n{bn}_s{stages}_w{wgs}_"
-            f"{'split' if split else 'out'}")
+def kernel_name(bits: int, gs: int, bf16: bool, bn: int, stages: int, split: bool, wgs: int = 2, mt: int = 1,
+                probe: int = 0) -> str:
+    return (f"jang_qgemm_wg_b{bits}_g{gs}_{'bf16' if bf16 else 'f16'}_n{bn}_s{stages}_w{wgs}_m{mt}_"
+            f"{'split' if split else 'out'}" + (f"_p{probe}" if probe else ""))
 
 
-def source(bits: int, gs: int, bf16: bool, bn: int, stages: int, split: bool, wgs: int = 2, lbo: int = 128,
-           sbo: int = 1024, swz: bool = True) -> str:
+def source(bits: int, gs: int, bf16: bool, bn: int, stages: int, split: bool, wgs: int = 2, mt: int = 1,
+           probe: int = 0, lbo: int = 128, sbo: int = 1024, swz: bool = True) -> str:
     head = (f"#define BITS {bits}\n#define GS {gs}\n#define IS_BF16 {int(bf16)}\n#define BN {bn}\n"
             f"#define STAGES {stages}\n#define SPLIT {int(split)}\n#define OUT_T {'float' if split else 'u16'}\n"
-            f"#define WGS {wgs}\n#define KNAME {kernel_name(bits, gs, bf16, bn, stages, split, wgs)}\n"
+            f"#define WGS {wgs}\n#define MT {mt}\n#define PROBE {probe}\n"
+            f"#define KNAME {kernel_name(bits, gs, bf16, bn, stages, split, wgs, mt, probe)}\n"
             + (f"#define LBO {lbo}\n#define SBO {sbo}\n#define SWZ {int(swz)}\n"))
     return head + BODY.replace("WGMMA_ASM", wgmma_asm(bn, bf16))
