@@ -95,7 +95,7 @@ def parse_shapes(env, default):
 def timing(quick, out):
     shapes = parse_shapes(os.environ.get("WG_SHAPES"), [(14336, 4096, 4), (4096, 14336, 4), (28672, 4096, 4),
                                                         (14336, 4096, 2), (6144, 4096, 8), (4096, 4096, 8)])
-    rows = tuple(int(r) for r in os.environ.get("WG_ROWS", "64,128,192,256").split(","))
+    rows = tuple(int(r) for r in os.environ.get("WG_ROWS", "64,96,128,192,256,384,512,768").split(","))
     if quick:
         shapes, rows = shapes[:2], (128, 256)
     variants = [{}] + json.loads(os.environ.get("WG_VARIANTS", "[]"))
@@ -112,14 +112,20 @@ def timing(quick, out):
             tb = timed(lambda: [x @ wb[i % nsets].T for i in range(CALLS)])
             out.append(rec("bf16_matmul", tb, n=n, k=k, m=m, bits=16))
             line = f"n={n} k={k} bits={bits} m={m}: bf16 {tb[0] * 1e6:.1f}"
+            os.environ["JANG_QGEMM_WG"] = "0"    # kernels.qmm's route without this kernel (the route before)
+            t0 = timed(lambda: [kqmm(x, *ws[i % nq], bits, 64) for i in range(CALLS)])
+            out.append(rec("kernels.qmm without wg", t0, n=n, k=k, m=m, bits=bits, speedup_vs_bf16=tb[0] / t0[0],
+                           err=check(kqmm(x, *ws[0], bits, 64), ref)))
+            os.environ.pop("JANG_QGEMM_WG")
             t = timed(lambda: [kqmm(x, *ws[i % nq], bits, 64) for i in range(CALLS)])
             out.append(rec("kernels.qmm", t, n=n, k=k, m=m, bits=bits, speedup_vs_bf16=tb[0] / t[0],
-                           err=check(kqmm(x, *ws[0], bits, 64), ref)))
-            line += f" | kqmm {t[0] * 1e6:.1f}"
-            t = timed(lambda: [q3.qgemm(x, *ws[i % nq], bits, 64) for i in range(CALLS)])
-            out.append(rec("qgemm3", t, n=n, k=k, m=m, bits=bits, speedup_vs_bf16=tb[0] / t[0],
-                           err=check(q3.qgemm(x, *ws[0], bits, 64), ref)))
-            line += f" | v3 {t[0] * 1e6:.1f}"
+                           speedup_vs_route_before=t0[0] / t[0], err=check(kqmm(x, *ws[0], bits, 64), ref)))
+            line += f" | kqmm before {t0[0] * 1e6:.1f} now {t[0] * 1e6:.1f}"
+            if m <= 256:
+                t = timed(lambda: [q3.qgemm(x, *ws[i % nq], bits, 64) for i in range(CALLS)])
+                out.append(rec("qgemm3", t, n=n, k=k, m=m, bits=bits, speedup_vs_bf16=tb[0] / t[0],
+                               err=check(q3.qgemm(x, *ws[0], bits, 64), ref)))
+                line += f" | v3 {t[0] * 1e6:.1f}"
             for var in variants:
                 v = {a: val for a, val in var.items() if a != "swz"}   # {"swz": false}: the unswizzled layout
                 swz0, wg.SWZ = wg.SWZ, var.get("swz", wg.SWZ)

@@ -17,6 +17,10 @@ Paths by backend (kernels/backend.py) and by activation rows M = prod(x.shape[:-
                (kernels/qgemm_cuda.py; kernels/qgemm_v1_cuda.py with JANG_QGEMM_IMPL=v1; N % 128 == 0),
                checked once per template against the reference at first use (off on a mismatch);
                JANG_QGEMM=0 turns it off
+  cuda, WG_MIN_ROWS<=M<=WG_MAX_ROWS, 2/4/8 bits, scales in x's dtype  warpgroup (wgmma) GEMM
+               (kernels/qgemm_wg_cuda.py: Hopper, compiled for sm_90a with NVRTC), after its self-test at
+               first use (a failure, e.g. no NVRTC or not a Hopper GPU, falls back to the routes here);
+               JANG_QGEMM_WG=0 turns it off
   cuda, else   mx.quantized_matmul below DEQUANT_ROWS rows (DEQUANT_ROWS_8BIT at 8 bits), else
                dequantize once to the activation dtype and run the dense (cuBLAS) matmul
   The path is chosen once per (shapes, dtypes, bits, group) and cached; thresholds from
@@ -65,6 +69,9 @@ DEQUANT_ROWS = 192
 # bench/results/e2e-qgemm3-h100.json).
 QGEMM3_MAX_ROWS = 192
 QGEMM3_MIN_ROWS_8BIT = 17
+# The warpgroup GEMM serves WG_MIN_ROWS..WG_MAX_ROWS rows (JANG_QGEMM_WG_MIN_ROWS / _MAX_ROWS override).
+WG_MIN_ROWS = 96
+WG_MAX_ROWS = 512
 DEQUANT_ROWS_8BIT = 384   # 8-bit: mx.quantized_matmul beats dequantize + matmul up to at least 256 rows
 # CPU: from this many rows, dequantize + dense matmul beats mx.quantized_matmul for every SmolLM2 shape
 # (bench/qmm_cpu.py: small matrices win from 4 rows, the 49152x576 tied lm_head only from ~16).
@@ -124,6 +131,14 @@ def qgemm_for(x, w, bits: int, group_size: int):
             and qgemm_cuda.supports(x, w, bits, group_size):
         return qgemm_cuda
     return None
+
+
+def wg_rows() -> tuple[int, int]:
+    """(first, last) row count the warpgroup GEMM serves; (0, -1) with JANG_QGEMM_WG=0."""
+    if os.environ.get("JANG_QGEMM_WG", "1").strip() in ("0", "false", "off"):
+        return 0, -1
+    return (int(os.environ.get("JANG_QGEMM_WG_MIN_ROWS", WG_MIN_ROWS)),
+            int(os.environ.get("JANG_QGEMM_WG_MAX_ROWS", WG_MAX_ROWS)))
 
 
 def gemv_tc_mode() -> str:
@@ -202,10 +217,15 @@ def _check(x, w, scales, biases, bits, group_size):
                          f"{tuple(scales.shape)} / {tuple(biases.shape)}")
 
 
-def _cuda_route(m: int, x, w, bits: int, group_size: int) -> str:
-    """Which CUDA path serves m rows (thresholds from bench/results/kernels-h100.json)."""
+def _cuda_route(m: int, x, w, bits: int, group_size: int, sdtype=None, wg: bool = True) -> str:
+    """Which CUDA path serves m rows (thresholds from bench/results/kernels-h100.json, qgemm-wg-h100.json)."""
+    from . import qgemm_wg_cuda
+
     if gemv_kind(m, x, w, bits, group_size) != "none":
         return "gemv"
+    lo, hi = wg_rows()
+    if wg and lo <= m <= hi and qgemm_wg_cuda.supports(x, w, bits, group_size, sdtype):
+        return "wg"
     half = x.dtype in (mx.bfloat16, mx.float16)
     if qgemm_min_rows(bits) <= m < qgemm_max_rows(bits) and bits in qgemm_bits() \
             and qgemm_on() \
@@ -234,7 +254,8 @@ def qmm(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: int,
     key = (b, x.shape, w.shape, scales.shape, biases.shape, x.dtype, w.dtype, scales.dtype, bits, group_size,
            os.environ.get("JANG_QGEMM"), os.environ.get("JANG_QGEMM_BITS"), os.environ.get("JANG_QGEMM_SPLIT"),
            os.environ.get("JANG_QGEMM_IMPL"), os.environ.get("JANG_GEMV_TC"), os.environ.get("JANG_QGEMM3_MAX_ROWS"),
-           os.environ.get("JANG_QGEMM3_MIN_ROWS_8BIT"))
+           os.environ.get("JANG_QGEMM3_MIN_ROWS_8BIT"), os.environ.get("JANG_QGEMM_WG"),
+           os.environ.get("JANG_QGEMM_WG_MIN_ROWS"), os.environ.get("JANG_QGEMM_WG_MAX_ROWS"))
     route, fn = _routes.get(key, (None, None))
     if route is None:  # first call with these shapes: check the arguments once and pick the path
         _check(x, w, scales, biases, bits, group_size)
@@ -251,7 +272,11 @@ def qmm(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: int,
         from . import qgemm_cuda
 
         if route is None:
-            route = _cuda_route(m, x, w, bits, group_size)
+            from . import qgemm_wg_cuda
+
+            route = _cuda_route(m, x, w, bits, group_size, scales.dtype)
+            if route == "wg" and not qgemm_wg_cuda.ready(x.dtype, scales.dtype, bits, group_size):
+                route = _cuda_route(m, x, w, bits, group_size, scales.dtype, wg=False)
             impl = qgemm_for(x, w, bits, group_size) if route == "qgemm" else None
             if route == "qgemm" and not impl.ready(x.dtype, scales.dtype, bits, group_size, m):
                 route = "reference"
@@ -263,6 +288,8 @@ def qmm(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: int,
                 fn = qgemm_cuda.plan(m, w.shape[0], k, x.dtype, bits, group_size, scales.itemsize)
             elif route == "qgemm":
                 fn = impl.plan(m, w.shape[0], k, x.dtype, bits, group_size)
+            elif route == "wg":
+                fn = qgemm_wg_cuda.plan(m, w.shape[0], k, x.dtype, bits, group_size)
             _routes[key] = (route, fn)
         if fn is not None:
             return fn(x.reshape(m, k), w, scales, biases).reshape(*lead, w.shape[0])

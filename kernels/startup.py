@@ -64,7 +64,28 @@ def _qmm(spec, dtype, rows):
             s = mx.ones((256, k // gs), dtype=sdt)
             mx.eval(qmm(x, w, s, s, bits, gs))
         n_calls += 1
+    if backend.for_op("qmm") == "cuda":
+        n_calls += _wg_precompile(spec, dtype, sdt)
     return n_calls
+
+
+def _wg_precompile(spec, dtype, sdt) -> int:
+    """The warpgroup GEMM's templates for the model's real shape (its tiles and split depend on N and K),
+    at 128 and 256 rows: compiled (NVRTC) here after the self-test, not on the first long prompt."""
+    from . import qgemm_wg_cuda
+    from .qmm import wg_rows
+
+    lo, hi = wg_rows()
+    n, k, bits, gs = spec["n"], spec.get("k"), spec["bits"], spec["group_size"]
+    if k is None or not qgemm_wg_cuda.supports_shape(n, k, dtype, sdt, bits, gs) \
+            or not qgemm_wg_cuda.ready(dtype, sdt, bits, gs):
+        return 0
+    done = 0
+    for m in (128, 256):
+        if lo <= m <= hi:
+            qgemm_wg_cuda.plan(m, n, k, dtype, bits, gs)
+            done += 1
+    return done
 
 
 def _paged(spec, dtype):
@@ -103,7 +124,7 @@ def _paged(spec, dtype):
     return n
 
 
-def warmup(shapes: list[dict], dtype=mx.bfloat16, rows=(1, 2, 3, 8, 16, 32, 64, 128)) -> dict:
+def warmup(shapes: list[dict], dtype=mx.bfloat16, rows=(1, 2, 3, 8, 16, 32, 64, 128, 256)) -> dict:
     """Run every listed op once per activation-row bucket; returns what was done and how long.
 
     shapes: dicts with op="qmm" or "gather_qmm" (n, k, bits, group_size[, scale_dtype]) or op="paged" (heads,
