@@ -147,6 +147,30 @@ def timing(quick, out):
         del wb, ws
 
 
+def ncu_mode():
+    """Each kernel once under the profiler (ncu --profile-from-start off ... qgemm_wg_bench.py - ncu):
+    the warpgroup GEMM at 128 and 256 rows (14336x4096, 4 bits) and the bf16 matmul of the same shapes."""
+    import ctypes
+
+    lib = ctypes.CDLL("libcuda.so.1")
+    n, k = 14336, 4096
+    ws = qweights(n, k, 4, 64)
+    wb = (mx.random.normal((n, k)) * 0.05).astype(mx.bfloat16)
+    calls = []
+    for m in (128, 256):
+        x = mx.random.normal((m, k)).astype(mx.bfloat16)
+        calls += [lambda x=x: wg.qgemm(x, *ws, 4, 64), lambda x=x: x @ wb.T]
+    for f in calls:
+        mx.eval(f())
+    mx.synchronize()
+    lib.cuProfilerStart()
+    for f in calls:
+        mx.eval(f())
+        mx.synchronize()
+    lib.cuProfilerStop()
+    print("profiled", len(calls), flush=True)
+
+
 def main(path, what, quick):
     gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem",
                           "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()
@@ -176,5 +200,8 @@ def main(path, what, quick):
 
 if __name__ == "__main__":
     args = sys.argv[2:]
+    if args == ["ncu"]:
+        ncu_mode()
+        sys.exit(0)
     main(sys.argv[1], [a for a in args if a in ("probe", "parity", "timing")] or ["probe", "parity", "timing"],
          "quick" in args)

@@ -67,9 +67,9 @@ def config(m: int, n: int, k: int, bits: int, bn: int | None = None, stages: int
     # Defaults from bench/results/qgemm-wg-h100.json: two warpgroups; one m64 tile each up to 128 rows, two
     # above (the weight tile is dequantized once per 256 rows); 128 features; 3 stages.
     wgs = wgs or int(os.environ.get("JANG_QGEMM_WG_WGS", 0)) or 2
-    mt = mt or int(os.environ.get("JANG_QGEMM_WG_MT", 0)) or (1 if m <= 64 * wgs else 2)
-    bm = 64 * wgs * mt
     bn = bn or int(os.environ.get("JANG_QGEMM_WG_BN", 0)) or 128
+    mt = mt or int(os.environ.get("JANG_QGEMM_WG_MT", 0)) or (1 if m <= 64 * wgs or bn > 128 else 2)
+    bm = 64 * wgs * mt
     if n % bn:
         raise ValueError(f"qgemm_wg: N={n} is not a multiple of {bn}")
     if mt * bn > 256:

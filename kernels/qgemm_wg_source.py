@@ -181,14 +181,14 @@ KNAME(const u16* __restrict__ x, const u32* __restrict__ w, const u16* __restric
       const u32 slot = ring_s + (st % STAGES) * STB;
       const int k0 = kbeg + st * BK;
 #pragma unroll
-      for (int it = 0; it < BM * 8 / NTH; ++it) {      // 16-byte chunks: row r, K chunk c
+      for (int it = 0; it < (PROBE == 4 ? 0 : BM * 8 / NTH); ++it) {   // 16-byte chunks: row r, K chunk c
         const int ch = tid + it * NTH, r = ch >> 3, c = ch & 7;
         const int row = imin(m0 + r, M - 1);
         cp16(slot + toff(r, c), x + (u64)row * K + k0 + c * 8, m0 + r < M);
       }
       constexpr int WCH = WQST / 16;                   // packed chunks of the stage
 #pragma unroll
-      for (int it = 0; it < (WCH + NTH - 1) / NTH; ++it) {
+      for (int it = 0; it < (PROBE == 5 ? 0 : (WCH + NTH - 1) / NTH); ++it) {   // (probes 4, 5: no x, no w)
         const int ch = tid + it * NTH;
         if (WCH % NTH == 0 || ch < WCH) {
           const int r = ch / (RB / 16), c = ch % (RB / 16);

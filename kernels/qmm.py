@@ -70,8 +70,12 @@ DEQUANT_ROWS = 192
 QGEMM3_MAX_ROWS = 192
 QGEMM3_MIN_ROWS_8BIT = 17
 # The warpgroup GEMM serves WG_MIN_ROWS..WG_MAX_ROWS rows (JANG_QGEMM_WG_MIN_ROWS / _MAX_ROWS override).
+# H100, bench/results/qgemm-wg-h100.json, against the route before it (qgemm3 below 192 rows, dequantize +
+# cuBLAS from there): 96-256 rows 1.0-1.6x at every measured shape (e.g. 14336x4096 4-bit at 128 rows 58.2
+# vs 68.6 us, 256 rows 91.7 vs 114.9); 64 rows: qgemm3 is faster (43.2 vs 53.1); 384-512 rows: dequantize
+# + cuBLAS is (131.0 vs 162.9 at 384).
 WG_MIN_ROWS = 96
-WG_MAX_ROWS = 512
+WG_MAX_ROWS = 256
 DEQUANT_ROWS_8BIT = 384   # 8-bit: mx.quantized_matmul beats dequantize + matmul up to at least 256 rows
 # CPU: from this many rows, dequantize + dense matmul beats mx.quantized_matmul for every SmolLM2 shape
 # (bench/qmm_cpu.py: small matrices win from 4 rows, the 49152x576 tied lm_head only from ~16).
