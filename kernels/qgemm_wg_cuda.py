@@ -63,7 +63,7 @@ def smem_bytes(bits: int, bn: int, stages: int, wgs: int, mt: int = 1) -> int:
 
 def config(m: int, n: int, k: int, bits: int, bn: int | None = None, stages: int | None = None,
            split: int | None = None, target: int | None = None, wgs: int | None = None, mt: int | None = None,
-           probe: int = 0) -> dict:
+           probe: int = 0, late: bool | None = None) -> dict:
     # Defaults from bench/results/qgemm-wg-h100.json: two warpgroups; one m64 tile each up to 128 rows, two
     # above (the weight tile is dequantized once per 256 rows); 128 features; 3 stages.
     wgs = wgs or int(os.environ.get("JANG_QGEMM_WG_WGS", 0)) or 2
@@ -84,7 +84,8 @@ def config(m: int, n: int, k: int, bits: int, bn: int | None = None, stages: int
             split *= 2
     if k % (BK * split):
         raise ValueError(f"qgemm_wg: K={k} does not split into {split} parts of whole {BK}-wide stages")
-    return dict(BN=bn, stages=st, split=split, WGS=wgs, MT=mt, probe=probe)
+    late = bool(int(os.environ.get("JANG_QGEMM_WG_LATE", 0))) if late is None else late
+    return dict(BN=bn, stages=st, split=split, WGS=wgs, MT=mt, probe=probe, late=late)
 
 
 _cubins: dict[tuple, bytes] = {}
@@ -95,19 +96,19 @@ DESC = (128, 1024)
 
 
 def cubin(bits: int, group_size: int, bf16: bool, bn: int, stages: int, split: bool, wgs: int, mt: int = 1,
-          probe: int = 0) -> tuple[str, bytes]:
-    key = (bits, group_size, bf16, bn, stages, split, wgs, mt, probe, SWZ, DESC)
-    base = kernel_name(*key[:9])
+          probe: int = 0, late: bool = False) -> tuple[str, bytes]:
+    key = (bits, group_size, bf16, bn, stages, split, wgs, mt, probe, late, SWZ, DESC)
+    base = kernel_name(*key[:10])
     name = base + ("" if SWZ else f"_i{DESC[0]}_{DESC[1]}")
     if key not in _cubins:
-        _cubins[key] = nvrtc.compile_cubin(source(*key[:9], *DESC, swz=SWZ).replace(base, name), name)
+        _cubins[key] = nvrtc.compile_cubin(source(*key[:10], *DESC, swz=SWZ).replace(base, name), name)
     return name, _cubins[key]
 
 
 def _launch(cfg, m, n, dtype, bits, group_size):
     bn, st, s, wgs, mt = cfg["BN"], cfg["stages"], cfg["split"], cfg["WGS"], cfg["MT"]
     bf16 = dtype == mx.bfloat16
-    name, code = cubin(bits, group_size, bf16, bn, st, s > 1, wgs, mt, cfg["probe"])
+    name, code = cubin(bits, group_size, bf16, bn, st, s > 1, wgs, mt, cfg["probe"], cfg["late"])
     grid, tg = (-(-m // (64 * wgs * mt)) * 128 * wgs, n // bn, s), (128 * wgs, 1, 1)
     smem = smem_bytes(bits, bn, st, wgs, mt)
     shp, scal = [(m, n)], lambda k: [m, n, k]

@@ -200,16 +200,15 @@ KNAME(const u16* __restrict__ x, const u32* __restrict__ w, const u16* __restric
     }
     cp_commit();
   };
-  // scale / bias pairs of this thread's units of stage st (registers, two stages ahead)
+  // scale / bias of this thread's units of stage st (registers, two stages ahead)
   auto load_sb = [&](int st, u32 (&s2)[UPT], u32 (&b2)[UPT]) {
     if (st < nk) {
 #pragma unroll
       for (int u = 0; u < UPT; ++u) {
         const int unit = tid + u * NTH, r = unit >> 1, h = unit & 1;
         const u64 gi = (u64)(n0 + r) * NGR + (kbeg + st * BK + h * 32) / GS;
-        const u32 sv = scales[gi], bv = biases[gi];
-        s2[u] = sv | (sv << 16);
-        b2[u] = bv | (bv << 16);
+        s2[u] = scales[gi];                            // raw: paired at use, two stages later (pairing
+        b2[u] = biases[gi];                            // here would wait for the load right away)
       }
     }
   };
@@ -230,7 +229,9 @@ KNAME(const u16* __restrict__ x, const u32* __restrict__ w, const u16* __restric
   auto step = [&](int i, u32 (&s2)[UPT], u32 (&b2)[UPT]) {
     cp_wait<STAGES - 3>();
     __syncthreads();                                   // stage i landed; wgmma i-2 done in every warp
+#if !LATE
     issue(i + STAGES - 2);                             // into the slot of stage i-2
+#endif
     const unsigned char* slot = ring + (i % STAGES) * STB;
     unsigned char* wt = wb + (i & 1) * WBB;
 #pragma unroll
@@ -251,20 +252,22 @@ KNAME(const u16* __restrict__ x, const u32* __restrict__ w, const u16* __restric
       u32 o[16];
 #if PROBE == 2   // timing probe: no dequant arithmetic
 #pragma unroll
-      for (int q = 0; q < 16; ++q) o[q] = pw[q % (UB / 4)] ^ s2[u];
+      for (int q = 0; q < 16; ++q) o[q] = pw[q % (UB / 4)] ^ s2[u] ^ b2[u];
 #else
-      dequant_unit(pw, s2[u], b2[u], o);
+      dequant_unit(pw, prmt(s2[u], s2[u], 0x5410), prmt(b2[u], b2[u], 0x5410), o);
 #endif
 #pragma unroll
       for (int c = 0; c < 4; ++c)                      // K chunk 4h + c of row r
         *reinterpret_cast<v4u*>(wt + toff(r, 4 * h + c)) =
             v4u{o[4 * c], o[4 * c + 1], o[4 * c + 2], o[4 * c + 3]};
     }
-    load_sb(i + 2, s2, b2);
 #if PROBE != 1   // (timing probe 1: without the proxy fence)
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 #endif
     __syncthreads();                                   // the weight tile is written
+#if LATE   // after this stage's proxy fence (its MEMBAR would wait for loads issued before it)
+    issue(i + STAGES - 2);
+#endif
     const u32 xa = ring_s + (i % STAGES) * STB + wg * MT * 8192;
     const u32 wa = wb_s + (i & 1) * WBB;
     wg_fence();
@@ -275,6 +278,9 @@ KNAME(const u16* __restrict__ x, const u32* __restrict__ w, const u16* __restric
       for (int mt = 0; mt < MT; ++mt) wgmma(d[mt], desc(xa + mt * 8192 + j * KSTEP), desc(wa + j * KSTEP));
 #endif
     wg_commit();
+    // Scales two stages ahead, issued after this stage's proxy fence: the fence compiles to a MEMBAR that
+    // waits for the thread's outstanding global loads (before, it waited on these every stage).
+    load_sb(i + 2, s2, b2);
     wg_wait<1>();
   };
   for (int i = 0; i < nk; i += 2) {
@@ -323,16 +329,16 @@ def wgmma_asm(bn: int, bf16: bool) -> str:
 
 
 def kernel_name(bits: int, gs: int, bf16: bool, bn: int, stages: int, split: bool, wgs: int = 2, mt: int = 1,
-                probe: int = 0) -> str:
+                probe: int = 0, late: bool = False) -> str:
     return (f"jang_qgemm_wg_b{bits}_g{gs}_{'bf16' if bf16 else 'f16'}_n{bn}_s{stages}_w{wgs}_m{mt}_"
-            f"{'split' if split else 'out'}" + (f"_p{probe}" if probe else ""))
+            f"{'split' if split else 'out'}" + (f"_p{probe}" if probe else "") + ("_late" if late else ""))
 
 
 def source(bits: int, gs: int, bf16: bool, bn: int, stages: int, split: bool, wgs: int = 2, mt: int = 1,
-           probe: int = 0, lbo: int = 128, sbo: int = 1024, swz: bool = True) -> str:
+           probe: int = 0, late: bool = False, lbo: int = 128, sbo: int = 1024, swz: bool = True) -> str:
     head = (f"#define BITS {bits}\n#define GS {gs}\n#define IS_BF16 {int(bf16)}\n#define BN {bn}\n"
             f"#define STAGES {stages}\n#define SPLIT {int(split)}\n#define OUT_T {'float' if split else 'u16'}\n"
-            f"#define WGS {wgs}\n#define MT {mt}\n#define PROBE {probe}\n"
-            f"#define KNAME {kernel_name(bits, gs, bf16, bn, stages, split, wgs, mt, probe)}\n"
+            f"#define WGS {wgs}\n#define MT {mt}\n#define PROBE {probe}\n#define LATE {int(late)}\n"
+            f"#define KNAME {kernel_name(bits, gs, bf16, bn, stages, split, wgs, mt, probe, late)}\n"
             + (f"#define LBO {lbo}\n#define SBO {sbo}\n#define SWZ {int(swz)}\n"))
     return head + BODY.replace("WGMMA_ASM", wgmma_asm(bn, bf16))
