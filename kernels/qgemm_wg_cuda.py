@@ -65,7 +65,7 @@ def config(m: int, n: int, k: int, bits: int, bn: int | None = None, stages: int
            split: int | None = None, target: int | None = None, wgs: int | None = None, mt: int | None = None,
            probe: int = 0, late: bool | None = None) -> dict:
     # Defaults from bench/results/qgemm-wg-h100.json: two warpgroups; one m64 tile each up to 128 rows, two
-    # above (the weight tile is dequantized once per 256 rows); 128 features; 3 stages.
+    # above (the weight tile is dequantized once per 256 rows); 128 features; 4 stages.
     wgs = wgs or int(os.environ.get("JANG_QGEMM_WG_WGS", 0)) or 2
     bn = bn or int(os.environ.get("JANG_QGEMM_WG_BN", 0)) or 128
     mt = mt or int(os.environ.get("JANG_QGEMM_WG_MT", 0)) or (1 if m <= 64 * wgs or bn > 128 else 2)
@@ -74,7 +74,7 @@ def config(m: int, n: int, k: int, bits: int, bn: int | None = None, stages: int
         raise ValueError(f"qgemm_wg: N={n} is not a multiple of {bn}")
     if mt * bn > 256:
         raise ValueError(f"qgemm_wg: {mt} m64 tiles of {bn} features take more than 128 accumulators per thread")
-    st = stages or int(os.environ.get("JANG_QGEMM_WG_STAGES", 3))
+    st = stages or int(os.environ.get("JANG_QGEMM_WG_STAGES", 4))
     if st < 3 or smem_bytes(bits, bn, st, wgs, mt) > SMEM_MAX:
         raise ValueError(f"qgemm_wg: {st} stages do not fit")
     tgt = target or TARGET_BLOCKS
