@@ -1,7 +1,7 @@
 """Compile the CUDA kernel sources with the local nvcc (no GPU needed) the way mx.fast.cuda_kernel
 wraps them, for a set of template arguments; print registers / spills from ptxas.
 
-    .venv/bin/python bench/kernels_compile_check.py [qmm|paged|all]
+    .venv/bin/python bench/kernels_compile_check.py [qmm|fused|tc|qgemm|qgemm3|wg|paged|all]
 
 A stand-in for MLX's device header (Shape) is used; everything else is the real source.
 """
@@ -14,8 +14,8 @@ import subprocess
 import sys
 import tempfile
 
-from jang_serve.kernels import (cuda_common, paged_cuda, paged_v2_cuda, qgemm3_cuda, qgemm_cuda, qgemv_tc_cuda,
-                                qgemv_tc_source, qmm_cuda)
+from jang_serve.kernels import (cuda_common, paged_cuda, paged_v2_cuda, qgemm3_cuda, qgemm_cuda, qgemm_wg_cuda,
+                                qgemm_wg_source, qgemv_tc_cuda, qgemv_tc_source, qmm_cuda)
 
 STUB = """
 #include <cstdint>
@@ -53,13 +53,14 @@ def build(name, source, header, inputs, outputs, template):
     return s
 
 
-def compile_one(label, src):
+def compile_one(label, src, arch="sm_90"):
     with tempfile.TemporaryDirectory() as d:
         f = os.path.join(d, "k.cu")
         open(f, "w").write(src)
-        r = subprocess.run(["nvcc", "-arch=sm_90", "-std=c++17", "-c", "-o", os.path.join(d, "k.o"),
+        mode = "-cubin" if arch.endswith("a") else "-c"     # -c would also assemble a plain compute_90 PTX
+        r = subprocess.run(["nvcc", f"-arch={arch}", "-std=c++17", mode, "-o", os.path.join(d, "k.o"),
                             "--ptxas-options=-v", f], capture_output=True, text=True)
-    if r.returncode != 0:
+    if r.returncode != 0 or "Performance Loss" in r.stderr:   # also ptxas serializing the wgmmas
         print(f"FAIL {label}\n{r.stderr[:4000]}")
         return False
     regs = re.findall(r"Used (\d+) registers", r.stderr)
@@ -164,6 +165,21 @@ def check_tc():
     return ok
 
 
+def check_wg():
+    """The warpgroup GEMM as NVRTC gets it (no headers, sm_90a), at every default tile of 2/4/8 bits, bf16 and
+    fp16, split and not."""
+    ok = True
+    for bits in (2, 4, 8):
+        for bf16 in (True, False):
+            for m in (128, 256):
+                cfg = qgemm_wg_cuda.config(m, 4096, 4096, bits)
+                for split in (False, True):
+                    src = qgemm_wg_source.source(bits, 64, bf16, cfg["BN"], cfg["stages"], split, cfg["WGS"], cfg["MT"])
+                    ok &= compile_one(f"wg bits={bits} {'bf16' if bf16 else 'fp16'} m={m} {cfg} split={split}", src,
+                                      "sm_90a")
+    return ok
+
+
 def check_paged():
     ok = True
     hdr = cuda_common.HEADER + paged_cuda.HEADER
@@ -217,6 +233,8 @@ if __name__ == "__main__":
         ok &= check_qgemm()
     if what in ("qgemm3", "all"):
         ok &= check_qgemm3()
+    if what in ("wg", "all"):
+        ok &= check_wg()
     if what in ("paged", "all"):
         ok &= check_paged()
     sys.exit(0 if ok else 1)

@@ -200,6 +200,7 @@ def _args(m, n, k, bits, dtype=mx.bfloat16):
 def test_cuda_route(m, bits, n, want, monkeypatch):
     monkeypatch.delenv("JANG_QGEMM", raising=False)
     monkeypatch.delenv("JANG_QGEMM_IMPL", raising=False)
+    monkeypatch.setenv("JANG_QGEMM_WG", "0")   # the routes without the warpgroup GEMM (test_kernels_qgemm_wg)
     x, w = _args(m, n, 512, bits)
     assert qmm_mod._cuda_route(m, x, w, bits, 64) == want
 
@@ -217,6 +218,7 @@ def test_cuda_route_qgemm_off(monkeypatch):
 def test_cuda_route_impl(monkeypatch):
     """JANG_QGEMM_IMPL picks the tiled GEMM module; its own supports() decides."""
     from jang_serve.kernels import qgemm_v1_cuda
+    monkeypatch.setenv("JANG_QGEMM_WG", "0")
     monkeypatch.delenv("JANG_QGEMM", raising=False)
     monkeypatch.delenv("JANG_QGEMM_IMPL", raising=False)
     from jang_serve.kernels import qgemm3_cuda
