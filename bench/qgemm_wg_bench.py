@@ -71,7 +71,10 @@ def parity(quick, out):
                (65, 512, 1024, {"split": 4}), (256, 4096, 4096, {}), (192, 1024, 14336, {}),
                (256, 512, 1024, {"stages": 3}), (130, 768, 1024, {"split": 2, "BN": 256}),
                (200, 512, 1024, {"WGS": 1}), (130, 512, 2048, {"WGS": 1, "BN": 256, "split": 2}),
-               (256, 512, 1024, {"MT": 2}), (300, 768, 2048, {"MT": 2, "BN": 128, "split": 2}))]
+               (256, 512, 1024, {"MT": 2}), (300, 768, 2048, {"MT": 2, "BN": 128, "split": 2}),
+               (256, 512, 1024, {"WS": True}), (300, 768, 2048, {"WS": True, "split": 2}),
+               (100, 512, 2048, {"WS": True, "stages": 5}), (256, 384, 4096, {"WS": True, "stages": 3}))]
+    cases += [(b, 64, dt, 200, 512, 1024, {"WS": True}) for b in (2, 8) for dt in (mx.bfloat16, mx.float16)]
     cases += [(8, 64, mx.bfloat16, 256, 512, 1024, {"BN": 256}), (2, 32, mx.float16, 256, 768, 1024, {"split": 2})]
     if quick:
         cases = cases[::3]
@@ -79,7 +82,7 @@ def parity(quick, out):
         err = one_case(bits, gs, dt, m, n, k, over)
         ok = isinstance(err, float) and err < 1e-2
         try:
-            cfg = wg.config(m, n, k, bits, **{a.lower() if a in ("BN", "WGS", "MT") else a: v for a, v in over.items()})
+            cfg = wg.config(m, n, k, bits, **{a.lower() if a in ("BN", "WGS", "MT", "WS") else a: v for a, v in over.items()})
         except Exception as e:
             cfg = repr(e)
         out.append(dict(bits=bits, gs=gs, dtype=str(dt), m=m, n=n, k=k, over=over, cfg=cfg, relerr=err, ok=ok))
@@ -130,7 +133,7 @@ def timing(quick, out):
                 v = {a: val for a, val in var.items() if a != "swz"}   # {"swz": false}: the unswizzled layout
                 swz0, wg.SWZ = wg.SWZ, var.get("swz", wg.SWZ)
                 try:
-                    cfg = wg.config(m, n, k, bits, **{a.lower() if a in ("BN", "WGS", "MT") else a: val for a, val in v.items()})
+                    cfg = wg.config(m, n, k, bits, **{a.lower() if a in ("BN", "WGS", "MT", "WS") else a: val for a, val in v.items()})
                     t = timed(lambda: [wg.qgemm(x, *ws[i % nq], bits, 64, **v) for i in range(CALLS)])
                     err = check(wg.qgemm(x, *ws[0], bits, 64, **v), ref)
                 except Exception as e:

@@ -56,14 +56,15 @@ def supports(x: mx.array, w: mx.array, bits: int, group_size: int, scales_dtype=
             and supports_shape(w.shape[0], k, x.dtype, scales_dtype, bits, group_size))
 
 
-def smem_bytes(bits: int, bn: int, stages: int, wgs: int, mt: int = 1) -> int:
-    """Dynamic shared memory (mirrors STB / WBB in the kernel)."""
-    return stages * (64 * wgs * mt * BK * 2 + bn * BK * bits // 8) + 2 * bn * BK * 2
+def smem_bytes(bits: int, bn: int, stages: int, wgs: int, mt: int = 1, ws: bool = False) -> int:
+    """Dynamic shared memory (mirrors STB / WBB, or WSLOT of the warp-specialized kernel)."""
+    ring = stages * (64 * wgs * mt * BK * 2 + bn * BK * bits // 8)
+    return ring + (stages if ws else 2) * bn * BK * 2
 
 
 def config(m: int, n: int, k: int, bits: int, bn: int | None = None, stages: int | None = None,
            split: int | None = None, target: int | None = None, wgs: int | None = None, mt: int | None = None,
-           probe: int = 0, late: bool | None = None) -> dict:
+           probe: int = 0, late: bool | None = None, ws: bool | None = None) -> dict:
     # Defaults from bench/results/qgemm-wg-h100.json: two warpgroups; one m64 tile each up to 128 rows, two
     # above (the weight tile is dequantized once per 256 rows); 128 features; 4 stages.
     wgs = wgs or int(os.environ.get("JANG_QGEMM_WG_WGS", 0)) or 2
@@ -75,7 +76,10 @@ def config(m: int, n: int, k: int, bits: int, bn: int | None = None, stages: int
     if mt * bn > 256:
         raise ValueError(f"qgemm_wg: {mt} m64 tiles of {bn} features take more than 128 accumulators per thread")
     st = stages or int(os.environ.get("JANG_QGEMM_WG_STAGES", 4))
-    if st < 3 or smem_bytes(bits, bn, st, wgs, mt) > SMEM_MAX:
+    ws = bool(int(os.environ.get("JANG_QGEMM_WG_WS", 0))) if ws is None else ws
+    if ws and bn != 128:
+        raise ValueError("qgemm_wg: the warp-specialized kernel takes 128 features per block")
+    if st < 3 or smem_bytes(bits, bn, st, wgs, mt, ws) > SMEM_MAX or (ws and 2 * st + 1 >= 16):
         raise ValueError(f"qgemm_wg: {st} stages do not fit")
     tgt = target or TARGET_BLOCKS
     if split is None:
@@ -85,7 +89,7 @@ def config(m: int, n: int, k: int, bits: int, bn: int | None = None, stages: int
     if k % (BK * split):
         raise ValueError(f"qgemm_wg: K={k} does not split into {split} parts of whole {BK}-wide stages")
     late = bool(int(os.environ.get("JANG_QGEMM_WG_LATE", 0))) if late is None else late
-    return dict(BN=bn, stages=st, split=split, WGS=wgs, MT=mt, probe=probe, late=late)
+    return dict(BN=bn, stages=st, split=split, WGS=wgs, MT=mt, probe=probe, late=late, ws=ws)
 
 
 _cubins: dict[tuple, bytes] = {}
@@ -96,21 +100,23 @@ DESC = (128, 1024)
 
 
 def cubin(bits: int, group_size: int, bf16: bool, bn: int, stages: int, split: bool, wgs: int, mt: int = 1,
-          probe: int = 0, late: bool = False) -> tuple[str, bytes]:
-    key = (bits, group_size, bf16, bn, stages, split, wgs, mt, probe, late, SWZ, DESC)
-    base = kernel_name(*key[:10])
+          probe: int = 0, late: bool = False, ws: bool = False) -> tuple[str, bytes]:
+    key = (bits, group_size, bf16, bn, stages, split, wgs, mt, probe, late, ws, SWZ, DESC)
+    base = kernel_name(*key[:11])
     name = base + ("" if SWZ else f"_i{DESC[0]}_{DESC[1]}")
     if key not in _cubins:
-        _cubins[key] = nvrtc.compile_cubin(source(*key[:10], *DESC, swz=SWZ).replace(base, name), name)
+        _cubins[key] = nvrtc.compile_cubin(source(*key[:11], *DESC, swz=SWZ).replace(base, name), name)
     return name, _cubins[key]
 
 
 def _launch(cfg, m, n, dtype, bits, group_size):
     bn, st, s, wgs, mt = cfg["BN"], cfg["stages"], cfg["split"], cfg["WGS"], cfg["MT"]
     bf16 = dtype == mx.bfloat16
-    name, code = cubin(bits, group_size, bf16, bn, st, s > 1, wgs, mt, cfg["probe"], cfg["late"])
-    grid, tg = (-(-m // (64 * wgs * mt)) * 128 * wgs, n // bn, s), (128 * wgs, 1, 1)
-    smem = smem_bytes(bits, bn, st, wgs, mt)
+    ws = cfg["ws"]
+    name, code = cubin(bits, group_size, bf16, bn, st, s > 1, wgs, mt, cfg["probe"], cfg["late"], ws)
+    nth = 128 * (wgs + 1 if ws else wgs)
+    grid, tg = (-(-m // (64 * wgs * mt)) * nth, n // bn, s), (nth, 1, 1)
+    smem = smem_bytes(bits, bn, st, wgs, mt, ws)
     shp, scal = [(m, n)], lambda k: [m, n, k]
 
     def run(x2d, w, sc, bi, shapes, dtypes):
@@ -135,7 +141,7 @@ def qgemm(x2d: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: 
           **overrides) -> mx.array:
     """x2d [M, K] bf16/fp16 -> [M, N] in x's dtype. overrides: BN, stages, split, target (config)."""
     m, k = x2d.shape
-    cfg = config(m, w.shape[0], k, bits, **{a.lower() if a in ("BN", "WGS", "MT") else a: v for a, v in overrides.items()})
+    cfg = config(m, w.shape[0], k, bits, **{a.lower() if a in ("BN", "WGS", "MT", "WS") else a: v for a, v in overrides.items()})
     return _launch(cfg, m, w.shape[0], x2d.dtype, bits, group_size)(x2d, w, scales, biases)
 
 

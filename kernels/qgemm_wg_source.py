@@ -1,8 +1,10 @@
 """CUDA source text of the warpgroup (wgmma) GEMM, kernels/qgemm_wg_cuda.py launches it (the algorithm is
 described there). Self-contained: no headers, so NVRTC compiles it for sm_90a without include paths.
-`source(...)` fills in the configuration and the wgmma instruction for the tile width."""
+`source(...)` fills in the configuration and the wgmma instruction for the tile width; HELPERS are shared
+by the kernel here (every warp loads, dequantizes and multiplies) and the warp-specialized one
+(kernels/qgemm_wg_ws_source.py)."""
 
-BODY = r"""
+HELPERS = r"""
 typedef unsigned int u32;
 typedef unsigned short u16;
 typedef unsigned long long u64;
@@ -160,6 +162,9 @@ __device__ __forceinline__ void wgmma(float* d, u64 da, u64 db) {
 WGMMA_ASM
 }
 
+"""
+
+KERNEL = r"""
 extern "C" __global__ void __launch_bounds__(128 * WGS, 1)
 KNAME(const u16* __restrict__ x, const u32* __restrict__ w, const u16* __restrict__ scales,
       const u16* __restrict__ biases, OUT_T* __restrict__ y, int M, int N, int K) {
@@ -329,16 +334,21 @@ def wgmma_asm(bn: int, bf16: bool) -> str:
 
 
 def kernel_name(bits: int, gs: int, bf16: bool, bn: int, stages: int, split: bool, wgs: int = 2, mt: int = 1,
-                probe: int = 0, late: bool = False) -> str:
+                probe: int = 0, late: bool = False, ws: bool = False) -> str:
     return (f"jang_qgemm_wg_b{bits}_g{gs}_{'bf16' if bf16 else 'f16'}_n{bn}_s{stages}_w{wgs}_m{mt}_"
-            f"{'split' if split else 'out'}" + (f"_p{probe}" if probe else "") + ("_late" if late else ""))
+            f"{'split' if split else 'out'}" + (f"_p{probe}" if probe else "") + ("_late" if late else "")
+            + ("_ws" if ws else ""))
 
 
 def source(bits: int, gs: int, bf16: bool, bn: int, stages: int, split: bool, wgs: int = 2, mt: int = 1,
-           probe: int = 0, late: bool = False, lbo: int = 128, sbo: int = 1024, swz: bool = True) -> str:
+           probe: int = 0, late: bool = False, ws: bool = False, lbo: int = 128, sbo: int = 1024,
+           swz: bool = True, preg: int = 0, creg: int = 0) -> str:
     head = (f"#define BITS {bits}\n#define GS {gs}\n#define IS_BF16 {int(bf16)}\n#define BN {bn}\n"
             f"#define STAGES {stages}\n#define SPLIT {int(split)}\n#define OUT_T {'float' if split else 'u16'}\n"
             f"#define WGS {wgs}\n#define MT {mt}\n#define PROBE {probe}\n#define LATE {int(late)}\n"
-            f"#define KNAME {kernel_name(bits, gs, bf16, bn, stages, split, wgs, mt, probe, late)}\n"
+            f"#define PREG {preg}\n#define CREG {creg}\n"
+            f"#define KNAME {kernel_name(bits, gs, bf16, bn, stages, split, wgs, mt, probe, late, ws)}\n"
             + (f"#define LBO {lbo}\n#define SBO {sbo}\n#define SWZ {int(swz)}\n"))
-    return head + BODY.replace("WGMMA_ASM", wgmma_asm(bn, bf16))
+    from .qgemm_wg_ws_source import KERNEL_WS
+
+    return head + HELPERS.replace("WGMMA_ASM", wgmma_asm(bn, bf16)) + (KERNEL_WS if ws else KERNEL)

@@ -1,0 +1,173 @@
+"""CUDA source of the warp-specialized warpgroup GEMM (WS): warpgroup 0 produces, warpgroups 1..WGS multiply.
+
+The producer issues the cp.async loads of x and the packed weights STAGES-2 stages ahead, dequantizes each
+stage into its slot's bf16 / fp16 tile, fences the writes to the async proxy and arrives on the slot's FULL
+barrier; the consumers wait on FULL, issue their wgmmas, keep one stage in flight and arrive on EMPTY of the
+stage before, which the producer waits on before it reuses that slot. Named barriers (bar.sync / bar.arrive
+with the block's thread count): FULL = 1..STAGES, EMPTY = STAGES+1..2*STAGES, the producers' own = 2*STAGES+1.
+So the consumers' MMAs no longer wait for the loads, the dequant and the proxy fence of their own stage.
+Uses HELPERS of kernels/qgemm_wg_source.py (BM, XST, WQST, WBB, UB, RB, NACC, toff, desc, wgmma, ...).
+"""
+
+KERNEL_WS = r"""
+constexpr int PTH = 128;                         // producer threads (warpgroup 0)
+constexpr int ATH = 128 * (WGS + 1);             // all threads
+constexpr int PUPT = BN * 2 / PTH;               // 32-value units a producer thread dequantizes per stage
+constexpr int WSLOT = XST + WQST + WBB;          // slot: x tile | packed weights | dequantized weights
+constexpr int LA = STAGES - 2;                   // loads run this many stages ahead
+constexpr int FULL0 = 1, EMPTY0 = 1 + STAGES, PBAR = 1 + 2 * STAGES;
+static_assert(PBAR < 16, "qgemm_wg_ws: too many stages for the named barriers");
+
+__device__ __forceinline__ void bar_sync(int id, int n) {
+  asm volatile("bar.sync %0, %1;\n" :: "r"(id), "r"(n) : "memory");
+}
+__device__ __forceinline__ void bar_arrive(int id, int n) {
+  asm volatile("bar.arrive %0, %1;\n" :: "r"(id), "r"(n) : "memory");
+}
+
+extern "C" __global__ void __launch_bounds__(128 * (WGS + 1), 1)
+KNAME(const u16* __restrict__ x, const u32* __restrict__ w, const u16* __restrict__ scales,
+      const u16* __restrict__ biases, OUT_T* __restrict__ y, int M, int N, int K) {
+  extern __shared__ __align__(1024) unsigned char smem[];
+  const int tid = threadIdx.x;
+  const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
+  const int KS = K / gridDim.z;
+  const int kbeg = blockIdx.z * KS;
+  const int nk = KS / BK;
+  const int NGR = K / GS;
+  const u64 KB = (u64)K * BITS / 8;
+  const u32 smem_s = saddr(smem);
+
+  if (tid < PTH) {                                   // ---------------- producer
+#if PREG
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" :: "n"(PREG));
+#endif
+    auto issue = [&](int st) {
+      if (st < nk) {
+        const u32 slot = smem_s + (st % STAGES) * WSLOT;
+        const int k0 = kbeg + st * BK;
+#pragma unroll
+        for (int it = 0; it < BM * 8 / PTH; ++it) {  // 16-byte chunks: row r, K chunk c
+          const int ch = tid + it * PTH, r = ch >> 3, c = ch & 7;
+          const int row = imin(m0 + r, M - 1);
+          cp16(slot + toff(r, c), x + (u64)row * K + k0 + c * 8, m0 + r < M);
+        }
+        constexpr int WCH = WQST / 16;
+#pragma unroll
+        for (int it = 0; it < (WCH + PTH - 1) / PTH; ++it) {
+          const int ch = tid + it * PTH;
+          if (WCH % PTH == 0 || ch < WCH) {
+            const int r = ch / (RB / 16), c = ch % (RB / 16);
+            cp16(slot + XST + ch * 16,
+                 reinterpret_cast<const unsigned char*>(w) + (u64)(n0 + r) * KB + (u64)k0 * BITS / 8 + c * 16, true);
+          }
+        }
+      }
+      cp_commit();
+    };
+    auto load_sb = [&](int st, u32 (&s2)[PUPT], u32 (&b2)[PUPT]) {
+      if (st < nk) {
+#pragma unroll
+        for (int u = 0; u < PUPT; ++u) {
+          const int unit = tid + u * PTH, r = unit >> 1, h = unit & 1;
+          const u64 gi = (u64)(n0 + r) * NGR + (kbeg + st * BK + h * 32) / GS;
+          s2[u] = scales[gi];                        // raw: paired at use
+          b2[u] = biases[gi];
+        }
+      }
+    };
+    u32 sA[PUPT], bA[PUPT], sB[PUPT], bB[PUPT];
+#pragma unroll
+    for (int st = 0; st < LA; ++st) issue(st);
+    load_sb(0, sA, bA);
+    load_sb(1, sB, bB);
+    auto pstep = [&](int j, u32 (&s2)[PUPT], u32 (&b2)[PUPT]) {
+      const int ld = j + LA;
+      if (ld < nk && ld >= STAGES) bar_sync(EMPTY0 + ld % STAGES, ATH);   // consumers are done with ld - STAGES
+      issue(ld);
+      cp_wait<LA>();
+      bar_sync(PBAR, PTH);                           // every producer's copies of stage j landed
+      unsigned char* slot = smem + (j % STAGES) * WSLOT;
+#pragma unroll
+      for (int u = 0; u < PUPT; ++u) {
+        const int unit = tid + u * PTH, r = unit >> 1, h = unit & 1;
+        u32 pw[UB / 4];
+        const v4u* src = reinterpret_cast<const v4u*>(slot + XST + r * RB + h * UB);
+#if BITS == 2
+        const v2u v = *reinterpret_cast<const v2u*>(src);
+        pw[0] = v.x; pw[1] = v.y;
+#else
+#pragma unroll
+        for (int q = 0; q < UB / 16; ++q) {
+          const v4u v = src[q];
+          pw[4 * q] = v.x; pw[4 * q + 1] = v.y; pw[4 * q + 2] = v.z; pw[4 * q + 3] = v.w;
+        }
+#endif
+        u32 o[16];
+        dequant_unit(pw, prmt(s2[u], s2[u], 0x5410), prmt(b2[u], b2[u], 0x5410), o);
+#pragma unroll
+        for (int c = 0; c < 4; ++c)
+          *reinterpret_cast<v4u*>(slot + XST + WQST + toff(r, 4 * h + c)) =
+              v4u{o[4 * c], o[4 * c + 1], o[4 * c + 2], o[4 * c + 3]};
+      }
+      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+      bar_arrive(FULL0 + j % STAGES, ATH);
+      load_sb(j + 2, s2, b2);
+    };
+    for (int j = 0; j < nk; j += 2) {
+      pstep(j, sA, bA);
+      if (j + 1 < nk) pstep(j + 1, sB, bB);
+    }
+    cp_wait<0>();
+    return;
+  }
+
+  // ---------------------------------------------------------------- consumers
+#if CREG
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" :: "n"(CREG));
+#endif
+  const int ct = tid - PTH;
+  const int wg = ct >> 7;
+  float d[MT][NACC];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int i = 0; i < NACC; ++i) d[mt][i] = 0.f;
+  for (int j = 0; j < nk; ++j) {
+    bar_sync(FULL0 + j % STAGES, ATH);
+    const u32 slot = smem_s + (j % STAGES) * WSLOT;
+    const u32 xa = slot + wg * MT * 8192, wa = slot + XST + WQST;
+    wg_fence();
+#pragma unroll
+    for (int jj = 0; jj < BK / 16; ++jj)
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) wgmma(d[mt], desc(xa + mt * 8192 + jj * KSTEP), desc(wa + jj * KSTEP));
+    wg_commit();
+    wg_wait<1>();                                    // stage j-1's MMAs are done: its slot is free
+    if (j >= 1 && j - 1 + STAGES < nk) bar_arrive(EMPTY0 + (j - 1) % STAGES, ATH);
+  }
+  wg_wait<0>();
+
+  const int lane = ct & 31, g = lane >> 2, t = lane & 3, wr = (ct >> 5) & 3;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    const int rbase = m0 + (wg * MT + mt) * 64 + wr * 16 + g;
+#pragma unroll
+    for (int i = 0; i < NACC / 4; ++i) {
+      const int col = n0 + 8 * i + 2 * t;
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        const int row = rbase + 8 * hh;
+        if (row < M) {
+#if SPLIT
+          *reinterpret_cast<v2f*>(y + ((u64)blockIdx.z * M + row) * N + col) =
+              v2f{d[mt][4 * i + 2 * hh], d[mt][4 * i + 2 * hh + 1]};
+#else
+          *reinterpret_cast<u32*>(y + (u64)row * N + col) = pack2f(d[mt][4 * i + 2 * hh], d[mt][4 * i + 2 * hh + 1]);
+#endif
+        }
+      }
+    }
+  }
+}
+"""
