@@ -75,6 +75,8 @@ def parity(quick, out):
                (256, 512, 1024, {"WS": True}), (300, 768, 2048, {"WS": True, "split": 2}),
                (100, 512, 2048, {"WS": True, "stages": 5}), (256, 384, 4096, {"WS": True, "stages": 3}))]
     cases += [(b, 64, dt, 200, 512, 1024, {"WS": True}) for b in (2, 8) for dt in (mx.bfloat16, mx.float16)]
+    cases += [(b, gs, dt, m, 512, 2048, {"WS": 2}) for b, gs, dt, m in
+              ((4, 64, mx.bfloat16, 256), (4, 32, mx.float16, 100), (2, 128, mx.bfloat16, 300), (8, 64, mx.bfloat16, 130))]
     cases += [(8, 64, mx.bfloat16, 256, 512, 1024, {"BN": 256}), (2, 32, mx.float16, 256, 768, 1024, {"split": 2})]
     if quick:
         cases = cases[::3]

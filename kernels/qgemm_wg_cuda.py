@@ -56,7 +56,7 @@ def supports(x: mx.array, w: mx.array, bits: int, group_size: int, scales_dtype=
             and supports_shape(w.shape[0], k, x.dtype, scales_dtype, bits, group_size))
 
 
-def smem_bytes(bits: int, bn: int, stages: int, wgs: int, mt: int = 1, ws: bool = False) -> int:
+def smem_bytes(bits: int, bn: int, stages: int, wgs: int, mt: int = 1, ws: int = 0) -> int:
     """Dynamic shared memory (mirrors STB / WBB, or WSLOT of the warp-specialized kernel)."""
     ring = stages * (64 * wgs * mt * BK * 2 + bn * BK * bits // 8)
     return ring + (stages if ws else 2) * bn * BK * 2
@@ -64,7 +64,7 @@ def smem_bytes(bits: int, bn: int, stages: int, wgs: int, mt: int = 1, ws: bool 
 
 def config(m: int, n: int, k: int, bits: int, bn: int | None = None, stages: int | None = None,
            split: int | None = None, target: int | None = None, wgs: int | None = None, mt: int | None = None,
-           probe: int = 0, late: bool | None = None, ws: bool | None = None) -> dict:
+           probe: int = 0, late: bool | None = None, ws: int | None = None) -> dict:
     # Defaults from bench/results/qgemm-wg-h100.json: two warpgroups; one m64 tile each up to 128 rows, two
     # above (the weight tile is dequantized once per 256 rows); 128 features; 4 stages.
     wgs = wgs or int(os.environ.get("JANG_QGEMM_WG_WGS", 0)) or 2
@@ -76,7 +76,7 @@ def config(m: int, n: int, k: int, bits: int, bn: int | None = None, stages: int
     if mt * bn > 256:
         raise ValueError(f"qgemm_wg: {mt} m64 tiles of {bn} features take more than 128 accumulators per thread")
     st = stages or int(os.environ.get("JANG_QGEMM_WG_STAGES", 4))
-    ws = bool(int(os.environ.get("JANG_QGEMM_WG_WS", 0))) if ws is None else ws
+    ws = int(os.environ.get("JANG_QGEMM_WG_WS", 0)) if ws is None else int(ws)   # producer warpgroups (0: none)
     if ws and bn != 128:
         raise ValueError("qgemm_wg: the warp-specialized kernel takes 128 features per block")
     if st < 3 or smem_bytes(bits, bn, st, wgs, mt, ws) > SMEM_MAX or (ws and 2 * st + 1 >= 16):
@@ -100,7 +100,7 @@ DESC = (128, 1024)
 
 
 def cubin(bits: int, group_size: int, bf16: bool, bn: int, stages: int, split: bool, wgs: int, mt: int = 1,
-          probe: int = 0, late: bool = False, ws: bool = False) -> tuple[str, bytes]:
+          probe: int = 0, late: bool = False, ws: int = 0) -> tuple[str, bytes]:
     key = (bits, group_size, bf16, bn, stages, split, wgs, mt, probe, late, ws, SWZ, DESC)
     base = kernel_name(*key[:11])
     name = base + ("" if SWZ else f"_i{DESC[0]}_{DESC[1]}")
@@ -114,7 +114,7 @@ def _launch(cfg, m, n, dtype, bits, group_size):
     bf16 = dtype == mx.bfloat16
     ws = cfg["ws"]
     name, code = cubin(bits, group_size, bf16, bn, st, s > 1, wgs, mt, cfg["probe"], cfg["late"], ws)
-    nth = 128 * (wgs + 1 if ws else wgs)
+    nth = 128 * (wgs + ws)
     grid, tg = (-(-m // (64 * wgs * mt)) * nth, n // bn, s), (nth, 1, 1)
     smem = smem_bytes(bits, bn, st, wgs, mt, ws)
     shp, scal = [(m, n)], lambda k: [m, n, k]

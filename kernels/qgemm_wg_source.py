@@ -334,19 +334,22 @@ def wgmma_asm(bn: int, bf16: bool) -> str:
 
 
 def kernel_name(bits: int, gs: int, bf16: bool, bn: int, stages: int, split: bool, wgs: int = 2, mt: int = 1,
-                probe: int = 0, late: bool = False, ws: bool = False) -> str:
+                probe: int = 0, late: bool = False, ws: int = 0) -> str:
     return (f"jang_qgemm_wg_b{bits}_g{gs}_{'bf16' if bf16 else 'f16'}_n{bn}_s{stages}_w{wgs}_m{mt}_"
             f"{'split' if split else 'out'}" + (f"_p{probe}" if probe else "") + ("_late" if late else "")
-            + ("_ws" if ws else ""))
+            + (f"_ws{int(ws)}" if ws else ""))
 
 
 def source(bits: int, gs: int, bf16: bool, bn: int, stages: int, split: bool, wgs: int = 2, mt: int = 1,
-           probe: int = 0, late: bool = False, ws: bool = False, lbo: int = 128, sbo: int = 1024,
-           swz: bool = True, preg: int = 0, creg: int = 0) -> str:
+           probe: int = 0, late: bool = False, ws: int = 0, lbo: int = 128, sbo: int = 1024,
+           swz: bool = True) -> str:
+    """ws: 0, or the number of producer warpgroups of the warp-specialized kernel (1 or 2; with 2, setmaxnreg
+    moves registers from the producers (80) to the consumers (176))."""
+    preg, creg = (80, 176) if ws == 2 else (0, 0)
     head = (f"#define BITS {bits}\n#define GS {gs}\n#define IS_BF16 {int(bf16)}\n#define BN {bn}\n"
             f"#define STAGES {stages}\n#define SPLIT {int(split)}\n#define OUT_T {'float' if split else 'u16'}\n"
             f"#define WGS {wgs}\n#define MT {mt}\n#define PROBE {probe}\n#define LATE {int(late)}\n"
-            f"#define PREG {preg}\n#define CREG {creg}\n"
+            f"#define PREG {preg}\n#define CREG {creg}\n#define PWG {max(int(ws), 1)}\n"
             f"#define KNAME {kernel_name(bits, gs, bf16, bn, stages, split, wgs, mt, probe, late, ws)}\n"
             + (f"#define LBO {lbo}\n#define SBO {sbo}\n#define SWZ {int(swz)}\n"))
     from .qgemm_wg_ws_source import KERNEL_WS

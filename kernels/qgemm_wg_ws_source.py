@@ -10,9 +10,13 @@ Uses HELPERS of kernels/qgemm_wg_source.py (BM, XST, WQST, WBB, UB, RB, NACC, to
 """
 
 KERNEL_WS = r"""
-constexpr int PTH = 128;                         // producer threads (warpgroup 0)
-constexpr int ATH = 128 * (WGS + 1);             // all threads
+#ifndef PWG
+#define PWG 1
+#endif
+constexpr int PTH = 128 * PWG;                   // producer threads (warpgroups 0..PWG-1)
+constexpr int ATH = 128 * (WGS + PWG);           // all threads
 constexpr int PUPT = BN * 2 / PTH;               // 32-value units a producer thread dequantizes per stage
+static_assert(PUPT >= 1 && BM * 8 % PTH == 0, "qgemm_wg_ws: producer split");
 constexpr int WSLOT = XST + WQST + WBB;          // slot: x tile | packed weights | dequantized weights
 constexpr int LA = STAGES - 2;                   // loads run this many stages ahead
 constexpr int FULL0 = 1, EMPTY0 = 1 + STAGES, PBAR = 1 + 2 * STAGES;
@@ -25,7 +29,7 @@ __device__ __forceinline__ void bar_arrive(int id, int n) {
   asm volatile("bar.arrive %0, %1;\n" :: "r"(id), "r"(n) : "memory");
 }
 
-extern "C" __global__ void __launch_bounds__(128 * (WGS + 1), 1)
+extern "C" __global__ void __launch_bounds__(128 * (WGS + PWG), 1)
 KNAME(const u16* __restrict__ x, const u32* __restrict__ w, const u16* __restrict__ scales,
       const u16* __restrict__ biases, OUT_T* __restrict__ y, int M, int N, int K) {
   extern __shared__ __align__(1024) unsigned char smem[];
