@@ -174,7 +174,8 @@ def check_wg():
             for m in (128, 256):
                 cfg = qgemm_wg_cuda.config(m, 4096, 4096, bits)
                 for split in (False, True):
-                    src = qgemm_wg_source.source(bits, 64, bf16, cfg["BN"], cfg["stages"], split, cfg["WGS"], cfg["MT"])
+                    src = qgemm_wg_source.source(bits, 64, bf16, cfg["BN"], cfg["stages"], split, cfg["WGS"], cfg["MT"],
+                                                 ws=cfg["ws"])
                     ok &= compile_one(f"wg bits={bits} {'bf16' if bf16 else 'fp16'} m={m} {cfg} split={split}", src,
                                       "sm_90a")
     return ok

@@ -18,7 +18,11 @@ exist, so this kernel is compiled for sm_90a with NVRTC (kernels/nvrtc.py) and l
   atom (the unswizzled core-matrix layout, SWZ = False, measured 1.4-1.8x slower: bank conflicts). x is
   A (m64), the dequantized weight tile is B (n = BN): `wgmma.mma_async.m64n{BN}k16`, fp32 accumulators in
   registers (MT*BN/2 per thread).
-- **Pipeline**: K in stages of 64 through a STAGES-slot cp.async ring (x tile + the packed weight rows),
+- **Warp-specialized** (WS, the default for 256-row blocks; kernels/qgemm_wg_ws_source.py): one or two
+  producer warpgroups load and dequantize into a STAGES-deep ring of slots, the two consumer warpgroups only
+  issue wgmmas; FULL / EMPTY named barriers per slot; with two producers setmaxnreg moves registers to the
+  consumers (80 / 176).
+- **Pipeline** (the non-specialized kernel): K in stages of 64 through a STAGES-slot cp.async ring (x tile + the packed weight rows),
   STAGES-2 stages ahead; each stage the 256 threads dequantize the packed tile into one of two bf16 / fp16
   tiles (a 32-value unit per thread and 128 features: its row's 16-byte core-matrix rows), fence the
   writes to the async proxy, barrier, and the warpgroups issue 4 wgmmas (one per k16) and keep one stage
@@ -76,7 +80,10 @@ def config(m: int, n: int, k: int, bits: int, bn: int | None = None, stages: int
     if mt * bn > 256:
         raise ValueError(f"qgemm_wg: {mt} m64 tiles of {bn} features take more than 128 accumulators per thread")
     st = stages or int(os.environ.get("JANG_QGEMM_WG_STAGES", 4))
-    ws = int(os.environ.get("JANG_QGEMM_WG_WS", 0)) if ws is None else int(ws)   # producer warpgroups (0: none)
+    # producer warpgroups of the warp-specialized kernel (0: every warp loads, dequantizes and multiplies): two
+    # where a block has 256 rows (1.04-1.14x at 256 rows, 4 bits; slower at 128 rows: qgemm-wg-h100.json)
+    env_ws = os.environ.get("JANG_QGEMM_WG_WS")
+    ws = (int(env_ws) if env_ws else 2 if mt == 2 and bn == 128 else 0) if ws is None else int(ws)
     if ws and bn != 128:
         raise ValueError("qgemm_wg: the warp-specialized kernel takes 128 features per block")
     if st < 3 or smem_bytes(bits, bn, st, wgs, mt, ws) > SMEM_MAX or (ws and 2 * st + 1 >= 16):

@@ -119,7 +119,9 @@ def test_swizzle_is_a_permutation_and_conflict_free():
 def test_default_config_fits(bits, m, n, k):
     cfg = wg.config(m, n, k, bits)
     assert cfg["MT"] * cfg["BN"] <= 256                     # at most 128 fp32 accumulators per thread
-    assert wg.smem_bytes(bits, cfg["BN"], cfg["stages"], cfg["WGS"], cfg["MT"]) <= wg.SMEM_MAX
+    assert wg.smem_bytes(bits, cfg["BN"], cfg["stages"], cfg["WGS"], cfg["MT"], cfg["ws"]) <= wg.SMEM_MAX
+    assert cfg["ws"] == (2 if cfg["MT"] == 2 else 0)                # warp-specialized for 256-row blocks
+    assert not cfg["ws"] or 2 * cfg["stages"] + 1 < 16              # its named barriers fit the 16
     assert k % (wg.BK * cfg["split"]) == 0 and n % cfg["BN"] == 0
     assert cfg["MT"] == (1 if m <= 128 else 2)
     blocks = -(-m // (64 * cfg["WGS"] * cfg["MT"])) * (n // cfg["BN"]) * cfg["split"]
@@ -133,6 +135,13 @@ def test_config_rejects_what_does_not_fit():
         wg.config(128, 4000, 4096, 4)                       # N not a multiple of the tile
     with pytest.raises(ValueError):
         wg.config(128, 4096, 4096, 8, stages=9)             # shared memory
+
+
+def test_ws_source():
+    s = src.source(4, 64, True, 128, 4, False, 2, 2, ws=2)
+    assert "#define PWG 2" in s and "#define PREG 80" in s and "#define CREG 176" in s
+    assert "bar.arrive" in s and "setmaxnreg.inc" in s
+    assert 2 * 128 * 80 + 2 * 128 * 176 <= 65536                          # the register file
 
 
 def test_source_asks_for_the_tile_instruction():
