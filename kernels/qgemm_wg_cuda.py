@@ -15,7 +15,7 @@ exist, so this kernel is compiled for sm_90a with NVRTC (kernels/nvrtc.py) and l
   together and the later ones read it from L2.
 - **Operands**: both from shared memory (descriptors), K-major, 128-byte swizzle: a tile row's 64 values
   are 128 bytes whose 16-byte chunks are XOR-permuted by the row's index within its 8-row, 1024-byte
-  atom (the unswizzled core-matrix layout, SWZ = False, measured 1.4-1.8x slower: bank conflicts). x is
+  atom (the unswizzled core-matrix layout, SWZ = False, measured 1.2-1.8x slower: bank conflicts). x is
   A (m64), the dequantized weight tile is B (n = BN): `wgmma.mma_async.m64n{BN}k16`, fp32 accumulators in
   registers (MT*BN/2 per thread).
 - **Warp-specialized** (WS, the default for 256-row blocks; kernels/qgemm_wg_ws_source.py): one or two

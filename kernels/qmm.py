@@ -71,9 +71,9 @@ QGEMM3_MAX_ROWS = 192
 QGEMM3_MIN_ROWS_8BIT = 17
 # The warpgroup GEMM serves WG_MIN_ROWS..WG_MAX_ROWS rows (JANG_QGEMM_WG_MIN_ROWS / _MAX_ROWS override).
 # H100, bench/results/qgemm-wg-h100.json, against the route before it (qgemm3 below 192 rows, dequantize +
-# cuBLAS from there): 96-256 rows 1.0-1.6x at every measured shape (e.g. 14336x4096 4-bit at 128 rows 58.2
-# vs 68.6 us, 256 rows 91.7 vs 114.9); 64 rows: qgemm3 is faster (43.2 vs 53.1); 384-512 rows: dequantize
-# + cuBLAS is (131.0 vs 162.9 at 384).
+# cuBLAS from there): 96-256 rows 1.1-2.0x at every measured shape (e.g. 14336x4096 4-bit at 128 rows 52.1
+# vs 68.0 us, 256 rows 79.7 vs 112.3); 64 rows: qgemm3 is as fast or faster (45.5 vs 58.0 us at 4096x14336,
+# 64.1 vs 92.0 at 28672x4096); 384-768 rows: dequantize + cuBLAS is (129.5 vs 147.2 us at 384 of 14336x4096).
 WG_MIN_ROWS = 96
 WG_MAX_ROWS = 256
 DEQUANT_ROWS_8BIT = 384   # 8-bit: mx.quantized_matmul beats dequantize + matmul up to at least 256 rows
