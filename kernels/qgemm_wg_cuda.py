@@ -84,8 +84,8 @@ def config(m: int, n: int, k: int, bits: int, bn: int | None = None, stages: int
     # where a block has 256 rows (1.04-1.14x at 256 rows, 4 bits; slower at 128 rows: qgemm-wg-h100.json)
     env_ws = os.environ.get("JANG_QGEMM_WG_WS")
     ws = (int(env_ws) if env_ws else 2 if mt == 2 and bn == 128 else 0) if ws is None else int(ws)
-    if ws and bn != 128:
-        raise ValueError("qgemm_wg: the warp-specialized kernel takes 128 features per block")
+    if ws == 2 and bn > 128:   # ptxas: an m64n256 wgmma does not fit the 128-register launch target of 512 threads
+        raise ValueError("qgemm_wg: two producer warpgroups take 128 features per block")
     if st < 3 or smem_bytes(bits, bn, st, wgs, mt, ws) > SMEM_MAX or (ws and 2 * st + 1 >= 16):
         raise ValueError(f"qgemm_wg: {st} stages do not fit")
     tgt = target or TARGET_BLOCKS

@@ -135,6 +135,8 @@ def test_config_rejects_what_does_not_fit():
         wg.config(128, 4000, 4096, 4)                       # N not a multiple of the tile
     with pytest.raises(ValueError):
         wg.config(128, 4096, 4096, 8, stages=9)             # shared memory
+    with pytest.raises(ValueError):
+        wg.config(256, 4096, 4096, 4, bn=256, mt=1, ws=2)   # 512 threads: no room for an m64n256 wgmma
 
 
 def test_ws_source():
