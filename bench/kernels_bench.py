@@ -46,6 +46,25 @@ def timed(make_calls):
     return statistics.median(ts), min(ts), max(ts)
 
 
+def profile_calls(calls, labels=None):
+    """Each call once under the profiler (ncu --profile-from-start off ...): a warm-up pass first, then
+    cuProfilerStart, every call evaluated and synchronized, cuProfilerStop."""
+    import ctypes
+
+    lib = ctypes.CDLL("libcuda.so.1")
+    for f in calls:
+        mx.eval(f())
+    mx.synchronize()
+    if labels:
+        print("order", labels, flush=True)
+    lib.cuProfilerStart()
+    for f in calls:
+        mx.eval(f())
+        mx.synchronize()
+    lib.cuProfilerStop()
+    print("profiled", len(calls), flush=True)
+
+
 def rec(name, t, nbytes=None, bw=None, **kw):
     d = dict(name=name, us=t[0] * 1e6, us_min=t[1] * 1e6, us_max=t[2] * 1e6, **kw)
     if nbytes:

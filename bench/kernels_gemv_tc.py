@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import mlx.core as mx  # noqa: E402
 
-from kernels_bench import CALLS, ROTATE_BYTES, copy_bandwidth, rec, timed  # noqa: E402
+from kernels_bench import CALLS, ROTATE_BYTES, copy_bandwidth, profile_calls, rec, timed  # noqa: E402
 from kernels_parity_cuda import relerr  # noqa: E402
 from jang_serve.kernels import qgemv_tc_cuda as tc, qmm_cuda  # noqa: E402
 from jang_serve.kernels.qmm_fused import rope_inv_freq  # noqa: E402
@@ -211,9 +211,6 @@ def variants():
 def ncu_mode():
     """Each kernel once under the profiler: tc / scalar / mx.quantized_matmul at the issue's shapes (2, 3, 4,
     8 bits, one row) and the fused decode shapes (tc, scalar)."""
-    import ctypes
-
-    lib = ctypes.CDLL("libcuda.so.1")
     calls, labels = [], []
     for (n, k) in ((14336, 4096), (4096, 14336)):
         for bits in [int(b) for b in os.environ.get("GT_BITS", "4,2,8,3").split(",")]:
@@ -238,16 +235,7 @@ def ncu_mode():
         for impl in ("tc", "scalar"):
             calls.append(lambda name=name, ws=ws, impl=impl: with_impl(impl, lambda: call(name, ws)))
             labels.append(f"{impl} {name}")
-    for f in calls:
-        mx.eval(f())
-    mx.synchronize()
-    print("order", labels, flush=True)
-    lib.cuProfilerStart()
-    for f in calls:
-        mx.eval(f())
-        mx.synchronize()
-    lib.cuProfilerStop()
-    print("profiled", len(calls), flush=True)
+    profile_calls(calls, labels)
 
 
 def main():

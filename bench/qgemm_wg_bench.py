@@ -20,7 +20,7 @@ import time
 import mlx.core as mx
 
 sys.path.insert(0, os.path.dirname(__file__))
-from kernels_bench import CALLS, check, copy_bandwidth, qweights, rec, timed  # noqa: E402
+from kernels_bench import CALLS, check, copy_bandwidth, profile_calls, qweights, rec, timed  # noqa: E402
 
 from jang_serve.kernels import nvrtc, qgemm3_cuda as q3, qgemm_wg_cuda as wg  # noqa: E402
 from jang_serve.kernels.qmm import qmm as kqmm  # noqa: E402
@@ -155,9 +155,6 @@ def timing(quick, out):
 def ncu_mode():
     """Each kernel once under the profiler (ncu --profile-from-start off ... qgemm_wg_bench.py - ncu):
     the warpgroup GEMM at 128 and 256 rows (14336x4096, 4 bits) and the bf16 matmul of the same shapes."""
-    import ctypes
-
-    lib = ctypes.CDLL("libcuda.so.1")
     n, k = 14336, 4096
     ws = qweights(n, k, 4, 64)
     wb = (mx.random.normal((n, k)) * 0.05).astype(mx.bfloat16)
@@ -165,15 +162,7 @@ def ncu_mode():
     for m in (128, 256):
         x = mx.random.normal((m, k)).astype(mx.bfloat16)
         calls += [lambda x=x: wg.qgemm(x, *ws, 4, 64), lambda x=x: x @ wb.T]
-    for f in calls:
-        mx.eval(f())
-    mx.synchronize()
-    lib.cuProfilerStart()
-    for f in calls:
-        mx.eval(f())
-        mx.synchronize()
-    lib.cuProfilerStop()
-    print("profiled", len(calls), flush=True)
+    profile_calls(calls)
 
 
 def main(path, what, quick):

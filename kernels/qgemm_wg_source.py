@@ -162,6 +162,61 @@ __device__ __forceinline__ void wgmma(float* d, u64 da, u64 db) {
 WGMMA_ASM
 }
 
+
+// One 32-value unit of a stage: row r, half h of the packed tile -> dequantized into the weight tile wt
+// (K chunks 4h..4h+3 of row r). sv / bv: the unit's raw scale and bias (paired here, at use).
+__device__ __forceinline__ void unit_to_tile(const unsigned char* packed, unsigned char* wt, int r, int h, u32 sv,
+                                             u32 bv) {
+  u32 pw[UB / 4];
+  const v4u* src = reinterpret_cast<const v4u*>(packed + r * RB + h * UB);
+#if BITS == 2
+  const v2u v = *reinterpret_cast<const v2u*>(src);
+  pw[0] = v.x; pw[1] = v.y;
+#else
+#pragma unroll
+  for (int q = 0; q < UB / 16; ++q) {
+    const v4u v = src[q];
+    pw[4 * q] = v.x; pw[4 * q + 1] = v.y; pw[4 * q + 2] = v.z; pw[4 * q + 3] = v.w;
+  }
+#endif
+  u32 o[16];
+#if PROBE == 2   // timing probe: no dequant arithmetic
+#pragma unroll
+  for (int q = 0; q < 16; ++q) o[q] = pw[q % (UB / 4)] ^ sv ^ bv;
+#else
+  dequant_unit(pw, prmt(sv, sv, 0x5410), prmt(bv, bv, 0x5410), o);
+#endif
+#pragma unroll
+  for (int c = 0; c < 4; ++c)
+    *reinterpret_cast<v4u*>(wt + toff(r, 4 * h + c)) = v4u{o[4 * c], o[4 * c + 1], o[4 * c + 2], o[4 * c + 3]};
+}
+
+// The accumulators of consumer thread ct (of warpgroup wg) to y: d[mt][4i + e] is row 16 warp + g (+8 for
+// e >= 2) of the warpgroup's m64 tile mt, feature 8i + 2t (+1 for odd e); fp32 partials of K slice z (SPLIT).
+__device__ __forceinline__ void store_tile(const float (&d)[MT][NACC], OUT_T* __restrict__ y, int ct, int wg,
+                                           int m0, int n0, int M, int N) {
+  const int lane = ct & 31, g = lane >> 2, t = lane & 3, wr = (ct >> 5) & 3;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    const int rbase = m0 + (wg * MT + mt) * 64 + wr * 16 + g;
+#pragma unroll
+    for (int i = 0; i < NACC / 4; ++i) {
+      const int col = n0 + 8 * i + 2 * t;
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        const int row = rbase + 8 * hh;
+        if (row < M) {
+#if SPLIT
+          *reinterpret_cast<v2f*>(y + ((u64)blockIdx.z * M + row) * N + col) =
+              v2f{d[mt][4 * i + 2 * hh], d[mt][4 * i + 2 * hh + 1]};
+#else
+          *reinterpret_cast<u32*>(y + (u64)row * N + col) = pack2f(d[mt][4 * i + 2 * hh], d[mt][4 * i + 2 * hh + 1]);
+#endif
+        }
+      }
+    }
+  }
+}
 """
 
 KERNEL = r"""
@@ -241,30 +296,8 @@ KNAME(const u16* __restrict__ x, const u32* __restrict__ w, const u16* __restric
     unsigned char* wt = wb + (i & 1) * WBB;
 #pragma unroll
     for (int u = 0; u < UPT; ++u) {
-      const int unit = tid + u * NTH, r = unit >> 1, h = unit & 1;
-      u32 pw[UB / 4];
-      const v4u* src = reinterpret_cast<const v4u*>(slot + XST + r * RB + h * UB);
-#if BITS == 2
-      const v2u v = *reinterpret_cast<const v2u*>(src);
-      pw[0] = v.x; pw[1] = v.y;
-#else
-#pragma unroll
-      for (int q = 0; q < UB / 16; ++q) {
-        const v4u v = src[q];
-        pw[4 * q] = v.x; pw[4 * q + 1] = v.y; pw[4 * q + 2] = v.z; pw[4 * q + 3] = v.w;
-      }
-#endif
-      u32 o[16];
-#if PROBE == 2   // timing probe: no dequant arithmetic
-#pragma unroll
-      for (int q = 0; q < 16; ++q) o[q] = pw[q % (UB / 4)] ^ s2[u] ^ b2[u];
-#else
-      dequant_unit(pw, prmt(s2[u], s2[u], 0x5410), prmt(b2[u], b2[u], 0x5410), o);
-#endif
-#pragma unroll
-      for (int c = 0; c < 4; ++c)                      // K chunk 4h + c of row r
-        *reinterpret_cast<v4u*>(wt + toff(r, 4 * h + c)) =
-            v4u{o[4 * c], o[4 * c + 1], o[4 * c + 2], o[4 * c + 3]};
+      const int unit = tid + u * NTH;
+      unit_to_tile(slot + XST, wt, unit >> 1, unit & 1, s2[u], b2[u]);
     }
 #if PROBE != 1   // (timing probe 1: without the proxy fence)
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
@@ -294,28 +327,7 @@ KNAME(const u16* __restrict__ x, const u32* __restrict__ w, const u16* __restric
   }
   wg_wait<0>();
 
-  // d[mt][4i + e]: row 16 warp + g (+8 for e >= 2) of the warpgroup's m64 tile mt, feature 8i + 2t (+1: odd e)
-  const int lane = tid & 31, g = lane >> 2, t = lane & 3, wr = (tid >> 5) & 3;
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
-    const int rbase = m0 + (wg * MT + mt) * 64 + wr * 16 + g;
-#pragma unroll
-    for (int i = 0; i < NACC / 4; ++i) {
-      const int col = n0 + 8 * i + 2 * t;
-#pragma unroll
-      for (int hh = 0; hh < 2; ++hh) {
-        const int row = rbase + 8 * hh;
-        if (row < M) {
-#if SPLIT
-          *reinterpret_cast<v2f*>(y + ((u64)blockIdx.z * M + row) * N + col) =
-              v2f{d[mt][4 * i + 2 * hh], d[mt][4 * i + 2 * hh + 1]};
-#else
-          *reinterpret_cast<u32*>(y + (u64)row * N + col) = pack2f(d[mt][4 * i + 2 * hh], d[mt][4 * i + 2 * hh + 1]);
-#endif
-        }
-      }
-    }
-  }
+  store_tile(d, y, tid, wg, m0, n0, M, N);
 }
 """
 

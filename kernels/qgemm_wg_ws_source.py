@@ -94,25 +94,8 @@ KNAME(const u16* __restrict__ x, const u32* __restrict__ w, const u16* __restric
       unsigned char* slot = smem + (j % STAGES) * WSLOT;
 #pragma unroll
       for (int u = 0; u < PUPT; ++u) {
-        const int unit = tid + u * PTH, r = unit >> 1, h = unit & 1;
-        u32 pw[UB / 4];
-        const v4u* src = reinterpret_cast<const v4u*>(slot + XST + r * RB + h * UB);
-#if BITS == 2
-        const v2u v = *reinterpret_cast<const v2u*>(src);
-        pw[0] = v.x; pw[1] = v.y;
-#else
-#pragma unroll
-        for (int q = 0; q < UB / 16; ++q) {
-          const v4u v = src[q];
-          pw[4 * q] = v.x; pw[4 * q + 1] = v.y; pw[4 * q + 2] = v.z; pw[4 * q + 3] = v.w;
-        }
-#endif
-        u32 o[16];
-        dequant_unit(pw, prmt(s2[u], s2[u], 0x5410), prmt(b2[u], b2[u], 0x5410), o);
-#pragma unroll
-        for (int c = 0; c < 4; ++c)
-          *reinterpret_cast<v4u*>(slot + XST + WQST + toff(r, 4 * h + c)) =
-              v4u{o[4 * c], o[4 * c + 1], o[4 * c + 2], o[4 * c + 3]};
+        const int unit = tid + u * PTH;
+        unit_to_tile(slot + XST, slot + XST + WQST, unit >> 1, unit & 1, s2[u], b2[u]);
       }
       asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
       bar_arrive(FULL0 + j % STAGES, ATH);
@@ -152,26 +135,6 @@ KNAME(const u16* __restrict__ x, const u32* __restrict__ w, const u16* __restric
   }
   wg_wait<0>();
 
-  const int lane = ct & 31, g = lane >> 2, t = lane & 3, wr = (ct >> 5) & 3;
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
-    const int rbase = m0 + (wg * MT + mt) * 64 + wr * 16 + g;
-#pragma unroll
-    for (int i = 0; i < NACC / 4; ++i) {
-      const int col = n0 + 8 * i + 2 * t;
-#pragma unroll
-      for (int hh = 0; hh < 2; ++hh) {
-        const int row = rbase + 8 * hh;
-        if (row < M) {
-#if SPLIT
-          *reinterpret_cast<v2f*>(y + ((u64)blockIdx.z * M + row) * N + col) =
-              v2f{d[mt][4 * i + 2 * hh], d[mt][4 * i + 2 * hh + 1]};
-#else
-          *reinterpret_cast<u32*>(y + (u64)row * N + col) = pack2f(d[mt][4 * i + 2 * hh], d[mt][4 * i + 2 * hh + 1]);
-#endif
-        }
-      }
-    }
-  }
+  store_tile(d, y, ct, wg, m0, n0, M, N);
 }
 """
