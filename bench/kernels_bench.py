@@ -94,6 +94,15 @@ def check(y, ref):
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
+def rotation_sets(n, k, bits, total=200e6):
+    """Enough bf16 weights and quantized weights (group 64) of [n, k] to rotate over `total` bytes each,
+    evaluated: (bf16 list, quantized list)."""
+    wb = [(mx.random.normal((n, k)) * 0.05).astype(mx.bfloat16) for _ in range(max(3, math.ceil(total / (n * k * 2))))]
+    ws = [qweights(n, k, bits, 64) for _ in range(max(3, math.ceil(total / (n * k * bits / 8))))]
+    mx.eval(wb, ws)
+    return wb, ws
+
+
 def qweights(n, k, bits, gs):
     w = (mx.random.normal((n, k)) * 0.05).astype(mx.bfloat16)
     return mx.quantize(w, group_size=gs, bits=bits)

@@ -10,7 +10,6 @@ queued, one eval, median of 5, weights rotated over > 200 MB).
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import time
 import mlx.core as mx
 
 sys.path.insert(0, os.path.dirname(__file__))
-from kernels_bench import CALLS, check, copy_bandwidth, qweights, rec, timed  # noqa: E402
+from kernels_bench import CALLS, check, copy_bandwidth, rec, rotation_sets, timed  # noqa: E402
 
 from jang_serve.kernels import qgemm3_cuda as q3, qgemm_cuda  # noqa: E402
 from jang_serve.kernels.qmm import qmm as kqmm  # noqa: E402
@@ -64,11 +63,8 @@ def timing(quick, out):
         shapes, rows = shapes[:3], (64, 256)
     variants = [{}] + json.loads(os.environ.get("Q3_VARIANTS", "[]"))
     for n, k, bits in shapes:
-        nsets = max(3, math.ceil(200e6 / (n * k * 2)))
-        wb = [(mx.random.normal((n, k)) * 0.05).astype(mx.bfloat16) for _ in range(nsets)]
-        nq = max(3, math.ceil(200e6 / (n * k * bits / 8)))
-        ws = [qweights(n, k, bits, 64) for _ in range(nq)]
-        mx.eval(wb, ws)
+        wb, ws = rotation_sets(n, k, bits)
+        nsets, nq = len(wb), len(ws)
         for m in rows:
             x = mx.random.normal((m, k)).astype(mx.bfloat16)
             ref = mx.quantized_matmul(x, *ws[0], transpose=True, group_size=64, bits=bits)

@@ -11,7 +11,6 @@ rotated over > 200 MB).
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -20,7 +19,7 @@ import time
 import mlx.core as mx
 
 sys.path.insert(0, os.path.dirname(__file__))
-from kernels_bench import CALLS, check, copy_bandwidth, profile_calls, qweights, rec, timed  # noqa: E402
+from kernels_bench import CALLS, check, copy_bandwidth, profile_calls, qweights, rec, rotation_sets, timed  # noqa: E402
 
 from jang_serve.kernels import nvrtc, qgemm3_cuda as q3, qgemm_wg_cuda as wg  # noqa: E402
 from jang_serve.kernels.qmm import qmm as kqmm  # noqa: E402
@@ -105,11 +104,8 @@ def timing(quick, out):
         shapes, rows = shapes[:2], (128, 256)
     variants = [{}] + json.loads(os.environ.get("WG_VARIANTS", "[]"))
     for n, k, bits in shapes:
-        nsets = max(3, math.ceil(200e6 / (n * k * 2)))
-        wb = [(mx.random.normal((n, k)) * 0.05).astype(mx.bfloat16) for _ in range(nsets)]
-        nq = max(3, math.ceil(200e6 / (n * k * bits / 8)))
-        ws = [qweights(n, k, bits, 64) for _ in range(nq)]
-        mx.eval(wb, ws)
+        wb, ws = rotation_sets(n, k, bits)
+        nsets, nq = len(wb), len(ws)
         for m in rows:
             x = mx.random.normal((m, k)).astype(mx.bfloat16)
             ref = mx.dequantize(*ws[0], group_size=64, bits=bits)
