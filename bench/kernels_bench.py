@@ -94,6 +94,35 @@ def check(y, ref):
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
+def run_sections(path, method, sections, what, quick, extra=None):
+    """The device-bench driver: header (device, MLX, date, COMMIT, copy bandwidth), then each wanted section
+    fn(quick, rows) in order, the JSON rewritten after each (a timeout keeps what was measured); `extra()`
+    adds keys after each section. Prints the parity tally when there is one."""
+    gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem",
+                          "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()
+    res = dict(device=gpu, mlx=mx.__version__, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+               commit=os.environ.get("COMMIT", "?"), method=method)
+    bw, copy = copy_bandwidth()
+    res["copy_bandwidth_GBps"], res["copy"] = bw / 1e9, copy
+    for name, fn in sections:
+        if name in what:
+            t0 = time.time()
+            res[name] = []
+            try:
+                fn(quick, res[name])
+            except BaseException as e:   # also a timeout's SIGINT: keep what was measured
+                res[name + "_error"] = repr(e)
+                print(f"{name} failed: {e!r}", flush=True)
+            res[name + "_seconds"] = round(time.time() - t0, 1)
+            res.update(extra() if extra else {})
+            with open(path, "w") as f:
+                json.dump(res, f, indent=1)
+    if "parity" in res:
+        bad = [r for r in res["parity"] if not r["ok"]]
+        print(f"parity: {len(res['parity']) - len(bad)}/{len(res['parity'])} ok")
+    return res
+
+
 def rotation_sets(n, k, bits, total=200e6):
     """Enough bf16 weights and quantized weights (group 64) of [n, k] to rotate over `total` bytes each,
     evaluated: (bf16 list, quantized list)."""

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 
 import mlx.core as mx
 
 sys.path.insert(0, os.path.dirname(__file__))
-from kernels_bench import CALLS, check, copy_bandwidth, profile_calls, qweights, rec, rotation_sets, timed  # noqa: E402
+from kernels_bench import CALLS, check, profile_calls, qweights, rec, rotation_sets, run_sections, timed  # noqa: E402
 
 from jang_serve.kernels import nvrtc, qgemm3_cuda as q3, qgemm_wg_cuda as wg  # noqa: E402
 from jang_serve.kernels.qmm import qmm as kqmm  # noqa: E402
@@ -162,30 +161,10 @@ def ncu_mode():
 
 
 def main(path, what, quick):
-    gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem",
-                          "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()
-    res = dict(device=gpu, mlx=mx.__version__, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-               commit=os.environ.get("COMMIT", "?"),
-               method=f"{CALLS} calls queued, one mx.eval, median of 5; weights rotated over > 200 MB; "
-                      "speedup_vs_bf16 = bf16 matmul time / this time (above 1: faster)")
-    bw, copy = copy_bandwidth()
-    res["copy_bandwidth_GBps"], res["copy"] = bw / 1e9, copy
-    for name, fn in (("probe", probe), ("parity", parity), ("timing", timing)):
-        if name in what:
-            t0 = time.time()
-            res[name] = []
-            try:
-                fn(quick, res[name])
-            except BaseException as e:   # also a timeout's SIGINT: keep what was measured
-                res[name + "_error"] = repr(e)
-                print(f"{name} failed: {e!r}", flush=True)
-            res[name + "_seconds"] = round(time.time() - t0, 1)
-            res["layout"] = dict(swz=wg.SWZ, desc=list(wg.DESC))
-            with open(path, "w") as f:
-                json.dump(res, f, indent=1)
-    if "parity" in res:
-        bad = [r for r in res["parity"] if not r["ok"]]
-        print(f"parity: {len(res['parity']) - len(bad)}/{len(res['parity'])} ok")
+    method = (f"{CALLS} calls queued, one mx.eval, median of 5; weights rotated over > 200 MB; "
+              "speedup_vs_bf16 = bf16 matmul time / this time (above 1: faster)")
+    run_sections(path, method, (("probe", probe), ("parity", parity), ("timing", timing)), what, quick,
+                 lambda: {"layout": dict(swz=wg.SWZ, desc=list(wg.DESC))})
 
 
 if __name__ == "__main__":
