@@ -1,4 +1,5 @@
-"""Per-kernel GPU time of one engine decode step, under Nsight Compute (device machine only).
+"""Per-kernel GPU time of one engine decode step (or, with --prefill N, of one N-token prompt's prefill),
+under Nsight Compute (device machine only).
 
     ncu --profile-from-start off --metrics gpu__time_duration.sum --csv --log-file OUT.csv \
         python3 bench/e2e_profile.py [--tiny]
@@ -56,6 +57,31 @@ def run(args):
         return k(inputs=[one], grid=(32, 1, 1), threadgroup=(32, 1, 1), output_shapes=[(1,)],
                  output_dtypes=[mx.float32])[0]
 
+    if args.prefill:
+        for name, model in models.items():
+            core = EngineCore((model, None, cfg), EngineConfig(kv_memory_gb=2.0, max_num_seqs=4,
+                                                               enable_prefix_caching=False))
+            sp = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+            prompts = E.prompts_for(3, args.prefill, cfg["vocab_size"], 9)
+            for i, p in enumerate(prompts[:2]):       # warm-up: every prefill kernel compiled
+                core.add_request(f"w{i}", p, sp)
+                while core.has_work():
+                    core.step()
+            tag = (1 if name == "ours-jang4m" else 2) * 1000 + args.prefill
+            mx.eval(mark(tag))
+            mx.synchronize()
+            start()
+            mx.eval(mark(tag))
+            t = time.perf_counter()
+            core.add_request("p", prompts[2], sp)
+            while core.has_work():
+                core.step()
+            mx.synchronize()
+            stop()
+            print(f"profiled {name} prefill={args.prefill} tag={tag} ({1e3 * (time.perf_counter() - t):.1f} ms under ncu)",
+                  flush=True)
+            del core
+        return
     for name, model in models.items():
         for nseq in (int(n) for n in args.nseqs.split(",")):
             core = EngineCore((model, None, cfg), EngineConfig(kv_memory_gb=2.0, max_num_seqs=64,
@@ -125,6 +151,7 @@ if __name__ == "__main__":
     ap.add_argument("--summarize", nargs="+")
     ap.add_argument("--models", default="ours-jang4m,ours-bf16")
     ap.add_argument("--nseqs", default="64,1")
+    ap.add_argument("--prefill", type=int, default=0, help="profile one prompt of this many tokens instead")
     a = ap.parse_args()
     if a.summarize:
         summarize(*a.summarize)
