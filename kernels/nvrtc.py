@@ -4,8 +4,8 @@ warpgroup instructions (wgmma) need `sm_90a`. The cubin runs through `mx.fast.pr
 
 NVRTC is the library MLX's CUDA backend itself depends on (the `nvidia-cuda-nvrtc` wheel), so it is
 wherever MLX runs on CUDA. Sources compiled here include no headers. Cubins are cached in memory and on
-disk ($JANG_SERVE_CUBIN_CACHE, default ~/.cache/jang-serve/cubin), keyed by a hash of the source, the
-options and the NVRTC version.
+disk ($JANG_SERVE_CUBIN_CACHE, default $JANG_SERVE_HOME/cubin, ~/.cache/jang-serve/cubin), keyed by a hash of
+the source, the options and the NVRTC version.
 """
 
 from __future__ import annotations
@@ -71,8 +71,8 @@ def _check(lib, rc, what, prog=None):
 
 
 def _cache_dir() -> str:
-    return os.environ.get("JANG_SERVE_CUBIN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
-                                                                     "jang-serve", "cubin")
+    home = os.environ.get("JANG_SERVE_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "jang-serve")
+    return os.environ.get("JANG_SERVE_CUBIN_CACHE") or os.path.join(home, "cubin")
 
 
 def compile_cubin(source: str, name: str, arch: str = "sm_90a", options: tuple[str, ...] = ()) -> bytes:

@@ -205,3 +205,11 @@ def test_route_switches(monkeypatch):
     assert qmm_mod._cuda_route(128, x, w, 4, 64, mx.bfloat16, wg=False) == "qgemm"
     monkeypatch.setenv("JANG_QGEMM_WG_MIN_ROWS", "200")
     assert qmm_mod._cuda_route(128, x, w, 4, 64, mx.bfloat16) == "qgemm"
+
+
+def test_cubin_cache_follows_the_home(monkeypatch, tmp_path):
+    monkeypatch.delenv("JANG_SERVE_CUBIN_CACHE", raising=False)
+    monkeypatch.setenv("JANG_SERVE_HOME", str(tmp_path))
+    assert nvrtc._cache_dir() == str(tmp_path / "cubin")
+    monkeypatch.setenv("JANG_SERVE_CUBIN_CACHE", str(tmp_path / "elsewhere"))
+    assert nvrtc._cache_dir() == str(tmp_path / "elsewhere")
