@@ -74,7 +74,8 @@ def parity(quick, out):
                (100, 512, 2048, {"WS": True, "stages": 5}), (256, 384, 4096, {"WS": True, "stages": 3}))]
     cases += [(b, 64, dt, 200, 512, 1024, {"WS": True}) for b in (2, 8) for dt in (mx.bfloat16, mx.float16)]
     cases += [(b, gs, dt, m, 512, 2048, {"WS": 2}) for b, gs, dt, m in
-              ((4, 64, mx.bfloat16, 256), (4, 32, mx.float16, 100), (2, 128, mx.bfloat16, 300), (8, 64, mx.bfloat16, 130))]
+              ((4, 64, mx.bfloat16, 256), (4, 32, mx.float16, 100), (2, 128, mx.bfloat16, 300),
+               (8, 64, mx.bfloat16, 130))]
     cases += [(8, 64, mx.bfloat16, 256, 512, 1024, {"BN": 256}), (2, 32, mx.float16, 256, 768, 1024, {"split": 2})]
     if quick:
         cases = cases[::3]
@@ -82,7 +83,7 @@ def parity(quick, out):
         err = one_case(bits, gs, dt, m, n, k, over)
         ok = isinstance(err, float) and err < 1e-2
         try:
-            cfg = wg.config(m, n, k, bits, **{a.lower() if a in ("BN", "WGS", "MT", "WS") else a: v for a, v in over.items()})
+            cfg = wg.config(m, n, k, bits, **wg.config_args(over))
         except Exception as e:
             cfg = repr(e)
         out.append(dict(bits=bits, gs=gs, dtype=str(dt), m=m, n=n, k=k, over=over, cfg=cfg, relerr=err, ok=ok))
@@ -130,7 +131,7 @@ def timing(quick, out):
                 v = {a: val for a, val in var.items() if a != "swz"}   # {"swz": false}: the unswizzled layout
                 swz0, wg.SWZ = wg.SWZ, var.get("swz", wg.SWZ)
                 try:
-                    cfg = wg.config(m, n, k, bits, **{a.lower() if a in ("BN", "WGS", "MT", "WS") else a: val for a, val in v.items()})
+                    cfg = wg.config(m, n, k, bits, **wg.config_args(v))
                     t = timed(lambda: [wg.qgemm(x, *ws[i % nq], bits, 64, **v) for i in range(CALLS)])
                     err = check(wg.qgemm(x, *ws[0], bits, 64, **v), ref)
                 except Exception as e:

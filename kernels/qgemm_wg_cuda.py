@@ -1,4 +1,4 @@
-"""Warpgroup (wgmma) GEMM for MLX's affine packed weights on Hopper (sm_90a): the route for 128 and more rows.
+"""Warpgroup (wgmma) GEMM for MLX's affine packed weights on Hopper (sm_90a): kernels.qmm's route for 96-256 rows.
 
 y[M, N] = x[M, K] @ dequant(w)[N, K].T, w uint32 [N, K*bits/32] (bits 2, 4 or 8), scales / biases
 [N, K/group_size] in x's dtype (bf16 or fp16); MLX's layout as stored.
@@ -22,9 +22,9 @@ exist, so this kernel is compiled for sm_90a with NVRTC (kernels/nvrtc.py) and l
   producer warpgroups load and dequantize into a STAGES-deep ring of slots, the two consumer warpgroups only
   issue wgmmas; FULL / EMPTY named barriers per slot; with two producers setmaxnreg moves registers to the
   consumers (80 / 176).
-- **Pipeline** (the non-specialized kernel): K in stages of 64 through a STAGES-slot cp.async ring (x tile + the packed weight rows),
-  STAGES-2 stages ahead; each stage the 256 threads dequantize the packed tile into one of two bf16 / fp16
-  tiles (a 32-value unit per thread and 128 features: its row's 16-byte core-matrix rows), fence the
+- **Pipeline** (the non-specialized kernel): K in stages of 64 through a STAGES-slot cp.async ring (x tile +
+  the packed weight rows), STAGES-2 stages ahead; each stage the 256 threads dequantize the packed tile into
+  one of two bf16 / fp16 tiles (a 32-value unit per thread and 128 features: its row's 16-byte chunks), fence the
   writes to the async proxy, barrier, and the warpgroups issue 4 wgmmas (one per k16) and keep one stage
   of them in flight (wait_group 1), so a stage's dequant overlaps the previous stage's MMAs.
 - **Dequant** of a 32-bit word: pairs of fields (i, i + 4) at 4 bits ((i, i + 8) at 2 bits) go under the
@@ -64,6 +64,11 @@ def smem_bytes(bits: int, bn: int, stages: int, wgs: int, mt: int = 1, ws: int =
     """Dynamic shared memory (mirrors STB / WBB, or WSLOT of the warp-specialized kernel)."""
     ring = stages * (64 * wgs * mt * BK * 2 + bn * BK * bits // 8)
     return ring + (stages if ws else 2) * bn * BK * 2
+
+
+def config_args(overrides: dict) -> dict:
+    """qgemm()'s overrides (BN, WGS, MT, WS, stages, split, ...) as config() keywords."""
+    return {a.lower() if a in ("BN", "WGS", "MT", "WS") else a: v for a, v in overrides.items()}
 
 
 def config(m: int, n: int, k: int, bits: int, bn: int | None = None, stages: int | None = None,
@@ -148,7 +153,7 @@ def qgemm(x2d: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: 
           **overrides) -> mx.array:
     """x2d [M, K] bf16/fp16 -> [M, N] in x's dtype. overrides: BN, stages, split, target (config)."""
     m, k = x2d.shape
-    cfg = config(m, w.shape[0], k, bits, **{a.lower() if a in ("BN", "WGS", "MT", "WS") else a: v for a, v in overrides.items()})
+    cfg = config(m, w.shape[0], k, bits, **config_args(overrides))
     return _launch(cfg, m, w.shape[0], x2d.dtype, bits, group_size)(x2d, w, scales, biases)
 
 

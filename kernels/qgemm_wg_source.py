@@ -340,7 +340,8 @@ def wgmma_asm(bn: int, bf16: bool) -> str:
     regs = ", ".join(f"%{i}" for i in range(n))
     outs = ", ".join(f'"+f"(d[{i}])' for i in range(n))
     return (f'  asm volatile("{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{n + 2}, 0;\\n'
-            f'wgmma.mma_async.sync.aligned.m64n{bn}k16.f32.{ab}.{ab} {{{regs}}}, %{n}, %{n + 1}, p, 1, 1, 0, 0;\\n}}\\n"\n'
+            f'wgmma.mma_async.sync.aligned.m64n{bn}k16.f32.{ab}.{ab} {{{regs}}}, %{n}, %{n + 1}, '
+            f'p, 1, 1, 0, 0;\\n}}\\n"\n'
             f'               : {outs}\n'
             f'               : "l"(da), "l"(db), "r"(1));')
 
