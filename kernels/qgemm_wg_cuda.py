@@ -15,7 +15,7 @@ exist, so this kernel is compiled for sm_90a with NVRTC (kernels/nvrtc.py) and l
   together and the later ones read it from L2.
 - **Operands**: both from shared memory (descriptors), K-major, 128-byte swizzle: a tile row's 64 values
   are 128 bytes whose 16-byte chunks are XOR-permuted by the row's index within its 8-row, 1024-byte
-  atom (the unswizzled core-matrix layout, SWZ = False, measured 1.2-1.8x slower: bank conflicts). x is
+  atom (the unswizzled core-matrix layout measured 1.2-1.8x slower, bank conflicts; commit 0846a62). x is
   A (m64), the dequantized weight tile is B (n = BN): `wgmma.mma_async.m64n{BN}k16`, fp32 accumulators in
   registers (MT*BN/2 per thread).
 - **Warp-specialized** (WS, the default for 256-row blocks; kernels/qgemm_wg_ws_source.py): one or two
@@ -73,7 +73,7 @@ def config_args(overrides: dict) -> dict:
 
 def config(m: int, n: int, k: int, bits: int, bn: int | None = None, stages: int | None = None,
            split: int | None = None, target: int | None = None, wgs: int | None = None, mt: int | None = None,
-           probe: int = 0, late: bool | None = None, ws: int | None = None) -> dict:
+           probe: int = 0, ws: int | None = None) -> dict:
     # Defaults from bench/results/qgemm-wg-h100.json: two warpgroups; one m64 tile each up to 128 rows, two
     # above (the weight tile is dequantized once per 256 rows); 128 features; 4 stages.
     wgs = wgs or int(os.environ.get("JANG_QGEMM_WG_WGS", 0)) or 2
@@ -100,24 +100,18 @@ def config(m: int, n: int, k: int, bits: int, bn: int | None = None, stages: int
             split *= 2
     if k % (BK * split):
         raise ValueError(f"qgemm_wg: K={k} does not split into {split} parts of whole {BK}-wide stages")
-    late = bool(int(os.environ.get("JANG_QGEMM_WG_LATE", 0))) if late is None else late
-    return dict(BN=bn, stages=st, split=split, WGS=wgs, MT=mt, probe=probe, late=late, ws=ws)
+    return dict(BN=bn, stages=st, split=split, WGS=wgs, MT=mt, probe=probe, ws=ws)
 
 
 _cubins: dict[tuple, bytes] = {}
-# Shared-memory layout of the tiles: 128-byte swizzle (SWZ), else no swizzle with these descriptor byte
-# offsets (LBO along K, SBO between 8-row groups; measured slower: bank conflicts). The bench overrides them.
-SWZ = True
-DESC = (128, 1024)
 
 
 def cubin(bits: int, group_size: int, bf16: bool, bn: int, stages: int, split: bool, wgs: int, mt: int = 1,
-          probe: int = 0, late: bool = False, ws: int = 0) -> tuple[str, bytes]:
-    key = (bits, group_size, bf16, bn, stages, split, wgs, mt, probe, late, ws, SWZ, DESC)
-    base = kernel_name(*key[:11])
-    name = base + ("" if SWZ else f"_i{DESC[0]}_{DESC[1]}")
+          probe: int = 0, ws: int = 0) -> tuple[str, bytes]:
+    key = (bits, group_size, bf16, bn, stages, split, wgs, mt, probe, ws)
+    name = kernel_name(*key)
     if key not in _cubins:
-        _cubins[key] = nvrtc.compile_cubin(source(*key[:11], *DESC, swz=SWZ).replace(base, name), name)
+        _cubins[key] = nvrtc.compile_cubin(source(*key), name)
     return name, _cubins[key]
 
 
@@ -125,7 +119,7 @@ def _launch(cfg, m, n, dtype, bits, group_size):
     bn, st, s, wgs, mt = cfg["BN"], cfg["stages"], cfg["split"], cfg["WGS"], cfg["MT"]
     bf16 = dtype == mx.bfloat16
     ws = cfg["ws"]
-    name, code = cubin(bits, group_size, bf16, bn, st, s > 1, wgs, mt, cfg["probe"], cfg["late"], ws)
+    name, code = cubin(bits, group_size, bf16, bn, st, s > 1, wgs, mt, cfg["probe"], ws)
     nth = 128 * (wgs + ws)
     grid, tg = (-(-m // (64 * wgs * mt)) * nth, n // bn, s), (nth, 1, 1)
     smem = smem_bytes(bits, bn, st, wgs, mt, ws)
@@ -184,7 +178,7 @@ def self_test(dtype, bits: int, group_size: int) -> tuple[bool, str]:
     return True, ""
 
 
-def ready(dtype, sdtype, bits: int, group_size: int, m: int = 0) -> bool:
+def ready(dtype, sdtype, bits: int, group_size: int) -> bool:
     """First use of a template (dtype, bits, group): compile (NVRTC) and self-test (self_test); a failure (no
     NVRTC, not a Hopper GPU, a mismatch) turns it off, logged, and the route falls back."""
     if sdtype != dtype:

@@ -20,9 +20,7 @@ constexpr int NTH = 128 * WGS;
 constexpr int XST = BM * BK * 2;                // x bytes per stage
 constexpr int RB = BK * BITS / 8;               // packed bytes per weight row per stage
 constexpr int WQST = BN * RB;                   // packed weight bytes per stage
-constexpr int STB = XST + WQST;                 // one ring slot
 constexpr int WBB = BN * BK * 2;                // one dequantized weight tile (bf16 / fp16)
-constexpr int UPT = BN * 2 / NTH;               // 32-value units dequantized per thread and stage
 constexpr int UB = 32 * BITS / 8;               // packed bytes of a unit
 constexpr int NACC = BN / 2;                    // fp32 accumulators per thread (m64 x BN per warpgroup)
 #if IS_BF16
@@ -131,26 +129,14 @@ __device__ __forceinline__ void dequant_unit(const u32* pw, u32 s2, u32 b2, u32*
 #endif
 }
 
-// Byte offset of 16-byte chunk c (K values 8c..8c+7) of row r in a [rows][64] tile. SWZ: rows of 128 bytes,
-// chunks XOR-swizzled by the row's index within its 8-row, 1024-byte atom (the 128-byte swizzle the
-// wgmma descriptor names); else 8x16-byte core matrices, 128 bytes apart along K, 1024 between 8-row groups.
-__device__ __forceinline__ u32 toff(int r, int c) {
-#if SWZ
-  return r * 128 + ((c ^ (r & 7)) << 4);
-#else
-  return (r >> 3) * 1024 + c * 128 + (r & 7) * 16;
-#endif
-}
-// Shared-memory matrix descriptor of a K-major tile at addr (k16 step j: addr + KSTEP * j). SWZ: 128-byte
-// swizzle, SBO = 1024 between 8-row atoms (LBO unused). Else no swizzle: LBO between the two core matrices
-// along K, SBO between 8-row groups.
-constexpr u32 KSTEP = SWZ ? 32 : 256;
+// Byte offset of 16-byte chunk c (K values 8c..8c+7) of row r in a [rows][64] tile: rows of 128 bytes, chunks
+// XOR-swizzled by the row's index within its 8-row, 1024-byte atom (the 128-byte swizzle the descriptor names).
+__device__ __forceinline__ u32 toff(int r, int c) { return r * 128 + ((c ^ (r & 7)) << 4); }
+// Shared-memory matrix descriptor of a K-major tile at addr with the 128-byte swizzle (k16 step j: addr + 32 j):
+// SBO = 1024 bytes between 8-row atoms, LBO unused (1).
+constexpr u32 KSTEP = 32;
 __device__ __forceinline__ u64 desc(u32 addr) {
-#if SWZ
   return (u64)((addr >> 4) & 0x3FFF) | ((u64)1 << 16) | ((u64)(1024 >> 4) << 32) | ((u64)1 << 62);
-#else
-  return (u64)((addr >> 4) & 0x3FFF) | ((u64)(LBO >> 4) << 16) | ((u64)(SBO >> 4) << 32);
-#endif
 }
 
 __device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
@@ -220,6 +206,9 @@ __device__ __forceinline__ void store_tile(const float (&d)[MT][NACC], OUT_T* __
 """
 
 KERNEL = r"""
+constexpr int STB = XST + WQST;                 // one ring slot: x tile + packed weights
+constexpr int UPT = BN * 2 / NTH;               // 32-value units dequantized per thread and stage
+
 extern "C" __global__ void __launch_bounds__(128 * WGS, 1)
 KNAME(const u16* __restrict__ x, const u32* __restrict__ w, const u16* __restrict__ scales,
       const u16* __restrict__ biases, OUT_T* __restrict__ y, int M, int N, int K) {
@@ -289,9 +278,7 @@ KNAME(const u16* __restrict__ x, const u32* __restrict__ w, const u16* __restric
   auto step = [&](int i, u32 (&s2)[UPT], u32 (&b2)[UPT]) {
     cp_wait<STAGES - 3>();
     __syncthreads();                                   // stage i landed; wgmma i-2 done in every warp
-#if !LATE
     issue(i + STAGES - 2);                             // into the slot of stage i-2
-#endif
     const unsigned char* slot = ring + (i % STAGES) * STB;
     unsigned char* wt = wb + (i & 1) * WBB;
 #pragma unroll
@@ -303,9 +290,6 @@ KNAME(const u16* __restrict__ x, const u32* __restrict__ w, const u16* __restric
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 #endif
     __syncthreads();                                   // the weight tile is written
-#if LATE   // after this stage's proxy fence (its MEMBAR would wait for loads issued before it)
-    issue(i + STAGES - 2);
-#endif
     const u32 xa = ring_s + (i % STAGES) * STB + wg * MT * 8192;
     const u32 wa = wb_s + (i & 1) * WBB;
     wg_fence();
@@ -347,24 +331,21 @@ def wgmma_asm(bn: int, bf16: bool) -> str:
 
 
 def kernel_name(bits: int, gs: int, bf16: bool, bn: int, stages: int, split: bool, wgs: int = 2, mt: int = 1,
-                probe: int = 0, late: bool = False, ws: int = 0) -> str:
+                probe: int = 0, ws: int = 0) -> str:
     return (f"jang_qgemm_wg_b{bits}_g{gs}_{'bf16' if bf16 else 'f16'}_n{bn}_s{stages}_w{wgs}_m{mt}_"
-            f"{'split' if split else 'out'}" + (f"_p{probe}" if probe else "") + ("_late" if late else "")
-            + (f"_ws{int(ws)}" if ws else ""))
+            f"{'split' if split else 'out'}" + (f"_p{probe}" if probe else "") + (f"_ws{int(ws)}" if ws else ""))
 
 
 def source(bits: int, gs: int, bf16: bool, bn: int, stages: int, split: bool, wgs: int = 2, mt: int = 1,
-           probe: int = 0, late: bool = False, ws: int = 0, lbo: int = 128, sbo: int = 1024,
-           swz: bool = True) -> str:
+           probe: int = 0, ws: int = 0) -> str:
     """ws: 0, or the number of producer warpgroups of the warp-specialized kernel (1 or 2; with 2, setmaxnreg
     moves registers from the producers (80) to the consumers (176))."""
     preg, creg = (80, 176) if ws == 2 else (0, 0)
     head = (f"#define BITS {bits}\n#define GS {gs}\n#define IS_BF16 {int(bf16)}\n#define BN {bn}\n"
             f"#define STAGES {stages}\n#define SPLIT {int(split)}\n#define OUT_T {'float' if split else 'u16'}\n"
-            f"#define WGS {wgs}\n#define MT {mt}\n#define PROBE {probe}\n#define LATE {int(late)}\n"
+            f"#define WGS {wgs}\n#define MT {mt}\n#define PROBE {probe}\n"
             f"#define PREG {preg}\n#define CREG {creg}\n#define PWG {max(int(ws), 1)}\n"
-            f"#define KNAME {kernel_name(bits, gs, bf16, bn, stages, split, wgs, mt, probe, late, ws)}\n"
-            + (f"#define LBO {lbo}\n#define SBO {sbo}\n#define SWZ {int(swz)}\n"))
+            f"#define KNAME {kernel_name(bits, gs, bf16, bn, stages, split, wgs, mt, probe, ws)}\n")
     from .qgemm_wg_ws_source import KERNEL_WS
 
     return head + HELPERS.replace("WGMMA_ASM", wgmma_asm(bn, bf16)) + (KERNEL_WS if ws else KERNEL)
