@@ -4,7 +4,7 @@ described there). Self-contained: no headers, so NVRTC compiles it for sm_90a wi
 by the kernel here (every warp loads, dequantizes and multiplies) and the warp-specialized one
 (kernels/qgemm_wg_ws_source.py)."""
 
-HELPERS = r"""
+COMMON = r"""
 typedef unsigned int u32;
 typedef unsigned short u16;
 typedef unsigned long long u64;
@@ -14,15 +14,6 @@ struct alignas(8) v2f { float x, y; };
 __device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
 __device__ __forceinline__ float as_float(u32 v) { float f; asm("mov.b32 %0, %1;" : "=f"(f) : "r"(v)); return f; }
 
-constexpr int BM = 64 * WGS * MT;               // x rows (tokens) per block: 64 MT per warpgroup
-constexpr int BK = 64;                          // K values per stage
-constexpr int NTH = 128 * WGS;
-constexpr int XST = BM * BK * 2;                // x bytes per stage
-constexpr int RB = BK * BITS / 8;               // packed bytes per weight row per stage
-constexpr int WQST = BN * RB;                   // packed weight bytes per stage
-constexpr int WBB = BN * BK * 2;                // one dequantized weight tile (bf16 / fp16)
-constexpr int UB = 32 * BITS / 8;               // packed bytes of a unit
-constexpr int NACC = BN / 2;                    // fp32 accumulators per thread (m64 x BN per warpgroup)
 #if IS_BF16
 constexpr u32 MAGIC = 0x43004300u;              // bf16 (128, 128): (MAGIC | q) = 128 + q exactly, q < 128
 #else
@@ -144,6 +135,18 @@ __device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.s
 template <int N> __device__ __forceinline__ void wg_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" :: "n"(N) : "memory");
 }
+"""
+
+HELPERS = COMMON + r"""
+constexpr int BM = 64 * WGS * MT;               // x rows (tokens) per block: 64 MT per warpgroup
+constexpr int BK = 64;                          // K values per stage
+constexpr int NTH = 128 * WGS;
+constexpr int XST = BM * BK * 2;                // x bytes per stage
+constexpr int RB = BK * BITS / 8;               // packed bytes per weight row per stage
+constexpr int WQST = BN * RB;                   // packed weight bytes per stage
+constexpr int WBB = BN * BK * 2;                // one dequantized weight tile (bf16 / fp16)
+constexpr int UB = 32 * BITS / 8;               // packed bytes of a unit
+constexpr int NACC = BN / 2;                    // fp32 accumulators per thread (m64 x BN per warpgroup)
 __device__ __forceinline__ void wgmma(float* d, u64 da, u64 db) {
 WGMMA_ASM
 }
