@@ -117,9 +117,9 @@ def run_sections(path, method, sections, what, quick, extra=None):
             res.update(extra() if extra else {})
             with open(path, "w") as f:
                 json.dump(res, f, indent=1)
-    if "parity" in res:
-        bad = [r for r in res["parity"] if not r["ok"]]
-        print(f"parity: {len(res['parity']) - len(bad)}/{len(res['parity'])} ok")
+    for key in [k for k in res if k.endswith("parity") and isinstance(res[k], list)]:
+        bad = [r for r in res[key] if not r["ok"]]
+        print(f"{key}: {len(res[key]) - len(bad)}/{len(res[key])} ok")
     return res
 
 

@@ -3,8 +3,9 @@ probe, parity, then queued timings against the bf16 matmul, qgemm3 and kernels.q
 from the same run (method of bench/kernels_bench.py: 100 calls queued, one eval, median of 5, weights
 rotated over > 200 MB).
 
-    python3 bench/qgemm_wg_bench.py OUT.json [probe] [parity] [timing] [quick]
+    python3 bench/qgemm_wg_bench.py OUT.json [probe] [parity] [rs_parity] [timing] [quick]
     WG_VARIANTS='[{"BN": 128}, {"stages": 3}]'   # extra configs timed at every row count
+    RS_VARIANTS='[{"stages": 5}]'                # the register-operand kernel's (kernels/qgemm_rs_cuda.py)
     WG_ROWS=128,256 WG_SHAPES=14336x4096x4,...   # narrow the timing grid
 """
 
@@ -20,12 +21,12 @@ import mlx.core as mx
 sys.path.insert(0, os.path.dirname(__file__))
 from kernels_bench import CALLS, check, profile_calls, qweights, rec, rotation_sets, run_sections, timed  # noqa: E402
 
-from jang_serve.kernels import nvrtc, qgemm3_cuda as q3, qgemm_wg_cuda as wg  # noqa: E402
+from jang_serve.kernels import nvrtc, qgemm3_cuda as q3, qgemm_rs_cuda as rs, qgemm_wg_cuda as wg  # noqa: E402
 from jang_serve.kernels.qmm import qmm as kqmm  # noqa: E402
 from jang_serve.kernels.backend import relerr  # noqa: E402
 
 
-def one_case(bits, gs, dt, m, n, k, over):
+def one_case(bits, gs, dt, m, n, k, over, fn=None):
     w = (mx.random.normal((n, k)) * 0.05).astype(dt)
     wq, s, b = mx.quantize(w, group_size=gs, bits=bits)
     s, b = s.astype(dt), b.astype(dt)
@@ -33,7 +34,7 @@ def one_case(bits, gs, dt, m, n, k, over):
     wd = mx.dequantize(wq, s.astype(mx.float32), b.astype(mx.float32), group_size=gs, bits=bits)
     ref = x.astype(mx.float32) @ wd.T
     try:
-        return relerr(wg.qgemm(x, wq, s, b, bits, gs, **over), ref)
+        return relerr((fn or wg.qgemm)(x, wq, s, b, bits, gs, **over), ref)
     except Exception as e:  # keep going: the record says what broke
         return repr(e)[:600]
 
@@ -84,6 +85,30 @@ def parity(quick, out):
         print(f"parity bits={bits} gs={gs} {dt} m={m} n={n} k={k} {over}: {err} {'ok' if ok else 'FAIL'}", flush=True)
 
 
+def rs_parity(quick, out):
+    """The register-operand kernel (kernels/qgemm_rs_cuda.py): every bit width, group and dtype, partial row
+    tiles, split-K, stage counts."""
+    cases = [(b, gs, dt, m, 512, 1024, {}) for b in (2, 4, 8) for gs in (32, 64, 128)
+             for dt in (mx.bfloat16, mx.float16) for m in (136, 256)]
+    cases += [(4, 64, mx.bfloat16, m, n, k, o) for m, n, k, o in
+              ((96, 256, 512, {"split": 1}), (200, 384, 2048, {}), (65, 512, 1024, {"split": 4}),
+               (256, 4096, 4096, {}), (192, 1024, 14336, {}), (256, 512, 1024, {"stages": 3}),
+               (128, 512, 2048, {"stages": 5}), (300, 768, 2048, {"split": 2}), (32, 512, 1024, {}),
+               (256, 512, 1024, {"CW": 1}), (160, 768, 1024, {"CW": 1, "split": 2}))]
+    if quick:
+        cases = cases[::3]
+    for bits, gs, dt, m, n, k, over in cases:
+        err = one_case(bits, gs, dt, m, n, k, over, rs.qgemm)
+        ok = isinstance(err, float) and err < 1e-2
+        try:
+            cfg = rs.config(m, n, k, bits, **{a.lower() if a in ("R", "CW") else a: v for a, v in over.items()})
+        except Exception as e:
+            cfg = repr(e)
+        out.append(dict(bits=bits, gs=gs, dtype=str(dt), m=m, n=n, k=k, over=over, cfg=cfg, relerr=err, ok=ok))
+        print(f"rs parity bits={bits} gs={gs} {dt} m={m} n={n} k={k} {over}: {err} {'ok' if ok else 'FAIL'}",
+              flush=True)
+
+
 def parse_shapes(env, default):
     if not env:
         return default
@@ -97,6 +122,7 @@ def timing(quick, out):
     if quick:
         shapes, rows = shapes[:2], (128, 256)
     variants = [{}] + json.loads(os.environ.get("WG_VARIANTS", "[]"))
+    rs_variants = [{}] + json.loads(os.environ.get("RS_VARIANTS", "[]"))
     for n, k, bits in shapes:
         wb, ws = rotation_sets(n, k, bits)
         nsets, nq = len(wb), len(ws)
@@ -121,6 +147,20 @@ def timing(quick, out):
                 out.append(rec("qgemm3", t, n=n, k=k, m=m, bits=bits, speedup_vs_bf16=tb[0] / t[0],
                                err=check(q3.qgemm(x, *ws[0], bits, 64), ref)))
                 line += f" | v3 {t[0] * 1e6:.1f}"
+            for v in (rs_variants if m <= rs.MAX_ROWS else []):
+                try:
+                    low = {a.lower() if a in ("R", "CW") else a: val for a, val in v.items()}
+                    cfg = rs.config(m, n, k, bits, **low)
+                    t = timed(lambda: [rs.qgemm(x, *ws[i % nq], bits, 64, **v) for i in range(CALLS)])
+                    err = check(rs.qgemm(x, *ws[0], bits, 64, **v), ref)
+                except Exception as e:
+                    out.append(dict(name="qgemm_rs", n=n, k=k, m=m, bits=bits, variant=v, error=repr(e)[:300]))
+                    line += f" | rs{v} error"
+                    continue
+                flops = 2 * m * n * k
+                out.append(rec("qgemm_rs", t, n=n, k=k, m=m, bits=bits, speedup_vs_bf16=tb[0] / t[0], cfg=cfg,
+                               variant=v, tflops=flops / t[0] / 1e12, bf16_tflops=flops / tb[0] / 1e12, err=err))
+                line += f" | rs{v or ''} {t[0] * 1e6:.1f} ({tb[0] / t[0]:.2f}x bf16)"
             for v in variants:
                 try:
                     cfg = wg.config(m, n, k, bits, **wg.config_args(v))
@@ -154,7 +194,8 @@ def ncu_mode():
 def main(path, what, quick):
     method = (f"{CALLS} calls queued, one mx.eval, median of 5; weights rotated over > 200 MB; "
               "speedup_vs_bf16 = bf16 matmul time / this time (above 1: faster)")
-    run_sections(path, method, (("probe", probe), ("parity", parity), ("timing", timing)), what, quick)
+    run_sections(path, method, (("probe", probe), ("parity", parity), ("rs_parity", rs_parity), ("timing", timing)),
+                 what, quick)
 
 
 if __name__ == "__main__":
@@ -162,5 +203,6 @@ if __name__ == "__main__":
     if args == ["ncu"]:
         ncu_mode()
         sys.exit(0)
-    main(sys.argv[1], [a for a in args if a in ("probe", "parity", "timing")] or ["probe", "parity", "timing"],
+    main(sys.argv[1], [a for a in args if a in ("probe", "parity", "rs_parity", "timing")]
+         or ["probe", "parity", "rs_parity", "timing"],
          "quick" in args)

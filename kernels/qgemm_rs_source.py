@@ -1,0 +1,248 @@
+"""CUDA source of the register-operand warpgroup GEMM (RS); kernels/qgemm_rs_cuda.py launches it and describes
+the algorithm. Self-contained (no headers) like kernels/qgemm_wg_source.py, whose COMMON helpers it shares
+(cp.async, the magic dequant of a pair, the 128-byte swizzle, descriptors, wgmma fences)."""
+
+from .qgemm_wg_source import COMMON
+
+KERNEL_RS = r"""
+constexpr int BK = 64;                          // K values per stage
+constexpr int BF = 64 * CW;                     // output features per block: 64 per warpgroup (the wgmma's m)
+constexpr int NTH = 128 * CW;
+constexpr int XST = R * BK * 2;                 // x bytes per stage: R rows (the wgmma's n)
+constexpr int RB = BK * BITS / 8;               // packed bytes per weight row and stage (16, 32, 64)
+constexpr int WQST = BF * RB;
+constexpr int STB = XST + WQST;                 // one ring slot: x tile | packed weight rows
+constexpr int NACC = R / 2;                     // fp32 accumulators per thread (m64 x R per warpgroup)
+constexpr int NGS = BK / GS > 0 ? BK / GS : 1;  // scale groups per stage and row
+constexpr int RCH = RB / 16;                    // 16-byte chunks of a packed row's stage
+constexpr int RPL = 128 / RB;                   // packed rows per 128-byte line
+static_assert(R % 32 == 0 && R <= 256 && STB % 1024 == 0, "qgemm_rs: tile");
+
+// Chunk c of packed row r: chunks XOR-permuted across the rows of a 128-byte line, so the same chunk of 8
+// consecutive rows (one load of a warp: lanes g = 0..7) falls in distinct banks.
+__device__ __forceinline__ u32 woff(int r, int c) { return r * RB + ((c ^ ((r / RPL) & (RCH - 1))) << 4); }
+
+__device__ __forceinline__ float shfl4(float v) {   // the value of lane ^ 4 (g ^ 1)
+  float r;
+  asm volatile("shfl.sync.bfly.b32 %0, %1, 4, 0x1f, 0xffffffff;" : "=f"(r) : "f"(v));
+  return r;
+}
+__device__ __forceinline__ void wgmma_rs(float* d, const u32 (&a)[4], u64 db) {
+WGMMA_RS_ASM
+}
+
+// The A fragments of one stage for thread (g, c): a[j] = k16 step j of rows f (a[j][0], a[j][2]: K pairs
+// (2c, 2c+1) and (2c+8, 2c+9)) and f + 8 (a[j][1], a[j][3]). Packed words keep K in order, so thread c takes
+// the fields of K 2c, 2c+1 (and 2c+8, 2c+9) of each word it reads: byte c of a 4-bit word pair, bits 4c..
+// of a 2-bit word, bytes 2(c&1).. of two 8-bit words. sv / bv: raw scale / bias per row half and group.
+__device__ __forceinline__ void frag_stage(const unsigned char* wq, int f, int c, const u32 (&sv)[2][NGS],
+                                           const u32 (&bv)[2][NGS], u32 (&a)[4][4]) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = f + 8 * h;
+#if BITS == 4
+    const v4u q0 = *reinterpret_cast<const v4u*>(wq + woff(r, 0));
+    const v4u q1 = *reinterpret_cast<const v4u*>(wq + woff(r, 1));
+    const u32 wd[8] = {q0.x, q0.y, q0.z, q0.w, q1.x, q1.y, q1.z, q1.w};
+    const u32 sel = c | (c << 4) | ((4 + c) << 8) | ((4 + c) << 12);   // byte c of both words -> bytes 0, 2
+#elif BITS == 2
+    const v4u q0 = *reinterpret_cast<const v4u*>(wq + woff(r, 0));
+    const u32 wd[4] = {q0.x, q0.y, q0.z, q0.w};
+#endif
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int gi = NGS == 2 ? j >> 1 : 0;
+#if BITS == 8 && IS_BF16
+      const float s = h2f((u16)sv[h][gi]), b = h2f((u16)bv[h][gi]);
+#else
+      const u32 s2 = prmt(sv[h][gi], sv[h][gi], 0x5410), b2 = prmt(bv[h][gi], bv[h][gi], 0x5410);
+#endif
+#if BITS == 4
+      const u32 t = prmt(wd[2 * j], wd[2 * j + 1], sel);               // (K 2c | 2c+1, K 2c+8 | 2c+9) nibbles
+      const u32 lo = deq2((t & 0x000F000Fu) | MAGIC, s2, b2);          // (2c, 2c+8)
+      const u32 hi = deq2(((t >> 4) & 0x000F000Fu) | MAGIC, s2, b2);   // (2c+1, 2c+9)
+#elif BITS == 2
+      const u32 t = wd[j] >> (4 * c);                                  // word j: K 16j..16j+15
+      const u32 lo = deq2((t & 0x00030003u) | MAGIC, s2, b2);
+      const u32 hi = deq2(((t >> 2) & 0x00030003u) | MAGIC, s2, b2);
+#else   // 8 bits: chunk j = words 4j..4j+3 (K 16j..); K 2c.. in word c/2, K 2c+8.. in word 2 + c/2
+      const v4u q = *reinterpret_cast<const v4u*>(wq + woff(r, j));
+      const u32 w0 = (c >> 1) ? q.y : q.x, w1 = (c >> 1) ? q.w : q.z;
+      const int e = 2 * (c & 1);
+#if IS_BF16
+      auto qf = [](u32 wv, int byte) { return as_float(prmt(wv, 0x4B000000u, 0x7440u + byte)) - 8388608.f; };
+      a[j][h] = pack2f(fmaf(qf(w0, e), s, b), fmaf(qf(w0, e + 1), s, b));
+      a[j][2 + h] = pack2f(fmaf(qf(w1, e), s, b), fmaf(qf(w1, e + 1), s, b));
+      continue;
+#else
+      const u32 lo = deq2((prmt(w0, w1, e | (e << 4) | ((4 + e) << 8) | ((4 + e) << 12)) & 0x00FF00FFu) | MAGIC,
+                          s2, b2);
+      const u32 hi = deq2((prmt(w0, w1, (e + 1) | ((e + 1) << 4) | ((5 + e) << 8) | ((5 + e) << 12)) & 0x00FF00FFu)
+                          | MAGIC, s2, b2);
+#endif
+#endif
+#if !(BITS == 8 && IS_BF16)
+      a[j][h] = prmt(lo, hi, 0x5410);       // (2c, 2c+1)
+      a[j][2 + h] = prmt(lo, hi, 0x7632);   // (2c+8, 2c+9)
+#endif
+    }
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(NTH, 1)
+KNAME(const u16* __restrict__ x, const u32* __restrict__ w, const u16* __restrict__ scales,
+      const u16* __restrict__ biases, OUT_T* __restrict__ y, int M, int N, int K) {
+  extern __shared__ __align__(1024) unsigned char smem[];
+  const int tid = threadIdx.x;
+  const int m0 = blockIdx.x * R, n0 = blockIdx.y * BF;
+  const int KS = K / gridDim.z;                        // this block's K slice
+  const int kbeg = blockIdx.z * KS;
+  const int nk = KS / BK;
+  const int NGR = K / GS;
+  const u64 KB = (u64)K * BITS / 8;                    // packed bytes per weight row
+  const u32 ring_s = saddr(smem);
+  const int wg = tid >> 7, lane = tid & 31, g = lane >> 2, c = lane & 3;
+  const int f = wg * 64 + ((tid >> 5) & 3) * 16 + g;   // this thread's weight rows: f and f + 8
+
+  auto issue = [&](int st) {                           // cp.async of stage st into its slot
+    if (st < nk) {
+      const u32 slot = ring_s + (st % STAGES) * STB;
+      const int k0 = kbeg + st * BK;
+#pragma unroll
+      for (int it = 0; it < R * 8 / NTH; ++it) {       // x: 16-byte chunk cc of row r (zeros past M)
+        const int ch = tid + it * NTH, r = ch >> 3, cc = ch & 7;
+        const int row = imin(m0 + r, M - 1);
+        cp16(slot + toff(r, cc), x + (u64)row * K + k0 + cc * 8, m0 + r < M);
+      }
+      constexpr int WCH = WQST / 16;
+#pragma unroll
+      for (int it = 0; it < (WCH + NTH - 1) / NTH; ++it) {
+        const int ch = tid + it * NTH;
+        if (WCH % NTH == 0 || ch < WCH) {
+          const int r = ch / RCH, cc = ch % RCH;
+          cp16(slot + XST + woff(r, cc),
+               reinterpret_cast<const unsigned char*>(w) + (u64)(n0 + r) * KB + (u64)k0 * BITS / 8 + cc * 16, true);
+        }
+      }
+    }
+    cp_commit();
+  };
+  auto load_sb = [&](int st, u32 (&sv)[2][NGS], u32 (&bv)[2][NGS]) {   // raw, paired at use
+    if (st < nk) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int q = 0; q < NGS; ++q) {
+          const u64 gi = (u64)(n0 + f + 8 * h) * NGR + (kbeg + st * BK + q * GS) / GS;
+          sv[h][q] = scales[gi];
+          bv[h][q] = biases[gi];
+        }
+    }
+  };
+
+  float d[NACC];
+#pragma unroll
+  for (int i = 0; i < NACC; ++i) {
+    d[i] = 0.f;
+    asm volatile("" : "+f"(d[i]) :: "memory");
+  }
+  u32 a0[4][4], a1[4][4];
+  u32 sA[2][NGS], bA[2][NGS], sB[2][NGS], bB[2][NGS];
+  // The A registers of a stage stay live until the wait that retires its wgmmas: otherwise the register
+  // allocator may reuse them while the asynchronous MMA still reads them.
+  auto keep = [](u32 (&a)[4][4]) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) asm volatile("" : "+r"(a[j][q]) :: "memory");
+  };
+  // The oldest pending stage landed in every thread's part and is visible to the async proxy (wgmma).
+  auto landed = [&]() {
+    cp_wait<STAGES - 3>();
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    __syncthreads();
+  };
+#pragma unroll
+  for (int st = 0; st < STAGES - 1; ++st) issue(st);
+  load_sb(0, sA, bA);
+  load_sb(1, sB, bB);
+  cp_wait<STAGES - 2>();
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+  __syncthreads();
+  frag_stage(smem + XST, f, c, sA, bA, a0);
+  load_sb(2, sA, bA);
+
+  // Step i: the wgmmas of stage i (A in registers), then, while they run, stage i+1's A fragments into the
+  // other registers; wait_group 0 at the end (ptxas serializes the wgmmas if registers that a wgmma in flight
+  // window reads are written by other instructions, so no wgmma is issued before its A is complete).
+  auto step = [&](int i, u32 (&a)[4][4], u32 (&nxt)[4][4], u32 (&sv)[2][NGS], u32 (&bv)[2][NGS]) {
+    const u32 xa = ring_s + (i % STAGES) * STB;
+    keep(a);
+    wg_fence();
+#pragma unroll
+    for (int j = 0; j < BK / 16; ++j) wgmma_rs(d, a[j], desc(xa + j * KSTEP));
+    wg_commit();
+    if (i + 1 < nk) {
+      landed();                                        // stage i+1; stage i-1's wgmmas retired in every warp
+      issue(i + STAGES - 1);                           // into the slot of stage i-1
+      frag_stage(smem + ((i + 1) % STAGES) * STB + XST, f, c, sv, bv, nxt);
+      load_sb(i + 3, sv, bv);
+    }
+    wg_wait<0>();
+    keep(a);
+  };
+  for (int i = 0; i < nk; i += 2) {
+    step(i, a0, a1, sB, bB);
+    if (i + 1 < nk) step(i + 1, a1, a0, sA, bA);
+  }
+
+  // d[4i + e]: feature f (+8 for e >= 2), x row 8i + 2c (+1 for odd e). Lanes g, g^1 swap halves so each
+  // stores two adjacent features of one row: even g row 8i + 2c, odd g row 8i + 2c + 1.
+  const int odd = g & 1;
+  const int fb = n0 + f - odd;
+#pragma unroll
+  for (int i = 0; i < NACC / 4; ++i) {
+    const float v0 = d[4 * i], v1 = d[4 * i + 1], v2 = d[4 * i + 2], v3 = d[4 * i + 3];
+    const float r0 = shfl4(odd ? v0 : v1), r1 = shfl4(odd ? v2 : v3);
+    const int row = m0 + 8 * i + 2 * c + odd;
+    if (row < M) {
+      const float p0 = odd ? r0 : v0, p1 = odd ? v1 : r0, q0 = odd ? r1 : v2, q1 = odd ? v3 : r1;
+#if SPLIT
+      float* yr = y + ((u64)blockIdx.z * M + row) * N + fb;
+      *reinterpret_cast<v2f*>(yr) = v2f{p0, p1};
+      *reinterpret_cast<v2f*>(yr + 8) = v2f{q0, q1};
+#else
+      OUT_T* yr = y + (u64)row * N + fb;
+      *reinterpret_cast<u32*>(yr) = pack2f(p0, p1);
+      *reinterpret_cast<u32*>(yr + 8) = pack2f(q0, q1);
+#endif
+    }
+  }
+}
+"""
+
+
+def wgmma_rs_asm(n: int, bf16: bool) -> str:
+    """One wgmma.m64n{n}k16, fp32 accumulators d[0..n/2), A from four registers a[0..3], B (x, K-major) from
+    shared memory through descriptor db; accumulate."""
+    ab = "bf16" if bf16 else "f16"
+    nacc = n // 2
+    regs = ", ".join(f"%{i}" for i in range(nacc))
+    outs = ", ".join(f'"+f"(d[{i}])' for i in range(nacc))
+    return (f'  asm volatile("{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{nacc + 5}, 0;\\n'
+            f'wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ab}.{ab} {{{regs}}}, '
+            f'{{%{nacc}, %{nacc + 1}, %{nacc + 2}, %{nacc + 3}}}, %{nacc + 4}, p, 1, 1, 0;\\n}}\\n"\n'
+            f'               : {outs}\n'
+            f'               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));')
+
+
+def kernel_name(bits: int, gs: int, bf16: bool, r: int, stages: int, split: bool, cw: int = 2) -> str:
+    return (f"jang_qgemm_rs_b{bits}_g{gs}_{'bf16' if bf16 else 'f16'}_r{r}_s{stages}_c{cw}_"
+            f"{'split' if split else 'out'}")
+
+
+def source(bits: int, gs: int, bf16: bool, r: int, stages: int, split: bool, cw: int = 2) -> str:
+    head = (f"#define BITS {bits}\n#define GS {gs}\n#define IS_BF16 {int(bf16)}\n#define R {r}\n#define CW {cw}\n"
+            f"#define STAGES {stages}\n#define SPLIT {int(split)}\n#define OUT_T {'float' if split else 'u16'}\n"
+            f"#define KNAME {kernel_name(bits, gs, bf16, r, stages, split, cw)}\n")
+    return head + COMMON + KERNEL_RS.replace("WGMMA_RS_ASM", wgmma_rs_asm(r, bf16))
