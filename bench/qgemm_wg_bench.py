@@ -180,14 +180,15 @@ def timing(quick, out):
 
 def ncu_mode():
     """Each kernel once under the profiler (ncu --profile-from-start off ... qgemm_wg_bench.py - ncu):
-    the warpgroup GEMM at 128 and 256 rows (14336x4096, 4 bits) and the bf16 matmul of the same shapes."""
+    the warpgroup GEMMs (qgemm_wg, qgemm_rs) at 128 and 256 rows (14336x4096, 4 bits) and the bf16 matmul of
+    the same shapes."""
     n, k = 14336, 4096
     ws = qweights(n, k, 4, 64)
     wb = (mx.random.normal((n, k)) * 0.05).astype(mx.bfloat16)
     calls = []
     for m in (128, 256):
         x = mx.random.normal((m, k)).astype(mx.bfloat16)
-        calls += [lambda x=x: wg.qgemm(x, *ws, 4, 64), lambda x=x: x @ wb.T]
+        calls += [lambda x=x: wg.qgemm(x, *ws, 4, 64), lambda x=x: rs.qgemm(x, *ws, 4, 64), lambda x=x: x @ wb.T]
     profile_calls(calls)
 
 
