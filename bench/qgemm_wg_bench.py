@@ -95,13 +95,18 @@ def rs_parity(quick, out):
                (256, 4096, 4096, {}), (192, 1024, 14336, {}), (256, 512, 1024, {"stages": 3}),
                (128, 512, 2048, {"stages": 5}), (300, 768, 2048, {"split": 2}), (32, 512, 1024, {}),
                (256, 512, 1024, {"CW": 1}), (160, 768, 1024, {"CW": 1, "split": 2}))]
+    cases += [(b, gs, dt, m, n, k, dict(o, WS=1)) for b, gs, dt, m, n, k, o in
+              ((4, 64, mx.bfloat16, 256, 512, 1024, {}), (2, 32, mx.float16, 100, 512, 1024, {}),
+               (8, 64, mx.bfloat16, 136, 512, 2048, {}), (8, 128, mx.float16, 200, 768, 1024, {"split": 2}),
+               (4, 32, mx.bfloat16, 300, 512, 2048, {"split": 2}), (4, 128, mx.float16, 192, 1024, 4096, {}),
+               (2, 64, mx.bfloat16, 64, 512, 1024, {"stages": 3}), (4, 64, mx.bfloat16, 256, 4096, 4096, {"stages": 6}))]
     if quick:
         cases = cases[::3]
     for bits, gs, dt, m, n, k, over in cases:
         err = one_case(bits, gs, dt, m, n, k, over, rs.qgemm)
         ok = isinstance(err, float) and err < 1e-2
         try:
-            cfg = rs.config(m, n, k, bits, **{a.lower() if a in ("R", "CW") else a: v for a, v in over.items()})
+            cfg = rs.config(m, n, k, bits, **rs.config_args(over))
         except Exception as e:
             cfg = repr(e)
         out.append(dict(bits=bits, gs=gs, dtype=str(dt), m=m, n=n, k=k, over=over, cfg=cfg, relerr=err, ok=ok))
@@ -149,8 +154,7 @@ def timing(quick, out):
                 line += f" | v3 {t[0] * 1e6:.1f}"
             for v in (rs_variants if m <= rs.MAX_ROWS else []):
                 try:
-                    low = {a.lower() if a in ("R", "CW") else a: val for a, val in v.items()}
-                    cfg = rs.config(m, n, k, bits, **low)
+                    cfg = rs.config(m, n, k, bits, **rs.config_args(v))
                     t = timed(lambda: [rs.qgemm(x, *ws[i % nq], bits, 64, **v) for i in range(CALLS)])
                     err = check(rs.qgemm(x, *ws[0], bits, 64, **v), ref)
                 except Exception as e:

@@ -4,7 +4,7 @@ the algorithm. Self-contained (no headers) like kernels/qgemm_wg_source.py, whos
 
 from .qgemm_wg_source import COMMON
 
-KERNEL_RS = r"""
+KERNEL_RS_HELPERS = r"""
 constexpr int BK = 64;                          // K values per stage
 constexpr int BF = 64 * CW;                     // output features per block: 64 per warpgroup (the wgmma's m)
 constexpr int NTH = 128 * CW;
@@ -89,117 +89,67 @@ __device__ __forceinline__ void frag_stage(const unsigned char* wq, int f, int c
   }
 }
 
-extern "C" __global__ void __launch_bounds__(NTH, 1)
-KNAME(const u16* __restrict__ x, const u32* __restrict__ w, const u16* __restrict__ scales,
-      const u16* __restrict__ biases, OUT_T* __restrict__ y, int M, int N, int K) {
-  extern __shared__ __align__(1024) unsigned char smem[];
-  const int tid = threadIdx.x;
-  const int m0 = blockIdx.x * R, n0 = blockIdx.y * BF;
-  const int KS = K / gridDim.z;                        // this block's K slice
-  const int kbeg = blockIdx.z * KS;
-  const int nk = KS / BK;
-  const int NGR = K / GS;
-  const u64 KB = (u64)K * BITS / 8;                    // packed bytes per weight row
-  const u32 ring_s = saddr(smem);
-  const int wg = tid >> 7, lane = tid & 31, g = lane >> 2, c = lane & 3;
-  const int f = wg * 64 + ((tid >> 5) & 3) * 16 + g;   // this thread's weight rows: f and f + 8
-
-  auto issue = [&](int st) {                           // cp.async of stage st into its slot
-    if (st < nk) {
-      const u32 slot = ring_s + (st % STAGES) * STB;
-      const int k0 = kbeg + st * BK;
+// cp.async of one stage (K from k0) into the ring slot at shared address slot, by thread t of T: the x tile
+// (16-byte chunk cc of row r, zeros past M) and the packed weight rows. One commit group per call.
+template <int T>
+__device__ __forceinline__ void load_stage(u32 slot, const u16* __restrict__ x, const u32* __restrict__ w, int t,
+                                           int m0, int n0, int M, int K, int k0, bool live) {
+  if (live) {
+    constexpr int XU = T >= 128 ? R * 8 / T : 4;       // the producer warp's 64 chunks: a rolled loop
+#pragma unroll XU
+    for (int it = 0; it < R * 8 / T; ++it) {
+      const int ch = t + it * T, r = ch >> 3, cc = ch & 7;
+      cp16(slot + toff(r, cc), x + (u64)imin(m0 + r, M - 1) * K + k0 + cc * 8, m0 + r < M);
+    }
+    constexpr int WCH = WQST / 16;
+    const u64 KB = (u64)K * BITS / 8;
 #pragma unroll
-      for (int it = 0; it < R * 8 / NTH; ++it) {       // x: 16-byte chunk cc of row r (zeros past M)
-        const int ch = tid + it * NTH, r = ch >> 3, cc = ch & 7;
-        const int row = imin(m0 + r, M - 1);
-        cp16(slot + toff(r, cc), x + (u64)row * K + k0 + cc * 8, m0 + r < M);
-      }
-      constexpr int WCH = WQST / 16;
-#pragma unroll
-      for (int it = 0; it < (WCH + NTH - 1) / NTH; ++it) {
-        const int ch = tid + it * NTH;
-        if (WCH % NTH == 0 || ch < WCH) {
-          const int r = ch / RCH, cc = ch % RCH;
-          cp16(slot + XST + woff(r, cc),
-               reinterpret_cast<const unsigned char*>(w) + (u64)(n0 + r) * KB + (u64)k0 * BITS / 8 + cc * 16, true);
-        }
+    for (int it = 0; it < (WCH + T - 1) / T; ++it) {
+      const int ch = t + it * T;
+      if (WCH % T == 0 || ch < WCH) {
+        const int r = ch / RCH, cc = ch % RCH;
+        cp16(slot + XST + woff(r, cc),
+             reinterpret_cast<const unsigned char*>(w) + (u64)(n0 + r) * KB + (u64)k0 * BITS / 8 + cc * 16, true);
       }
     }
-    cp_commit();
-  };
-  auto load_sb = [&](int st, u32 (&sv)[2][NGS], u32 (&bv)[2][NGS]) {   // raw, paired at use
-    if (st < nk) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h)
-#pragma unroll
-        for (int q = 0; q < NGS; ++q) {
-          const u64 gi = (u64)(n0 + f + 8 * h) * NGR + (kbeg + st * BK + q * GS) / GS;
-          sv[h][q] = scales[gi];
-          bv[h][q] = biases[gi];
-        }
-    }
-  };
-
-  float d[NACC];
-#pragma unroll
-  for (int i = 0; i < NACC; ++i) {
-    d[i] = 0.f;
-    asm volatile("" : "+f"(d[i]) :: "memory");
   }
-  u32 a0[4][4], a1[4][4];
-  u32 sA[2][NGS], bA[2][NGS], sB[2][NGS], bB[2][NGS];
-  // The A registers of a stage stay live until the wait that retires its wgmmas: otherwise the register
-  // allocator may reuse them while the asynchronous MMA still reads them.
-  auto keep = [](u32 (&a)[4][4]) {
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-#pragma unroll
-      for (int q = 0; q < 4; ++q) asm volatile("" : "+r"(a[j][q]) :: "memory");
-  };
-  // The oldest pending stage landed in every thread's part and is visible to the async proxy (wgmma).
-  auto landed = [&]() {
-    cp_wait<STAGES - 3>();
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-    __syncthreads();
-  };
-#pragma unroll
-  for (int st = 0; st < STAGES - 1; ++st) issue(st);
-  load_sb(0, sA, bA);
-  load_sb(1, sB, bB);
-  cp_wait<STAGES - 2>();
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-  __syncthreads();
-  frag_stage(smem + XST, f, c, sA, bA, a0);
-  load_sb(2, sA, bA);
+  cp_commit();
+}
 
-  // Step i: the wgmmas of stage i (A in registers), then, while they run, stage i+1's A fragments into the
-  // other registers; wait_group 0 at the end (ptxas serializes the wgmmas if registers that a wgmma in flight
-  // window reads are written by other instructions, so no wgmma is issued before its A is complete).
-  auto step = [&](int i, u32 (&a)[4][4], u32 (&nxt)[4][4], u32 (&sv)[2][NGS], u32 (&bv)[2][NGS]) {
-    const u32 xa = ring_s + (i % STAGES) * STB;
-    keep(a);
-    wg_fence();
+// Raw scale / bias of rows row and row + 8, the stage's groups (paired at use, a stage or two later).
+__device__ __forceinline__ void load_sb(const u16* __restrict__ scales, const u16* __restrict__ biases, int row,
+                                        int NGR, int k0, u32 (&sv)[2][NGS], u32 (&bv)[2][NGS]) {
 #pragma unroll
-    for (int j = 0; j < BK / 16; ++j) wgmma_rs(d, a[j], desc(xa + j * KSTEP));
-    wg_commit();
-    if (i + 1 < nk) {
-      landed();                                        // stage i+1; stage i-1's wgmmas retired in every warp
-      issue(i + STAGES - 1);                           // into the slot of stage i-1
-      frag_stage(smem + ((i + 1) % STAGES) * STB + XST, f, c, sv, bv, nxt);
-      load_sb(i + 3, sv, bv);
+  for (int h = 0; h < 2; ++h)
+#pragma unroll
+    for (int q = 0; q < NGS; ++q) {
+      const u64 gi = (u64)(row + 8 * h) * NGR + (k0 + q * GS) / GS;
+      sv[h][q] = scales[gi];
+      bv[h][q] = biases[gi];
     }
-    wg_wait<0>();
-    keep(a);
-  };
-  for (int i = 0; i < nk; i += 2) {
-    step(i, a0, a1, sB, bB);
-    if (i + 1 < nk) step(i + 1, a1, a0, sA, bA);
-  }
+}
 
-  // d[4i + e]: feature f (+8 for e >= 2), x row 8i + 2c (+1 for odd e). Lanes g, g^1 swap halves so each
-  // stores two adjacent features of one row: even g row 8i + 2c, odd g row 8i + 2c + 1.
-  const int odd = g & 1;
-  const int fb = n0 + f - odd;
+// A registers stay live until the wait that retires their wgmmas: otherwise the register allocator may reuse
+// them while the asynchronous MMA still reads them.
+__device__ __forceinline__ void keep(u32 (&a)[4][4]) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+#pragma unroll
+    for (int q = 0; q < 4; ++q) asm volatile("" : "+r"(a[j][q]) :: "memory");
+}
+
+__device__ __forceinline__ void mma_stage(float* d, u32 (&a)[4][4], u32 xa) {
+  keep(a);                                             // A is complete before the fence
+  wg_fence();
+#pragma unroll
+  for (int j = 0; j < BK / 16; ++j) wgmma_rs(d, a[j], desc(xa + j * KSTEP));
+  wg_commit();
+}
+
+// d[4i + e]: feature f (+8 for e >= 2), x row 8i + 2c (+1 for odd e). Lanes g, g^1 swap halves so each
+// stores two adjacent features of one row: even g row 8i + 2c, odd g row 8i + 2c + 1.
+__device__ __forceinline__ void store_rs(const float* d, OUT_T* __restrict__ y, int fb, int odd, int c, int m0,
+                                         int M, int N) {
 #pragma unroll
   for (int i = 0; i < NACC / 4; ++i) {
     const float v0 = d[4 * i], v1 = d[4 * i + 1], v2 = d[4 * i + 2], v3 = d[4 * i + 3];
@@ -219,6 +169,150 @@ KNAME(const u16* __restrict__ x, const u32* __restrict__ w, const u16* __restric
     }
   }
 }
+
+#define KERNEL_ARGS const u16* __restrict__ x, const u32* __restrict__ w, const u16* __restrict__ scales, \
+    const u16* __restrict__ biases, OUT_T* __restrict__ y, int M, int N, int K
+"""
+
+# every warp loads, dequantizes its fragments and multiplies; a block barrier per stage
+KERNEL_RS = r"""
+extern "C" __global__ void __launch_bounds__(NTH, 1) KNAME(KERNEL_ARGS) {
+  extern __shared__ __align__(1024) unsigned char smem[];
+  const int tid = threadIdx.x;
+  const int m0 = blockIdx.x * R, n0 = blockIdx.y * BF;
+  const int KS = K / gridDim.z, kbeg = blockIdx.z * KS, nk = KS / BK, NGR = K / GS;
+  const u32 ring_s = saddr(smem);
+  const int wg = tid >> 7, g = (tid & 31) >> 2, c = tid & 3;
+  const int f = wg * 64 + ((tid >> 5) & 3) * 16 + g;   // this thread's weight rows: f and f + 8
+  auto issue = [&](int st) {
+    load_stage<NTH>(ring_s + (st % STAGES) * STB, x, w, tid, m0, n0, M, K, kbeg + st * BK, st < nk);
+  };
+  auto sb = [&](int st, u32 (&sv)[2][NGS], u32 (&bv)[2][NGS]) {
+    if (st < nk) load_sb(scales, biases, n0 + f, NGR, kbeg + st * BK, sv, bv);
+  };
+  // The oldest pending stage landed in every thread's part and is visible to the async proxy (wgmma).
+  auto landed = [&]() {
+    cp_wait<STAGES - 3>();
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    __syncthreads();
+  };
+
+  float d[NACC];
+#pragma unroll
+  for (int i = 0; i < NACC; ++i) {
+    d[i] = 0.f;
+    asm volatile("" : "+f"(d[i]) :: "memory");
+  }
+  u32 a0[4][4], a1[4][4];
+  u32 sA[2][NGS], bA[2][NGS], sB[2][NGS], bB[2][NGS];
+#pragma unroll
+  for (int st = 0; st < STAGES - 1; ++st) issue(st);
+  sb(0, sA, bA);
+  sb(1, sB, bB);
+  cp_wait<STAGES - 2>();
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+  __syncthreads();
+  frag_stage(smem + XST, f, c, sA, bA, a0);
+  sb(2, sA, bA);
+
+  // Step i: the wgmmas of stage i (A in registers), then, while they run, stage i+1's A fragments into the
+  // other registers; wait_group 0 at the end (ptxas serializes the wgmmas if a register that a wgmma in
+  // flight reads, or one of the same window, is written by other instructions).
+  auto step = [&](int i, u32 (&a)[4][4], u32 (&nxt)[4][4], u32 (&sv)[2][NGS], u32 (&bv)[2][NGS]) {
+    mma_stage(d, a, ring_s + (i % STAGES) * STB);
+    if (i + 1 < nk) {
+      landed();                                        // stage i+1; stage i-1's wgmmas retired in every warp
+      issue(i + STAGES - 1);                           // into the slot of stage i-1
+      frag_stage(smem + ((i + 1) % STAGES) * STB + XST, f, c, sv, bv, nxt);
+      sb(i + 3, sv, bv);
+    }
+    wg_wait<0>();
+    keep(a);
+  };
+  for (int i = 0; i < nk; i += 2) {
+    step(i, a0, a1, sB, bB);
+    if (i + 1 < nk) step(i + 1, a1, a0, sA, bA);
+  }
+  store_rs(d, y, n0 + f - (g & 1), g & 1, c, m0, M, N);
+}
+"""
+
+# Warp-specialized: one producer warp (the last) issues every cp.async, STAGES-1 stages ahead; the CW consumer
+# warpgroups dequantize their fragments and multiply. Named barriers: FULL (the producer arrives once a
+# stage landed, consumers sync) and EMPTY (consumers arrive once a stage's wgmmas retired, the producer syncs
+# before it refills that slot), so the consumers no longer issue loads nor wait for each other every stage.
+KERNEL_RS_WS = r"""
+constexpr int ATH = NTH + 32;
+constexpr int LA = STAGES - 1;
+constexpr int FULL0 = 1, EMPTY0 = 1 + STAGES;
+static_assert(EMPTY0 + STAGES <= 16, "qgemm_rs: too many stages for the named barriers");
+__device__ __forceinline__ void bar_sync(int id, int n) { asm volatile("bar.sync %0, %1;\n" :: "r"(id), "r"(n) : "memory"); }
+__device__ __forceinline__ void bar_arrive(int id, int n) {
+  asm volatile("bar.arrive %0, %1;\n" :: "r"(id), "r"(n) : "memory");
+}
+
+extern "C" __global__ void __maxnreg__(224) KNAME(KERNEL_ARGS) {   // 9 warps x 224 registers fit
+  extern __shared__ __align__(1024) unsigned char smem[];
+  const int tid = threadIdx.x;
+  const int m0 = blockIdx.x * R, n0 = blockIdx.y * BF;
+  const int KS = K / gridDim.z, kbeg = blockIdx.z * KS, nk = KS / BK, NGR = K / GS;
+  const u32 ring_s = saddr(smem);
+
+  if (tid >= NTH) {                                    // ---------------- producer warp
+    const int t = tid - NTH;
+    auto issue = [&](int st) {
+      load_stage<32>(ring_s + (st % STAGES) * STB, x, w, t, m0, n0, M, K, kbeg + st * BK, st < nk);
+    };
+#pragma unroll
+    for (int st = 0; st < LA; ++st) issue(st);
+    for (int j = 0; j < nk; ++j) {
+      const int ld = j + LA;
+      if (ld < nk && ld >= STAGES) bar_sync(EMPTY0 + ld % STAGES, ATH);   // stage ld - STAGES consumed
+      issue(ld);
+      cp_wait<LA>();                                   // stage j landed
+      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+      bar_arrive(FULL0 + j % STAGES, ATH);
+    }
+    cp_wait<0>();
+    return;
+  }
+
+  // ---------------------------------------------------------------- consumers
+  const int wg = tid >> 7, g = (tid & 31) >> 2, c = tid & 3;
+  const int f = wg * 64 + ((tid >> 5) & 3) * 16 + g;
+  auto sb = [&](int st, u32 (&sv)[2][NGS], u32 (&bv)[2][NGS]) {
+    if (st < nk) load_sb(scales, biases, n0 + f, NGR, kbeg + st * BK, sv, bv);
+  };
+  float d[NACC];
+#pragma unroll
+  for (int i = 0; i < NACC; ++i) {
+    d[i] = 0.f;
+    asm volatile("" : "+f"(d[i]) :: "memory");
+  }
+  u32 a0[4][4], a1[4][4];
+  u32 sA[2][NGS], bA[2][NGS], sB[2][NGS], bB[2][NGS];
+  sb(0, sA, bA);
+  sb(1, sB, bB);
+  bar_sync(FULL0, ATH);
+  frag_stage(smem + XST, f, c, sA, bA, a0);
+  sb(2, sA, bA);
+  auto step = [&](int i, u32 (&a)[4][4], u32 (&nxt)[4][4], u32 (&sv)[2][NGS], u32 (&bv)[2][NGS]) {
+    mma_stage(d, a, ring_s + (i % STAGES) * STB);
+    if (i + 1 < nk) {
+      bar_sync(FULL0 + (i + 1) % STAGES, ATH);
+      frag_stage(smem + ((i + 1) % STAGES) * STB + XST, f, c, sv, bv, nxt);
+      sb(i + 3, sv, bv);
+    }
+    wg_wait<0>();
+    keep(a);
+    if (i + STAGES < nk) bar_arrive(EMPTY0 + i % STAGES, ATH);   // slot i is free
+  };
+  for (int i = 0; i < nk; i += 2) {
+    step(i, a0, a1, sB, bB);
+    if (i + 1 < nk) step(i + 1, a1, a0, sA, bA);
+  }
+  store_rs(d, y, n0 + f - (g & 1), g & 1, c, m0, M, N);
+}
 """
 
 
@@ -236,13 +330,15 @@ def wgmma_rs_asm(n: int, bf16: bool) -> str:
             f'               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));')
 
 
-def kernel_name(bits: int, gs: int, bf16: bool, r: int, stages: int, split: bool, cw: int = 2) -> str:
+def kernel_name(bits: int, gs: int, bf16: bool, r: int, stages: int, split: bool, cw: int = 2, ws: int = 0) -> str:
     return (f"jang_qgemm_rs_b{bits}_g{gs}_{'bf16' if bf16 else 'f16'}_r{r}_s{stages}_c{cw}_"
-            f"{'split' if split else 'out'}")
+            f"{'split' if split else 'out'}" + ("_ws" if ws else ""))
 
 
-def source(bits: int, gs: int, bf16: bool, r: int, stages: int, split: bool, cw: int = 2) -> str:
+def source(bits: int, gs: int, bf16: bool, r: int, stages: int, split: bool, cw: int = 2, ws: int = 0) -> str:
+    """ws: 1 for the warp-specialized kernel (a producer warp beside the CW consumer warpgroups)."""
     head = (f"#define BITS {bits}\n#define GS {gs}\n#define IS_BF16 {int(bf16)}\n#define R {r}\n#define CW {cw}\n"
             f"#define STAGES {stages}\n#define SPLIT {int(split)}\n#define OUT_T {'float' if split else 'u16'}\n"
-            f"#define KNAME {kernel_name(bits, gs, bf16, r, stages, split, cw)}\n")
-    return head + COMMON + KERNEL_RS.replace("WGMMA_RS_ASM", wgmma_rs_asm(r, bf16))
+            f"#define KNAME {kernel_name(bits, gs, bf16, r, stages, split, cw, ws)}\n")
+    return head + COMMON + KERNEL_RS_HELPERS.replace("WGMMA_RS_ASM", wgmma_rs_asm(r, bf16)) + (
+        KERNEL_RS_WS if ws else KERNEL_RS)
