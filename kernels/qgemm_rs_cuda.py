@@ -57,6 +57,8 @@ def config(m: int, n: int, k: int, bits: int, r: int | None = None, stages: int 
     if n % bf or k % BK:
         raise ValueError(f"qgemm_rs: N={n} is not a multiple of {bf} or K={k} of {BK}")
     st = stages or int(os.environ.get("JANG_QGEMM_RS_STAGES", 0)) or 4
+    if ws and r > 192:   # 9 warps are allocated registers as 12: 168 per thread, too few for 256 rows
+        raise ValueError(f"qgemm_rs: the warp-specialized kernel takes at most 192 rows per block, not {r}")
     if st < 3 or smem_bytes(bits, r, st, cw) > SMEM_MAX or (ws and 2 * st + 1 > 16):
         raise ValueError(f"qgemm_rs: {st} stages do not fit")
     if split is None:

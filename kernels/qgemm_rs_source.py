@@ -251,7 +251,7 @@ __device__ __forceinline__ void bar_arrive(int id, int n) {
   asm volatile("bar.arrive %0, %1;\n" :: "r"(id), "r"(n) : "memory");
 }
 
-extern "C" __global__ void __maxnreg__(224) KNAME(KERNEL_ARGS) {   // 9 warps x 224 registers fit
+extern "C" __global__ void __launch_bounds__(NTH + 32, 1) KNAME(KERNEL_ARGS) {
   extern __shared__ __align__(1024) unsigned char smem[];
   const int tid = threadIdx.x;
   const int m0 = blockIdx.x * R, n0 = blockIdx.y * BF;
@@ -266,12 +266,12 @@ extern "C" __global__ void __maxnreg__(224) KNAME(KERNEL_ARGS) {   // 9 warps x 
 #pragma unroll
     for (int st = 0; st < LA; ++st) issue(st);
     for (int j = 0; j < nk; ++j) {
-      const int ld = j + LA;
+      cp_wait<LA - 1>();                               // stage j landed
+      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+      bar_arrive(FULL0 + j % STAGES, ATH);             // (before the EMPTY wait: the consumers' step j-1
+      const int ld = j + LA;                           // waits for stage j before it frees stage j-1)
       if (ld < nk && ld >= STAGES) bar_sync(EMPTY0 + ld % STAGES, ATH);   // stage ld - STAGES consumed
       issue(ld);
-      cp_wait<LA>();                                   // stage j landed
-      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-      bar_arrive(FULL0 + j % STAGES, ATH);
     }
     cp_wait<0>();
     return;
