@@ -95,11 +95,6 @@ def rs_parity(quick, out):
                (256, 4096, 4096, {}), (192, 1024, 14336, {}), (256, 512, 1024, {"stages": 3}),
                (128, 512, 2048, {"stages": 5}), (300, 768, 2048, {"split": 2}), (32, 512, 1024, {}),
                (256, 512, 1024, {"CW": 1}), (160, 768, 1024, {"CW": 1, "split": 2}))]
-    cases += [(b, gs, dt, m, n, k, dict(o, WS=1)) for b, gs, dt, m, n, k, o in
-              ((4, 64, mx.bfloat16, 192, 512, 1024, {}), (2, 32, mx.float16, 100, 512, 1024, {}),
-               (8, 64, mx.bfloat16, 136, 512, 2048, {}), (8, 128, mx.float16, 180, 768, 1024, {"split": 2}),
-               (4, 32, mx.bfloat16, 300, 512, 2048, {"split": 2, "R": 160}), (4, 128, mx.float16, 192, 1024, 4096, {}),
-               (2, 64, mx.bfloat16, 64, 512, 1024, {"stages": 3}), (4, 64, mx.bfloat16, 192, 4096, 4096, {"stages": 6}))]
     if quick:
         cases = cases[::3]
     for bits, gs, dt, m, n, k, over in cases:

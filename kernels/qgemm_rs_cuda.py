@@ -47,9 +47,8 @@ def smem_bytes(bits: int, r: int, stages: int, cw: int = 2) -> int:
 
 
 def config(m: int, n: int, k: int, bits: int, r: int | None = None, stages: int | None = None,
-           split: int | None = None, target: int | None = None, cw: int | None = None, ws: int | None = None) -> dict:
+           split: int | None = None, target: int | None = None, cw: int | None = None) -> dict:
     cw = cw or int(os.environ.get("JANG_QGEMM_RS_CW", 0)) or 2
-    ws = int(os.environ.get("JANG_QGEMM_RS_WS", 0)) if ws is None else int(ws)
     bf = 64 * cw
     r = r or min(MAX_ROWS, -(-m // 32) * 32)
     if r % 32 or r > MAX_ROWS:
@@ -57,9 +56,7 @@ def config(m: int, n: int, k: int, bits: int, r: int | None = None, stages: int 
     if n % bf or k % BK:
         raise ValueError(f"qgemm_rs: N={n} is not a multiple of {bf} or K={k} of {BK}")
     st = stages or int(os.environ.get("JANG_QGEMM_RS_STAGES", 0)) or 4
-    if ws and r > 192:   # 9 warps are allocated registers as 12: 168 per thread, too few for 256 rows
-        raise ValueError(f"qgemm_rs: the warp-specialized kernel takes at most 192 rows per block, not {r}")
-    if st < 3 or smem_bytes(bits, r, st, cw) > SMEM_MAX or (ws and 2 * st + 1 > 16):
+    if st < 3 or smem_bytes(bits, r, st, cw) > SMEM_MAX:
         raise ValueError(f"qgemm_rs: {st} stages do not fit")
     if split is None:
         blocks, split = -(-m // r) * (n // bf), 1
@@ -68,28 +65,28 @@ def config(m: int, n: int, k: int, bits: int, r: int | None = None, stages: int 
             split *= 2
     if k % (BK * split):
         raise ValueError(f"qgemm_rs: K={k} does not split into {split} parts of whole {BK}-wide stages")
-    return dict(R=r, stages=st, split=split, CW=cw, WS=ws)
+    return dict(R=r, stages=st, split=split, CW=cw)
 
 
 def config_args(overrides: dict) -> dict:
-    """qgemm()'s overrides (R, CW, WS, stages, split, target) as config() keywords."""
-    return {a.lower() if a in ("R", "CW", "WS") else a: v for a, v in overrides.items()}
+    """qgemm()'s overrides (R, CW, stages, split, target) as config() keywords."""
+    return {a.lower() if a in ("R", "CW") else a: v for a, v in overrides.items()}
 
 
 _cubins: dict[tuple, bytes] = {}
 
 
-def cubin(bits: int, group_size: int, bf16: bool, r: int, stages: int, split: bool, cw: int = 2, ws: int = 0):
-    key = (bits, group_size, bf16, r, stages, split, cw, ws)
+def cubin(bits: int, group_size: int, bf16: bool, r: int, stages: int, split: bool, cw: int = 2):
+    key = (bits, group_size, bf16, r, stages, split, cw)
     if key not in _cubins:
         _cubins[key] = nvrtc.compile_cubin(source(*key), kernel_name(*key))
     return kernel_name(*key), _cubins[key]
 
 
 def _launch(cfg, m, n, dtype, bits, group_size):
-    r, st, s, cw, ws = cfg["R"], cfg["stages"], cfg["split"], cfg["CW"], cfg["WS"]
-    name, code = cubin(bits, group_size, dtype == mx.bfloat16, r, st, s > 1, cw, ws)
-    nth = 128 * cw + (32 if ws else 0)
+    r, st, s, cw = cfg["R"], cfg["stages"], cfg["split"], cfg["CW"]
+    name, code = cubin(bits, group_size, dtype == mx.bfloat16, r, st, s > 1, cw)
+    nth = 128 * cw
     grid, smem = (-(-m // r) * nth, n // (64 * cw), s), smem_bytes(bits, r, st, cw)
 
     def run(x2d, w, sc, bi, shapes, dtypes):
@@ -112,7 +109,7 @@ def _launch(cfg, m, n, dtype, bits, group_size):
 
 def qgemm(x2d: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: int, group_size: int,
           **overrides) -> mx.array:
-    """x2d [M, K] bf16/fp16 -> [M, N] in x's dtype. overrides: R, stages, split, target, CW, WS (config)."""
+    """x2d [M, K] bf16/fp16 -> [M, N] in x's dtype. overrides: R, stages, split, target, CW (config)."""
     m, k = x2d.shape
     cfg = config(m, w.shape[0], k, bits, **config_args(overrides))
     return _launch(cfg, m, w.shape[0], x2d.dtype, bits, group_size)(x2d, w, scales, biases)

@@ -95,8 +95,7 @@ template <int T>
 __device__ __forceinline__ void load_stage(u32 slot, const u16* __restrict__ x, const u32* __restrict__ w, int t,
                                            int m0, int n0, int M, int K, int k0, bool live) {
   if (live) {
-    constexpr int XU = T >= 128 ? R * 8 / T : 4;       // the producer warp's 64 chunks: a rolled loop
-#pragma unroll XU
+#pragma unroll
     for (int it = 0; it < R * 8 / T; ++it) {
       const int ch = t + it * T, r = ch >> 3, cc = ch & 7;
       cp16(slot + toff(r, cc), x + (u64)imin(m0 + r, M - 1) * K + k0 + cc * 8, m0 + r < M);
@@ -174,7 +173,6 @@ __device__ __forceinline__ void store_rs(const float* d, OUT_T* __restrict__ y, 
     const u16* __restrict__ biases, OUT_T* __restrict__ y, int M, int N, int K
 """
 
-# every warp loads, dequantizes its fragments and multiplies; a block barrier per stage
 KERNEL_RS = r"""
 extern "C" __global__ void __launch_bounds__(NTH, 1) KNAME(KERNEL_ARGS) {
   extern __shared__ __align__(1024) unsigned char smem[];
@@ -237,84 +235,6 @@ extern "C" __global__ void __launch_bounds__(NTH, 1) KNAME(KERNEL_ARGS) {
 }
 """
 
-# Warp-specialized: one producer warp (the last) issues every cp.async, STAGES-1 stages ahead; the CW consumer
-# warpgroups dequantize their fragments and multiply. Named barriers: FULL (the producer arrives once a
-# stage landed, consumers sync) and EMPTY (consumers arrive once a stage's wgmmas retired, the producer syncs
-# before it refills that slot), so the consumers no longer issue loads nor wait for each other every stage.
-KERNEL_RS_WS = r"""
-constexpr int ATH = NTH + 32;
-constexpr int LA = STAGES - 1;
-constexpr int FULL0 = 1, EMPTY0 = 1 + STAGES;
-static_assert(EMPTY0 + STAGES <= 16, "qgemm_rs: too many stages for the named barriers");
-__device__ __forceinline__ void bar_sync(int id, int n) { asm volatile("bar.sync %0, %1;\n" :: "r"(id), "r"(n) : "memory"); }
-__device__ __forceinline__ void bar_arrive(int id, int n) {
-  asm volatile("bar.arrive %0, %1;\n" :: "r"(id), "r"(n) : "memory");
-}
-
-extern "C" __global__ void __launch_bounds__(NTH + 32, 1) KNAME(KERNEL_ARGS) {
-  extern __shared__ __align__(1024) unsigned char smem[];
-  const int tid = threadIdx.x;
-  const int m0 = blockIdx.x * R, n0 = blockIdx.y * BF;
-  const int KS = K / gridDim.z, kbeg = blockIdx.z * KS, nk = KS / BK, NGR = K / GS;
-  const u32 ring_s = saddr(smem);
-
-  if (tid >= NTH) {                                    // ---------------- producer warp
-    const int t = tid - NTH;
-    auto issue = [&](int st) {
-      load_stage<32>(ring_s + (st % STAGES) * STB, x, w, t, m0, n0, M, K, kbeg + st * BK, st < nk);
-    };
-#pragma unroll
-    for (int st = 0; st < LA; ++st) issue(st);
-    for (int j = 0; j < nk; ++j) {
-      cp_wait<LA - 1>();                               // stage j landed
-      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-      bar_arrive(FULL0 + j % STAGES, ATH);             // (before the EMPTY wait: the consumers' step j-1
-      const int ld = j + LA;                           // waits for stage j before it frees stage j-1)
-      if (ld < nk && ld >= STAGES) bar_sync(EMPTY0 + ld % STAGES, ATH);   // stage ld - STAGES consumed
-      issue(ld);
-    }
-    cp_wait<0>();
-    return;
-  }
-
-  // ---------------------------------------------------------------- consumers
-  const int wg = tid >> 7, g = (tid & 31) >> 2, c = tid & 3;
-  const int f = wg * 64 + ((tid >> 5) & 3) * 16 + g;
-  auto sb = [&](int st, u32 (&sv)[2][NGS], u32 (&bv)[2][NGS]) {
-    if (st < nk) load_sb(scales, biases, n0 + f, NGR, kbeg + st * BK, sv, bv);
-  };
-  float d[NACC];
-#pragma unroll
-  for (int i = 0; i < NACC; ++i) {
-    d[i] = 0.f;
-    asm volatile("" : "+f"(d[i]) :: "memory");
-  }
-  u32 a0[4][4], a1[4][4];
-  u32 sA[2][NGS], bA[2][NGS], sB[2][NGS], bB[2][NGS];
-  sb(0, sA, bA);
-  sb(1, sB, bB);
-  bar_sync(FULL0, ATH);
-  frag_stage(smem + XST, f, c, sA, bA, a0);
-  sb(2, sA, bA);
-  auto step = [&](int i, u32 (&a)[4][4], u32 (&nxt)[4][4], u32 (&sv)[2][NGS], u32 (&bv)[2][NGS]) {
-    mma_stage(d, a, ring_s + (i % STAGES) * STB);
-    if (i + 1 < nk) {
-      bar_sync(FULL0 + (i + 1) % STAGES, ATH);
-      frag_stage(smem + ((i + 1) % STAGES) * STB + XST, f, c, sv, bv, nxt);
-      sb(i + 3, sv, bv);
-    }
-    wg_wait<0>();
-    keep(a);
-    if (i + STAGES < nk) bar_arrive(EMPTY0 + i % STAGES, ATH);   // slot i is free
-  };
-  for (int i = 0; i < nk; i += 2) {
-    step(i, a0, a1, sB, bB);
-    if (i + 1 < nk) step(i + 1, a1, a0, sA, bA);
-  }
-  store_rs(d, y, n0 + f - (g & 1), g & 1, c, m0, M, N);
-}
-"""
-
 
 def wgmma_rs_asm(n: int, bf16: bool) -> str:
     """One wgmma.m64n{n}k16, fp32 accumulators d[0..n/2), A from four registers a[0..3], B (x, K-major) from
@@ -330,15 +250,13 @@ def wgmma_rs_asm(n: int, bf16: bool) -> str:
             f'               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));')
 
 
-def kernel_name(bits: int, gs: int, bf16: bool, r: int, stages: int, split: bool, cw: int = 2, ws: int = 0) -> str:
+def kernel_name(bits: int, gs: int, bf16: bool, r: int, stages: int, split: bool, cw: int = 2) -> str:
     return (f"jang_qgemm_rs_b{bits}_g{gs}_{'bf16' if bf16 else 'f16'}_r{r}_s{stages}_c{cw}_"
-            f"{'split' if split else 'out'}" + ("_ws" if ws else ""))
+            f"{'split' if split else 'out'}")
 
 
-def source(bits: int, gs: int, bf16: bool, r: int, stages: int, split: bool, cw: int = 2, ws: int = 0) -> str:
-    """ws: 1 for the warp-specialized kernel (a producer warp beside the CW consumer warpgroups)."""
+def source(bits: int, gs: int, bf16: bool, r: int, stages: int, split: bool, cw: int = 2) -> str:
     head = (f"#define BITS {bits}\n#define GS {gs}\n#define IS_BF16 {int(bf16)}\n#define R {r}\n#define CW {cw}\n"
             f"#define STAGES {stages}\n#define SPLIT {int(split)}\n#define OUT_T {'float' if split else 'u16'}\n"
-            f"#define KNAME {kernel_name(bits, gs, bf16, r, stages, split, cw, ws)}\n")
-    return head + COMMON + KERNEL_RS_HELPERS.replace("WGMMA_RS_ASM", wgmma_rs_asm(r, bf16)) + (
-        KERNEL_RS_WS if ws else KERNEL_RS)
+            f"#define KNAME {kernel_name(bits, gs, bf16, r, stages, split, cw)}\n")
+    return head + COMMON + KERNEL_RS_HELPERS.replace("WGMMA_RS_ASM", wgmma_rs_asm(r, bf16)) + KERNEL_RS
