@@ -1,7 +1,7 @@
 """Compile the CUDA kernel sources with the local nvcc (no GPU needed) the way mx.fast.cuda_kernel
 wraps them, for a set of template arguments; print registers / spills from ptxas.
 
-    .venv/bin/python bench/kernels_compile_check.py [qmm|fused|tc|qgemm|qgemm3|wg|paged|all]
+    .venv/bin/python bench/kernels_compile_check.py [qmm|fused|tc|qgemm|qgemm3|wg|rs|paged|all]
 
 A stand-in for MLX's device header (Shape) is used; everything else is the real source.
 """
@@ -14,8 +14,9 @@ import subprocess
 import sys
 import tempfile
 
-from jang_serve.kernels import (cuda_common, paged_cuda, paged_v2_cuda, qgemm3_cuda, qgemm_cuda, qgemm_wg_cuda,
-                                qgemm_wg_source, qgemv_tc_cuda, qgemv_tc_source, qmm_cuda)
+from jang_serve.kernels import (cuda_common, paged_cuda, paged_v2_cuda, qgemm3_cuda, qgemm_cuda, qgemm_rs_cuda,
+                                qgemm_rs_source, qgemm_wg_cuda, qgemm_wg_source, qgemv_tc_cuda, qgemv_tc_source,
+                                qmm_cuda)
 
 STUB = """
 #include <cstdint>
@@ -60,7 +61,7 @@ def compile_one(label, src, arch="sm_90"):
         mode = "-cubin" if arch.endswith("a") else "-c"     # -c would also assemble a plain compute_90 PTX
         r = subprocess.run(["nvcc", f"-arch={arch}", "-std=c++17", mode, "-o", os.path.join(d, "k.o"),
                             "--ptxas-options=-v", f], capture_output=True, text=True)
-    if r.returncode != 0 or "Performance Loss" in r.stderr:   # also ptxas serializing the wgmmas
+    if r.returncode != 0 or "Performance Loss" in r.stderr or re.search(r"[1-9]\d* bytes spill stores", r.stderr):
         print(f"FAIL {label}\n{r.stderr[:4000]}")
         return False
     regs = re.findall(r"Used (\d+) registers", r.stderr)
@@ -181,6 +182,22 @@ def check_wg():
     return ok
 
 
+def check_rs():
+    """The register-operand GEMM as NVRTC gets it, at every row tile its routes use (96-256), 2/4/8 bits, groups
+    32/64/128, bf16 and fp16, split and not (fails on spills and on ptxas serializing the wgmmas)."""
+    ok = True
+    for bits in (2, 4, 8):
+        for gs in (32, 64, 128):
+            for bf16 in (True, False):
+                for m in (96, 160, 192, 224, 256):
+                    cfg = qgemm_rs_cuda.config(m, 4096, 4096, bits)
+                    split = gs == 64   # both epilogues over the grid without doubling it
+                    src = qgemm_rs_source.source(bits, gs, bf16, cfg["R"], cfg["stages"], split, cfg["CW"])
+                    ok &= compile_one(f"rs bits={bits} gs={gs} {'bf16' if bf16 else 'fp16'} {cfg} split={split}",
+                                      src, "sm_90a")
+    return ok
+
+
 def check_paged():
     ok = True
     hdr = cuda_common.HEADER + paged_cuda.HEADER
@@ -236,6 +253,8 @@ if __name__ == "__main__":
         ok &= check_qgemm3()
     if what in ("wg", "all"):
         ok &= check_wg()
+    if what in ("rs", "all"):
+        ok &= check_rs()
     if what in ("paged", "all"):
         ok &= check_paged()
     sys.exit(0 if ok else 1)

@@ -138,10 +138,16 @@ def timing(quick, out):
             out.append(rec("kernels.qmm without wg", t0, n=n, k=k, m=m, bits=bits, speedup_vs_bf16=tb[0] / t0[0],
                            err=check(kqmm(x, *ws[0], bits, 64), ref)))
             os.environ.pop("JANG_QGEMM_WG")
+            os.environ["JANG_QGEMM_RS"] = "0"    # the route before the register-operand GEMM
+            t1 = timed(lambda: [kqmm(x, *ws[i % nq], bits, 64) for i in range(CALLS)])
+            out.append(rec("kernels.qmm without rs", t1, n=n, k=k, m=m, bits=bits, speedup_vs_bf16=tb[0] / t1[0],
+                           err=check(kqmm(x, *ws[0], bits, 64), ref)))
+            os.environ.pop("JANG_QGEMM_RS")
             t = timed(lambda: [kqmm(x, *ws[i % nq], bits, 64) for i in range(CALLS)])
             out.append(rec("kernels.qmm", t, n=n, k=k, m=m, bits=bits, speedup_vs_bf16=tb[0] / t[0],
-                           speedup_vs_route_before=t0[0] / t[0], err=check(kqmm(x, *ws[0], bits, 64), ref)))
-            line += f" | kqmm before {t0[0] * 1e6:.1f} now {t[0] * 1e6:.1f}"
+                           speedup_vs_route_before=t0[0] / t[0], speedup_vs_without_rs=t1[0] / t[0],
+                           err=check(kqmm(x, *ws[0], bits, 64), ref)))
+            line += f" | kqmm no-wg {t0[0] * 1e6:.1f} no-rs {t1[0] * 1e6:.1f} now {t[0] * 1e6:.1f}"
             if m <= 256:
                 t = timed(lambda: [q3.qgemm(x, *ws[i % nq], bits, 64) for i in range(CALLS)])
                 out.append(rec("qgemm3", t, n=n, k=k, m=m, bits=bits, speedup_vs_bf16=tb[0] / t[0],

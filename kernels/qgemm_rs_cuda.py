@@ -33,13 +33,19 @@ import os
 
 import mlx.core as mx
 
-from . import nvrtc, qgemm_cuda
+from . import nvrtc, qgemm_cuda, qgemm_wg_cuda
 from .qgemm_rs_source import kernel_name, source
 
 BK = 64
 TARGET_BLOCKS = 132
 SMEM_MAX = 227 * 1024
 MAX_ROWS = 256
+
+
+def supports(x: mx.array, w: mx.array, bits: int, group_size: int, scales_dtype=None) -> bool:
+    """What qgemm_wg takes (2/4/8 bits, groups 32/64/128, bf16/fp16 with scales of the same dtype, K % 64,
+    N % 128): the same operands and tile widths."""
+    return qgemm_wg_cuda.supports(x, w, bits, group_size, scales_dtype)
 
 
 def smem_bytes(bits: int, r: int, stages: int, cw: int = 2) -> int:
@@ -118,3 +124,16 @@ def qgemm(x2d: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: 
 def plan(m: int, n: int, k: int, dtype, bits: int, group_size: int):
     """f(x2d, w, scales, biases) -> y with the launch arguments computed once (compiles the cubin if needed)."""
     return _launch(config(m, n, k, bits), m, n, dtype, bits, group_size)
+
+
+_checked: dict[tuple, bool] = {}
+
+
+def self_test(dtype, bits: int, group_size: int) -> tuple[bool, str]:
+    """Row tiles of 96-256 (partial ones too, two tiles at 300 rows), split and not."""
+    return qgemm_wg_cuda.check_gemm(qgemm, dtype, bits, group_size, ((136, 1), (300, 2), (96, 1), (72, 4), (256, 1)))
+
+
+def ready(dtype, sdtype, bits: int, group_size: int) -> bool:
+    """Compiled and self-tested for (dtype, bits, group) on first use; a failure logs and turns it off."""
+    return qgemm_wg_cuda.ready_checked("qgemm_rs", _checked, self_test, dtype, sdtype, bits, group_size)

@@ -160,8 +160,9 @@ def plan(m: int, n: int, k: int, dtype, bits: int, group_size: int):
 _checked: dict[tuple, bool] = {}
 
 
-def self_test(dtype, bits: int, group_size: int) -> tuple[bool, str]:
-    """Both tile widths, split and not, a partial row tile, against the dequantized float32 matmul."""
+def check_gemm(qgemm_fn, dtype, bits: int, group_size: int, cases) -> tuple[bool, str]:
+    """qgemm_fn(x, w, scales, biases, bits, group_size, split=s) at each (rows, split) of cases against the
+    dequantized float32 matmul (512 x 1024 weights). Shared by the GEMMs' self-tests."""
     from .backend import relerr
 
     n, k = 512, 1024
@@ -169,30 +170,39 @@ def self_test(dtype, bits: int, group_size: int) -> tuple[bool, str]:
     wq, s, b = mx.quantize(wf, group_size=group_size, bits=bits)
     s, b = s.astype(dtype), b.astype(dtype)
     wd = mx.dequantize(wq, s.astype(mx.float32), b.astype(mx.float32), group_size=group_size, bits=bits)
-    for m, split in ((136, 1), (300, 2), (128, 1), (72, 4)):   # the default tiles, split and not, partial
+    for m, split in cases:
         x = mx.random.normal((m, k)).astype(dtype)
         ref = x.astype(mx.float32) @ wd.T   # no quantized_matmul: that would JIT MLX's fp32 kernels
-        err = relerr(qgemm(x, wq, s, b, bits, group_size, split=split), ref)
+        err = relerr(qgemm_fn(x, wq, s, b, bits, group_size, split=split), ref)
         if not err < 2e-2:
             return False, f"relative error {err:.3g} at {m} rows, split={split}"
     return True, ""
 
 
-def ready(dtype, sdtype, bits: int, group_size: int) -> bool:
-    """First use of a template (dtype, bits, group): compile (NVRTC) and self-test (self_test); a failure (no
-    NVRTC, not a Hopper GPU, a mismatch) turns it off, logged, and the route falls back."""
+def self_test(dtype, bits: int, group_size: int) -> tuple[bool, str]:
+    """Both tile widths, split and not, a partial row tile, against the dequantized float32 matmul."""
+    return check_gemm(qgemm, dtype, bits, group_size, ((136, 1), (300, 2), (128, 1), (72, 4)))
+
+
+def ready_checked(name: str, checked: dict, test, dtype, sdtype, bits: int, group_size: int) -> bool:
+    """First use of a template (dtype, bits, group): compile (NVRTC) and test(dtype, bits, group); a failure
+    (no NVRTC, not a Hopper GPU, a mismatch) turns it off, logged, and the route falls back."""
     if sdtype != dtype:
         return False
     key = (dtype, bits, group_size)
-    if key not in _checked:
+    if key not in checked:
         try:
-            ok, why = self_test(dtype, bits, group_size)
+            ok, why = test(dtype, bits, group_size)
         except Exception as e:  # no NVRTC, a compile or launch error: keep serving through the fallback
             ok, why = False, f"{type(e).__name__}: {str(e)[:500]}"
         if not ok:
             import logging
 
-            logging.getLogger("jang_serve.kernels").warning(
-                "kernels: cuda qgemm_wg %s disabled (%s)", key, why)
-        _checked[key] = ok
-    return _checked[key]
+            logging.getLogger("jang_serve.kernels").warning("kernels: cuda %s %s disabled (%s)", name, key, why)
+        checked[key] = ok
+    return checked[key]
+
+
+def ready(dtype, sdtype, bits: int, group_size: int) -> bool:
+    """ready_checked for this kernel (the self-test above)."""
+    return ready_checked("qgemm_wg", _checked, self_test, dtype, sdtype, bits, group_size)

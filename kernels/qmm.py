@@ -17,10 +17,14 @@ Paths by backend (kernels/backend.py) and by activation rows M = prod(x.shape[:-
                (kernels/qgemm_cuda.py; kernels/qgemm_v1_cuda.py with JANG_QGEMM_IMPL=v1; N % 128 == 0),
                checked once per template against the reference at first use (off on a mismatch);
                JANG_QGEMM=0 turns it off
+  cuda, M in RS_ROWS (RS_ROWS_8BIT at 8 bits), 2/4/8 bits, scales in x's dtype  register-operand
+               warpgroup GEMM (kernels/qgemm_rs_cuda.py: Hopper, sm_90a through NVRTC), self-tested at first
+               use like the next one; JANG_QGEMM_RS=0 turns it off, JANG_QGEMM_RS_ROWS=65-96,129-256 sets
+               the ranges
   cuda, WG_MIN_ROWS<=M<=WG_MAX_ROWS, 2/4/8 bits, scales in x's dtype  warpgroup (wgmma) GEMM
                (kernels/qgemm_wg_cuda.py: Hopper, compiled for sm_90a with NVRTC), after its self-test at
                first use (a failure, e.g. no NVRTC or not a Hopper GPU, falls back to the routes here);
-               JANG_QGEMM_WG=0 turns it off
+               JANG_QGEMM_WG=0 turns it off (and the register-operand GEMM)
   cuda, else   mx.quantized_matmul below DEQUANT_ROWS rows (DEQUANT_ROWS_8BIT at 8 bits), else
                dequantize once to the activation dtype and run the dense (cuBLAS) matmul
   The path is chosen once per (shapes, dtypes, bits, group) and cached; thresholds from
@@ -76,6 +80,12 @@ QGEMM3_MIN_ROWS_8BIT = 17
 # 64.1 vs 92.0 at 28672x4096); 384-768 rows: dequantize + cuBLAS is (129.5 vs 147.2 us at 384 of 14336x4096).
 WG_MIN_ROWS = 96
 WG_MAX_ROWS = 256
+# The register-operand GEMM takes these row ranges from the warpgroup GEMM (and 65-95 from qgemm3). H100,
+# bench/results/qgemm-rs-h100.json, same run: it is faster at 65-96 rows and from 129 rows (its time grows
+# with the row tile, the warpgroup GEMM's jumps when it takes two m64 tiles per warpgroup) and slower at
+# 97-128; at 8 bits only 129-192 measured faster.
+RS_ROWS = ((65, 96), (129, 256))
+RS_ROWS_8BIT = ((129, 192),)
 DEQUANT_ROWS_8BIT = 384   # 8-bit: mx.quantized_matmul beats dequantize + matmul up to at least 256 rows
 # CPU: from this many rows, dequantize + dense matmul beats mx.quantized_matmul for every SmolLM2 shape
 # (bench/qmm_cpu.py: small matrices win from 4 rows, the 49152x576 tied lm_head only from ~16).
@@ -143,6 +153,21 @@ def wg_rows() -> tuple[int, int]:
         return 0, -1
     return (int(os.environ.get("JANG_QGEMM_WG_MIN_ROWS", WG_MIN_ROWS)),
             int(os.environ.get("JANG_QGEMM_WG_MAX_ROWS", WG_MAX_ROWS)))
+
+
+def rs_rows(bits: int) -> tuple[tuple[int, int], ...]:
+    """The row ranges the register-operand GEMM serves at these bits; () when it or the warpgroup GEMMs are
+    off (JANG_QGEMM_RS=0, JANG_QGEMM_WG=0). JANG_QGEMM_RS_ROWS="65-96,129-256" sets them for every width."""
+    off = ("0", "false", "off")
+    if os.environ.get("JANG_QGEMM_RS", "1").strip() in off or os.environ.get("JANG_QGEMM_WG", "1").strip() in off:
+        return ()
+    env = os.environ.get("JANG_QGEMM_RS_ROWS", "").strip()
+    if env:
+        try:
+            return tuple((int(a), int(b)) for a, b in (r.split("-") for r in env.split(",")))
+        except ValueError:
+            raise ValueError(f"JANG_QGEMM_RS_ROWS must look like 65-96,129-256, got {env!r}") from None
+    return RS_ROWS_8BIT if bits == 8 else RS_ROWS
 
 
 def gemv_tc_mode() -> str:
@@ -221,12 +246,15 @@ def _check(x, w, scales, biases, bits, group_size):
                          f"{tuple(scales.shape)} / {tuple(biases.shape)}")
 
 
-def _cuda_route(m: int, x, w, bits: int, group_size: int, sdtype=None, wg: bool = True) -> str:
-    """Which CUDA path serves m rows (thresholds from bench/results/kernels-h100.json, qgemm-wg-h100.json)."""
-    from . import qgemm_wg_cuda
+def _cuda_route(m: int, x, w, bits: int, group_size: int, sdtype=None, wg: bool = True, rs: bool = True) -> str:
+    """Which CUDA path serves m rows (thresholds from bench/results/kernels-h100.json, qgemm-wg-h100.json,
+    qgemm-rs-h100.json)."""
+    from . import qgemm_rs_cuda, qgemm_wg_cuda
 
     if gemv_kind(m, x, w, bits, group_size) != "none":
         return "gemv"
+    if rs and any(a <= m <= b for a, b in rs_rows(bits)) and qgemm_rs_cuda.supports(x, w, bits, group_size, sdtype):
+        return "rs"
     lo, hi = wg_rows()
     if wg and lo <= m <= hi and qgemm_wg_cuda.supports(x, w, bits, group_size, sdtype):
         return "wg"
@@ -259,7 +287,8 @@ def qmm(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: int,
            os.environ.get("JANG_QGEMM"), os.environ.get("JANG_QGEMM_BITS"), os.environ.get("JANG_QGEMM_SPLIT"),
            os.environ.get("JANG_QGEMM_IMPL"), os.environ.get("JANG_GEMV_TC"), os.environ.get("JANG_QGEMM3_MAX_ROWS"),
            os.environ.get("JANG_QGEMM3_MIN_ROWS_8BIT"), os.environ.get("JANG_QGEMM_WG"),
-           os.environ.get("JANG_QGEMM_WG_MIN_ROWS"), os.environ.get("JANG_QGEMM_WG_MAX_ROWS"))
+           os.environ.get("JANG_QGEMM_WG_MIN_ROWS"), os.environ.get("JANG_QGEMM_WG_MAX_ROWS"),
+           os.environ.get("JANG_QGEMM_RS"), os.environ.get("JANG_QGEMM_RS_ROWS"))
     route, fn = _routes.get(key, (None, None))
     if route is None:  # first call with these shapes: check the arguments once and pick the path
         _check(x, w, scales, biases, bits, group_size)
@@ -276,11 +305,13 @@ def qmm(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: int,
         from . import qgemm_cuda
 
         if route is None:
-            from . import qgemm_wg_cuda
+            from . import qgemm_rs_cuda, qgemm_wg_cuda
 
             route = _cuda_route(m, x, w, bits, group_size, scales.dtype)
+            if route == "rs" and not qgemm_rs_cuda.ready(x.dtype, scales.dtype, bits, group_size):
+                route = _cuda_route(m, x, w, bits, group_size, scales.dtype, rs=False)
             if route == "wg" and not qgemm_wg_cuda.ready(x.dtype, scales.dtype, bits, group_size):
-                route = _cuda_route(m, x, w, bits, group_size, scales.dtype, wg=False)
+                route = _cuda_route(m, x, w, bits, group_size, scales.dtype, wg=False, rs=False)
             impl = qgemm_for(x, w, bits, group_size) if route == "qgemm" else None
             if route == "qgemm" and not impl.ready(x.dtype, scales.dtype, bits, group_size, m):
                 route = "reference"
@@ -294,6 +325,8 @@ def qmm(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: int,
                 fn = impl.plan(m, w.shape[0], k, x.dtype, bits, group_size)
             elif route == "wg":
                 fn = qgemm_wg_cuda.plan(m, w.shape[0], k, x.dtype, bits, group_size)
+            elif route == "rs":
+                fn = qgemm_rs_cuda.plan(m, w.shape[0], k, x.dtype, bits, group_size)
             _routes[key] = (route, fn)
         if fn is not None:
             return fn(x.reshape(m, k), w, scales, biases).reshape(*lead, w.shape[0])

@@ -70,19 +70,26 @@ def _qmm(spec, dtype, rows):
 
 
 def _wg_precompile(spec, dtype, sdt) -> int:
-    """The warpgroup GEMM's templates for the model's real shape (its tiles and split depend on N and K),
-    at 128 and 256 rows: compiled (NVRTC) here after the self-test, not on the first long prompt."""
-    from . import qgemm_wg_cuda
-    from .qmm import wg_rows
+    """The warpgroup GEMMs' templates for the model's real shape (tiles and split depend on N and K): the
+    register-operand one's row tiles (96, 160, 192, 224, 256) where it serves them, the other one at 128
+    rows; compiled (NVRTC, cached on disk) here after the self-tests, not on the first long prompt."""
+    from . import qgemm_rs_cuda, qgemm_wg_cuda
+    from .qmm import rs_rows, wg_rows
 
-    lo, hi = wg_rows()
     n, k, bits, gs = spec["n"], spec.get("k"), spec["bits"], spec["group_size"]
-    if k is None or not qgemm_wg_cuda.supports_shape(n, k, dtype, sdt, bits, gs) \
-            or not qgemm_wg_cuda.ready(dtype, sdt, bits, gs):
+    if k is None or not qgemm_wg_cuda.supports_shape(n, k, dtype, sdt, bits, gs):
         return 0
     done = 0
-    for m in (128, 256):
-        if lo <= m <= hi:
+    ranges = rs_rows(bits)
+    tiles = [m for m in (96, 160, 192, 224, 256) if any(a <= m <= b for a, b in ranges)]
+    if tiles and qgemm_rs_cuda.ready(dtype, sdt, bits, gs):
+        for m in tiles:
+            qgemm_rs_cuda.plan(m, n, k, dtype, bits, gs)
+            done += 1
+    lo, hi = wg_rows()
+    wg_tiles = [m for m in (128, 256) if lo <= m <= hi and not any(a <= m <= b for a, b in ranges)]
+    if wg_tiles and qgemm_wg_cuda.ready(dtype, sdt, bits, gs):
+        for m in wg_tiles:
             qgemm_wg_cuda.plan(m, n, k, dtype, bits, gs)
             done += 1
     return done

@@ -192,11 +192,13 @@ def _args(m, n, k, bits):
 def test_route(m, bits, n, want, monkeypatch):
     for v in ("JANG_QGEMM", "JANG_QGEMM_IMPL", "JANG_QGEMM_WG", "JANG_QGEMM_WG_MIN_ROWS", "JANG_QGEMM_WG_MAX_ROWS"):
         monkeypatch.delenv(v, raising=False)
+    monkeypatch.setenv("JANG_QGEMM_RS", "0")   # the register-operand GEMM's ranges: test_kernels_qgemm_rs
     x, w = _args(m, n, 512, bits)
     assert qmm_mod._cuda_route(m, x, w, bits, 64, mx.bfloat16) == want
 
 
 def test_route_switches(monkeypatch):
+    monkeypatch.setenv("JANG_QGEMM_RS", "0")
     x, w = _args(128, 4096, 512, 4)
     monkeypatch.setenv("JANG_QGEMM_WG", "0")
     assert qmm_mod._cuda_route(128, x, w, 4, 64, mx.bfloat16) == "qgemm"
