@@ -22,6 +22,12 @@ static_assert(R % 32 == 0 && R <= 256 && STB % 1024 == 0, "qgemm_rs: tile");
 // consecutive rows (one load of a warp: lanes g = 0..7) falls in distinct banks.
 __device__ __forceinline__ u32 woff(int r, int c) { return r * RB + ((c ^ ((r / RPL) & (RCH - 1))) << 4); }
 
+// (a & m) | MAGIC as one lop3 (C's & and | with two constants compile to two).
+__device__ __forceinline__ u32 mask_magic(u32 a, u32 m) {
+  u32 d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(m), "r"(MAGIC));
+  return d;
+}
 __device__ __forceinline__ float shfl4(float v) {   // the value of lane ^ 4 (g ^ 1)
   float r;
   asm volatile("shfl.sync.bfly.b32 %0, %1, 4, 0x1f, 0xffffffff;" : "=f"(r) : "f"(v));
@@ -59,12 +65,12 @@ __device__ __forceinline__ void frag_stage(const unsigned char* wq, int f, int c
 #endif
 #if BITS == 4
       const u32 t = prmt(wd[2 * j], wd[2 * j + 1], sel);               // (K 2c | 2c+1, K 2c+8 | 2c+9) nibbles
-      const u32 lo = deq2((t & 0x000F000Fu) | MAGIC, s2, b2);          // (2c, 2c+8)
-      const u32 hi = deq2(((t >> 4) & 0x000F000Fu) | MAGIC, s2, b2);   // (2c+1, 2c+9)
+      const u32 lo = deq2(mask_magic(t, 0x000F000Fu), s2, b2);          // (2c, 2c+8)
+      const u32 hi = deq2(mask_magic(t >> 4, 0x000F000Fu), s2, b2);   // (2c+1, 2c+9)
 #elif BITS == 2
       const u32 t = wd[j] >> (4 * c);                                  // word j: K 16j..16j+15
-      const u32 lo = deq2((t & 0x00030003u) | MAGIC, s2, b2);
-      const u32 hi = deq2(((t >> 2) & 0x00030003u) | MAGIC, s2, b2);
+      const u32 lo = deq2(mask_magic(t, 0x00030003u), s2, b2);
+      const u32 hi = deq2(mask_magic(t >> 2, 0x00030003u), s2, b2);
 #else   // 8 bits: chunk j = words 4j..4j+3 (K 16j..); K 2c.. in word c/2, K 2c+8.. in word 2 + c/2
       const v4u q = *reinterpret_cast<const v4u*>(wq + woff(r, j));
       const u32 w0 = (c >> 1) ? q.y : q.x, w1 = (c >> 1) ? q.w : q.z;
@@ -75,10 +81,10 @@ __device__ __forceinline__ void frag_stage(const unsigned char* wq, int f, int c
       a[j][2 + h] = pack2f(fmaf(qf(w1, e), s, b), fmaf(qf(w1, e + 1), s, b));
       continue;
 #else
-      const u32 lo = deq2((prmt(w0, w1, e | (e << 4) | ((4 + e) << 8) | ((4 + e) << 12)) & 0x00FF00FFu) | MAGIC,
+      const u32 lo = deq2(mask_magic(prmt(w0, w1, e | (e << 4) | ((4 + e) << 8) | ((4 + e) << 12)), 0x00FF00FFu),
                           s2, b2);
-      const u32 hi = deq2((prmt(w0, w1, (e + 1) | ((e + 1) << 4) | ((5 + e) << 8) | ((5 + e) << 12)) & 0x00FF00FFu)
-                          | MAGIC, s2, b2);
+      const u32 hi = deq2(mask_magic(prmt(w0, w1, (e + 1) | ((e + 1) << 4) | ((5 + e) << 8) | ((5 + e) << 12)),
+                                     0x00FF00FFu), s2, b2);
 #endif
 #endif
 #if !(BITS == 8 && IS_BF16)
@@ -89,42 +95,68 @@ __device__ __forceinline__ void frag_stage(const unsigned char* wq, int f, int c
   }
 }
 
-// cp.async of one stage (K from k0) into the ring slot at shared address slot, by thread t of T: the x tile
-// (16-byte chunk cc of row r, zeros past M) and the packed weight rows. One commit group per call.
-template <int T>
-__device__ __forceinline__ void load_stage(u32 slot, const u16* __restrict__ x, const u32* __restrict__ w, int t,
-                                           int m0, int n0, int M, int K, int k0, bool live) {
+constexpr int XCH = R * 8 / NTH;                 // x chunks per thread and stage
+constexpr int WCH = WQST / 16;                   // packed weight chunks per stage
+constexpr int WPT = (WCH + NTH - 1) / NTH;       // ... per thread
+
+// Thread t's share of every stage's cp.async, computed once (per stage only K and the slot move): x chunk it
+// is row r0 + it * NTH/8 (rows past M clamped, their copies zero-filled), chunk column cc; the rows of a
+// thread's chunks are 32 apart, so their swizzled shared offsets are 4096 apart.
+struct StageLoads {
+  u32 xo[XCH];                                   // element offset at K 0: row * K + 8 cc
+  u32 xin;                                       // bit it: the row is below M
+  u32 xs;                                        // shared offset of chunk 0 in a slot
+  u64 wo[WPT];                                   // byte offset of packed chunk it at K 0
+  u32 ws[WPT];                                   // its shared offset (after the x tile)
+};
+
+__device__ __forceinline__ StageLoads stage_loads(int t, int m0, int n0, int M, int K) {
+  StageLoads L;
+  const int r0 = t >> 3, cc = t & 7;
+  L.xin = 0;
+#pragma unroll
+  for (int it = 0; it < XCH; ++it) {
+    const int r = m0 + r0 + it * (NTH / 8);
+    L.xo[it] = (u32)imin(r, M - 1) * (u32)K + cc * 8;
+    L.xin |= (r < M ? 1u : 0u) << it;
+  }
+  L.xs = toff(r0, cc);
+  const u64 KB = (u64)K * BITS / 8;
+#pragma unroll
+  for (int it = 0; it < WPT; ++it) {
+    const int ch = imin(t + it * NTH, WCH - 1), r = ch / RCH, c = ch % RCH;
+    L.wo[it] = (u64)(n0 + r) * KB + c * 16;
+    L.ws[it] = XST + woff(r, c);
+  }
+  return L;
+}
+
+// cp.async of one stage (K from k0) into the ring slot at shared address slot. One commit group per call.
+__device__ __forceinline__ void load_stage(const StageLoads& L, u32 slot, const u16* __restrict__ x,
+                                           const u32* __restrict__ w, int t, int k0, bool live) {
   if (live) {
 #pragma unroll
-    for (int it = 0; it < R * 8 / T; ++it) {
-      const int ch = t + it * T, r = ch >> 3, cc = ch & 7;
-      cp16(slot + toff(r, cc), x + (u64)imin(m0 + r, M - 1) * K + k0 + cc * 8, m0 + r < M);
-    }
-    constexpr int WCH = WQST / 16;
-    const u64 KB = (u64)K * BITS / 8;
+    for (int it = 0; it < XCH; ++it)
+      cp16(slot + L.xs + it * (NTH / 8) * 128, x + L.xo[it] + k0, (L.xin >> it) & 1);
+    const unsigned char* wb = reinterpret_cast<const unsigned char*>(w) + (u64)k0 * BITS / 8;
 #pragma unroll
-    for (int it = 0; it < (WCH + T - 1) / T; ++it) {
-      const int ch = t + it * T;
-      if (WCH % T == 0 || ch < WCH) {
-        const int r = ch / RCH, cc = ch % RCH;
-        cp16(slot + XST + woff(r, cc),
-             reinterpret_cast<const unsigned char*>(w) + (u64)(n0 + r) * KB + (u64)k0 * BITS / 8 + cc * 16, true);
-      }
-    }
+    for (int it = 0; it < WPT; ++it)
+      if (WCH % NTH == 0 || t + it * NTH < WCH) cp16(slot + L.ws[it], wb + L.wo[it], true);
   }
   cp_commit();
 }
 
-// Raw scale / bias of rows row and row + 8, the stage's groups (paired at use, a stage or two later).
-__device__ __forceinline__ void load_sb(const u16* __restrict__ scales, const u16* __restrict__ biases, int row,
-                                        int NGR, int k0, u32 (&sv)[2][NGS], u32 (&bv)[2][NGS]) {
+// Raw scale / bias of this thread's rows (sp / bp: their group-0 entries; row + 8 at + 8 NGR) for the stage
+// at K k0 (paired at use, a stage or two later).
+__device__ __forceinline__ void load_sb(const u16* sp, const u16* bp, u32 NGR, u32 k0, u32 (&sv)[2][NGS],
+                                        u32 (&bv)[2][NGS]) {
 #pragma unroll
   for (int h = 0; h < 2; ++h)
 #pragma unroll
-    for (int q = 0; q < NGS; ++q) {
-      const u64 gi = (u64)(row + 8 * h) * NGR + (k0 + q * GS) / GS;
-      sv[h][q] = scales[gi];
-      bv[h][q] = biases[gi];
+    for (u32 q = 0; q < NGS; ++q) {
+      const u32 gi = h * 8 * NGR + (k0 + q * GS) / GS;
+      sv[h][q] = sp[gi];
+      bv[h][q] = bp[gi];
     }
 }
 
@@ -182,11 +214,12 @@ extern "C" __global__ void __launch_bounds__(NTH, 1) KNAME(KERNEL_ARGS) {
   const u32 ring_s = saddr(smem);
   const int wg = tid >> 7, g = (tid & 31) >> 2, c = tid & 3;
   const int f = wg * 64 + ((tid >> 5) & 3) * 16 + g;   // this thread's weight rows: f and f + 8
-  auto issue = [&](int st) {
-    load_stage<NTH>(ring_s + (st % STAGES) * STB, x, w, tid, m0, n0, M, K, kbeg + st * BK, st < nk);
-  };
+  const StageLoads L = stage_loads(tid, m0, n0, M, K);
+  auto issue = [&](int st) { load_stage(L, ring_s + (st % STAGES) * STB, x, w, tid, kbeg + st * BK, st < nk); };
+  const u16* sp = scales + (u64)(n0 + f) * NGR;
+  const u16* bp = biases + (u64)(n0 + f) * NGR;
   auto sb = [&](int st, u32 (&sv)[2][NGS], u32 (&bv)[2][NGS]) {
-    if (st < nk) load_sb(scales, biases, n0 + f, NGR, kbeg + st * BK, sv, bv);
+    if (st < nk) load_sb(sp, bp, NGR, kbeg + st * BK, sv, bv);
   };
   // The oldest pending stage landed in every thread's part and is visible to the async proxy (wgmma).
   auto landed = [&]() {

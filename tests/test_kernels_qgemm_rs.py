@@ -104,8 +104,9 @@ def test_a_wrong_permute_fails_the_emulation():
 
 def test_source_has_the_emulated_operations():
     s = src.source(4, 64, True, 256, 4, False)
-    for text in ("c | (c << 4) | ((4 + c) << 8) | ((4 + c) << 12)", "(t & 0x000F000Fu) | MAGIC",
-                 "((t >> 4) & 0x000F000Fu) | MAGIC", "prmt(lo, hi, 0x5410)", "prmt(lo, hi, 0x7632)",
+    for text in ("c | (c << 4) | ((4 + c) << 8) | ((4 + c) << 12)", "mask_magic(t, 0x000F000Fu)",
+                 "mask_magic(t >> 4, 0x000F000Fu)", "prmt(lo, hi, 0x5410)", "prmt(lo, hi, 0x7632)",
+                 'lop3.b32 %0, %1, %2, %3, 0xEA;',
                  "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16", "{%128, %129, %130, %131}"):
         assert text in s, text
     assert "m64n96k16.f32.f16.f16" in src.source(2, 32, False, 96, 3, True)
