@@ -19,8 +19,8 @@ Paths by backend (kernels/backend.py) and by activation rows M = prod(x.shape[:-
                JANG_QGEMM=0 turns it off
   cuda, M in RS_ROWS (RS_ROWS_8BIT at 8 bits), 2/4/8 bits, scales in x's dtype  register-operand
                warpgroup GEMM (kernels/qgemm_rs_cuda.py: Hopper, sm_90a through NVRTC), self-tested at first
-               use like the next one; JANG_QGEMM_RS=0 turns it off, JANG_QGEMM_RS_ROWS=65-96,129-256 sets
-               the ranges
+               use like the next one; JANG_QGEMM_RS=0 turns it off, JANG_QGEMM_RS_ROWS=64-256 sets the
+               ranges
   cuda, WG_MIN_ROWS<=M<=WG_MAX_ROWS, 2/4/8 bits, scales in x's dtype  warpgroup (wgmma) GEMM
                (kernels/qgemm_wg_cuda.py: Hopper, compiled for sm_90a with NVRTC), after its self-test at
                first use (a failure, e.g. no NVRTC or not a Hopper GPU, falls back to the routes here);
@@ -80,12 +80,12 @@ QGEMM3_MIN_ROWS_8BIT = 17
 # 64.1 vs 92.0 at 28672x4096); 384-768 rows: dequantize + cuBLAS is (129.5 vs 147.2 us at 384 of 14336x4096).
 WG_MIN_ROWS = 96
 WG_MAX_ROWS = 256
-# The register-operand GEMM takes these row ranges from the warpgroup GEMM (and 65-95 from qgemm3). H100,
-# bench/results/qgemm-rs-h100.json, same run: it is faster at 65-96 rows and from 129 rows (its time grows
-# with the row tile, the warpgroup GEMM's jumps when it takes two m64 tiles per warpgroup) and slower at
-# 97-128; at 8 bits only 129-192 measured faster.
-RS_ROWS = ((65, 96), (129, 256))
-RS_ROWS_8BIT = ((129, 192),)
+# The register-operand GEMM takes these row ranges from the warpgroup GEMM and qgemm3. H100,
+# bench/results/qgemm-rs-h100.json, same run: at 2/4 bits it is as fast or faster at every measured row count
+# from 64 to 256 (its time grows with the row tile; the warpgroup GEMM's jumps past 128 rows, where it
+# takes two m64 tiles per warpgroup); at 8 bits it ties up to 128 rows and is faster from 160.
+RS_ROWS = ((64, 256),)
+RS_ROWS_8BIT = ((129, 256),)
 DEQUANT_ROWS_8BIT = 384   # 8-bit: mx.quantized_matmul beats dequantize + matmul up to at least 256 rows
 # CPU: from this many rows, dequantize + dense matmul beats mx.quantized_matmul for every SmolLM2 shape
 # (bench/qmm_cpu.py: small matrices win from 4 rows, the 49152x576 tied lm_head only from ~16).
@@ -157,7 +157,7 @@ def wg_rows() -> tuple[int, int]:
 
 def rs_rows(bits: int) -> tuple[tuple[int, int], ...]:
     """The row ranges the register-operand GEMM serves at these bits; () when it or the warpgroup GEMMs are
-    off (JANG_QGEMM_RS=0, JANG_QGEMM_WG=0). JANG_QGEMM_RS_ROWS="65-96,129-256" sets them for every width."""
+    off (JANG_QGEMM_RS=0, JANG_QGEMM_WG=0). JANG_QGEMM_RS_ROWS="64-96,129-256" sets them for every width."""
     off = ("0", "false", "off")
     if os.environ.get("JANG_QGEMM_RS", "1").strip() in off or os.environ.get("JANG_QGEMM_WG", "1").strip() in off:
         return ()
@@ -166,7 +166,7 @@ def rs_rows(bits: int) -> tuple[tuple[int, int], ...]:
         try:
             return tuple((int(a), int(b)) for a, b in (r.split("-") for r in env.split(",")))
         except ValueError:
-            raise ValueError(f"JANG_QGEMM_RS_ROWS must look like 65-96,129-256, got {env!r}") from None
+            raise ValueError(f"JANG_QGEMM_RS_ROWS must look like 64-96,129-256, got {env!r}") from None
     return RS_ROWS_8BIT if bits == 8 else RS_ROWS
 
 

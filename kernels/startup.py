@@ -71,8 +71,9 @@ def _qmm(spec, dtype, rows):
 
 def _wg_precompile(spec, dtype, sdt) -> int:
     """The warpgroup GEMMs' templates for the model's real shape (tiles and split depend on N and K): the
-    register-operand one's row tiles (96, 160, 192, 224, 256) where it serves them, the other one at 128
-    rows; compiled (NVRTC, cached on disk) here after the self-tests, not on the first long prompt."""
+    register-operand one's row tiles (64-256 in steps of 32) where it serves them, the other one at 128 and
+    256 rows where it does; compiled (NVRTC, cached on disk) here after the self-tests, not on the first
+    long prompt."""
     from . import qgemm_rs_cuda, qgemm_wg_cuda
     from .qmm import rs_rows, wg_rows
 
@@ -81,7 +82,7 @@ def _wg_precompile(spec, dtype, sdt) -> int:
         return 0
     done = 0
     ranges = rs_rows(bits)
-    tiles = [m for m in (96, 160, 192, 224, 256) if any(a <= m <= b for a, b in ranges)]
+    tiles = [m for m in range(64, 257, 32) if any(a <= m <= b for a, b in ranges)]
     if tiles and qgemm_rs_cuda.ready(dtype, sdt, bits, gs):
         for m in tiles:
             qgemm_rs_cuda.plan(m, n, k, dtype, bits, gs)

@@ -206,6 +206,7 @@ def test_cuda_route(m, bits, n, want, monkeypatch):
 
 
 def test_cuda_route_qgemm_off(monkeypatch):
+    monkeypatch.setenv("JANG_QGEMM_WG", "0")   # the warpgroup GEMMs (64+ rows) have their own switch
     monkeypatch.setenv("JANG_QGEMM", "0")
     x, w = _args(64, 4096, 512, 4)
     assert qmm_mod._cuda_route(64, x, w, 4, 64) == "reference"
