@@ -81,9 +81,10 @@ QGEMM3_MIN_ROWS_8BIT = 17
 WG_MIN_ROWS = 96
 WG_MAX_ROWS = 256
 # The register-operand GEMM takes these row ranges from the warpgroup GEMM and qgemm3. H100,
-# bench/results/qgemm-rs-h100.json, same run: at 2/4 bits it is as fast or faster at every measured row count
-# from 64 to 256 (its time grows with the row tile; the warpgroup GEMM's jumps past 128 rows, where it
-# takes two m64 tiles per warpgroup); at 8 bits it ties up to 128 rows and is faster from 160.
+# bench/results/qgemm-rs-h100.json, one run: at 2/4 bits 1.02-1.38x the route before it at every measured shape
+# and row count from 64 to 256 but one within noise (its time grows with the row tile; the warpgroup GEMM's
+# jumps past 128 rows, where it takes two m64 tiles per warpgroup); at 8 bits the kernels alone are level
+# below 129 rows (0.92-1.18x), so those keep their route, and the route is 0.99-1.11x from there.
 RS_ROWS = ((64, 256),)
 RS_ROWS_8BIT = ((129, 256),)
 DEQUANT_ROWS_8BIT = 384   # 8-bit: mx.quantized_matmul beats dequantize + matmul up to at least 256 rows
