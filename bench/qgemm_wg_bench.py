@@ -4,6 +4,7 @@ from the same run (method of bench/kernels_bench.py: 100 calls queued, one eval,
 rotated over > 200 MB).
 
     python3 bench/qgemm_wg_bench.py OUT.json [probe] [parity] [rs_parity] [timing] [quick]
+    python3 bench/qgemm_wg_bench.py - ncu|ncu_rs        # under ncu (bench/qgemm_rs_ncu.sh)
     WG_VARIANTS='[{"BN": 128}, {"stages": 3}]'   # extra configs timed at every row count
     RS_VARIANTS='[{"stages": 5}]'                # the register-operand kernel's (kernels/qgemm_rs_cuda.py)
     WG_ROWS=128,256 WG_SHAPES=14336x4096x4,...   # narrow the timing grid
@@ -95,6 +96,9 @@ def rs_parity(quick, out):
                (256, 4096, 4096, {}), (192, 1024, 14336, {}), (256, 512, 1024, {"stages": 3}),
                (128, 512, 2048, {"stages": 5}), (300, 768, 2048, {"split": 2}), (32, 512, 1024, {}),
                (256, 512, 1024, {"CW": 1}), (160, 768, 1024, {"CW": 1, "split": 2}))]
+    cases += [(b, gs, dt, m, 512, 2048, o) for b, gs, dt, m, o in      # loads issued after the dequant
+              ((4, 64, mx.bfloat16, 256, {"late": 1}), (2, 32, mx.float16, 136, {"late": 1}),
+               (8, 64, mx.bfloat16, 200, {"late": 1, "split": 2}), (4, 128, mx.float16, 64, {"late": 1}))]
     if quick:
         cases = cases[::3]
     for bits, gs, dt, m, n, k, over in cases:
@@ -197,6 +201,14 @@ def ncu_mode():
     profile_calls(calls)
 
 
+def ncu_rs_mode():
+    """qgemm_rs alone at 64 and 256 rows (14336x4096, 4 bits), for the per-instruction stall sampling of
+    bench/qgemm_rs_ncu.sh."""
+    n, k = 14336, 4096
+    ws = qweights(n, k, 4, 64)
+    profile_calls([lambda m=m: rs.qgemm(mx.random.normal((m, k)).astype(mx.bfloat16), *ws, 4, 64) for m in (64, 256)])
+
+
 def main(path, what, quick):
     method = (f"{CALLS} calls queued, one mx.eval, median of 5; weights rotated over > 200 MB; "
               "speedup_vs_bf16 = bf16 matmul time / this time (above 1: faster)")
@@ -206,8 +218,8 @@ def main(path, what, quick):
 
 if __name__ == "__main__":
     args = sys.argv[2:]
-    if args == ["ncu"]:
-        ncu_mode()
+    if args in (["ncu"], ["ncu_rs"]):
+        ncu_mode() if args == ["ncu"] else ncu_rs_mode()
         sys.exit(0)
     main(sys.argv[1], [a for a in args if a in ("probe", "parity", "rs_parity", "timing")]
          or ["probe", "parity", "rs_parity", "timing"],
