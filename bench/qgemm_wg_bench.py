@@ -96,9 +96,6 @@ def rs_parity(quick, out):
                (256, 4096, 4096, {}), (192, 1024, 14336, {}), (256, 512, 1024, {"stages": 3}),
                (128, 512, 2048, {"stages": 5}), (300, 768, 2048, {"split": 2}), (32, 512, 1024, {}),
                (256, 512, 1024, {"CW": 1}), (160, 768, 1024, {"CW": 1, "split": 2}))]
-    cases += [(b, gs, dt, m, 512, 2048, o) for b, gs, dt, m, o in      # loads issued after the dequant
-              ((4, 64, mx.bfloat16, 256, {"late": 1}), (2, 32, mx.float16, 136, {"late": 1}),
-               (8, 64, mx.bfloat16, 200, {"late": 1, "split": 2}), (4, 128, mx.float16, 64, {"late": 1}))]
     if quick:
         cases = cases[::3]
     for bits, gs, dt, m, n, k, over in cases:

@@ -53,8 +53,7 @@ def smem_bytes(bits: int, r: int, stages: int, cw: int = 2) -> int:
 
 
 def config(m: int, n: int, k: int, bits: int, r: int | None = None, stages: int | None = None,
-           split: int | None = None, target: int | None = None, cw: int | None = None,
-           late: int | None = None) -> dict:
+           split: int | None = None, target: int | None = None, cw: int | None = None) -> dict:
     cw = cw or int(os.environ.get("JANG_QGEMM_RS_CW", 0)) or 2
     bf = 64 * cw
     r = r or min(MAX_ROWS, -(-m // 32) * 32)
@@ -72,21 +71,19 @@ def config(m: int, n: int, k: int, bits: int, r: int | None = None, stages: int 
             split *= 2
     if k % (BK * split):
         raise ValueError(f"qgemm_rs: K={k} does not split into {split} parts of whole {BK}-wide stages")
-    late = int(os.environ.get("JANG_QGEMM_RS_LATE", 0)) if late is None else int(late)
-    return dict(R=r, stages=st, split=split, CW=cw, late=late)
+    return dict(R=r, stages=st, split=split, CW=cw)
 
 
 def config_args(overrides: dict) -> dict:
-    """qgemm()'s overrides (R, CW, stages, split, target, late) as config() keywords."""
+    """qgemm()'s overrides (R, CW, stages, split, target) as config() keywords."""
     return {a.lower() if a in ("R", "CW") else a: v for a, v in overrides.items()}
 
 
 _cubins: dict[tuple, bytes] = {}
 
 
-def cubin(bits: int, group_size: int, bf16: bool, r: int, stages: int, split: bool, cw: int = 2,
-          late: int = 0):
-    key = (bits, group_size, bf16, r, stages, split, cw, late)
+def cubin(bits: int, group_size: int, bf16: bool, r: int, stages: int, split: bool, cw: int = 2):
+    key = (bits, group_size, bf16, r, stages, split, cw)
     if key not in _cubins:
         _cubins[key] = nvrtc.compile_cubin(source(*key), kernel_name(*key))
     return kernel_name(*key), _cubins[key]
@@ -94,7 +91,7 @@ def cubin(bits: int, group_size: int, bf16: bool, r: int, stages: int, split: bo
 
 def _launch(cfg, m, n, dtype, bits, group_size):
     r, st, s, cw = cfg["R"], cfg["stages"], cfg["split"], cfg["CW"]
-    name, code = cubin(bits, group_size, dtype == mx.bfloat16, r, st, s > 1, cw, cfg["late"])
+    name, code = cubin(bits, group_size, dtype == mx.bfloat16, r, st, s > 1, cw)
     nth = 128 * cw
     grid, smem = (-(-m // r) * nth, n // (64 * cw), s), smem_bytes(bits, r, st, cw)
 
@@ -118,7 +115,7 @@ def _launch(cfg, m, n, dtype, bits, group_size):
 
 def qgemm(x2d: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: int, group_size: int,
           **overrides) -> mx.array:
-    """x2d [M, K] bf16/fp16 -> [M, N] in x's dtype. overrides: R, stages, split, target, CW, late (config)."""
+    """x2d [M, K] bf16/fp16 -> [M, N] in x's dtype. overrides: R, stages, split, target, CW (config)."""
     m, k = x2d.shape
     cfg = config(m, w.shape[0], k, bits, **config_args(overrides))
     return _launch(cfg, m, w.shape[0], x2d.dtype, bits, group_size)(x2d, w, scales, biases)

@@ -224,9 +224,7 @@ extern "C" __global__ void __launch_bounds__(NTH, 1) KNAME(KERNEL_ARGS) {
   // The oldest pending stage landed in every thread's part and is visible to the async proxy (wgmma).
   auto landed = [&]() {
     cp_wait<STAGES - 3>();
-#if LATE < 2
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-#endif
     __syncthreads();
   };
 
@@ -255,13 +253,8 @@ extern "C" __global__ void __launch_bounds__(NTH, 1) KNAME(KERNEL_ARGS) {
     mma_stage(d, a, ring_s + (i % STAGES) * STB);
     if (i + 1 < nk) {
       landed();                                        // stage i+1; stage i-1's wgmmas retired in every warp
-#if LATE
-      frag_stage(smem + ((i + 1) % STAGES) * STB + XST, f, c, sv, bv, nxt);
-      issue(i + STAGES - 1);                           // after the dequant: its registers are not reused soon
-#else
       issue(i + STAGES - 1);                           // into the slot of stage i-1
       frag_stage(smem + ((i + 1) % STAGES) * STB + XST, f, c, sv, bv, nxt);
-#endif
       sb(i + 3, sv, bv);
     }
     wg_wait<0>();
@@ -290,17 +283,13 @@ def wgmma_rs_asm(n: int, bf16: bool) -> str:
             f'               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));')
 
 
-def kernel_name(bits: int, gs: int, bf16: bool, r: int, stages: int, split: bool, cw: int = 2,
-                late: int = 0) -> str:
+def kernel_name(bits: int, gs: int, bf16: bool, r: int, stages: int, split: bool, cw: int = 2) -> str:
     return (f"jang_qgemm_rs_b{bits}_g{gs}_{'bf16' if bf16 else 'f16'}_r{r}_s{stages}_c{cw}_"
-            f"{'split' if split else 'out'}" + (f"_late{late}" if late else ""))
+            f"{'split' if split else 'out'}")
 
 
-def source(bits: int, gs: int, bf16: bool, r: int, stages: int, split: bool, cw: int = 2,
-           late: int = 0) -> str:
-    """late: 1 issues a step's loads after its dequant instead of before it; 2 also drops the loop's proxy fence
-    (a timing probe only: without the fence the wgmmas may read x before the async proxy sees it)."""
+def source(bits: int, gs: int, bf16: bool, r: int, stages: int, split: bool, cw: int = 2) -> str:
     head = (f"#define BITS {bits}\n#define GS {gs}\n#define IS_BF16 {int(bf16)}\n#define R {r}\n#define CW {cw}\n"
             f"#define STAGES {stages}\n#define SPLIT {int(split)}\n#define OUT_T {'float' if split else 'u16'}\n"
-            f"#define LATE {int(late)}\n#define KNAME {kernel_name(bits, gs, bf16, r, stages, split, cw, late)}\n")
+            f"#define KNAME {kernel_name(bits, gs, bf16, r, stages, split, cw)}\n")
     return head + COMMON + KERNEL_RS_HELPERS.replace("WGMMA_RS_ASM", wgmma_rs_asm(r, bf16)) + KERNEL_RS
