@@ -116,6 +116,27 @@ def parse_shapes(env, default):
     return [tuple(int(v) for v in s.split("x")) for s in env.split(",")]
 
 
+def time_variants(name, mod, variants, x, ws, ref, tb, bits, out) -> str:
+    """Queued timing of mod.qgemm (qgemm_rs or qgemm_wg) for each config override in `variants`, recorded with
+    its config, error and ratio to the bf16 matmul time tb; returns the log text."""
+    (m, k), n, nq, line = x.shape, ws[0][0].shape[0], len(ws), ""
+    tag = name.split("_")[1]
+    for v in variants:
+        try:
+            cfg = mod.config(m, n, k, bits, **mod.config_args(v))
+            t = timed(lambda: [mod.qgemm(x, *ws[i % nq], bits, 64, **v) for i in range(CALLS)])
+            err = check(mod.qgemm(x, *ws[0], bits, 64, **v), ref)
+        except Exception as e:
+            out.append(dict(name=name, n=n, k=k, m=m, bits=bits, variant=v, error=repr(e)[:300]))
+            line += f" | {tag}{v} error"
+            continue
+        flops = 2 * m * n * k
+        out.append(rec(name, t, n=n, k=k, m=m, bits=bits, speedup_vs_bf16=tb[0] / t[0], cfg=cfg, variant=v,
+                       tflops=flops / t[0] / 1e12, bf16_tflops=flops / tb[0] / 1e12, err=err))
+        line += f" | {tag}{v or ''} {t[0] * 1e6:.1f} ({tb[0] / t[0]:.2f}x bf16)"
+    return line
+
+
 def timing(quick, out):
     shapes = parse_shapes(os.environ.get("WG_SHAPES"), [(14336, 4096, 4), (4096, 14336, 4), (28672, 4096, 4),
                                                         (14336, 4096, 2), (6144, 4096, 8), (4096, 4096, 8)])
@@ -154,32 +175,8 @@ def timing(quick, out):
                 out.append(rec("qgemm3", t, n=n, k=k, m=m, bits=bits, speedup_vs_bf16=tb[0] / t[0],
                                err=check(q3.qgemm(x, *ws[0], bits, 64), ref)))
                 line += f" | v3 {t[0] * 1e6:.1f}"
-            for v in (rs_variants if m <= rs.MAX_ROWS else []):
-                try:
-                    cfg = rs.config(m, n, k, bits, **rs.config_args(v))
-                    t = timed(lambda: [rs.qgemm(x, *ws[i % nq], bits, 64, **v) for i in range(CALLS)])
-                    err = check(rs.qgemm(x, *ws[0], bits, 64, **v), ref)
-                except Exception as e:
-                    out.append(dict(name="qgemm_rs", n=n, k=k, m=m, bits=bits, variant=v, error=repr(e)[:300]))
-                    line += f" | rs{v} error"
-                    continue
-                flops = 2 * m * n * k
-                out.append(rec("qgemm_rs", t, n=n, k=k, m=m, bits=bits, speedup_vs_bf16=tb[0] / t[0], cfg=cfg,
-                               variant=v, tflops=flops / t[0] / 1e12, bf16_tflops=flops / tb[0] / 1e12, err=err))
-                line += f" | rs{v or ''} {t[0] * 1e6:.1f} ({tb[0] / t[0]:.2f}x bf16)"
-            for v in variants:
-                try:
-                    cfg = wg.config(m, n, k, bits, **wg.config_args(v))
-                    t = timed(lambda: [wg.qgemm(x, *ws[i % nq], bits, 64, **v) for i in range(CALLS)])
-                    err = check(wg.qgemm(x, *ws[0], bits, 64, **v), ref)
-                except Exception as e:
-                    out.append(dict(name="qgemm_wg", n=n, k=k, m=m, bits=bits, variant=v, error=repr(e)[:300]))
-                    line += f" | wg{v} error"
-                    continue
-                flops = 2 * m * n * k
-                out.append(rec("qgemm_wg", t, n=n, k=k, m=m, bits=bits, speedup_vs_bf16=tb[0] / t[0], cfg=cfg,
-                               variant=v, tflops=flops / t[0] / 1e12, bf16_tflops=flops / tb[0] / 1e12, err=err))
-                line += f" | wg{v or ''} {t[0] * 1e6:.1f} ({tb[0] / t[0]:.2f}x bf16)"
+            line += time_variants("qgemm_rs", rs, rs_variants if m <= rs.MAX_ROWS else [], x, ws, ref, tb, bits, out)
+            line += time_variants("qgemm_wg", wg, variants, x, ws, ref, tb, bits, out)
             print(line, flush=True)
         del wb, ws
 
