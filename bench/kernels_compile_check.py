@@ -183,13 +183,14 @@ def check_wg():
 
 
 def check_rs():
-    """The register-operand GEMM as NVRTC gets it, at every row tile its routes use (96-256), 2/4/8 bits, groups
-    32/64/128, bf16 and fp16, split and not (fails on spills and on ptxas serializing the wgmmas)."""
+    """The register-operand GEMM as NVRTC gets it, at every row tile its routes use (64-256 in steps of 32),
+    2/4/8 bits, groups 32/64/128, bf16 and fp16, split and not (fails on spills and on ptxas serializing the
+    wgmmas)."""
     ok = True
     for bits in (2, 4, 8):
         for gs in (32, 64, 128):
             for bf16 in (True, False):
-                for m in (96, 160, 192, 224, 256):
+                for m in range(64, 257, 32):
                     cfg = qgemm_rs_cuda.config(m, 4096, 4096, bits)
                     split = gs == 64   # both epilogues over the grid without doubling it
                     src = qgemm_rs_source.source(bits, gs, bf16, cfg["R"], cfg["stages"], split, cfg["CW"])

@@ -57,6 +57,21 @@ def probe(quick, out):
     print("128x256x512 check", err, flush=True)
 
 
+def run_cases(label, mod, cases, out):
+    """mod.qgemm (qgemm_wg or qgemm_rs) on each (bits, group, dtype, m, n, k, overrides) case against the
+    dequantized float32 matmul; one record per case, with the config the overrides give."""
+    for bits, gs, dt, m, n, k, over in cases:
+        err = one_case(bits, gs, dt, m, n, k, over, mod.qgemm)
+        ok = isinstance(err, float) and err < 1e-2
+        try:
+            cfg = mod.config(m, n, k, bits, **mod.config_args(over))
+        except Exception as e:
+            cfg = repr(e)
+        out.append(dict(bits=bits, gs=gs, dtype=str(dt), m=m, n=n, k=k, over=over, cfg=cfg, relerr=err, ok=ok))
+        print(f"{label} bits={bits} gs={gs} {dt} m={m} n={n} k={k} {over}: {err} {'ok' if ok else 'FAIL'}",
+              flush=True)
+
+
 def parity(quick, out):
     cases = [(b, gs, dt, 136, 512, 1024, {}) for b in (2, 4, 8) for gs in (32, 64, 128)
              for dt in (mx.bfloat16, mx.float16)]
@@ -73,17 +88,7 @@ def parity(quick, out):
               ((4, 64, mx.bfloat16, 256), (4, 32, mx.float16, 100), (2, 128, mx.bfloat16, 300),
                (8, 64, mx.bfloat16, 130))]
     cases += [(8, 64, mx.bfloat16, 256, 512, 1024, {"BN": 256}), (2, 32, mx.float16, 256, 768, 1024, {"split": 2})]
-    if quick:
-        cases = cases[::3]
-    for bits, gs, dt, m, n, k, over in cases:
-        err = one_case(bits, gs, dt, m, n, k, over)
-        ok = isinstance(err, float) and err < 1e-2
-        try:
-            cfg = wg.config(m, n, k, bits, **wg.config_args(over))
-        except Exception as e:
-            cfg = repr(e)
-        out.append(dict(bits=bits, gs=gs, dtype=str(dt), m=m, n=n, k=k, over=over, cfg=cfg, relerr=err, ok=ok))
-        print(f"parity bits={bits} gs={gs} {dt} m={m} n={n} k={k} {over}: {err} {'ok' if ok else 'FAIL'}", flush=True)
+    run_cases("parity", wg, cases[::3] if quick else cases, out)
 
 
 def rs_parity(quick, out):
@@ -96,18 +101,7 @@ def rs_parity(quick, out):
                (256, 4096, 4096, {}), (192, 1024, 14336, {}), (256, 512, 1024, {"stages": 3}),
                (128, 512, 2048, {"stages": 5}), (300, 768, 2048, {"split": 2}), (32, 512, 1024, {}),
                (256, 512, 1024, {"CW": 1}), (160, 768, 1024, {"CW": 1, "split": 2}))]
-    if quick:
-        cases = cases[::3]
-    for bits, gs, dt, m, n, k, over in cases:
-        err = one_case(bits, gs, dt, m, n, k, over, rs.qgemm)
-        ok = isinstance(err, float) and err < 1e-2
-        try:
-            cfg = rs.config(m, n, k, bits, **rs.config_args(over))
-        except Exception as e:
-            cfg = repr(e)
-        out.append(dict(bits=bits, gs=gs, dtype=str(dt), m=m, n=n, k=k, over=over, cfg=cfg, relerr=err, ok=ok))
-        print(f"rs parity bits={bits} gs={gs} {dt} m={m} n={n} k={k} {over}: {err} {'ok' if ok else 'FAIL'}",
-              flush=True)
+    run_cases("rs parity", rs, cases[::3] if quick else cases, out)
 
 
 def parse_shapes(env, default):

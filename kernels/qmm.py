@@ -171,6 +171,11 @@ def rs_rows(bits: int) -> tuple[tuple[int, int], ...]:
     return RS_ROWS_8BIT if bits == 8 else RS_ROWS
 
 
+def rs_serves(m: int, bits: int) -> bool:
+    """m rows fall in one of the register-operand GEMM's row ranges at these bits (rs_rows)."""
+    return any(a <= m <= b for a, b in rs_rows(bits))
+
+
 def gemv_tc_mode() -> str:
     """JANG_GEMV_TC: "off" (0), "all" (the tensor-core GEMV for 1-8 rows and the fused variants) or the
     default "wide" (2-8 rows: GEMV_TC_MIN_ROWS..GEMV_TC_MAX_ROWS)."""
@@ -254,7 +259,7 @@ def _cuda_route(m: int, x, w, bits: int, group_size: int, sdtype=None, wg: bool 
 
     if gemv_kind(m, x, w, bits, group_size) != "none":
         return "gemv"
-    if rs and any(a <= m <= b for a, b in rs_rows(bits)) and qgemm_rs_cuda.supports(x, w, bits, group_size, sdtype):
+    if rs and rs_serves(m, bits) and qgemm_rs_cuda.supports(x, w, bits, group_size, sdtype):
         return "rs"
     lo, hi = wg_rows()
     if wg and lo <= m <= hi and qgemm_wg_cuda.supports(x, w, bits, group_size, sdtype):

@@ -75,20 +75,20 @@ def _wg_precompile(spec, dtype, sdt) -> int:
     256 rows where it does; compiled (NVRTC, cached on disk) here after the self-tests, not on the first
     long prompt."""
     from . import qgemm_rs_cuda, qgemm_wg_cuda
-    from .qmm import rs_rows, wg_rows
+    from .qmm import rs_serves, wg_rows
 
     n, k, bits, gs = spec["n"], spec.get("k"), spec["bits"], spec["group_size"]
     if k is None or not qgemm_wg_cuda.supports_shape(n, k, dtype, sdt, bits, gs):
         return 0
     done = 0
-    ranges = rs_rows(bits)
-    tiles = [m for m in range(64, 257, 32) if any(a <= m <= b for a, b in ranges)]
-    if tiles and qgemm_rs_cuda.ready(dtype, sdt, bits, gs):
+    tiles = [m for m in range(64, 257, 32) if rs_serves(m, bits)]
+    rs_ok = bool(tiles) and qgemm_rs_cuda.ready(dtype, sdt, bits, gs)
+    if rs_ok:
         for m in tiles:
             qgemm_rs_cuda.plan(m, n, k, dtype, bits, gs)
             done += 1
-    lo, hi = wg_rows()
-    wg_tiles = [m for m in (128, 256) if lo <= m <= hi and not any(a <= m <= b for a, b in ranges)]
+    lo, hi = wg_rows()   # where the register-operand GEMM failed its self-test, qmm falls back to this one
+    wg_tiles = [m for m in (128, 256) if lo <= m <= hi and not (rs_ok and rs_serves(m, bits))]
     if wg_tiles and qgemm_wg_cuda.ready(dtype, sdt, bits, gs):
         for m in wg_tiles:
             qgemm_wg_cuda.plan(m, n, k, dtype, bits, gs)
