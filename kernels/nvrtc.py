@@ -112,24 +112,3 @@ def compile_cubin(source: str, name: str, arch: str = "sm_90a", options: tuple[s
     except OSError:
         pass
     return cubin
-
-
-_sms: int | None = None
-
-
-def sm_count(default: int = 132) -> int:
-    """Streaming multiprocessors of device 0 (CUDA driver API through ctypes: cuDeviceGetAttribute
-    MULTIPROCESSOR_COUNT), for kernels that size their grid to one block per SM; `default` where there is no
-    driver (this module compiles without a GPU)."""
-    global _sms
-    if _sms is None:
-        _sms = default
-        try:
-            cu = ctypes.CDLL("libcuda.so.1")
-            dev, v = ctypes.c_int(), ctypes.c_int()
-            if cu.cuInit(0) == 0 and cu.cuDeviceGet(ctypes.byref(dev), 0) == 0 and \
-                    cu.cuDeviceGetAttribute(ctypes.byref(v), 16, dev) == 0 and v.value > 0:
-                _sms = v.value
-        except OSError:
-            pass
-    return _sms

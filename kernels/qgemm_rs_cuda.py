@@ -53,14 +53,8 @@ def smem_bytes(bits: int, r: int, stages: int, cw: int = 2) -> int:
 
 
 def config(m: int, n: int, k: int, bits: int, r: int | None = None, stages: int | None = None,
-           split: int | None = None, target: int | None = None, cw: int | None = None,
-           sk: bool | None = None) -> dict:
-    """The tile (R rows of x by 64 CW features), ring depth and schedule: stream-K (SK, the default: one block
-    per SM) unless sk=False, JANG_QGEMM_RS_SK=0 or a split-K of more than one part is asked for; else the tile
-    grid with split-K over grid z when too few blocks fill the GPU."""
+           split: int | None = None, target: int | None = None, cw: int | None = None) -> dict:
     cw = cw or int(os.environ.get("JANG_QGEMM_RS_CW", 0)) or 2
-    if sk is None:
-        sk = os.environ.get("JANG_QGEMM_RS_SK", "1") != "0" and (split or 1) == 1
     bf = 64 * cw
     r = r or min(MAX_ROWS, -(-m // 32) * 32)
     if r % 32 or r > MAX_ROWS:
@@ -68,10 +62,8 @@ def config(m: int, n: int, k: int, bits: int, r: int | None = None, stages: int 
     if n % bf or k % BK:
         raise ValueError(f"qgemm_rs: N={n} is not a multiple of {bf} or K={k} of {BK}")
     st = stages or int(os.environ.get("JANG_QGEMM_RS_STAGES", 0)) or 4
-    if st < 3 or smem_bytes(bits, r, st, cw) + (1024 if sk else 0) > SMEM_MAX:   # sk: 1 KB static (aligned)
+    if st < 3 or smem_bytes(bits, r, st, cw) > SMEM_MAX:
         raise ValueError(f"qgemm_rs: {st} stages do not fit")
-    if sk:
-        split = 1
     if split is None:
         blocks, split = -(-m // r) * (n // bf), 1
         while blocks * split * 2 <= (target or TARGET_BLOCKS) and k % (BK * split * 2) == 0 \
@@ -79,57 +71,28 @@ def config(m: int, n: int, k: int, bits: int, r: int | None = None, stages: int 
             split *= 2
     if k % (BK * split):
         raise ValueError(f"qgemm_rs: K={k} does not split into {split} parts of whole {BK}-wide stages")
-    return dict(R=r, stages=st, split=split, CW=cw, SK=bool(sk))
+    return dict(R=r, stages=st, split=split, CW=cw)
 
 
 def config_args(overrides: dict) -> dict:
-    """qgemm()'s overrides (R, CW, SK, stages, split, target) as config() keywords."""
-    return {a.lower() if a in ("R", "CW", "SK") else a: v for a, v in overrides.items()}
-
-
-def sk_grid(m: int, n: int, k: int, r: int, cw: int) -> tuple[int, int]:
-    """Stream-K: (tiles, blocks): one block per SM, at most one per (tile, K stage) unit."""
-    tiles = -(-m // r) * (n // (64 * cw))
-    return tiles, min(nvrtc.sm_count(), tiles * (k // BK))
-
-
-_sync: dict[int, mx.array] = {}
-
-
-def sync_buffer(size: int) -> mx.array:
-    """The stream-K tile counters and partial flags (int32, zero): the kernel sets them back to zero when it
-    has read them, so one buffer serves every launch of that size on the stream (launches on one stream run
-    one after the other; the engine runs its model on one)."""
-    if size not in _sync:
-        _sync[size] = mx.zeros((size,), dtype=mx.int32)
-        mx.eval(_sync[size])
-    return _sync[size]
+    """qgemm()'s overrides (R, CW, stages, split, target) as config() keywords."""
+    return {a.lower() if a in ("R", "CW") else a: v for a, v in overrides.items()}
 
 
 _cubins: dict[tuple, bytes] = {}
 
 
-def cubin(bits: int, group_size: int, bf16: bool, r: int, stages: int, split: bool, cw: int = 2, sk: bool = False):
-    key = (bits, group_size, bf16, r, stages, split, cw, sk)
+def cubin(bits: int, group_size: int, bf16: bool, r: int, stages: int, split: bool, cw: int = 2):
+    key = (bits, group_size, bf16, r, stages, split, cw)
     if key not in _cubins:
         _cubins[key] = nvrtc.compile_cubin(source(*key), kernel_name(*key))
     return kernel_name(*key), _cubins[key]
 
 
-def _launch(cfg, m, n, k, dtype, bits, group_size):
+def _launch(cfg, m, n, dtype, bits, group_size):
     r, st, s, cw = cfg["R"], cfg["stages"], cfg["split"], cfg["CW"]
-    name, code = cubin(bits, group_size, dtype == mx.bfloat16, r, st, s > 1, cw, cfg["SK"])
+    name, code = cubin(bits, group_size, dtype == mx.bfloat16, r, st, s > 1, cw)
     nth = 128 * cw
-    if cfg["SK"]:
-        tiles, g = sk_grid(m, n, k, r, cw)
-        sync, ws = sync_buffer(tiles + 2 * g), 2 * g * nth * r // 2
-
-        def sk(x2d, w, sc, bi):
-            return mx.fast.precompiled_cuda_kernel(
-                name=name, compiled_source=code, inputs=[x2d, w, sc, bi, sync], output_shapes=[(m, n), (ws,)],
-                output_dtypes=[dtype, mx.float32], scalars=[m, n, k], grid=(g * nth, 1, 1),
-                threadgroup=(nth, 1, 1), shared_memory=smem_bytes(bits, r, st, cw), ensure_row_contiguous=True)[0]
-        return sk
     grid, smem = (-(-m // r) * nth, n // (64 * cw), s), smem_bytes(bits, r, st, cw)
 
     def run(x2d, w, sc, bi, shapes, dtypes):
@@ -155,21 +118,20 @@ def qgemm(x2d: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: 
     """x2d [M, K] bf16/fp16 -> [M, N] in x's dtype. overrides: R, stages, split, target, CW (config)."""
     m, k = x2d.shape
     cfg = config(m, w.shape[0], k, bits, **config_args(overrides))
-    return _launch(cfg, m, w.shape[0], k, x2d.dtype, bits, group_size)(x2d, w, scales, biases)
+    return _launch(cfg, m, w.shape[0], x2d.dtype, bits, group_size)(x2d, w, scales, biases)
 
 
 def plan(m: int, n: int, k: int, dtype, bits: int, group_size: int):
     """f(x2d, w, scales, biases) -> y with the launch arguments computed once (compiles the cubin if needed)."""
-    return _launch(config(m, n, k, bits), m, n, k, dtype, bits, group_size)
+    return _launch(config(m, n, k, bits), m, n, dtype, bits, group_size)
 
 
 _checked: dict[tuple, bool] = {}
 
 
 def self_test(dtype, bits: int, group_size: int) -> tuple[bool, str]:
-    """Row tiles of 96-256 (partial ones too, two tiles at 300 rows), stream-K (split=1) and split-K."""
-    return qgemm_wg_cuda.check_gemm(qgemm, dtype, bits, group_size,
-                                    ((136, 1), (300, 2), (96, 1), (72, 4), (256, 1), (300, 1)))
+    """Row tiles of 96-256 (partial ones too, two tiles at 300 rows), split and not."""
+    return qgemm_wg_cuda.check_gemm(qgemm, dtype, bits, group_size, ((136, 1), (300, 2), (96, 1), (72, 4), (256, 1)))
 
 
 def ready(dtype, sdtype, bits: int, group_size: int) -> bool:

@@ -201,183 +201,70 @@ __device__ __forceinline__ void store_rs(const float* d, OUT_T* __restrict__ y, 
   }
 }
 
-#if SK
-// Stream-K fix-up (kernels/qgemm_rs_cuda.py): units are (tile, 64-wide K stage) pairs in tile-major order, block
-// b takes units [b U / G, (b + 1) U / G) with U >= G, so every block has at least one and a tile's units lie in
-// the consecutive blocks blk_of(its first) .. blk_of(its last). A block writes at most two partial tiles: the one
-// its range starts in (slot 2b) and the one it ends in (slot 2b + 1); of a tile's blocks only the first (bf) can
-// have started before the tile.
-__device__ __forceinline__ int blk_of(u32 u, u32 G, u32 U) { return (int)(((u64)(u + 1) * G - 1) / U); }
-__device__ __forceinline__ u32 blk_start(int b, u32 G, u32 U) { return (u32)((u64)b * U / G); }
-__device__ __forceinline__ int slot_of(int b, u32 t0, u32 G, u32 U) {
-  return 2 * b + (blk_start(b, G, U) >= t0 ? 0 : 1);
-}
-__device__ __forceinline__ void st_cg4(float* p, float a, float b, float c, float e) {
-  asm volatile("st.global.cg.v4.f32 [%0], {%1, %2, %3, %4};" :: "l"(p), "f"(a), "f"(b), "f"(c), "f"(e) : "memory");
-}
-__device__ __forceinline__ void ld_cg4(const float* p, float (&v)[4]) {
-  asm volatile("ld.global.cg.v4.f32 {%0, %1, %2, %3}, [%4];" : "=f"(v[0]), "=f"(v[1]), "=f"(v[2]), "=f"(v[3])
-               : "l"(p) : "memory");
-}
-__device__ __forceinline__ int atom_add(int* p, int v) {
-  int o;
-  asm volatile("atom.add.gpu.global.s32 %0, [%1], %2;" : "=r"(o) : "l"(p), "r"(v) : "memory");
-  return o;
-}
-__device__ __forceinline__ void st_release(int* p, int v) {
-  asm volatile("st.release.gpu.global.s32 [%0], %1;" :: "l"(p), "r"(v) : "memory");
-}
-__device__ __forceinline__ void fence_gpu() { asm volatile("fence.acq_rel.gpu;" ::: "memory"); }
-__device__ __forceinline__ int ld_acquire(const int* p) {
-  int v;
-  asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-
-// This block's part of tile t (its units t0 .. t0 + nk - 1 are split over blocks bf .. bl) is in d. The block that
-// arrives last (tile counter) waits for the others' partials and leaves the tile's sum in d, summed in block
-// order whoever arrives last (the result does not depend on timing); the others store their part and raise its
-// flag. Counter and flags go back to 0 when read, ready for the next launch. Returns: d holds the sum.
-__device__ __forceinline__ bool fixup(float* d, float* __restrict__ wsp, int* __restrict__ cnt, int* __restrict__ flags,
-                                      int t, int b, u32 t0, u32 nk, u32 G, u32 U, int tid, int* sh) {
-  const int bf = blk_of(t0, G, U), bl = blk_of(t0 + nk - 1, G, U), sbf = slot_of(bf, t0, G, U);
-  if (tid == 0) *sh = atom_add(cnt + t, 1) == bl - bf;
-  __syncthreads();
-  const bool last = *sh != 0;
-  auto part = [&](int s) { return wsp + (u64)s * (NTH * NACC) + tid * 4; };   // this thread's share of slot s
-  auto put = [&](int s) {
-#pragma unroll
-    for (int i = 0; i < NACC / 4; ++i)
-      st_cg4(part(s) + i * NTH * 4, d[4 * i], d[4 * i + 1], d[4 * i + 2], d[4 * i + 3]);
-  };
-  if (!last) {
-    const int s = b == bf ? sbf : 2 * b;
-    put(s);
-    fence_gpu();
-    __syncthreads();
-    if (tid == 0) st_release(flags + s, 1);
-    return false;
-  }
-  if (tid == 0) {
-    cnt[t] = 0;
-    for (int o = bf; o <= bl; ++o)
-      if (o != b) {
-        const int s = o == bf ? sbf : 2 * o;
-        while (ld_acquire(flags + s) == 0) {}
-        flags[s] = 0;
-      }
-    fence_gpu();
-  }
-  __syncthreads();
-  // The sum in block order, into d: bf's part is d itself when this is bf (the usual case: bf reaches the tile
-  // at the end of its range); otherwise this block's part goes through its slot like the others' (each thread
-  // reads back only what it wrote).
-  auto add = [&](int s, bool first) {
-#pragma unroll
-    for (int i = 0; i < NACC / 4; ++i) {
-      float p[4];
-      ld_cg4(part(s) + i * NTH * 4, p);
-#pragma unroll
-      for (int e = 0; e < 4; ++e) d[4 * i + e] = first ? p[e] : d[4 * i + e] + p[e];
-    }
-  };
-  if (b != bf) {
-    put(2 * b);
-    add(sbf, true);
-  }
-  for (int o = bf + 1; o <= bl; ++o) add(2 * o, false);
-  return true;
-}
-#define KERNEL_ARGS const u16* __restrict__ x, const u32* __restrict__ w, const u16* __restrict__ scales, \
-    const u16* __restrict__ biases, int* __restrict__ sync, OUT_T* __restrict__ y, float* __restrict__ wsp, \
-    int M, int N, int K
-#else
 #define KERNEL_ARGS const u16* __restrict__ x, const u32* __restrict__ w, const u16* __restrict__ scales, \
     const u16* __restrict__ biases, OUT_T* __restrict__ y, int M, int N, int K
-#endif
 """
 
 KERNEL_RS = r"""
 extern "C" __global__ void __launch_bounds__(NTH, 1) KNAME(KERNEL_ARGS) {
   extern __shared__ __align__(1024) unsigned char smem[];
   const int tid = threadIdx.x;
-  const int NGR = K / GS;
+  const int m0 = blockIdx.x * R, n0 = blockIdx.y * BF;
+  const int KS = K / gridDim.z, kbeg = blockIdx.z * KS, nk = KS / BK, NGR = K / GS;
   const u32 ring_s = saddr(smem);
   const int wg = tid >> 7, g = (tid & 31) >> 2, c = tid & 3;
   const int f = wg * 64 + ((tid >> 5) & 3) * 16 + g;   // this thread's weight rows: f and f + 8
-  float d[NACC];
-  u32 a0[4][4], a1[4][4];
-  u32 sA[2][NGS], bA[2][NGS], sB[2][NGS], bB[2][NGS];
-
-  // d = the product of the tile at (rows m0, features n0) over K [kbeg, kbeg + nk * BK).
-  auto segment = [&](int m0, int n0, int kbeg, int nk) {
-    const StageLoads L = stage_loads(tid, m0, n0, M, K);
-    auto issue = [&](int st) { load_stage(L, ring_s + (st % STAGES) * STB, x, w, tid, kbeg + st * BK, st < nk); };
-    const u16* sp = scales + (u64)(n0 + f) * NGR;
-    const u16* bp = biases + (u64)(n0 + f) * NGR;
-    auto sb = [&](int st, u32 (&sv)[2][NGS], u32 (&bv)[2][NGS]) {
-      if (st < nk) load_sb(sp, bp, NGR, kbeg + st * BK, sv, bv);
-    };
-    // The oldest pending stage landed in every thread's part and is visible to the async proxy (wgmma).
-    auto landed = [&]() {
-      cp_wait<STAGES - 3>();
-      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-      __syncthreads();
-    };
-#pragma unroll
-    for (int i = 0; i < NACC; ++i) {
-      d[i] = 0.f;
-      asm volatile("" : "+f"(d[i]) :: "memory");
-    }
-#pragma unroll
-    for (int st = 0; st < STAGES - 1; ++st) issue(st);
-    sb(0, sA, bA);
-    sb(1, sB, bB);
-    cp_wait<STAGES - 2>();
+  const StageLoads L = stage_loads(tid, m0, n0, M, K);
+  auto issue = [&](int st) { load_stage(L, ring_s + (st % STAGES) * STB, x, w, tid, kbeg + st * BK, st < nk); };
+  const u16* sp = scales + (u64)(n0 + f) * NGR;
+  const u16* bp = biases + (u64)(n0 + f) * NGR;
+  auto sb = [&](int st, u32 (&sv)[2][NGS], u32 (&bv)[2][NGS]) {
+    if (st < nk) load_sb(sp, bp, NGR, kbeg + st * BK, sv, bv);
+  };
+  // The oldest pending stage landed in every thread's part and is visible to the async proxy (wgmma).
+  auto landed = [&]() {
+    cp_wait<STAGES - 3>();
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
     __syncthreads();
-    frag_stage(smem + XST, f, c, sA, bA, a0);
-    sb(2, sA, bA);
-
-    // Step i: the wgmmas of stage i (A in registers), then, while they run, stage i+1's A fragments into the
-    // other registers; wait_group 0 at the end (ptxas serializes the wgmmas if a register that a wgmma in
-    // flight reads, or one of the same window, is written by other instructions).
-    auto step = [&](int i, u32 (&a)[4][4], u32 (&nxt)[4][4], u32 (&sv)[2][NGS], u32 (&bv)[2][NGS]) {
-      mma_stage(d, a, ring_s + (i % STAGES) * STB);
-      if (i + 1 < nk) {
-        landed();                                        // stage i+1; stage i-1's wgmmas retired in every warp
-        issue(i + STAGES - 1);                           // into the slot of stage i-1
-        frag_stage(smem + ((i + 1) % STAGES) * STB + XST, f, c, sv, bv, nxt);
-        sb(i + 3, sv, bv);
-      }
-      wg_wait<0>();
-      keep(a);
-    };
-    for (int i = 0; i < nk; i += 2) {
-      step(i, a0, a1, sB, bB);
-      if (i + 1 < nk) step(i + 1, a1, a0, sA, bA);
-    }
   };
 
-#if SK
-  __shared__ int last_sh;
-  const u32 TM = (M + R - 1) / R, T = TM * (N / BF), NK = K / BK, U = T * NK, G = gridDim.x;
-  const int b = blockIdx.x;
-  const u32 ue = blk_start(b + 1, G, U);
-  for (u32 u = blk_start(b, G, U); u < ue;) {
-    const u32 t = u / NK, ks = u - t * NK, ke = ks + (ue - u) < NK ? ks + (ue - u) : NK;
-    const int m0 = (t % TM) * R, n0 = (t / TM) * BF;
-    __syncthreads();                                   // every warp is done with the ring of the last segment
-    segment(m0, n0, ks * BK, ke - ks);
-    if ((ks == 0 && ke == NK) || fixup(d, wsp, sync, sync + T, t, b, t * NK, NK, G, U, tid, &last_sh))
-      store_rs(d, y, n0 + f - (g & 1), g & 1, c, m0, M, N);
-    u += ke - ks;
+  float d[NACC];
+#pragma unroll
+  for (int i = 0; i < NACC; ++i) {
+    d[i] = 0.f;
+    asm volatile("" : "+f"(d[i]) :: "memory");
   }
-#else
-  const int KS = K / gridDim.z, m0 = blockIdx.x * R, n0 = blockIdx.y * BF;
-  segment(m0, n0, blockIdx.z * KS, KS / BK);
+  u32 a0[4][4], a1[4][4];
+  u32 sA[2][NGS], bA[2][NGS], sB[2][NGS], bB[2][NGS];
+#pragma unroll
+  for (int st = 0; st < STAGES - 1; ++st) issue(st);
+  sb(0, sA, bA);
+  sb(1, sB, bB);
+  cp_wait<STAGES - 2>();
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+  __syncthreads();
+  frag_stage(smem + XST, f, c, sA, bA, a0);
+  sb(2, sA, bA);
+
+  // Step i: the wgmmas of stage i (A in registers), then, while they run, stage i+1's A fragments into the
+  // other registers; wait_group 0 at the end (ptxas serializes the wgmmas if a register that a wgmma in
+  // flight reads, or one of the same window, is written by other instructions).
+  auto step = [&](int i, u32 (&a)[4][4], u32 (&nxt)[4][4], u32 (&sv)[2][NGS], u32 (&bv)[2][NGS]) {
+    mma_stage(d, a, ring_s + (i % STAGES) * STB);
+    if (i + 1 < nk) {
+      landed();                                        // stage i+1; stage i-1's wgmmas retired in every warp
+      issue(i + STAGES - 1);                           // into the slot of stage i-1
+      frag_stage(smem + ((i + 1) % STAGES) * STB + XST, f, c, sv, bv, nxt);
+      sb(i + 3, sv, bv);
+    }
+    wg_wait<0>();
+    keep(a);
+  };
+  for (int i = 0; i < nk; i += 2) {
+    step(i, a0, a1, sB, bB);
+    if (i + 1 < nk) step(i + 1, a1, a0, sA, bA);
+  }
   store_rs(d, y, n0 + f - (g & 1), g & 1, c, m0, M, N);
-#endif
 }
 """
 
@@ -396,17 +283,13 @@ def wgmma_rs_asm(n: int, bf16: bool) -> str:
             f'               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));')
 
 
-def kernel_name(bits: int, gs: int, bf16: bool, r: int, stages: int, split: bool, cw: int = 2, sk: bool = False) -> str:
+def kernel_name(bits: int, gs: int, bf16: bool, r: int, stages: int, split: bool, cw: int = 2) -> str:
     return (f"jang_qgemm_rs_b{bits}_g{gs}_{'bf16' if bf16 else 'f16'}_r{r}_s{stages}_c{cw}_"
-            f"{'sk' if sk else 'split' if split else 'out'}")
+            f"{'split' if split else 'out'}")
 
 
-def source(bits: int, gs: int, bf16: bool, r: int, stages: int, split: bool, cw: int = 2, sk: bool = False) -> str:
-    """sk: the stream-K schedule (a block per SM over (tile, K stage) units, partial tiles summed in the kernel);
-    split: fp32 partials of a split-K grid for the reduce kernel (not with sk)."""
-    if sk and split:
-        raise ValueError("qgemm_rs: stream-K has no split-K partials")
+def source(bits: int, gs: int, bf16: bool, r: int, stages: int, split: bool, cw: int = 2) -> str:
     head = (f"#define BITS {bits}\n#define GS {gs}\n#define IS_BF16 {int(bf16)}\n#define R {r}\n#define CW {cw}\n"
             f"#define STAGES {stages}\n#define SPLIT {int(split)}\n#define OUT_T {'float' if split else 'u16'}\n"
-            f"#define SK {int(sk)}\n#define KNAME {kernel_name(bits, gs, bf16, r, stages, split, cw, sk)}\n")
+            f"#define KNAME {kernel_name(bits, gs, bf16, r, stages, split, cw)}\n")
     return head + COMMON + KERNEL_RS_HELPERS.replace("WGMMA_RS_ASM", wgmma_rs_asm(r, bf16)) + KERNEL_RS

@@ -154,9 +154,9 @@ def test_epilogue_writes_every_output_once(r):
 
 def test_config_and_shared_memory():
     cfg = rs.config(256, 14336, 4096, 4)
-    assert cfg == dict(R=256, stages=4, split=1, CW=2, SK=True)
+    assert cfg == dict(R=256, stages=4, split=1, CW=2)
     assert rs.config(100, 14336, 4096, 4)["R"] == 128
-    assert rs.config(96, 4096, 14336, 4, sk=False)["split"] == 4   # 32 blocks: split until ~132
+    assert rs.config(96, 4096, 14336, 4)["split"] == 4          # 32 blocks: split until ~132
     for bits in (2, 4, 8):
         assert rs.smem_bytes(bits, 256, 4) <= rs.SMEM_MAX
     assert rs.config(300, 512, 1024, 4)["R"] == 256              # two row tiles
