@@ -20,14 +20,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import statistics
 import sys
-import time
 
 import mlx.core as mx
 
 sys.path.insert(0, os.path.dirname(__file__))
-from kernels_bench import CALLS, REPS, run_sections, timed  # noqa: E402
+from kernels_bench import CALLS, run_sections, timed  # noqa: E402
 
 from jang_serve.kernels import qgemm_rs_cuda as rs  # noqa: E402
 from jang_serve.kernels.qmm import qmm as kqmm  # noqa: E402
@@ -50,16 +48,7 @@ def weights(n, k, bits, total=200e6):
 
 def chain_time(build):
     """build() -> the lazy last output of a chain of CALLS products: (median, min, max) seconds per product."""
-    mx.eval(build())
-    ts = []
-    for _ in range(REPS):
-        out = build()
-        mx.synchronize()
-        t0 = time.perf_counter()
-        mx.eval(out)
-        mx.synchronize()
-        ts.append((time.perf_counter() - t0) / CALLS)
-    return statistics.median(ts), min(ts), max(ts)
+    return tuple(t / CALLS for t in timed(lambda: [build()]))
 
 
 def variants(bits):
