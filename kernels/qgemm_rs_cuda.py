@@ -33,7 +33,7 @@ import os
 
 import mlx.core as mx
 
-from . import nvrtc, qgemm_cuda, qgemm_wg_cuda
+from . import nvrtc, qgemm_wg_cuda
 from .qgemm_rs_source import kernel_name, source
 
 BK = 64
@@ -93,24 +93,8 @@ def _launch(cfg, m, n, dtype, bits, group_size):
     r, st, s, cw = cfg["R"], cfg["stages"], cfg["split"], cfg["CW"]
     name, code = cubin(bits, group_size, dtype == mx.bfloat16, r, st, s > 1, cw)
     nth = 128 * cw
-    grid, smem = (-(-m // r) * nth, n // (64 * cw), s), smem_bytes(bits, r, st, cw)
-
-    def run(x2d, w, sc, bi, shapes, dtypes):
-        return mx.fast.precompiled_cuda_kernel(
-            name=name, compiled_source=code, inputs=[x2d, w, sc, bi], output_shapes=shapes, output_dtypes=dtypes,
-            scalars=[m, n, x2d.shape[1]], grid=grid, threadgroup=(nth, 1, 1), shared_memory=smem,
-            ensure_row_contiguous=True)[0]
-
-    if s == 1:
-        return lambda x2d, w, sc, bi: run(x2d, w, sc, bi, [(m, n)], [dtype])
-    red = qgemm_cuda.reduce_kernel()
-    rgrid = (-(-(m * n // 4) // 256) * 256, 1, 1)
-
-    def f(x2d, w, sc, bi):
-        part = run(x2d, w, sc, bi, [(s, m, n)], [mx.float32])
-        return red(inputs=[part], template=[("T", dtype)], grid=rgrid, threadgroup=(256, 1, 1),
-                   output_shapes=[(m, n)], output_dtypes=[dtype])[0]
-    return f
+    grid = (-(-m // r) * nth, n // (64 * cw), s)
+    return qgemm_wg_cuda.launcher(name, code, grid, nth, smem_bytes(bits, r, st, cw), m, n, s, dtype)
 
 
 def qgemm(x2d: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: int, group_size: int,

@@ -115,25 +115,20 @@ def cubin(bits: int, group_size: int, bf16: bool, bn: int, stages: int, split: b
     return name, _cubins[key]
 
 
-def _launch(cfg, m, n, dtype, bits, group_size):
-    bn, st, s, wgs, mt = cfg["BN"], cfg["stages"], cfg["split"], cfg["WGS"], cfg["MT"]
-    bf16 = dtype == mx.bfloat16
-    ws = cfg["ws"]
-    name, code = cubin(bits, group_size, bf16, bn, st, s > 1, wgs, mt, cfg["probe"], ws)
-    nth = 128 * (wgs + ws)
-    grid, tg = (-(-m // (64 * wgs * mt)) * nth, n // bn, s), (nth, 1, 1)
-    smem = smem_bytes(bits, bn, st, wgs, mt, ws)
-    shp, scal = [(m, n)], lambda k: [m, n, k]
-
+def launcher(name: str, code: bytes, grid: tuple, nth: int, smem: int, m: int, n: int, split: int, dtype):
+    """f(x2d, w, scales, biases) -> y [m, n] for a precompiled GEMM cubin taking (x, w, scales, biases, out, M, N,
+    K); with split > 1 the kernel writes fp32 partials [split, m, n] that qgemm_cuda's reduce kernel sums. Shared
+    by the two warpgroup GEMMs (this one and kernels/qgemm_rs_cuda.py)."""
     def run(x2d, w, sc, bi, shapes, dtypes):
         return mx.fast.precompiled_cuda_kernel(
             name=name, compiled_source=code, inputs=[x2d, w, sc, bi], output_shapes=shapes, output_dtypes=dtypes,
-            scalars=scal(x2d.shape[1]), grid=grid, threadgroup=tg, shared_memory=smem,
+            scalars=[m, n, x2d.shape[1]], grid=grid, threadgroup=(nth, 1, 1), shared_memory=smem,
             ensure_row_contiguous=True)[0]
 
-    if s == 1:
+    shp = [(m, n)]
+    if split == 1:
         return lambda x2d, w, sc, bi: run(x2d, w, sc, bi, shp, [dtype])
-    red, wshp, odt = qgemm_cuda.reduce_kernel(), [(s, m, n)], [dtype]
+    red, wshp, odt = qgemm_cuda.reduce_kernel(), [(split, m, n)], [dtype]
     rgrid, rtmpl = (-(-(m * n // 4) // 256) * 256, 1, 1), [("T", dtype)]
 
     def f(x2d, w, sc, bi):
@@ -141,6 +136,15 @@ def _launch(cfg, m, n, dtype, bits, group_size):
         return red(inputs=[ws], template=rtmpl, grid=rgrid, threadgroup=(256, 1, 1), output_shapes=shp,
                    output_dtypes=odt)[0]
     return f
+
+
+def _launch(cfg, m, n, dtype, bits, group_size):
+    bn, st, s, wgs, mt = cfg["BN"], cfg["stages"], cfg["split"], cfg["WGS"], cfg["MT"]
+    ws = cfg["ws"]
+    name, code = cubin(bits, group_size, dtype == mx.bfloat16, bn, st, s > 1, wgs, mt, cfg["probe"], ws)
+    nth = 128 * (wgs + ws)
+    grid = (-(-m // (64 * wgs * mt)) * nth, n // bn, s)
+    return launcher(name, code, grid, nth, smem_bytes(bits, bn, st, wgs, mt, ws), m, n, s, dtype)
 
 
 def qgemm(x2d: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: int, group_size: int,
