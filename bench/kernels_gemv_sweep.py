@@ -7,7 +7,8 @@ mx.quantized_matmul and the bf16 matmul of the same shape, all in one run.
 GS_VARIANTS (JSON list of configs) replaces the variant grid; a config with "impl": "tc" runs the
 tensor-core GEMV (kernels/qgemv_tc_cuda.py, its TT / NWARP / U / PIPE) instead of the scalar one (R / W /
 PF / FAST). GS_SHAPES (JSON list of [N, K, bits, what]) replaces the shapes; GS_ROWS sets the
-activation rows (default 1).
+activation rows (default 1). A config with "impl": "before" runs the scalar kernel body read from the file
+GS_BEFORE (e.g. an earlier commit's qmm_cuda.SOURCE) instead, for an A/B in one process.
 
 Method as bench/kernels_bench.py (BENCHMARKING.md): 100 calls queued, one eval, median of 5,
 weights rotated over > 8x the L2; bandwidth = (packed weights + scales + biases + x + y) / time
@@ -44,7 +45,28 @@ if os.environ.get("GS_SHAPES"):
     SHAPES = [tuple(s) for s in json.loads(os.environ["GS_SHAPES"])]
 
 
+# "impl": "before" runs another version of the scalar GEMV's kernel body (the text of the file GS_BEFORE, e.g. the
+# SOURCE of an earlier commit's kernels/qmm_cuda.py), built under another name, for an A/B in one process.
+_before = None
+
+
+def before_kernel():
+    global _before
+    if _before is None:
+        with open(os.environ["GS_BEFORE"]) as f:
+            src = f.read()
+        _before = mx.fast.cuda_kernel(name="jang_qgemv_before", input_names=["x", "w", "scales", "biases"],
+                                      output_names=["y"], source=src, header=qmm_cuda.HEADER)
+    return _before
+
+
 def gemv(x, w, sc, bi, bits, gs, cfg):
+    if cfg.get("impl") == "before":
+        kept, qmm_cuda._kernel = qmm_cuda.kernel(), before_kernel()
+        try:
+            return qmm_cuda.qgemv(x, w, sc, bi, bits, gs, **{k: v for k, v in cfg.items() if k != "impl"})
+        finally:
+            qmm_cuda._kernel = kept
     if cfg.get("impl") == "tc":
         if not qgemv_tc_cuda.supports(x, w, bits, gs):
             raise ValueError("the tensor-core GEMV does not serve this case")

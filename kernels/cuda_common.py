@@ -72,6 +72,21 @@ __device__ __forceinline__ float u2f(uint32_t v) {
   return __uint_as_float(v | 0x4B000000u) - 8388608.0f;
 }
 
+// u2f(v & mask) in one LOP3 and one add: written as C, `(v & mask) | magic` becomes two LOP3s (SASS LOP3 takes one
+// immediate), so the three-input op is spelled out and ptxas keeps the magic in a register.
+__device__ __forceinline__ float u2f_mask(uint32_t v, uint32_t mask) {
+  uint32_t r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(v), "r"(mask), "r"(0x4B000000u));
+  return __uint_as_float(r) - 8388608.0f;
+}
+
+// The float 2^23 + (v & mask) (no add: kernels/qmm_cuda.py's NOSUB takes the 2^23 off per group).
+__device__ __forceinline__ float magic_mask(uint32_t v, uint32_t mask) {
+  uint32_t r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(v), "r"(mask), "r"(0x4B000000u));
+  return __uint_as_float(r);
+}
+
 // cp.async (global -> shared, no registers held while in flight; kernels/qgemm*_cuda.py, qgemv_tc).
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -92,3 +107,11 @@ __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0
 
 }  // namespace jang
 """
+
+
+def launch_smem(nbytes: int) -> int:
+    """The dynamic shared memory to ask mx.fast.cuda_kernel for. MLX raises a kernel's limit only when the request
+    is over 48000 bytes, but the kernel's static shared memory counts against the default 48 KB too, so a request
+    just under 48000 fails at launch ("invalid argument"; seen for the tensor-core GEMV's 8-bit norm + SwiGLU
+    variant at two rows: 47,104 bytes). Requests from 32 KB up go to at least 48001, so the limit is always set."""
+    return max(nbytes, 48001) if nbytes > 32768 else nbytes

@@ -12,8 +12,16 @@ Per group it accumulates p = sum(x*q) and sum(x); the group adds scale*p + bias*
 At the end: warp-shuffle reduction, then shared memory across the W warps of a team.
 
 FAST (2/4/8 bits): instead of shifting every field down, mask it in place inside a 16-bit half
-word and turn it into a float with one OR and one add (2^23 magic); the activation is pre-scaled
-by 2^-(bits*j) to undo the field's position j. Saves one shift per weight.
+word and turn it into a float with one three-input logic op (mask, OR the 2^23 magic) and one add
+(minus 2^23); the activation is pre-scaled by 2^-(bits*j) to undo the field's position j.
+At 2 and 4 bits (NOSUB) the add goes too: one shift brings 2 (4-bit) or 4 (2-bit) fields of a word to
+bit positions 15-22, the magic float is 2^23 + q * 2^pos, and the 2^23 * sum(x * 2^-pos) it carries is
+taken off once per group from a sum shared by the R rows. At positions >= 15 the magic is at most 2^8
+times a nonzero field's share, so about 8 of float32's 24 bits go to it: the group sums keep ~16 bits
+(NumPy port: ~1e-5 of the output's scale), far past the bf16/fp16 output's 8-11. SASS of the main loop
+per unit, one row, R=8 (local nvcc 13, sm_90): 4-bit 1310 -> 943 instructions for 256 weights, 2-bit
+2419 -> 1570 for 512, 8-bit 741 -> 614 for 128 (the one-LOP3 step only); measured in
+bench/results/kernels-gemv-nosub-h100.json.
 """
 
 from __future__ import annotations
@@ -41,6 +49,11 @@ SOURCE = r"""
   constexpr int VPW = 32 / BITS;                        // values per word (POW2)
   constexpr int VPH = VPW / 2;                          // values per half word (POW2)
   constexpr uint32_t MASK = (1u << BITS) - 1u;
+  // NOSUB (FAST at 2/4 bits): PER fields share one shift to positions B, B + BITS, ... (the last one ending
+  // at bit 22, the top of float32's mantissa).
+  constexpr bool NOSUB = FAST && (BITS == 2 || BITS == 4);
+  constexpr int PER = BITS == 4 ? 2 : 4;
+  constexpr int B = 23 - BITS * PER;
   constexpr int TEAMS = NW / W;
   constexpr int TPT = 32 * W;
 
@@ -134,10 +147,11 @@ SOURCE = r"""
 #pragma unroll
     for (int gi = 0; gi < NG; ++gi) {
       float p[MM][R];
-      float xs[MM];
+      float xs[MM], xs2[MM];                       // sum(x); NOSUB: sum(x * 2^-pos)
 #pragma unroll
       for (int m = 0; m < MM; ++m) {
         xs[m] = 0.f;
+        xs2[m] = 0.f;
 #pragma unroll
         for (int r = 0; r < R; ++r) p[m][r] = 0.f;
       }
@@ -162,7 +176,14 @@ SOURCE = r"""
 #endif
 #pragma unroll
           for (int i = 0; i < 8; ++i) xs[m] += xf[m][i];
-          if constexpr (FAST && POW2) {
+          if constexpr (NOSUB) {
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+              const int pos = B + BITS * (((v0 + i) % VPW) % PER);
+              xf[m][i] *= __uint_as_float((uint32_t)(127 - pos) << 23);
+              xs2[m] += xf[m][i];
+            }
+          } else if constexpr (FAST && POW2) {
 #pragma unroll
             for (int i = 0; i < 8; ++i) {
               const int jh = ((v0 + i) % VPW) % VPH;
@@ -176,11 +197,18 @@ SOURCE = r"""
           for (int i = 0; i < 8; ++i) {
             const int v = v0 + i;
             float q;
-            if constexpr (FAST && POW2) {
+            if constexpr (NOSUB) {
+              // 2^23 + field * 2^pos: shift the field's window (PER fields) to bit B, mask, OR the magic.
+              const uint32_t word = wv[r][v / VPW];
+              const int pw = v % VPW;
+              const int sh = B - BITS * PER * (pw / PER);
+              const uint32_t sw = sh >= 0 ? (word << sh) : (word >> -sh);
+              q = jang::magic_mask(sw, MASK << (B + BITS * (pw % PER)));
+            } else if constexpr (FAST && POW2) {
               const uint32_t word = wv[r][v / VPW];
               const int pw = v % VPW;
               const uint32_t hw = (pw >= VPH) ? (word >> 16) : word;
-              q = jang::u2f(hw & (MASK << (BITS * (pw % VPH))));
+              q = jang::u2f_mask(hw, MASK << (BITS * (pw % VPH)));
             } else {
               q = jang::u2f(jang::field<BITS>(wv[r], v));
             }
@@ -192,8 +220,10 @@ SOURCE = r"""
 #pragma unroll
       for (int m = 0; m < MM; ++m)
 #pragma unroll
-        for (int r = 0; r < R; ++r)
+        for (int r = 0; r < R; ++r) {
+          if constexpr (NOSUB) p[m][r] = fmaf(-8388608.f, xs2[m], p[m][r]);
           acc[m][r] = fmaf(sc[r][gi], p[m][r], fmaf(bi[r][gi], xs[m], acc[m][r]));
+        }
     }
   };
 
