@@ -32,6 +32,7 @@ import os
 import mlx.core as mx
 
 from .backend import relerr
+from .cuda_common import launch_smem
 from .qgemv_tc_source import HEADER, SOURCE
 
 MAX_ROWS = 8
@@ -133,7 +134,7 @@ def launch(m, n, k, dtype, bits, group_size, epi=0, norm=False, eps=1e-5, rope=N
         ps = pipe_shape(m, k, bits, group_size, u, sdtype.size, dtype.size, norm) if pipe and tt == 1 else None
         if ps is not None:
             uu, pp = ps[0], pipe
-            smem = nwarp * pipe * ps[1]
+            smem = launch_smem(nwarp * pipe * ps[1])
         fixed = [("T", dtype), ("S", sdtype), ("BITS", bits), ("GS", group_size), ("MM", rows_bucket(m)),
                  ("TT", tt), ("NWARP", nwarp), ("U", uu), ("PIPE", pp)]
         return kernel(epi, norm, eps, rope, smem), fixed

@@ -314,3 +314,13 @@ def test_gemv_route_picks_tc_unless_off(monkeypatch):
     assert qmm_mod.gemv_kind(8, x8, w4, 4, 64) == "none" and qmm_mod.gemv_kind(1, x1, w4, 4, 64) == "scalar"
     assert not qmm_mod.gemv_tc_on(4)
     assert qmm_mod._cuda_route(8, x8, w4, 4, 64) == "reference"
+
+
+def test_dynamic_shared_memory_near_48k_raises_the_limit():
+    # MLX raises a kernel's limit only for requests over 48000 bytes; static shared memory counts against the
+    # default 48 KB too, so the 8-bit norm + SwiGLU ring at two rows (47,104 bytes) failed at launch before.
+    from jang_serve.kernels.cuda_common import launch_smem
+    assert launch_smem(0) == 0 and launch_smem(20000) == 20000 and launch_smem(60000) == 60000
+    assert launch_smem(47104) > 48000 and launch_smem(32769) > 48000
+    u, stage = tc.pipe_shape(2, 1024, 8, 64, tc.config(2, 272, 1024, 8, 64, True)["U"], 2, 2, norm=True)
+    assert 32768 < 4 * tc.PIPE * stage <= 48000      # the case that failed: the request goes above 48000 now
