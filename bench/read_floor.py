@@ -224,6 +224,16 @@ def fit(points):
     return round(float(icpt), 2), round(1e-3 / float(slope), 1)
 
 
+def write_fits(res, pts, path):
+    """Fit each series of (bytes, us) points into res["fits"], print the fits and write res to path."""
+    for label, p in pts.items():
+        a, s = fit(p)
+        res["fits"][label] = dict(intercept_us=a, slope_GBps=s)
+        print(f"fit {label:45s} intercept {a:6.2f} us, marginal {s:7.1f} GB/s", flush=True)
+    with open(path, "w") as f:
+        json.dump(res, f, indent=1)
+
+
 def main(path):
     bw, copies = copy_bandwidth()
     name = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
@@ -280,12 +290,7 @@ def main(path):
         pts.setdefault("bf16 matmul, one row", []).append((n * 4096 * 2, t[0] * 1e6))
         print(f"{'bf16 matmul':30s} {mb:4d} MB {t[0] * 1e6:7.1f} us", flush=True)
         del mats
-    for label, p in pts.items():
-        a, s = fit(p)
-        res["fits"][label] = dict(intercept_us=a, slope_GBps=s)
-        print(f"fit {label:30s} intercept {a:6.2f} us, marginal {s:7.1f} GB/s", flush=True)
-    with open(path, "w") as f:
-        json.dump(res, f, indent=1)
+    write_fits(res, pts, path)
     return 0
 
 

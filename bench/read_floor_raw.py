@@ -12,7 +12,6 @@ dependent work). Sizes 18-132 MB give each kernel's fixed cost per call (interce
 from __future__ import annotations
 
 import datetime
-import json
 import math
 import os
 import statistics
@@ -20,7 +19,7 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
-from read_floor import BULK_HEADER, BULK_SOURCE, BULK_VARIANTS, SOURCE, bulk_smem, fit  # noqa: E402
+from read_floor import BULK_HEADER, BULK_SOURCE, BULK_VARIANTS, SOURCE, bulk_smem, write_fits  # noqa: E402
 
 CALLS, REPS, ROTATE_BYTES, SMS = 100, 5, 400e6, 132
 
@@ -106,12 +105,7 @@ def main(path):
                 pts.setdefault(key, []).append((nbytes, us))
                 print(f"{key:45s} {mb:4d} MB {us:7.2f} us {nbytes / us / 1e3:7.1f} GB/s", flush=True)
         del bufs
-    for key, p in pts.items():
-        a, s = fit(p)
-        res["fits"][key] = dict(intercept_us=a, slope_GBps=s)
-        print(f"fit {key:45s} intercept {a:6.2f} us, marginal {s:7.1f} GB/s", flush=True)
-    with open(path, "w") as f:
-        json.dump(res, f, indent=1)
+    write_fits(res, pts, path)
     return 0
 
 
