@@ -72,20 +72,17 @@ __device__ __forceinline__ float u2f(uint32_t v) {
   return __uint_as_float(v | 0x4B000000u) - 8388608.0f;
 }
 
-// u2f(v & mask) in one LOP3 and one add: written as C, `(v & mask) | magic` becomes two LOP3s (SASS LOP3 takes one
-// immediate), so the three-input op is spelled out and ptxas keeps the magic in a register.
-__device__ __forceinline__ float u2f_mask(uint32_t v, uint32_t mask) {
-  uint32_t r;
-  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(v), "r"(mask), "r"(0x4B000000u));
-  return __uint_as_float(r) - 8388608.0f;
-}
-
-// The float 2^23 + (v & mask) (no add: kernels/qmm_cuda.py's NOSUB takes the 2^23 off per group).
+// The float 2^23 + (v & mask) in one LOP3: written as C, `(v & mask) | magic` becomes two LOP3s (SASS LOP3 takes
+// one immediate), so the three-input op is spelled out and ptxas keeps the magic in a register.
+// kernels/qmm_cuda.py's NOSUB uses it as it is and takes the 2^23 off per group.
 __device__ __forceinline__ float magic_mask(uint32_t v, uint32_t mask) {
   uint32_t r;
   asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(v), "r"(mask), "r"(0x4B000000u));
   return __uint_as_float(r);
 }
+
+// u2f(v & mask): one LOP3 and one add.
+__device__ __forceinline__ float u2f_mask(uint32_t v, uint32_t mask) { return magic_mask(v, mask) - 8388608.0f; }
 
 // cp.async (global -> shared, no registers held while in flight; kernels/qgemm*_cuda.py, qgemv_tc).
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
