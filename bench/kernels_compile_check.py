@@ -74,11 +74,11 @@ def compile_one(label, src, arch="sm_90"):
 def check_qmm():
     ok = True
     for bits in (2, 3, 4, 5, 6, 8):
-        for m, r, w, fast, pf in ((1, 4, 1, True, False), (1, 4, 4, False, False), (8, 2, 2, True, False),
-                                  (1, 8, 1, True, True), (1, 4, 2, False, True)):
+        for m, r, w, fast, pf in ((1, 8, 1, True, False), (1, 8, 2, True, False), (1, 4, 4, False, False),
+                                  (4, 2, 2, True, False), (1, 4, 1, True, True), (1, 4, 2, False, True)):
             tmpl = [("T", "bfloat16"), ("S", "bfloat16"), ("BITS", bits), ("GS", 32 if bits == 2 else 64),
                     ("MM", m), ("R", r), ("W", w), ("FAST", fast), ("PF", pf)]
-            src = build("qgemv", qmm_cuda.SOURCE, cuda_common.HEADER,
+            src = build("qgemv", qmm_cuda.SOURCE, qmm_cuda.header(bits),
                         [("x", "bfloat16"), ("w", "uint32"), ("scales", "bfloat16"), ("biases", "bfloat16")],
                         [("y", "bfloat16")], tmpl)
             ok &= compile_one(f"qgemv bits={bits} M={m} R={r} W={w} fast={fast} pf={pf}", src)
@@ -97,7 +97,7 @@ def check_fused():
         defines, names = qmm_cuda.fused_variant(epi, norm, 1e-5, rope)
         tmpl = [("T", "bfloat16"), ("S", "bfloat16"), ("BITS", bits), ("GS", 64), ("MM", m), ("R", r),
                 ("W", w), ("FAST", True), ("PF", False)]
-        src = build("qgemv_fused", qmm_cuda.SOURCE, defines + cuda_common.HEADER, [(n, dtypes[n]) for n in names],
+        src = build("qgemv_fused", qmm_cuda.SOURCE, defines + qmm_cuda.header(bits), [(n, dtypes[n]) for n in names],
                     [("y", "bfloat16")], tmpl)
         ok &= compile_one(f"qgemv fused epi={epi} norm={norm} bits={bits} M={m} R={r} W={w} rope={rope}", src)
     return ok

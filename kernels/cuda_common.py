@@ -43,6 +43,24 @@ __device__ __forceinline__ void loadn(const T* p, float* f) {
   }
 }
 
+// A scale or bias as raw bits (16 or 32), and those bits as a float.
+template <typename S>
+__device__ __forceinline__ uint32_t ldg_bits(const S* p) {
+  if constexpr (sizeof(S) == 4) return __ldg(reinterpret_cast<const unsigned int*>(p));
+  else return __ldg(reinterpret_cast<const unsigned short*>(p));
+}
+template <typename S> __device__ __forceinline__ float bits_to_f(uint32_t v);
+template <> __device__ __forceinline__ float bits_to_f<float>(uint32_t v) { return __uint_as_float(v); }
+template <> __device__ __forceinline__ float bits_to_f<__nv_bfloat16>(uint32_t v) { return __uint_as_float(v << 16); }
+template <> __device__ __forceinline__ float bits_to_f<__half>(uint32_t v) {
+  return __half2float(__ushort_as_half((unsigned short)v));
+}
+
+// v with x tied to it by one LOP3 that changes nothing (zero is 0 at run time, unknown to the compiler): work on v
+// then waits for x's load, so ptxas issues that load with v's instead of sinking it to x's first real use (the
+// GEMV's scale and bias loads had sunk below a unit's arithmetic: a second memory round trip per unit).
+__device__ __forceinline__ uint32_t tie(uint32_t v, uint32_t x, uint32_t zero) { return v ^ (x & zero); }
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -104,6 +122,14 @@ __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0
 
 }  // namespace jang
 """
+
+
+def launch_bounds(threads: int, min_blocks: int) -> str:
+    """Header lines (put last in a kernel's header) that give the kernel mx.fast.cuda_kernel declares next
+    `__launch_bounds__(threads, min_blocks)`: MLX writes `__global__ void name(...)` right after the header, so
+    `__global__` is redefined to carry the bounds, and ptxas keeps registers within 65536 / (threads * min_blocks)
+    and schedules for that occupancy (MLX's JIT has no other way to pass them)."""
+    return f"\n#undef __global__\n#define __global__ __location__(global) __launch_bounds__({threads}, {min_blocks})\n"
 
 
 def launch_smem(nbytes: int) -> int:

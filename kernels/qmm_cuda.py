@@ -22,6 +22,11 @@ times a nonzero field's share, so about 8 of float32's 24 bits go to it: the gro
 per unit, one row, R=8 (local nvcc 13, sm_90): 4-bit 1310 -> 943 instructions for 256 weights, 2-bit
 2419 -> 1570 for 512, 8-bit 741 -> 614 for 128 (the one-LOP3 step only); measured in
 bench/results/kernels-gemv-nosub-h100.json.
+
+Scale and bias loads (2/4/8 bits): ptxas sank them below a unit's arithmetic to their first use (after ~790 of the
+943 instructions of a 4-bit unit), a second memory round trip per unit; one LOP3 that ties them to the first weight
+word (jang::tie, a no-op at run time) keeps them beside the weight loads, and __launch_bounds__(128, 4) keeps the
+longer-lived registers within 128. A scale and its bias travel as raw bits in one register until the group's end.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import math
 
 import mlx.core as mx
 
-from .cuda_common import HEADER
+from .cuda_common import HEADER, launch_bounds
 
 SOURCE = r"""
   // Fused variants (kernels/qmm_fused.py) define these in their header; the plain GEMV has neither.
@@ -55,6 +60,7 @@ SOURCE = r"""
   constexpr int PER = BITS == 4 ? 2 : 4;
   constexpr int B = 23 - BITS * PER;
   constexpr int TEAMS = NW / W;
+  constexpr bool PACK = POW2 && sizeof(S) == 2;         // a scale and its bias (raw bits) share a register
   constexpr int TPT = 32 * W;
 
   const int M = x_shape[0];                             // rows used (<= MM, the compiled maximum)
@@ -81,6 +87,7 @@ SOURCE = r"""
   const int NO = N;
 #endif
   const int row0 = (blockIdx.x * TEAMS + team) * RO;
+  const uint32_t zero = (uint32_t)N >> 31;              // 0 (jang::tie)
 
   const uint32_t* wrow[R];
   const S* srow[R];
@@ -114,7 +121,7 @@ SOURCE = r"""
   for (int m = 0; m < MM; ++m) ss[m] = 0.f;
 
   // 1. packed weights of R rows, then their scales and biases: all loads issued up front.
-  auto load_unit = [&](int u, uint32_t (&wv)[R][WORDS], float (&sc)[R][NG], float (&bi)[R][NG]) {
+  auto load_unit = [&](int u, uint32_t (&wv)[R][WORDS], uint32_t (&sc)[R][NG], uint32_t (&bi)[R][NG]) {
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       const uint32_t* p = wrow[r] + (size_t)u * WORDS;
@@ -137,13 +144,16 @@ SOURCE = r"""
     for (int r = 0; r < R; ++r)
 #pragma unroll
       for (int gi = 0; gi < NG; ++gi) {
-        sc[r][gi] = jang::to_f(srow[r][g0 + gi]);
-        bi[r][gi] = jang::to_f(brow[r][g0 + gi]);
+        const uint32_t s = jang::ldg_bits(srow[r] + g0 + gi), b = jang::ldg_bits(brow[r] + g0 + gi);
+        if constexpr (POW2) wv[r][0] = jang::tie(wv[r][0], s ^ b, zero);  // so scales and biases load with the weights
+        sc[r][gi] = PACK ? s | b << 16 : s;
+        bi[r][gi] = b;                             // unused when PACK
       }
   };
 
   // 2. per group chunk: activations in slices of 8, reused for the R rows.
-  auto compute_unit = [&](int u, const uint32_t (&wv)[R][WORDS], const float (&sc)[R][NG], const float (&bi)[R][NG]) {
+  auto compute_unit = [&](int u, const uint32_t (&wv)[R][WORDS], const uint32_t (&sc)[R][NG],
+                          const uint32_t (&bi)[R][NG]) {
 #pragma unroll
     for (int gi = 0; gi < NG; ++gi) {
       float p[MM][R];
@@ -222,7 +232,9 @@ SOURCE = r"""
 #pragma unroll
         for (int r = 0; r < R; ++r) {
           if constexpr (NOSUB) p[m][r] = fmaf(-8388608.f, xs2[m], p[m][r]);
-          acc[m][r] = fmaf(sc[r][gi], p[m][r], fmaf(bi[r][gi], xs[m], acc[m][r]));
+          const float scf = jang::bits_to_f<S>(PACK ? sc[r][gi] & 0xffffu : sc[r][gi]);
+          const float bif = jang::bits_to_f<S>(PACK ? sc[r][gi] >> 16 : bi[r][gi]);
+          acc[m][r] = fmaf(scf, p[m][r], fmaf(bif, xs[m], acc[m][r]));
         }
     }
   };
@@ -230,7 +242,7 @@ SOURCE = r"""
   if constexpr (PF) {
     // Software pipeline: the next unit's loads are in flight while this one computes.
     uint32_t wa[R][WORDS], wb[R][WORDS];
-    float sa[R][NG], ba[R][NG], sb[R][NG], bb[R][NG];
+    uint32_t sa[R][NG], ba[R][NG], sb[R][NG], bb[R][NG];
     int u = t;
     if (u < units) load_unit(u, wa, sa, ba);
     while (u < units) {
@@ -246,7 +258,7 @@ SOURCE = r"""
   } else {
     for (int u = t; u < units; u += TPT) {
       uint32_t wv[R][WORDS];
-      float sc[R][NG], bi[R][NG];
+      uint32_t sc[R][NG], bi[R][NG];
       load_unit(u, wv, sc, bi);
       compute_unit(u, wv, sc, bi);
     }
@@ -350,21 +362,35 @@ def rows_bucket(m: int) -> int:
     """Rows are compiled in buckets 1, 2, 4, 8 (fewer kernels to JIT; unused rows are skipped)."""
     return 1 if m <= 1 else 2 if m <= 2 else 4 if m <= 4 else 8
 THREADS = 128
+# 2/4/8 bits build with __launch_bounds__(128, 4): ptxas then keeps the kernel, with each unit's scale and bias loads
+# issued beside its weight loads (jang::tie), within 128 registers and schedules for 4 blocks per SM; GPU time under
+# Nsight Compute 1.02-1.35x faster than without both (bench/results/kernels-gemv-bounds-h100.json). 3/5/6 bits keep
+# the plain build and plain loads: both together measured 2-6% slower there.
+MIN_BLOCKS = 4
+GEMV_HEADER = HEADER + launch_bounds(THREADS, MIN_BLOCKS)
+BOUNDED_BITS = (2, 4, 8)
 
-_kernel = None
+_kernels: dict = {}
+_override = None          # bench/kernels_gemv_sweep.py puts another build of the kernel here for an A/B
 
 
-def kernel():
-    global _kernel
-    if _kernel is None:
-        _kernel = mx.fast.cuda_kernel(
-            name="jang_qgemv",
+def header(bits: int) -> str:
+    return GEMV_HEADER if bits in BOUNDED_BITS else HEADER
+
+
+def kernel(bits: int):
+    if _override is not None:
+        return _override
+    bounded = bits in BOUNDED_BITS
+    if bounded not in _kernels:
+        _kernels[bounded] = mx.fast.cuda_kernel(
+            name="jang_qgemv" if bounded else "jang_qgemv_u",
             input_names=["x", "w", "scales", "biases"],
             output_names=["y"],
             source=SOURCE,
-            header=HEADER,
+            header=header(bits),
         )
-    return _kernel
+    return _kernels[bounded]
 
 
 def default_config(m: int, n: int, k: int, bits: int) -> dict:
@@ -404,7 +430,7 @@ def qgemv(x2d: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: 
     PF = cfg["PF"] if PF is None else PF
     teams = 4 // W
     blocks = math.ceil(n / (R * teams))
-    return kernel()(
+    return kernel(bits)(
         inputs=[x2d, w, scales, biases],
         template=[("T", x2d.dtype), ("S", scales.dtype), ("BITS", bits), ("GS", group_size),
                   ("MM", rows_bucket(m)), ("R", R), ("W", W), ("FAST", bool(FAST)), ("PF", bool(PF))],
@@ -419,7 +445,7 @@ def plan(m: int, n: int, k: int, dtype, bits: int, group_size: int):
     """A callable f(x2d, w, scales, biases) -> y with the launch arguments of this shape computed once."""
     cfg = default_config(m, n, k, bits)
     blocks = math.ceil(n / (cfg["R"] * (4 // cfg["W"])))
-    kern, grid, tg, shp, odt = kernel(), (blocks * THREADS, 1, 1), (THREADS, 1, 1), [(m, n)], [dtype]
+    kern, grid, tg, shp, odt = kernel(bits), (blocks * THREADS, 1, 1), (THREADS, 1, 1), [(m, n)], [dtype]
     fixed = [("BITS", bits), ("GS", group_size), ("MM", rows_bucket(m)), ("R", cfg["R"]), ("W", cfg["W"]),
              ("FAST", bool(cfg["FAST"])), ("PF", bool(cfg["PF"]))]
     return lambda x2d, w, sc, bi: kern(inputs=[x2d, w, sc, bi], template=[("T", dtype), ("S", sc.dtype)] + fixed,

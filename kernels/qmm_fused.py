@@ -84,16 +84,17 @@ def kernel_supported(x, w, bits, group_size, norm_weight, residual, swiglu) -> b
 _kernels: dict = {}
 
 
-def _kernel(epi: int, norm: bool, eps: float, rope: tuple[int, int] | None = None):
+def _kernel(bits: int, epi: int, norm: bool, eps: float, rope: tuple[int, int] | None = None):
     """rope: (head_dim, rotated heads) for the RoPE epilogue (epi 3)."""
-    key = (epi, norm, float(eps) if norm else None, rope)
+    bounded = bits in qmm_cuda.BOUNDED_BITS
+    key = (bounded, epi, norm, float(eps) if norm else None, rope)
     k = _kernels.get(key)
     if k is None:
         defines, names = qmm_cuda.fused_variant(epi, norm, eps, rope)
-        tag = f"e{epi}n{int(norm)}" + (f"_{len(_kernels)}" if norm or rope else "")
+        tag = f"e{epi}n{int(norm)}{'' if bounded else 'u'}" + (f"_{len(_kernels)}" if norm or rope else "")
         k = _kernels[key] = mx.fast.cuda_kernel(name=f"jang_qgemv_fused_{tag}", input_names=names,
                                                 output_names=["y"], source=qmm_cuda.SOURCE,
-                                                header=defines + HEADER)
+                                                header=defines + qmm_cuda.header(bits))
     return k
 
 
@@ -120,7 +121,7 @@ def qgemv_fused(x2d, w, scales, biases, bits, group_size, norm_weight=None, eps=
     epi = 2 if swiglu else 1 if residual is not None else 0
     inputs = [x2d, w, scales, biases] + ([norm_weight] if norm_weight is not None else []) + \
              ([residual] if residual is not None else [])
-    return _kernel(epi, norm_weight is not None, eps)(
+    return _kernel(bits, epi, norm_weight is not None, eps)(
         inputs=inputs,
         template=[("T", x2d.dtype), ("S", scales.dtype), ("BITS", bits), ("GS", group_size),
                   ("MM", qmm_cuda.rows_bucket(m)), ("R", r), ("W", wv), ("FAST", True), ("PF", False)],
@@ -195,7 +196,7 @@ def _qgemv_rope(x2d, w, scales, biases, bits, group_size, norm_weight, eps, posi
     r, wv = max(2, cfg["R"]), cfg["W"]
     blocks = math.ceil((n // 2) / ((r // 2) * (4 // wv)))
     inputs = [x2d, w, scales, biases] + ([norm_weight] if norm_weight is not None else []) + [positions, inv_freq]
-    return _kernel(3, norm_weight is not None, eps, (head_dim, nrot))(
+    return _kernel(bits, 3, norm_weight is not None, eps, (head_dim, nrot))(
         inputs=inputs,
         template=[("T", x2d.dtype), ("S", scales.dtype), ("BITS", bits), ("GS", group_size),
                   ("MM", qmm_cuda.rows_bucket(m)), ("R", r), ("W", wv), ("FAST", True), ("PF", False)],
