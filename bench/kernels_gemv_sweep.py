@@ -8,7 +8,8 @@ GS_VARIANTS (JSON list of configs) replaces the variant grid; a config with "imp
 tensor-core GEMV (kernels/qgemv_tc_cuda.py, its TT / NWARP / U / PIPE) instead of the scalar one (R / W /
 PF / FAST). GS_SHAPES (JSON list of [N, K, bits, what]) replaces the shapes; GS_ROWS sets the
 activation rows (default 1). A config with "impl": "before" runs the scalar kernel body read from the file
-GS_BEFORE (e.g. an earlier commit's qmm_cuda.SOURCE) instead, for an A/B in one process.
+GS_BEFORE (e.g. an earlier commit's qmm_cuda.SOURCE) instead, for an A/B in one process; one with "defs" builds
+the kernel with those header lines first (its "tag" names it in the results).
 
 Method as bench/kernels_bench.py (BENCHMARKING.md): 100 calls queued, one eval, median of 5,
 weights rotated over > 8x the L2; bandwidth = (packed weights + scales + biases + x + y) / time
@@ -60,18 +61,62 @@ def before_kernel():
     return _before
 
 
+# "defs": header lines put before kernels/cuda_common.HEADER (e.g. `#define JANG_L2D 2`), one kernel per text.
+_defs: dict[str, object] = {}
+
+
+def defs_kernel(defs: str):
+    if defs not in _defs:
+        _defs[defs] = mx.fast.cuda_kernel(name=f"jang_qgemv_d{len(_defs)}", input_names=["x", "w", "scales", "biases"],
+                                          output_names=["y"], source=qmm_cuda.SOURCE, header=defs + qmm_cuda.HEADER)
+    return _defs[defs]
+
+
 def gemv(x, w, sc, bi, bits, gs, cfg):
+    if "defs" in cfg:
+        qmm_cuda._override = defs_kernel(cfg["defs"])
+        try:
+            return qmm_cuda.qgemv(x, w, sc, bi, bits, gs, **{k: v for k, v in cfg.items() if k not in ("defs", "tag")})
+        finally:
+            qmm_cuda._override = None
     if cfg.get("impl") == "before":
-        kept, qmm_cuda._kernel = qmm_cuda.kernel(), before_kernel()
+        qmm_cuda._override = before_kernel()
         try:
             return qmm_cuda.qgemv(x, w, sc, bi, bits, gs, **{k: v for k, v in cfg.items() if k != "impl"})
         finally:
-            qmm_cuda._kernel = kept
+            qmm_cuda._override = None
     if cfg.get("impl") == "tc":
         if not qgemv_tc_cuda.supports(x, w, bits, gs):
             raise ValueError("the tensor-core GEMV does not serve this case")
         return qgemv_tc_cuda.qgemv_tc(x, w, sc, bi, bits, gs, **{k: v for k, v in cfg.items() if k != "impl"})
     return qmm_cuda.qgemv(x, w, sc, bi, bits, gs, **{k: v for k, v in cfg.items() if k != "impl"})
+
+
+# GS_CHAIN=1 also times each config as a chain: call i takes call i-1's output as an extra, unused input, so no two
+# calls run side by side (as in a decode step, where each matrix waits for the one before).
+_chain: dict[tuple, object] = {}
+
+
+def gemv_chain(x, ws, bits, gs, cfg, calls):
+    m, k = x.shape
+    n = ws[0][0].shape[0]
+    d = dict(qmm_cuda.default_config(m, n, k, bits), **{a: b for a, b in cfg.items() if a in ("R", "W", "FAST", "PF")})
+    key = (cfg.get("impl"), cfg.get("defs", ""))
+    if key not in _chain:
+        src = open(os.environ["GS_BEFORE"]).read() if cfg.get("impl") == "before" else qmm_cuda.SOURCE
+        _chain[key] = mx.fast.cuda_kernel(name=f"jang_qgemv_chain{len(_chain)}", output_names=["y"],
+                                          input_names=["x", "w", "scales", "biases", "dep"], source=src,
+                                          header=cfg.get("defs", "") + qmm_cuda.HEADER)
+    kern = _chain[key]
+    blocks = math.ceil(n / (d["R"] * (4 // d["W"])))
+    tmpl = [("T", x.dtype), ("S", ws[0][1].dtype), ("BITS", bits), ("GS", gs), ("MM", qmm_cuda.rows_bucket(m)),
+            ("R", d["R"]), ("W", d["W"]), ("FAST", bool(d["FAST"])), ("PF", bool(d["PF"]))]
+    outs, prev = [], x
+    for i in range(calls):
+        prev = kern(inputs=[x, *ws[i % len(ws)], prev], template=tmpl, grid=(blocks * qmm_cuda.THREADS, 1, 1),
+                    threadgroup=(qmm_cuda.THREADS, 1, 1), output_shapes=[(m, n)], output_dtypes=[x.dtype])[0]
+        outs.append(prev)
+    return outs
 
 
 def main(path: str) -> int:
@@ -113,6 +158,10 @@ def main(path: str) -> int:
             except Exception as e:  # one broken variant must not lose the sweep
                 row = dict(name="qgemv", **base, cfg=cfg, error=f"{type(e).__name__}: {e}"[:300])
             res["rows"].append(row)
+            if os.environ.get("GS_CHAIN") == "1" and "us" in row:
+                t = timed(lambda: gemv_chain(x, ws, bits, gs, cfg, CALLS))
+                res["rows"].append(rec("qgemv_chain", t, nbytes, bw, **base, cfg=cfg))
+                row = dict(row, chain_us=res["rows"][-1]["us"])
             print(json.dumps({k2: (round(v2, 2) if isinstance(v2, float) else v2) for k2, v2 in row.items()
                               if k2 not in ("us_min", "us_max", "bytes")}), flush=True)
         del ws
