@@ -144,6 +144,18 @@ def test_cuda_launch_config_and_support_rules():
     assert not qmm_cuda.supports(mx.zeros((1, 192), dtype=mx.bfloat16), wq3, 3, 64)   # K % 128
 
 
+def test_cuda_gemv_builds_with_launch_bounds_at_2_4_8_bits_only():
+    # MLX's JIT writes `__global__ void name(` right after the header: the bounded header must end by redefining it.
+    for bits in (2, 4, 8):
+        tail = qmm_cuda.header(bits).rstrip().splitlines()[-2:]
+        assert tail == ["#undef __global__",
+                        f"#define __global__ __location__(global) __launch_bounds__({qmm_cuda.THREADS}, 4)"]
+    for bits in (3, 5, 6):
+        assert "__launch_bounds__" not in qmm_cuda.header(bits)
+    # the scale/bias tie is compiled for the 2/4/8-bit (bounded) builds only
+    assert "if constexpr (POW2) wv[r][0] = jang::tie(" in qmm_cuda.SOURCE
+
+
 def test_reference_function_is_the_spec():
     wq, s, b = _quant(8, 128, 6, 64)
     x = mx.random.normal((2, 128))
