@@ -362,10 +362,8 @@ def rows_bucket(m: int) -> int:
     """Rows are compiled in buckets 1, 2, 4, 8 (fewer kernels to JIT; unused rows are skipped)."""
     return 1 if m <= 1 else 2 if m <= 2 else 4 if m <= 4 else 8
 THREADS = 128
-# 2/4/8 bits build with __launch_bounds__(128, 4): ptxas then keeps the kernel, with each unit's scale and bias loads
-# issued beside its weight loads (jang::tie), within 128 registers and schedules for 4 blocks per SM; GPU time under
-# Nsight Compute 1.02-1.35x faster than without both (bench/results/kernels-gemv-bounds-h100.json). 3/5/6 bits keep
-# the plain build and plain loads: both together measured 2-6% slower there.
+# 2/4/8 bits build with __launch_bounds__(128, 4) (128 registers with the early scale loads); GPU time 1.01-1.32x
+# (bench/results/kernels-gemv-bounds-h100.json). 3/5/6 bits keep the plain build: with both, 2-6% slower.
 MIN_BLOCKS = 4
 GEMV_HEADER = HEADER + launch_bounds(THREADS, MIN_BLOCKS)
 BOUNDED_BITS = (2, 4, 8)

@@ -27,7 +27,6 @@ import os
 import mlx.core as mx
 
 from . import backend, qgemv_tc_cuda, qmm_cuda
-from .cuda_common import HEADER
 from .qmm import GEMV_ROWS, gemv_tc_on, qmm
 
 
