@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The scalar GEMV against an earlier body of itself on the device machine (MLX CUDA installed), one process:
-#   GS_BEFORE=bench/gemv_before_source.cu bash bench/gemv_ab_device.sh [sweep,parity,fused,decode]
-# sweep: bench/kernels_gemv_sweep.py with the previous body ("impl": "before") and the shipped one interleaved
-# twice, plus GS_EXTRA (JSON list of configs); parity: kernels_parity_cuda.py qmm (KP_QUICK=1); fused:
-# kernels_fused_cuda.py; decode: decode_checks.py; ncu: bench/gemv_ncu.py under Nsight Compute (GN_VARIANTS,
-# GN_SHAPES) -> $OUT/ncu.csv + manifest.json (report: python3 bench/gemv_ncu.py manifest.json --report ncu.csv).
+#   GS_BEFORE=FILE bash bench/gemv_ab_device.sh [sweep,parity,fused,decode,ncu]
+# FILE: an earlier commit's qmm_cuda.SOURCE (the text between its triple quotes). sweep:
+# bench/kernels_gemv_sweep.py with the previous body ("impl": "before") and the shipped build interleaved twice
+# (GS_BASE replaces that list), plus GS_EXTRA (JSON list of configs); parity: kernels_parity_cuda.py qmm
+# (KP_QUICK=1); fused: kernels_fused_cuda.py; decode: decode_checks.py; ncu: bench/gemv_ncu.py under Nsight
+# Compute (GN_VARIANTS, GN_SHAPES) -> $OUT/ncu.csv + manifest.json (report: python3 bench/gemv_ncu.py
+# manifest.json --report ncu.csv).
 # Results in $OUT.
 set -o pipefail
 source bench/device_env.sh

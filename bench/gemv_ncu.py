@@ -43,7 +43,6 @@ def label(cfg: dict) -> str:
 
 def run(manifest_path: str) -> None:
     manifest = []
-    x = None
     for n, k, bits in SHAPES:
         x = mx.random.normal((1, k)).astype(mx.bfloat16)
         nbytes = n * k * bits // 8 + 2 * 2 * n * (k // GS)

@@ -46,68 +46,47 @@ if os.environ.get("GS_SHAPES"):
     SHAPES = [tuple(s) for s in json.loads(os.environ["GS_SHAPES"])]
 
 
-# "impl": "before" runs another version of the scalar GEMV's kernel body (the text of the file GS_BEFORE, e.g. the
-# SOURCE of an earlier commit's kernels/qmm_cuda.py), built under another name, for an A/B in one process.
-_before = None
+# The scalar GEMV build a config names: "impl": "before" = another version of the kernel body (the text of the file
+# GS_BEFORE, e.g. the SOURCE of an earlier commit's kernels/qmm_cuda.py) with the plain header; "defs" = the shipped
+# source with those header lines before the plain header (e.g. launch bounds); otherwise the shipped build
+# (qmm_cuda.header(bits)). With dep, the kernel takes one more input it never reads (GS_CHAIN).
+_built: dict[tuple, object] = {}
 
 
-def before_kernel():
-    global _before
-    if _before is None:
-        with open(os.environ["GS_BEFORE"]) as f:
-            src = f.read()
-        _before = mx.fast.cuda_kernel(name="jang_qgemv_before", input_names=["x", "w", "scales", "biases"],
-                                      output_names=["y"], source=src, header=qmm_cuda.HEADER)
-    return _before
-
-
-# "defs": header lines put before kernels/cuda_common.HEADER (e.g. `#define JANG_L2D 2`), one kernel per text.
-_defs: dict[str, object] = {}
-
-
-def defs_kernel(defs: str):
-    if defs not in _defs:
-        _defs[defs] = mx.fast.cuda_kernel(name=f"jang_qgemv_d{len(_defs)}", input_names=["x", "w", "scales", "biases"],
-                                          output_names=["y"], source=qmm_cuda.SOURCE, header=defs + qmm_cuda.HEADER)
-    return _defs[defs]
+def variant_kernel(cfg: dict, bits: int, dep: bool = False):
+    if cfg.get("impl") == "before":
+        key = ("before", qmm_cuda.HEADER, dep)
+    else:
+        key = ("now", cfg["defs"] + qmm_cuda.HEADER if "defs" in cfg else qmm_cuda.header(bits), dep)
+    if key not in _built:
+        src = open(os.environ["GS_BEFORE"]).read() if key[0] == "before" else qmm_cuda.SOURCE
+        _built[key] = mx.fast.cuda_kernel(name=f"jang_qgemv_v{len(_built)}", output_names=["y"], source=src,
+                                          input_names=["x", "w", "scales", "biases"] + (["dep"] if dep else []),
+                                          header=key[1])
+    return _built[key]
 
 
 def gemv(x, w, sc, bi, bits, gs, cfg):
-    if "defs" in cfg:
-        qmm_cuda._override = defs_kernel(cfg["defs"])
-        try:
-            return qmm_cuda.qgemv(x, w, sc, bi, bits, gs, **{k: v for k, v in cfg.items() if k not in ("defs", "tag")})
-        finally:
-            qmm_cuda._override = None
-    if cfg.get("impl") == "before":
-        qmm_cuda._override = before_kernel()
-        try:
-            return qmm_cuda.qgemv(x, w, sc, bi, bits, gs, **{k: v for k, v in cfg.items() if k != "impl"})
-        finally:
-            qmm_cuda._override = None
     if cfg.get("impl") == "tc":
         if not qgemv_tc_cuda.supports(x, w, bits, gs):
             raise ValueError("the tensor-core GEMV does not serve this case")
         return qgemv_tc_cuda.qgemv_tc(x, w, sc, bi, bits, gs, **{k: v for k, v in cfg.items() if k != "impl"})
-    return qmm_cuda.qgemv(x, w, sc, bi, bits, gs, **{k: v for k, v in cfg.items() if k != "impl"})
+    if cfg.get("impl") == "before" or "defs" in cfg:
+        qmm_cuda._override = variant_kernel(cfg, bits)
+    try:
+        return qmm_cuda.qgemv(x, w, sc, bi, bits, gs, **{k: v for k, v in cfg.items()
+                                                         if k not in ("impl", "defs", "tag")})
+    finally:
+        qmm_cuda._override = None
 
 
 # GS_CHAIN=1 also times each config as a chain: call i takes call i-1's output as an extra, unused input, so no two
 # calls run side by side (as in a decode step, where each matrix waits for the one before).
-_chain: dict[tuple, object] = {}
-
-
 def gemv_chain(x, ws, bits, gs, cfg, calls):
     m, k = x.shape
     n = ws[0][0].shape[0]
     d = dict(qmm_cuda.default_config(m, n, k, bits), **{a: b for a, b in cfg.items() if a in ("R", "W", "FAST", "PF")})
-    key = (cfg.get("impl"), cfg.get("defs", ""))
-    if key not in _chain:
-        src = open(os.environ["GS_BEFORE"]).read() if cfg.get("impl") == "before" else qmm_cuda.SOURCE
-        _chain[key] = mx.fast.cuda_kernel(name=f"jang_qgemv_chain{len(_chain)}", output_names=["y"],
-                                          input_names=["x", "w", "scales", "biases", "dep"], source=src,
-                                          header=cfg.get("defs", "") + qmm_cuda.HEADER)
-    kern = _chain[key]
+    kern = variant_kernel(cfg, bits, dep=True)
     blocks = math.ceil(n / (d["R"] * (4 // d["W"])))
     tmpl = [("T", x.dtype), ("S", ws[0][1].dtype), ("BITS", bits), ("GS", gs), ("MM", qmm_cuda.rows_bucket(m)),
             ("R", d["R"]), ("W", d["W"]), ("FAST", bool(d["FAST"])), ("PF", bool(d["PF"]))]
