@@ -84,15 +84,15 @@ class StepMaker:
         self.core.pipeline.resolve()
         batch = self.core.scheduler.schedule()
         r = self.core.runner
-        self.toks, self.pos, self.slots, self.tables, self.ql, self.cl, self.rows, _ = r.prepare(batch.seqs,
-                                                                                                batch.num_new)
+        self.toks, self.pos, self.slots, self.tables, self.ql, self.cl, self.rows, self.aux, _ = r.prepare(
+            batch.seqs, batch.num_new)
         self.pool = r.pool
 
     def step(self, tokens=None):
         """One decode step's lazy graph; returns the argmax token [1] (int32)."""
         toks = self.toks if tokens is None else tokens
-        logits = self.model(toks, self.pos, PagedBackend(self.pool, self.slots, self.tables, self.ql, self.cl),
-                            logits_rows=None)
+        be = PagedBackend(self.pool, self.slots, self.tables, self.ql, self.cl, self.aux)
+        logits = self.model(toks, self.pos, be, logits_rows=None)
         return mx.argmax(logits.astype(mx.float32), axis=-1).astype(mx.int32)
 
 

@@ -128,10 +128,10 @@ def probe_step(model, cfg, nseq, prompt_len, kv_gb) -> dict:
     r = core.runner
     build, run, total = [], [], []
     for _ in range(6):
-        toks, pos, slots, tables, ql, cl, rows, _si = r.prepare(seqs, new)
+        toks, pos, slots, tables, ql, cl, rows, aux, _si = r.prepare(seqs, new)
         mx.synchronize()
         t0 = time.perf_counter()
-        logits = model(toks, pos, PagedBackend(r.pool, slots, tables, ql, cl), logits_rows=mx.array(rows, dtype=mx.int32))
+        logits = model(toks, pos, PagedBackend(r.pool, slots, tables, ql, cl, aux), logits_rows=aux.rows)
         t1 = time.perf_counter()
         mx.eval(mx.argmax(logits, axis=-1), r.pool.arrays())
         t2 = time.perf_counter()

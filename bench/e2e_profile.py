@@ -95,15 +95,14 @@ def run(args):
                 core.step()
             batch = core.scheduler.schedule()
             r = core.runner
-            toks, pos, slots, tables, ql, cl, rows, _ = r.prepare(batch.seqs, batch.num_new)
+            toks, pos, slots, tables, ql, cl, rows, aux, _ = r.prepare(batch.seqs, batch.num_new)
             tag = (1 if name == "ours-jang4m" else 2) * 1000 + nseq
             mx.eval(mark(tag))
             mx.synchronize()
             start()
             mx.eval(mark(tag))
             t = time.perf_counter()
-            logits = model(toks, pos, PagedBackend(r.pool, slots, tables, ql, cl),
-                           logits_rows=mx.array(rows, dtype=mx.int32))
+            logits = model(toks, pos, PagedBackend(r.pool, slots, tables, ql, cl, aux), logits_rows=aux.rows)
             mx.eval(mx.argmax(logits, axis=-1), r.pool.arrays())
             mx.synchronize()
             stop()

@@ -100,7 +100,7 @@ class DecodePipeline:
         device tokens where a sequence holds a placeholder."""
         runner = self.core.runner
         # the runner's flat batch (positions, slots, block tables); placeholder rows hold PLACEHOLDER
-        host, positions, slots, tables, qlens, clens, _, _ = runner.prepare(seqs, [1] * len(seqs))
+        host, positions, slots, tables, qlens, clens, _, aux, _ = runner.prepare(seqs, [1] * len(seqs))
         src = [self.rows.get(seq.seq_id, -1) for seq in seqs]
         if self.tokens is None or all(r < 0 for r in src):
             tokens = host
@@ -110,7 +110,7 @@ class DecodePipeline:
             n = self.tokens.shape[0]
             both = mx.concatenate([self.tokens, host])
             tokens = both[mx.array([r if r >= 0 else n + i for i, r in enumerate(src)], dtype=mx.int32)]
-        backend = PagedBackend(self.core.pool, slots, tables, qlens, clens)
+        backend = PagedBackend(self.core.pool, slots, tables, qlens, clens, aux)
         logits = runner.model(tokens, positions, backend, logits_rows=None)
         return logits.astype(mx.float32)
 

@@ -12,6 +12,7 @@ import mlx.core as mx
 from .kv_pool import KVPool
 from .paged_attention import PagedBackend
 from .sequence import Sequence
+from .step_arrays import step_inputs
 
 
 def table_width(blocks: int) -> int:
@@ -29,7 +30,8 @@ class ModelRunner:
 
     def prepare(self, seqs: list[Sequence], num_new: list[int]):
         """The flat batch: tokens, positions, slots, block tables [B, table_width(...)], the query and
-        context lengths, the rows to sample and their sequences' indices."""
+        context lengths, the rows to sample, the step's other arrays (StepAux) and the sampled sequences'
+        indices. The arrays are views of one device array (engine/step_arrays.py)."""
         bs = self.pool.block_size
         tokens, positions, slots, query_lens, context_lens, rows, sample_idx = [], [], [], [], [], [], []
         for i, (seq, n) in enumerate(zip(seqs, num_new)):
@@ -45,9 +47,8 @@ class ModelRunner:
                 sample_idx.append(i)
         width = table_width(max(len(s.block_table) for s in seqs))
         tables = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
-        return (mx.array(tokens, dtype=mx.int32), mx.array(positions, dtype=mx.int32),
-                mx.array(slots, dtype=mx.int32), mx.array(tables, dtype=mx.int32),
-                query_lens, context_lens, rows, sample_idx)
+        tok, pos, slot, tab, aux = step_inputs(tokens, positions, slots, tables, context_lens, rows, bs)
+        return tok, pos, slot, tab, query_lens, context_lens, rows, aux, sample_idx
 
     def run(self, seqs: list[Sequence], num_new: list[int]) -> tuple[mx.array | None, list[int]]:
         """Compute the step. Returns (logits [S, V] float32 for the sampled sequences, their indices
@@ -58,13 +59,14 @@ class ModelRunner:
         *flat, sample_idx = self.prepare(seqs_o, new_o)
         return self.execute(*flat), [order[i] for i in sample_idx]
 
-    def execute(self, tokens, positions, slots, tables, qlens, clens, rows) -> mx.array | None:
+    def execute(self, tokens, positions, slots, tables, qlens, clens, rows, aux=None) -> mx.array | None:
         """The model call on a prepared flat batch (tensor-parallel followers replay rank 0's
-        batches through this same function, so every rank evaluates the same collectives)."""
-        backend = PagedBackend(self.pool, slots, tables, qlens, clens)
+        batches through this same function, without `aux`, so every rank evaluates the same collectives)."""
+        backend = PagedBackend(self.pool, slots, tables, qlens, clens, aux)
         logits = None
         if rows:
-            logits = self.model(tokens, positions, backend, logits_rows=mx.array(rows, dtype=mx.int32))
+            lrows = aux.rows if aux is not None else mx.array(rows, dtype=mx.int32)
+            logits = self.model(tokens, positions, backend, logits_rows=lrows)
             logits = logits.astype(mx.float32)
             mx.eval(logits, self.pool.arrays())
         else:

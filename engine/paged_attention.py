@@ -144,13 +144,16 @@ class PagedBackend:
     (engine/kv_transform.py), q/k/v go through that exact change of basis first."""
 
     def __init__(self, pool, slot_mapping: mx.array, block_tables: mx.array, query_lens: list[int],
-                 context_lens: list[int]):
+                 context_lens: list[int], aux=None):
+        """aux: the step's context lengths and (block, offset) slots as arrays (engine/step_arrays.StepAux),
+        else made here."""
         self.pool = pool
         self.layout = StepLayout(list(query_lens), list(context_lens))
-        self.context_lens_arr = mx.array(self.layout.context_lens, dtype=mx.int32)  # once per step, not per layer
+        # once per step, not per layer
+        self.context_lens_arr = aux.lens if aux is not None else mx.array(self.layout.context_lens, dtype=mx.int32)
         self.slot_mapping, self.block_tables = slot_mapping, block_tables
         self.decode_only = bool(query_lens) and all(n == 1 for n in self.layout.query_lens)
-        self._slots = None
+        self._slots = (aux.blocks, aux.offsets) if aux is not None else None
         self._plans: dict = {}
         self._prefill_plans: dict = {}  # padded prefill layouts of this step (or None: one by one), all layers
         self.batch_prefill = not self.decode_only and padded_prefill_enabled()

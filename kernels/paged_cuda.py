@@ -99,9 +99,7 @@ def plan(q, k_pool, block_tables, context_lens, scale, window, bits, kv_group):
         span = min(span, window)
     part = occupancy_part(pick_part(G, D, bits < 16), B, hkv, span)
     nparts = max(1, math.ceil(span / part))
-    scale_arr = _scales.get(scale)
-    if scale_arr is None:
-        scale_arr = _scales[scale] = mx.array([scale], dtype=mx.float32)
+    scale_arr = _scale_array(scale)
     tables, lens = block_tables.astype(mx.int32), context_lens.astype(mx.int32)
     tmpl = [("T", q.dtype), ("BITS", bits), ("KG", kv_group if bits < 16 else 32), ("D", D), ("G", G),
             ("PART", part), ("WINDOW", int(window or 0))]
@@ -140,8 +138,9 @@ def _use_v2(d: int, g: int, bits: int, impl: str | None) -> bool:
 
 def _scale_array(scale):
     arr = _scales.get(scale)
-    if arr is None:  # one small array per scale value, not one per call
-        arr = _scales[scale] = mx.array([scale], dtype=mx.float32)
+    if arr is None:  # one array per scale value, not one per call; a view of 16 bytes: MLX keeps arrays of
+        # <= 8 bytes in a managed pool that kernels read slowly (engine/step_arrays.py)
+        arr = _scales[scale] = mx.array([scale, 0.0, 0.0, 0.0], dtype=mx.float32)[:1]
     return arr
 
 
@@ -178,9 +177,7 @@ def paged_decode(q, k_pool, v_pool, block_tables, context_lens, scale, window, b
         span = min(span, window)
     part = part or occupancy_part(pick_part(G, D, bits < 16), B, hkv, span)
     nparts = max(1, math.ceil(span / part))
-    scale_arr = _scales.get(scale)
-    if scale_arr is None:  # one small array per scale value, not one per call
-        scale_arr = _scales[scale] = mx.array([scale], dtype=mx.float32)
+    scale_arr = _scale_array(scale)
     tables = block_tables.astype(mx.int32)
     lens = context_lens.astype(mx.int32)
     tmpl = [("T", q.dtype), ("BITS", bits), ("KG", kv_group if bits < 16 else 32), ("D", D), ("G", G),

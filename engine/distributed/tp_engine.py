@@ -69,7 +69,7 @@ class TPRunner(ModelRunner):
 
     def prepare(self, seqs, num_new):
         out = super().prepare(seqs, num_new)
-        tokens, positions, slots, tables, qlens, clens, rows, _ = out
+        tokens, positions, slots, tables, qlens, clens, rows, _, _ = out
         plan = StepPlan(np.array(tokens).tolist(), np.array(positions).tolist(), np.array(slots).tolist(),
                         np.array(tables), list(qlens), list(clens), list(rows), self._copies)
         self.followers.wake()
