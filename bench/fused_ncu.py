@@ -62,7 +62,8 @@ def run(manifest_path: str) -> None:
             tag = f"{mode}" + ("" if w is None else f",W={w}")
             for i in range(LAUNCHES + 1):
                 mx.eval(launch(mode, x, *ws[i], bits, nw, res, pos, inv))
-                manifest.append(dict(n=n, k=k, bits=bits, variant=tag, bytes=nbytes, **({"warm": True} if i == 0 else {})))
+                warm = {"warm": True} if i == 0 else {}
+                manifest.append(dict(n=n, k=k, bits=bits, variant=tag, bytes=nbytes, **warm))
         qmm_cuda.default_config = base_cfg
         for i in range(LAUNCHES):
             mx.eval(read(buf, 132 * 8, 4, False))

@@ -108,7 +108,8 @@ def main():
                 f = make(how)
                 for i in range(4):
                     mx.eval(f())
-                    manifest.append(dict(n=0, k=0, bits=0, variant=f"{name} {how}", bytes=1, **({"warm": True} if i == 0 else {})))
+                    warm = {"warm": True} if i == 0 else {}
+                    manifest.append(dict(n=0, k=0, bits=0, variant=f"{name} {how}", bytes=1, **warm))
         json.dump(manifest, open(path, "w"))
         return 0
     res = dict(benchmark="small_pool", mlx=mx.__version__, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
