@@ -139,7 +139,7 @@ def _use_v2(d: int, g: int, bits: int, impl: str | None) -> bool:
 def _scale_array(scale):
     arr = _scales.get(scale)
     if arr is None:  # one array per scale value, not one per call; a view of 16 bytes: MLX keeps arrays of
-        # <= 8 bytes in a managed pool that kernels read slowly (engine/step_arrays.py)
+        # <= 8 bytes in a managed pool that kernels read slowly (bench/results/small-pool-h100.json)
         arr = _scales[scale] = mx.array([scale, 0.0, 0.0, 0.0], dtype=mx.float32)[:1]
     return arr
 
