@@ -8,8 +8,7 @@ epilogue, the row mapping) costs time at the engine's one-row shapes.
 
 FN_CASES (JSON list of [N, K, bits, mode]; mode in plain, norm, rope, norm+rope, residual, norm+swiglu) and
 FN_W (JSON list of W values; [] = the default config) choose the work; each case is launched FN_LAUNCHES times
-(default 2) with fresh weights. FN_BULK (JSON list of stages, default [0]) also runs each case with the bulk-copy
-build (kernels/qgemv_source.py JANG_BULK; its self-test skipped here, parity is bench/kernels_gemv_sweep.py's).
+(default 2) with fresh weights.
 """
 
 from __future__ import annotations
@@ -29,7 +28,6 @@ from jang_serve.kernels.qmm_fused import _qgemv_rope, qgemv_fused, rope_inv_freq
 CASES = json.loads(os.environ.get("FN_CASES", '[[6144, 4096, 8, "plain"], [6144, 4096, 8, "norm"], '
                                   '[6144, 4096, 8, "rope"], [6144, 4096, 8, "norm+rope"]]'))
 WS = json.loads(os.environ.get("FN_W", "[]"))
-BULK = json.loads(os.environ.get("FN_BULK", "[0]"))
 LAUNCHES = int(os.environ.get("FN_LAUNCHES", "2"))
 GS, HD, NH, NKV = 64, 128, 32, 8
 
@@ -58,17 +56,14 @@ def run(manifest_path: str) -> None:
         buf = mx.random.randint(0, 2**31, (nbytes // 64 * 16,)).astype(mx.uint32)
         ws = [qweights(n, k, bits, GS) for _ in range(LAUNCHES + 1)]
         mx.eval(x, nw, res, pos, inv, buf, ws)
-        for (w, stages) in [(w, b) for w in WS or [None] for b in BULK]:
+        for w in WS or [None]:
             qmm_cuda.default_config = base_cfg if w is None else \
                 (lambda *a, w=w: dict(base_cfg(*a), W=w))
-            os.environ["JANG_GEMV_BULK"] = str(stages)
-            qmm_cuda._bulk_checked[(mx.bfloat16, mx.bfloat16, bits, GS)] = True   # no self-test launches here
-            tag = f"{mode}" + ("" if w is None else f",W={w}") + (f",bulk={stages}" if stages else "")
+            tag = f"{mode}" + ("" if w is None else f",W={w}")
             for i in range(LAUNCHES + 1):
                 mx.eval(launch(mode, x, *ws[i], bits, nw, res, pos, inv))
                 warm = {"warm": True} if i == 0 else {}
                 manifest.append(dict(n=n, k=k, bits=bits, variant=tag, bytes=nbytes, **warm))
-        os.environ["JANG_GEMV_BULK"] = "0"
         qmm_cuda.default_config = base_cfg
         for i in range(LAUNCHES):
             mx.eval(read(buf, 132 * 8, 4, False))

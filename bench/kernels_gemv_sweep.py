@@ -9,8 +9,7 @@ tensor-core GEMV (kernels/qgemv_tc_cuda.py, its TT / NWARP / U / PIPE) instead o
 PF / FAST). GS_SHAPES (JSON list of [N, K, bits, what]) replaces the shapes; GS_ROWS sets the
 activation rows (default 1). A config with "impl": "before" runs the scalar kernel body read from the file
 GS_BEFORE (e.g. an earlier commit's qmm_cuda.SOURCE) instead, for an A/B in one process; one with "defs" builds
-the kernel with those header lines first (its "tag" names it in the results); one with "bulk": S runs the bulk-copy
-build with S stages (kernels/qgemv_source.py JANG_BULK), queued and in the GS_CHAIN chains.
+the kernel with those header lines first (its "tag" names it in the results).
 
 Method as bench/kernels_bench.py (BENCHMARKING.md): 100 calls queued, one eval, median of 5,
 weights rotated over > 8x the L2; bandwidth = (packed weights + scales + biases + x + y) / time
@@ -87,11 +86,7 @@ def gemv_chain(x, ws, bits, gs, cfg, calls):
     m, k = x.shape
     n = ws[0][0].shape[0]
     d = dict(qmm_cuda.default_config(m, n, k, bits), **{a: b for a, b in cfg.items() if a in ("R", "W", "FAST", "PF")})
-    d["PF"] = bool(d["PF"]) and not cfg.get("bulk")
     kern = variant_kernel(cfg, bits, dep=True)
-    if cfg.get("bulk"):   # the bulk-copy build (kernels/qgemv_source.py JANG_BULK), with the unused input
-        smem = qmm_cuda.bulk_smem(k, bits, gs, ws[0][1].dtype.size, d["R"], d["W"], cfg["bulk"])
-        kern = qmm_cuda.bulk_kernel(cfg["bulk"], smem, names=("x", "w", "scales", "biases", "dep"))
     blocks = math.ceil(n / (d["R"] * (4 // d["W"])))
     tmpl = [("T", x.dtype), ("S", ws[0][1].dtype), ("BITS", bits), ("GS", gs), ("MM", qmm_cuda.rows_bucket(m)),
             ("R", d["R"]), ("W", d["W"]), ("FAST", bool(d["FAST"])), ("PF", bool(d["PF"]))]

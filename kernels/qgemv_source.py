@@ -1,48 +1,12 @@
 """The CUDA text of the fused dequant + GEMV (kernels/qmm_cuda.py builds and launches it; the fused
 variants of kernels/qmm_fused.py and the Metal twin's port read it too). The algorithm and its
-measurements: kernels/qmm.md and kernels/qmm_cuda.py's docstring.
-
-JANG_BULK (a header define, Hopper and later, 2/4/8 bits): the packed weights, scales and biases of a team's
-next JANG_BULK iterations are in flight as bulk copies (cp.async.bulk, the TMA engine, completion counted on an
-mbarrier per stage) into shared memory, instead of each thread's 16-byte loads into registers: the bytes in
-flight no longer depend on registers or on when a warp is between its loads and its arithmetic. Each
-iteration reads its stage into registers, frees it (team barrier), issues the copy of iteration i + JANG_BULK
-into it, then runs the same arithmetic. Dynamic shared memory: 128 bytes of barriers, then per team
-JANG_BULK stages of R rows x (weights, scales, biases) (`bulk_smem`).
-"""
-
-BULK_HEADER = r"""
-namespace jang {   // after cuda_common.HEADER (smem_u32)
-__device__ __forceinline__ void mbar_init(uint64_t* b, uint32_t n) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(smem_u32(b)), "r"(n) : "memory");
-}
-__device__ __forceinline__ void mbar_init_fence() { asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory"); }
-__device__ __forceinline__ void mbar_expect(uint64_t* b, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(smem_u32(b)), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint64_t* b, uint32_t parity) {
-  uint32_t done;
-  do {
-    asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-                 " selp.u32 %0, 1, 0, p;\n}" : "=r"(done) : "r"(smem_u32(b)), "r"(parity) : "memory");
-  } while (!done);
-}
-// bytes (a multiple of 16; both addresses 16-byte aligned) from global src to shared dst, counted on b.
-__device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t bytes, uint64_t* b) {
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-               :: "r"(smem_u32(dst)), "l"(src), "r"(bytes), "r"(smem_u32(b)) : "memory");
-}
-}  // namespace jang
-"""
+measurements: kernels/qmm.md and kernels/qmm_cuda.py's docstring."""
 
 SOURCE = r"""
   // Fused variants (kernels/qmm_fused.py) define these in their header; the plain GEMV has neither.
 #ifndef JANG_EPI
 #define JANG_EPI 0      // output: 0 plain, 1 plus residual `res`, 2 silu(gate) * up of row pairs,
 #endif                  // 3 RoPE (JANG_HD head dim, first JANG_NROT heads rotated by rpos * rfreq)
-#ifndef JANG_BULK
-#define JANG_BULK 0     // > 0: stages of bulk copies into shared memory (see the module docstring)
-#endif
 #ifndef JANG_NORM
 #define JANG_NORM 0     // 1: x is RMS-normalised with weight `nw` (and JANG_EPS) on the fly
 #endif
@@ -240,72 +204,6 @@ SOURCE = r"""
     }
   };
 
-#if JANG_BULK
-  {
-    // Bulk copies into shared memory (see the module docstring): a stage holds one iteration of the team's
-    // R rows: weights [R][WB], then scales [R][SB] and biases [R][SB].
-    constexpr int STG = JANG_BULK;
-    constexpr int WB = TPT * 16;                            // packed bytes of a row per iteration
-    constexpr int GPI = TPT * VALS / GS;                    // groups of a row per iteration
-    constexpr int SB = GPI * (int)sizeof(S);
-    constexpr int STAGE = R * (WB + 2 * SB);
-    static_assert(POW2 && WORDS == 4 && WB % 16 == 0 && SB % 16 == 0 && (TPT * VALS) % GS == 0, "bulk layout");
-    extern __shared__ __align__(128) unsigned char jang_smem[];
-    uint64_t* bar = reinterpret_cast<uint64_t*>(jang_smem) + team * STG;
-    unsigned char* data = jang_smem + 128 + team * STG * STAGE;
-    const int iters = units / TPT;                          // the host routes here only when TPT divides units
-    if (t == 0) {
-      for (int s = 0; s < STG; ++s) jang::mbar_init(bar + s, 1);
-      jang::mbar_init_fence();
-    }
-    __syncthreads();
-    auto issue = [&](int i) {                               // by the team's first warp
-      const int s = i % STG;
-      unsigned char* d = data + s * STAGE;
-      if (t == 0) jang::mbar_expect(bar + s, STAGE);
-      __syncwarp();
-#pragma unroll
-      for (int r = 0; r < R; ++r)
-        if (t == r) {
-          jang::bulk_copy(d + r * WB, wrow[r] + (size_t)i * TPT * WORDS, WB, bar + s);
-          jang::bulk_copy(d + R * WB + r * SB, srow[r] + (size_t)i * GPI, SB, bar + s);
-          jang::bulk_copy(d + R * (WB + SB) + r * SB, brow[r] + (size_t)i * GPI, SB, bar + s);
-        }
-    };
-    if (t < 32)
-      for (int i = 0; i < STG && i < iters; ++i) issue(i);
-    const int gl = (t * VALS) / GS;                         // this thread's first group within an iteration
-    for (int i = 0; i < iters; ++i) {
-      const int s = i % STG;
-      jang::mbar_wait(bar + s, (uint32_t)(i / STG) & 1u);
-      const unsigned char* d = data + s * STAGE;
-      uint32_t wv[R][WORDS], sc[R][NG], bi[R][NG];
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        const uint4 v = *reinterpret_cast<const uint4*>(d + r * WB + t * 16);
-        wv[r][0] = v.x; wv[r][1] = v.y; wv[r][2] = v.z; wv[r][3] = v.w;
-        const S* sp = reinterpret_cast<const S*>(d + R * WB + r * SB) + gl;
-        const S* bp = reinterpret_cast<const S*>(d + R * (WB + SB) + r * SB) + gl;
-#pragma unroll
-        for (int gi = 0; gi < NG; ++gi) {
-          uint32_t sv, bv;
-          if constexpr (sizeof(S) == 4) {
-            sv = reinterpret_cast<const uint32_t*>(sp)[gi]; bv = reinterpret_cast<const uint32_t*>(bp)[gi];
-          } else {
-            sv = reinterpret_cast<const unsigned short*>(sp)[gi]; bv = reinterpret_cast<const unsigned short*>(bp)[gi];
-          }
-          sc[r][gi] = PACK ? sv | bv << 16 : sv;
-          bi[r][gi] = bv;
-        }
-      }
-      // every thread of the team holds its share: the stage is free for iteration i + STG
-      if constexpr (W == 1) __syncwarp();
-      else asm volatile("bar.sync %0, %1;" :: "r"(1 + team), "r"(TPT) : "memory");
-      if (t < 32 && i + STG < iters) issue(i + STG);
-      compute_unit(i * TPT + t, wv, sc, bi);
-    }
-  }
-#else
   if constexpr (PF) {
     // Software pipeline: the next unit's loads are in flight while this one computes.
     uint32_t wa[R][WORDS], wb[R][WORDS];
@@ -330,7 +228,6 @@ SOURCE = r"""
       compute_unit(u, wv, sc, bi);
     }
   }
-#endif
 
   // 3. reduce: across the warp, then across the W warps of the team.
 #pragma unroll

@@ -212,7 +212,7 @@ def gemv_plan(m: int, x, w, scales, bits: int, group_size: int):
     if kind == "tc" and qgemv_tc_cuda.ready(x.dtype, scales.dtype, bits, group_size, m, n, k):
         return qgemv_tc_cuda.plan(m, n, k, x.dtype, bits, group_size)
     if m <= GEMV_ROWS and qmm_cuda.supports(x, w, bits, group_size):
-        return qmm_cuda.plan(m, n, k, x.dtype, bits, group_size, scales.dtype)
+        return qmm_cuda.plan(m, n, k, x.dtype, bits, group_size)
     return None
 
 

@@ -31,15 +31,12 @@ longer-lived registers within 128. A scale and its bias travel as raw bits in on
 
 from __future__ import annotations
 
-import hashlib
-import logging
 import math
-import os
 
 import mlx.core as mx
 
-from .cuda_common import HEADER, launch_bounds, launch_smem
-from .qgemv_source import BULK_HEADER, SOURCE  # SOURCE re-exported: the fused variants and the benches read it
+from .cuda_common import HEADER, launch_bounds
+from .qgemv_source import SOURCE  # re-exported: the fused variants and the benches read it
 
 
 def fused_variant(epi: int, norm: bool, eps: float, rope: tuple[int, int] | None) -> tuple[str, list[str]]:
@@ -117,9 +114,8 @@ def supports(x: mx.array, w: mx.array, bits: int, group_size: int) -> bool:
 
 def qgemv(x2d: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: int,
           group_size: int, R: int | None = None, W: int | None = None, FAST: bool | None = None,
-          PF: bool | None = None, bulk: int | None = None) -> mx.array:
-    """x2d: [M<=8, K]; returns [M, N] in x's dtype. bulk: stages of the bulk-copy build (0 off; None: the default,
-    after its self-test)."""
+          PF: bool | None = None) -> mx.array:
+    """x2d: [M<=8, K]; returns [M, N] in x's dtype."""
     m, k = x2d.shape
     n = w.shape[0]
     cfg = default_config(m, n, k, bits)
@@ -129,7 +125,7 @@ def qgemv(x2d: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: 
     PF = cfg["PF"] if PF is None else PF
     teams = 4 // W
     blocks = math.ceil(n / (R * teams))
-    return gemv_kernel(k, bits, group_size, x2d.dtype, scales.dtype, R, W, PF=bool(PF), bulk=bulk)(
+    return kernel(bits)(
         inputs=[x2d, w, scales, biases],
         template=[("T", x2d.dtype), ("S", scales.dtype), ("BITS", bits), ("GS", group_size),
                   ("MM", rows_bucket(m)), ("R", R), ("W", W), ("FAST", bool(FAST)), ("PF", bool(PF))],
@@ -140,96 +136,12 @@ def qgemv(x2d: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: 
     )[0]
 
 
-def plan(m: int, n: int, k: int, dtype, bits: int, group_size: int, sdtype=None):
+def plan(m: int, n: int, k: int, dtype, bits: int, group_size: int):
     """A callable f(x2d, w, scales, biases) -> y with the launch arguments of this shape computed once."""
     cfg = default_config(m, n, k, bits)
     blocks = math.ceil(n / (cfg["R"] * (4 // cfg["W"])))
-    kern = gemv_kernel(k, bits, group_size, dtype, sdtype or dtype, cfg["R"], cfg["W"])
-    grid, tg, shp, odt = (blocks * THREADS, 1, 1), (THREADS, 1, 1), [(m, n)], [dtype]
+    kern, grid, tg, shp, odt = kernel(bits), (blocks * THREADS, 1, 1), (THREADS, 1, 1), [(m, n)], [dtype]
     fixed = [("BITS", bits), ("GS", group_size), ("MM", rows_bucket(m)), ("R", cfg["R"]), ("W", cfg["W"]),
              ("FAST", bool(cfg["FAST"])), ("PF", bool(cfg["PF"]))]
     return lambda x2d, w, sc, bi: kern(inputs=[x2d, w, sc, bi], template=[("T", dtype), ("S", sc.dtype)] + fixed,
                                        grid=grid, threadgroup=tg, output_shapes=shp, output_dtypes=odt)[0]
-
-
-# --- the bulk-copy build (JANG_BULK, kernels/qgemv_source.py): Hopper's TMA engine stages the weights ---------
-BULK_STAGES = 0       # default stages (0: off) until measured on the device; JANG_GEMV_BULK overrides
-_bulk_kernels: dict = {}
-_bulk_checked: dict = {}
-log = logging.getLogger("jang_serve.kernels")
-
-
-def bulk_stages() -> int:
-    v = os.environ.get("JANG_GEMV_BULK", "").strip()
-    return int(v) if v.isdigit() else BULK_STAGES
-
-
-def bulk_smem(k: int, bits: int, group_size: int, ssize: int, R: int, W: int, stages: int) -> int | None:
-    """Dynamic shared memory of the bulk build, or None where its layout does not fit this shape: 2/4/8 bits,
-    whole iterations (32*W units of 16 bytes per row), 16-byte scale slices and scale rows."""
-    if bits not in BOUNDED_BITS or stages < 1:
-        return None
-    tpt, vals = 32 * W, 128 // bits
-    gpi = tpt * vals // group_size
-    units = k // vals
-    if (tpt * vals) % group_size or (gpi * ssize) % 16 or units % tpt or (k // group_size * ssize) % 16:
-        return None
-    nbytes = 128 + (4 // W) * stages * R * (tpt * 16 + 2 * gpi * ssize)
-    return nbytes if nbytes <= 227 * 1024 else None
-
-
-def bulk_kernel(stages: int, smem: int, defines: str = "", names=("x", "w", "scales", "biases")):
-    """The kernel object of a bulk build (one per header and shared-memory size: MLX fixes both per object)."""
-    key = (stages, smem, defines, tuple(names))
-    if key not in _bulk_kernels:
-        tag = hashlib.sha1(defines.encode()).hexdigest()[:8]
-        _bulk_kernels[key] = mx.fast.cuda_kernel(
-            name=f"jang_qgemv_b{stages}_{smem}_{tag}", input_names=list(names), output_names=["y"], source=SOURCE,
-            header=defines + f"#define JANG_BULK {stages}\n" + GEMV_HEADER + BULK_HEADER,
-            shared_memory=launch_smem(smem))
-    return _bulk_kernels[key]
-
-
-def bulk_ready(dtype, sdtype, bits: int, group_size: int) -> bool:
-    """First use of (dtype, scale dtype, bits, group): the bulk build against the plain one on a small matrix
-    (two iterations, a partial row block); a compile or launch error (not a Hopper GPU) or a mismatch turns
-    it off, logged."""
-    key = (dtype, sdtype, bits, group_size)
-    if key not in _bulk_checked:
-        try:
-            k = 128 * (128 // bits) * 2          # 2 iterations of a 4-warp team, 8 of a one-warp team
-            n = 72                                # a partial block of rows
-            kw = mx.random.bits((n, k * bits // 32), key=mx.random.key(1))
-            sc = (mx.random.uniform(0.5, 1.5, (n, k // group_size), key=mx.random.key(2)) * 0.01).astype(sdtype)
-            bi = (mx.random.normal((n, k // group_size), key=mx.random.key(3)) * 0.05).astype(sdtype)
-            x = mx.random.normal((1, k), key=mx.random.key(4)).astype(dtype)
-            ok, why = True, "no layout fits"
-            for w in (1, 2, 4):
-                if bulk_smem(k, bits, group_size, sdtype.size, 8, w, 2) is None:
-                    continue
-                got, want = (qgemv(x, kw, sc, bi, bits, group_size, R=8, W=w, bulk=b).astype(mx.float32)
-                             for b in (2, 0))
-                err = (mx.abs(got - want).max() / mx.maximum(mx.abs(want).max(), 1e-6)).item()
-                why = f"W={w}: max error {err:.2e} of the output's scale"
-                if not err < 1e-3:
-                    ok = False
-                    break
-        except Exception as e:  # not a Hopper GPU, no NVRTC support for the bulk copies: the plain build serves
-            ok, why = False, f"{type(e).__name__}: {str(e)[:300]}"
-        if not ok:
-            log.warning("kernels: cuda bulk-copy GEMV %s disabled (%s)", key, why)
-        _bulk_checked[key] = ok
-    return _bulk_checked[key]
-
-
-def gemv_kernel(k: int, bits: int, group_size: int, dtype, sdtype, R: int, W: int, defines: str = "",
-                names=("x", "w", "scales", "biases"), PF: bool = False, bulk: int | None = None):
-    """The kernel object for this shape: the bulk build where it is on, fits and passed its self-test; else the
-    plain `kernel(bits)`, or None for a fused variant (`defines`), whose caller then uses its own object."""
-    stages = bulk_stages() if bulk is None else bulk
-    smem = None if PF or not stages else bulk_smem(k, bits, group_size, sdtype.size, R, W, stages)
-    if smem is not None and (bulk is not None or bulk_ready(dtype, sdtype, bits, group_size)):
-        return bulk_kernel(stages, smem, defines, names)
-    if bulk and not PF and smem is None:
-        raise ValueError(f"the bulk-copy GEMV does not fit K={k}, {bits} bits, group {group_size}, W={W}")
-    return None if defines else kernel(bits)

@@ -83,14 +83,8 @@ def kernel_supported(x, w, bits, group_size, norm_weight, residual, swiglu) -> b
 _kernels: dict = {}
 
 
-def _kernel(bits: int, epi: int, norm: bool, eps: float, rope: tuple[int, int] | None = None, shape=None):
-    """rope: (head_dim, rotated heads) for the RoPE epilogue (epi 3). shape: (K, group, dtype, scale dtype, R, W)
-    to take the bulk-copy build where it serves (qmm_cuda.gemv_kernel)."""
-    if shape is not None:
-        defines, names = qmm_cuda.fused_variant(epi, norm, eps, rope)
-        k = qmm_cuda.gemv_kernel(shape[0], bits, *shape[1:], defines=defines, names=names)
-        if k is not None:
-            return k
+def _kernel(bits: int, epi: int, norm: bool, eps: float, rope: tuple[int, int] | None = None):
+    """rope: (head_dim, rotated heads) for the RoPE epilogue (epi 3)."""
     bounded = bits in qmm_cuda.BOUNDED_BITS
     key = (bounded, epi, norm, float(eps) if norm else None, rope)
     k = _kernels.get(key)
@@ -126,7 +120,7 @@ def qgemv_fused(x2d, w, scales, biases, bits, group_size, norm_weight=None, eps=
     epi = 2 if swiglu else 1 if residual is not None else 0
     inputs = [x2d, w, scales, biases] + ([norm_weight] if norm_weight is not None else []) + \
              ([residual] if residual is not None else [])
-    return _kernel(bits, epi, norm_weight is not None, eps, shape=(k, group_size, x2d.dtype, scales.dtype, r, wv))(
+    return _kernel(bits, epi, norm_weight is not None, eps)(
         inputs=inputs,
         template=[("T", x2d.dtype), ("S", scales.dtype), ("BITS", bits), ("GS", group_size),
                   ("MM", qmm_cuda.rows_bucket(m)), ("R", r), ("W", wv), ("FAST", True), ("PF", False)],
@@ -201,8 +195,7 @@ def _qgemv_rope(x2d, w, scales, biases, bits, group_size, norm_weight, eps, posi
     r, wv = max(2, cfg["R"]), cfg["W"]
     blocks = math.ceil((n // 2) / ((r // 2) * (4 // wv)))
     inputs = [x2d, w, scales, biases] + ([norm_weight] if norm_weight is not None else []) + [positions, inv_freq]
-    return _kernel(bits, 3, norm_weight is not None, eps, (head_dim, nrot),
-                   shape=(k, group_size, x2d.dtype, scales.dtype, r, wv))(
+    return _kernel(bits, 3, norm_weight is not None, eps, (head_dim, nrot))(
         inputs=inputs,
         template=[("T", x2d.dtype), ("S", scales.dtype), ("BITS", bits), ("GS", group_size),
                   ("MM", qmm_cuda.rows_bucket(m)), ("R", r), ("W", wv), ("FAST", True), ("PF", False)],
