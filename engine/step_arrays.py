@@ -7,6 +7,8 @@ the first kernel that reads it; bench/results/small-pool-h100.json). So the host
 int32 inputs (tokens, positions, slots, block tables, context lengths, block ids and offsets of the new
 tokens, the rows that go through lm_head) into one buffer, makes one array of it, and hands out views:
 one migration per step, and no input in the small pool. Views share the buffer; MLX copies nothing.
+On CUDA the buffer's migration is started as soon as it is made (kernels/prefetch.py), while the GPU is still
+busy with the step before, instead of when the step's first kernel touches it.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from typing import NamedTuple
 
 import mlx.core as mx
 import numpy as np
+
+from jang_serve.kernels import prefetch
 
 MIN_ENTRIES = 4      # 16 bytes: past MLX's small-allocation size (8 bytes)
 
@@ -35,6 +39,7 @@ def pack(parts: dict[str, np.ndarray]) -> dict[str, mx.array]:
     if total:
         buf[:total] = np.concatenate(flat)
     arr = mx.array(buf)
+    prefetch.to_gpu(arr)
     out, start = {}, 0
     for (name, a), f in zip(parts.items(), flat):
         out[name] = arr[start:start + f.size].reshape(np.shape(a))
