@@ -91,7 +91,7 @@ def to_gpu(arr: mx.array) -> bool:
         return False
     try:
         if _driver is None:
-            _driver = _Driver(getattr(mx.default_device(), "index", 0) or 0)
+            _driver = _Driver(0)   # MLX uses the first visible GPU (tensor-parallel ranks: CUDA_VISIBLE_DEVICES)
         view = np.asarray(arr)           # MLX's buffer protocol: the array's own (unified) memory, no copy
         ptr = view.__array_interface__["data"][0]
         if not _driver.managed(ptr):
