@@ -3,6 +3,8 @@ the same greedy tokens from a bf16 JANG_4M-like toy model with
 
   base        compiled decode, one compiled call per layer, KV written by scatters
   kv_write    + the in-place KV write kernel (kernels/kv_write.py)
+  qkv_store   + k and v stored by the q/k/v + RoPE GEMV itself (kernels/qkv_store.py; the scalar GEMV's rows)
+for a batch of six prompts and for one prompt alone (batch 1, where the scalar GEMV and the store serve).
 
     python3 bench/decode_checks.py OUT.json
 """
@@ -10,6 +12,7 @@ the same greedy tokens from a bf16 JANG_4M-like toy model with
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -22,7 +25,7 @@ from jang_serve.engine.engine_config import EngineConfig  # noqa: E402
 from jang_serve.engine.engine_core import EngineCore  # noqa: E402
 from jang_serve.engine.models.compiled import compile_blocks  # noqa: E402
 from jang_serve.engine.sampling_params import SamplingParams  # noqa: E402
-from jang_serve.kernels import backend, kv_write  # noqa: E402
+from jang_serve.kernels import backend, kv_write, qkv_store  # noqa: E402
 
 
 def run(model, cfg, prompts, sp):
@@ -40,15 +43,20 @@ def main():
     prompts = E.prompts_for(5, 23, cfg["vocab_size"], 4) + E.prompts_for(1, 70, cfg["vocab_size"], 5)
     sp = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
     res = {}
-    backend.disable("cuda", "kv_write", "decode_checks: base run with scatters")
-    res["base"] = run(model, cfg, prompts, sp)
-    backend._disabled.discard(("cuda", "kv_write"))
-    kv_write._ready = None
-    res["kv_write"] = run(model, cfg, prompts, sp)
-    base = res["base"][0]
-    out = {k: dict(same_tokens=v[0] == base, folded_steps=v[1]) for k, v in res.items()}
+    for batch, ps in (("batch6", prompts), ("batch1", prompts[5:])):
+        os.environ["JANG_QKV_STORE"] = "0"
+        backend.disable("cuda", "kv_write", "decode_checks: base run with scatters")
+        res[f"{batch}/base"] = run(model, cfg, ps, sp)
+        backend._disabled.discard(("cuda", "kv_write"))
+        kv_write._ready = None
+        res[f"{batch}/kv_write"] = run(model, cfg, ps, sp)
+        os.environ["JANG_QKV_STORE"] = "1"
+        res[f"{batch}/qkv_store"] = run(model, cfg, ps, sp)
+    out = {k: dict(same_tokens=v[0] == res[k.split("/")[0] + "/base"][0], folded_steps=v[1]) for k, v in res.items()}
     out["kv_write_ready"] = kv_write.ready()
-    out["ok"] = all(v["same_tokens"] for k, v in out.items() if isinstance(v, dict)) and out["kv_write_ready"]
+    out["qkv_store_verdicts"] = {str(k[1:]): v for k, v in qkv_store._checked.items()}
+    out["ok"] = all(v["same_tokens"] for k, v in out.items() if isinstance(v, dict) and "same_tokens" in v) \
+        and out["kv_write_ready"] and all(qkv_store._checked.values()) and bool(qkv_store._checked)
     print(json.dumps(out), flush=True)
     Path(sys.argv[1]).write_text(json.dumps(out, indent=1) + "\n")
     return 0 if out["ok"] else 1

@@ -88,10 +88,11 @@ def check_qmm():
 def check_fused():
     """The fused GEMV variants of kernels/qmm_fused.py (norm prologue, residual / SwiGLU / RoPE epilogues)."""
     dtypes = dict(x="bfloat16", w="uint32", scales="bfloat16", biases="bfloat16", nw="bfloat16", res="bfloat16",
-                  rpos="int32", rfreq="float32")
+                  rpos="int32", rfreq="float32", kpool="bfloat16", vpool="bfloat16", kvb="int32", kvo="int32")
     cases = [(epi, norm, bits, m, r, w, None) for epi, norm in ((0, True), (1, False), (2, True), (2, False))
              for bits, m, r, w in ((4, 1, 8, 1), (8, 1, 8, 4), (4, 4, 2, 2), (3, 2, 4, 2))]
     cases += [(3, norm, 8, 1, 8, 4, (128, 40)) for norm in (True, False)]
+    cases += [(3, True, bits, 1, 8, w, (128, 40, 32)) for bits, w in ((8, 4), (4, 1))]   # + the KV store
     ok = True
     for epi, norm, bits, m, r, w, rope in cases:
         defines, names = qmm_cuda.fused_variant(epi, norm, 1e-5, rope)

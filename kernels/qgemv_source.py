@@ -255,6 +255,18 @@ SOURCE = r"""
       }
       y[(size_t)m * N + h * JANG_HD + j] = jang::from_f<T>(a);
       y[(size_t)m * N + h * JANG_HD + j + HH] = jang::from_f<T>(b);
+#ifdef JANG_KVW
+      // JANG_KVW q heads come first; the k heads, then the v heads, also go to their pool slot [blk, off] in place
+      // (pools [blocks, block size, kv heads, HD], as kernels/kv_write.py writes them)
+      if (h >= JANG_KVW) {
+        constexpr int NKV = JANG_NROT - JANG_KVW;
+        const int kh = h - JANG_KVW;
+        T* pool = const_cast<T*>(kh < NKV ? kpool : vpool);
+        const size_t dst = (((size_t)kvb[m] * kpool_shape[1] + kvo[m]) * NKV + kh % NKV) * JANG_HD + j;
+        pool[dst] = jang::from_f<T>(a);
+        pool[dst + HH] = jang::from_f<T>(b);
+      }
+#endif
       continue;
 #endif
 #if JANG_EPI == 2

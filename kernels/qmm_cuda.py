@@ -39,16 +39,20 @@ from .cuda_common import HEADER, launch_bounds
 from .qgemv_source import SOURCE  # re-exported: the fused variants and the benches read it
 
 
-def fused_variant(epi: int, norm: bool, eps: float, rope: tuple[int, int] | None) -> tuple[str, list[str]]:
+def fused_variant(epi: int, norm: bool, eps: float, rope: tuple[int, ...] | None) -> tuple[str, list[str]]:
     """The header defines and input names of a fused variant of SOURCE (also used by the Metal twin):
-    epi 0 plain / 1 residual / 2 SwiGLU / 3 RoPE with rope = (head_dim, rotated heads)."""
+    epi 0 plain / 1 residual / 2 SwiGLU / 3 RoPE with rope = (head_dim, rotated heads[, q heads]); with the
+    q head count the k and v rows are also stored into KV pools (kpool, vpool at blocks kvb, offsets kvo)."""
     defines = f"#define JANG_EPI {epi}\n#define JANG_NORM {int(norm)}\n"
     if norm:
         defines += f"#define JANG_EPS {float(eps)!r}f\n"
     if rope:
         defines += f"#define JANG_HD {rope[0]}\n#define JANG_NROT {rope[1]}\n"
+    kvw = bool(rope) and len(rope) > 2
+    if kvw:
+        defines += f"#define JANG_KVW {rope[2]}\n"
     names = ["x", "w", "scales", "biases"] + (["nw"] if norm else []) + (["res"] if epi == 1 else []) + \
-        (["rpos", "rfreq"] if epi == 3 else [])
+        (["rpos", "rfreq"] if epi == 3 else []) + (["kpool", "vpool", "kvb", "kvo"] if kvw else [])
     return defines, names
 
 

@@ -83,14 +83,15 @@ def kernel_supported(x, w, bits, group_size, norm_weight, residual, swiglu) -> b
 _kernels: dict = {}
 
 
-def _kernel(bits: int, epi: int, norm: bool, eps: float, rope: tuple[int, int] | None = None):
-    """rope: (head_dim, rotated heads) for the RoPE epilogue (epi 3)."""
+def _kernel(bits: int, epi: int, norm: bool, eps: float, rope: tuple[int, ...] | None = None):
+    """rope: (head_dim, rotated heads[, q heads: also store k and v into the KV pools]) for the RoPE epilogue."""
     bounded = bits in qmm_cuda.BOUNDED_BITS
     key = (bounded, epi, norm, float(eps) if norm else None, rope)
     k = _kernels.get(key)
     if k is None:
         defines, names = qmm_cuda.fused_variant(epi, norm, eps, rope)
-        tag = f"e{epi}n{int(norm)}{'' if bounded else 'u'}" + (f"_{len(_kernels)}" if norm or rope else "")
+        store = "w" if rope and len(rope) > 2 else ""
+        tag = f"e{epi}n{int(norm)}{store}{'' if bounded else 'u'}" + (f"_{len(_kernels)}" if norm or rope else "")
         k = _kernels[key] = mx.fast.cuda_kernel(name=f"jang_qgemv_fused_{tag}", input_names=names,
                                                 output_names=["y"], source=qmm_cuda.SOURCE,
                                                 header=defines + qmm_cuda.header(bits))
@@ -185,8 +186,11 @@ def qkv_rope(x, w, scales, biases, bits, group_size, *, n_heads, n_kv, head_dim,
     return qk[:, :n_heads], qk[:, n_heads:], y[:, nrot:]
 
 
-def _qgemv_rope(x2d, w, scales, biases, bits, group_size, norm_weight, eps, positions, inv_freq, head_dim, nrot):
-    if _tc(x2d, w, scales, bits, group_size):
+def _qgemv_rope(x2d, w, scales, biases, bits, group_size, norm_weight, eps, positions, inv_freq, head_dim, nrot,
+                store=None):
+    """store: (k_pool, v_pool, blocks, offsets, q heads) to also write k and v into the pools (kernels/qkv_store.py;
+    the scalar kernel only)."""
+    if store is None and _tc(x2d, w, scales, bits, group_size):
         return qgemv_tc_cuda.qgemv_tc(x2d, w, scales, biases, bits, group_size, norm_weight, eps,
                                       rope=(positions, inv_freq, head_dim, nrot))
     m, k = x2d.shape
@@ -194,8 +198,10 @@ def _qgemv_rope(x2d, w, scales, biases, bits, group_size, norm_weight, eps, posi
     cfg = qmm_cuda.default_config(m, n, k, bits)
     r, wv = max(2, cfg["R"]), cfg["W"]
     blocks = math.ceil((n // 2) / ((r // 2) * (4 // wv)))
-    inputs = [x2d, w, scales, biases] + ([norm_weight] if norm_weight is not None else []) + [positions, inv_freq]
-    return _kernel(bits, 3, norm_weight is not None, eps, (head_dim, nrot))(
+    inputs = [x2d, w, scales, biases] + ([norm_weight] if norm_weight is not None else []) + [positions, inv_freq] + \
+        ([] if store is None else list(store[:4]))
+    rope = (head_dim, nrot) if store is None else (head_dim, nrot, store[4])
+    return _kernel(bits, 3, norm_weight is not None, eps, rope)(
         inputs=inputs,
         template=[("T", x2d.dtype), ("S", scales.dtype), ("BITS", bits), ("GS", group_size),
                   ("MM", qmm_cuda.rows_bucket(m)), ("R", r), ("W", wv), ("FAST", True), ("PF", False)],

@@ -28,7 +28,8 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from jang_serve.kernels import paged_attention_decode
+from jang_serve.kernels import paged_attention_decode, qkv_store
+from jang_serve.kernels.qkv_store import qkv_rope_store
 from jang_serve.kernels.qmm_fused import qkv_rope, qmm_fused, rope_inv_freq
 
 from ..paged_attention import write_kv_before
@@ -71,7 +72,20 @@ class CompiledBlock:
                 return _plus(mlp.down_proj, a, h)
             return h + mlp(post_ln(h))
 
-        self.pre_eager, self.post_eager = pre, post
+        def pre_store(x, positions, kv, blk, off, kv_quant):
+            """pre, with the layer's k and v stored into its plain pools by the q/k/v kernel itself where
+            kernels/qkv_store.py serves (after its eager self-test): (q, k, v, stored)."""
+            if norm_qkv and rope_inv is not None and kv_quant is None:
+                q = attn.qkv_fused
+                r = qkv_rope_store(x, q.weight, q.scales, q.biases, q.bits, q.group_size, n_heads=attn.n_heads,
+                                   n_kv=attn.n_kv, head_dim=attn.hd, positions=positions, inv_freq=rope_inv,
+                                   k_pool=kv[0], v_pool=kv[1], blocks=blk, offsets=off, norm_weight=ln.weight,
+                                   eps=ln.eps)
+                if r is not None:
+                    return (*r, True)
+            return (*pre(x, positions), False)
+
+        self.pre_eager, self.post_eager, self.pre_store = pre, post, pre_store
         self.pre, self.post = mx.compile(pre), mx.compile(post)
         self.link = None  # post of this block + pre of the next, one compiled call (set by compile_blocks)
         self.next: CompiledBlock | None = None
@@ -86,9 +100,10 @@ class CompiledBlock:
         a = self.block.self_attn
         nk = 1 if kv_quant is None else 3
 
-        def att(q, k, v, blk, off, tables, lens, *kv):
+        def att(q, k, v, blk, off, tables, lens, *kv, stored=False):
             kp, vp = _pool(kv[:nk]), _pool(kv[nk:])
-            q, kp, vp = write_kv_before(q, kp, vp, k, v, (blk, off), kv_quant)
+            if not stored:   # stored: the q/k/v kernel wrote k and v already (pre_store)
+                q, kp, vp = write_kv_before(q, kp, vp, k, v, (blk, off), kv_quant)
             o = paged_attention_decode(q, kp, vp, tables, lens, a.scale, a.window, kv_quant)
             return (o, *_flat(kp), *_flat(vp))
         return att
@@ -102,18 +117,18 @@ class CompiledBlock:
         fn = self._att.get(key)
         if fn is None:
             if first:
-                pre, att = self.pre_eager, self.attend_eager(kv_quant)
+                pre, att = self.pre_store, self.attend_eager(kv_quant)
 
                 def g(x, positions, blk, off, tables, lens, *kv):
-                    q, k, v = pre(x, positions)
-                    return att(q, k, v, blk, off, tables, lens, *kv)
+                    q, k, v, stored = pre(x, positions, kv, blk, off, kv_quant)
+                    return att(q, k, v, blk, off, tables, lens, *kv, stored=stored)
             else:
-                post, pre, att = self.post_eager, self.next.pre_eager, self.next.attend_eager(kv_quant)
+                post, pre, att = self.post_eager, self.next.pre_store, self.next.attend_eager(kv_quant)
 
                 def g(x, o, positions, blk, off, tables, lens, *kv):
                     h = post(x, o)
-                    q, k, v = pre(h, positions)
-                    return (h, *att(q, k, v, blk, off, tables, lens, *kv))
+                    q, k, v, stored = pre(h, positions, kv, blk, off, kv_quant)
+                    return (h, *att(q, k, v, blk, off, tables, lens, *kv, stored=stored))
             fn = self._att[key] = mx.compile(g)
         return fn
 
@@ -142,6 +157,9 @@ class CompiledBlock:
         else:  # the first call per (tokens, dtype) runs the same halves eagerly: kernels' first-use
             self.seen.add(key)  # work (route choice, self-tests that evaluate arrays) stays out of the trace
             pre, post = self.pre_eager, self.post_eager
+            if self.fused["rope"]:   # the folded steps' q/k/v + KV store (kernels/qkv_store.py)
+                qf = a.qkv_fused
+                qkv_store.ready(x.dtype, qf.bits, qf.group_size, a.n_heads, a.n_kv, a.hd, norm=True)
         q, k, v = pre(x, positions)
         o = attn_backend.attend(a.layer, q, k, v, scale=a.scale, window=a.window)
         return post(x, o)
