@@ -44,14 +44,12 @@ def applies(x, w, scales, bits, group_size, n_heads, n_kv, head_dim, positions, 
             blocks, offsets, norm_weight) -> bool:
     """The kernel can serve this call (shapes, dtypes, backend); `ready` decides whether it may."""
     t = x.shape[0] if x.ndim == 2 else -1
-    return (enabled() and t > 0
-            and head_dim % 2 == 0 and positions.dtype == mx.int32 and inv_freq.shape == (head_dim // 2,)
-            and w.shape[0] == (n_heads + 2 * n_kv) * head_dim
+    return (enabled() and t > 0 and w.shape[0] == (n_heads + 2 * n_kv) * head_dim
             and isinstance(k_pool, mx.array) and isinstance(v_pool, mx.array)
             and k_pool.dtype == v_pool.dtype == x.dtype and k_pool.ndim == 4 and k_pool.shape == v_pool.shape
             and tuple(k_pool.shape[2:]) == (n_kv, head_dim)
             and blocks.dtype == offsets.dtype == mx.int32 and blocks.shape == offsets.shape == (t,)
-            and qmm_fused.kernel_supported(x, w, bits, group_size, norm_weight, None, False)
+            and qmm_fused.rope_kernel_supported(x, w, bits, group_size, head_dim, positions, inv_freq, norm_weight)
             and not qmm_fused._tc(x, w, scales, bits, group_size))
 
 

@@ -170,8 +170,7 @@ def qkv_rope(x, w, scales, biases, bits, group_size, *, n_heads, n_kv, head_dim,
     if w.shape[0] != (n_heads + 2 * n_kv) * head_dim:
         raise ValueError(f"qkv_rope: w has {w.shape[0]} rows, expected {(n_heads + 2 * n_kv) * head_dim}")
     b = _kernel_backend()
-    if (b and x.ndim == 2 and head_dim % 2 == 0 and positions.dtype == mx.int32
-            and inv_freq.shape == (head_dim // 2,) and kernel_supported(x, w, bits, group_size, norm_weight, None, False)):
+    if b and rope_kernel_supported(x, w, bits, group_size, head_dim, positions, inv_freq, norm_weight):
         if b == "cuda":
             y = _qgemv_rope(x, w, scales, biases, bits, group_size, norm_weight, eps, positions,
                             inv_freq, head_dim, nrot)
@@ -184,6 +183,12 @@ def qkv_rope(x, w, scales, biases, bits, group_size, *, n_heads, n_kv, head_dim,
     y = y.reshape(t, n_heads + 2 * n_kv, head_dim)
     qk = rope(y[:, :nrot], positions)
     return qk[:, :n_heads], qk[:, n_heads:], y[:, nrot:]
+
+
+def rope_kernel_supported(x, w, bits, group_size, head_dim, positions, inv_freq, norm_weight) -> bool:
+    """The fused q/k/v + RoPE kernel takes these inputs (2-D x, even head dim, int32 positions, one rate per pair)."""
+    return (x.ndim == 2 and head_dim % 2 == 0 and positions.dtype == mx.int32 and inv_freq.shape == (head_dim // 2,)
+            and kernel_supported(x, w, bits, group_size, norm_weight, None, False))
 
 
 def _qgemv_rope(x2d, w, scales, biases, bits, group_size, norm_weight, eps, positions, inv_freq, head_dim, nrot,
