@@ -73,13 +73,17 @@ def engine_run(model, cfg, steps: int) -> dict:
 class StepMaker:
     """A decoding sequence's step inputs, reused to build step graphs at will (same slot every time)."""
 
-    def __init__(self, model, cfg):
+    def __init__(self, model, cfg, nseq: int = 1):
         self.model = model
-        self.core = EngineCore((model, None, cfg), EngineConfig(kv_memory_gb=2.0, max_num_seqs=8,
+        self.core = EngineCore((model, None, cfg), EngineConfig(kv_memory_gb=2.0, max_num_seqs=max(8, nseq),
                                                                 enable_prefix_caching=False))
         sp = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
-        self.core.add_request("p", E.prompts_for(1, 128, cfg["vocab_size"], 5)[0], sp)
-        for _ in range(6):   # prefill + warm decode steps (compiled blocks traced at batch 1)
+        for i, p in enumerate(E.prompts_for(nseq, 128, cfg["vocab_size"], 5)):
+            self.core.add_request(f"p{i}", p, sp)
+        while any(q.num_computed < q.num_tokens - 1 for q in self.core.scheduler.running
+                  + list(self.core.scheduler.waiting)):
+            self.core.step()   # prefill until every sequence decodes
+        for _ in range(4):   # warm decode steps (compiled blocks traced at this batch)
             self.core.step()
         self.core.pipeline.resolve()
         batch = self.core.scheduler.schedule()
@@ -89,7 +93,7 @@ class StepMaker:
         self.pool = r.pool
 
     def step(self, tokens=None):
-        """One decode step's lazy graph; returns the argmax token [1] (int32)."""
+        """One decode step's lazy graph; returns the argmax tokens [nseq] (int32)."""
         toks = self.toks if tokens is None else tokens
         be = PagedBackend(self.pool, self.slots, self.tables, self.ql, self.cl, self.aux)
         logits = self.model(toks, self.pos, be, logits_rows=None)
@@ -242,6 +246,9 @@ def main():
     ap.add_argument("--engine-only", action="store_true", help="only the engine run (A/B of switches, one process each)")
     ap.add_argument("--dot", default=None, help="write one step's graph (mx.export_to_dot) here")
     ap.add_argument("--profile", type=int, default=0, help="cProfile N step builds (host side) and print the top")
+    ap.add_argument("--nseq", type=int, default=1, help="sequences in the probed step (step/queued/profile)")
+    ap.add_argument("--quant", default="jang4m", help="jang4m, or bf16 (the unquantized model)")
+    ap.add_argument("--step-only", action="store_true", help="only the step probe (+ --profile): no engine run")
     a = ap.parse_args()
     cfg = dict(E.TINY if a.tiny else E.LLAMA3_8B)
     if a.layers:
@@ -254,29 +261,32 @@ def main():
     dtype = mx.bfloat16 if mx.default_device() == mx.gpu else mx.float32
     t = time.perf_counter()
     w = E.random_weights(cfg, dtype)
-    model = E.ours(cfg, w, "jang4m")
+    model = E.ours(cfg, w, None if a.quant == "bf16" else a.quant)
     del w
     res = dict(benchmark="decode_anatomy", device=E.device_name(), mlx=mx.__version__,
                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), commit=os.environ.get("JANG_COMMIT", ""),
                env={k: v for k, v in os.environ.items() if k.startswith(("MLX_", "JANG_"))}, layers=cfg["num_hidden_layers"],
+               quant=a.quant, nseq=a.nseq,
                make_model_s=round(time.perf_counter() - t, 1))
     bw = E.copy_bandwidth(256 if a.tiny else 1024)
     sb = E.step_bytes(model, 160, cfg, 2)
     res["ceiling"] = dict(copy_GBps=round(bw / 1e9, 1), step_bytes=sb, roofline_step_ms=round(1e3 * sb / bw, 3))
     print(json.dumps(res), flush=True)
-    if not a.engine_only:
+    if not (a.engine_only or a.step_only):
         res["node_costs"] = node_costs()
         print("node_costs", res["node_costs"], flush=True)
-    res["engine"] = engine_run(model, cfg, a.steps)
-    print("engine", {k: v for k, v in res["engine"].items() if k != "step_ms"}, flush=True)
+    if not a.step_only:
+        res["engine"] = engine_run(model, cfg, a.steps)
+        print("engine", {k: v for k, v in res["engine"].items() if k != "step_ms"}, flush=True)
     if a.engine_only:
         Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
         return
-    sm = StepMaker(model, cfg)
+    sm = StepMaker(model, cfg, a.nseq)
     res["step"] = step_probe(sm, a.dot)
     print("step", res["step"], flush=True)
-    res["queued"] = queued(sm, a.k)
-    print("queued", res["queued"], flush=True)
+    if not a.step_only:
+        res["queued"] = queued(sm, a.k)
+        print("queued", res["queued"], flush=True)
     if a.profile:
         res["profile_top"] = profile_builds(sm, a.profile)
     Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
