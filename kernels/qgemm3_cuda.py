@@ -325,7 +325,7 @@ def config(m: int, n: int, k: int, bits: int, NT: int | None = None, TM: int | N
     return dict(NT=nt, TM=tm, stages=st, split=s)
 
 
-def _launch(cfg, m, n, dtype, bits, group_size):
+def _launch(cfg, m, n, dtype, bits, group_size, partials: bool = False):
     nt, tm, st, s = cfg["NT"], cfg["TM"], cfg["stages"], cfg["split"]
     kern = kernel(st * stage_bytes(bits, nt, tm))
     grid = (-(-m // (8 * nt)) * THREADS, n // (128 * tm), s)
@@ -335,6 +335,10 @@ def _launch(cfg, m, n, dtype, bits, group_size):
         return [("T", dtype), ("S", sdt), ("BITS", bits), ("GS", group_size), ("NT", nt), ("TM", tm),
                 ("STAGES", st), ("SPLIT", mode)]
 
+    if partials:   # the fp32 partial sums [s, m, n] themselves (kernels/gemm_epilogue.py sums them)
+        pshp, f32 = [(s, m, n)], [mx.float32]
+        return lambda x2d, w, sc, bi: kern(inputs=[x2d, w, sc, bi], template=tmpl(sc.dtype, 2), grid=grid,
+                                           threadgroup=tg, output_shapes=pshp, output_dtypes=f32)[0]
     if s == 1:
         odt = [dtype]
         return lambda x2d, w, sc, bi: kern(inputs=[x2d, w, sc, bi], template=tmpl(sc.dtype, 0), grid=grid,
@@ -362,6 +366,11 @@ def qgemm(x2d: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: 
 def plan(m: int, n: int, k: int, dtype, bits: int, group_size: int):
     """A callable f(x2d, w, scales, biases) -> y with every launch argument computed once."""
     return _launch(config(m, n, k, bits), m, n, dtype, bits, group_size)
+
+
+def plan_partials(m: int, n: int, k: int, dtype, bits: int, group_size: int):
+    """f(x2d, w, scales, biases) -> fp32 partial sums [split, m, n] of plan's configuration (split may be 1)."""
+    return _launch(config(m, n, k, bits), m, n, dtype, bits, group_size, partials=True)
 
 
 _checked: dict[tuple, bool] = {}

@@ -89,12 +89,12 @@ def cubin(bits: int, group_size: int, bf16: bool, r: int, stages: int, split: bo
     return kernel_name(*key), _cubins[key]
 
 
-def _launch(cfg, m, n, dtype, bits, group_size):
+def _launch(cfg, m, n, dtype, bits, group_size, partials: bool = False):
     r, st, s, cw = cfg["R"], cfg["stages"], cfg["split"], cfg["CW"]
-    name, code = cubin(bits, group_size, dtype == mx.bfloat16, r, st, s > 1, cw)
+    name, code = cubin(bits, group_size, dtype == mx.bfloat16, r, st, s > 1 or partials, cw)
     nth = 128 * cw
     grid = (-(-m // r) * nth, n // (64 * cw), s)
-    return qgemm_wg_cuda.launcher(name, code, grid, nth, smem_bytes(bits, r, st, cw), m, n, s, dtype)
+    return qgemm_wg_cuda.launcher(name, code, grid, nth, smem_bytes(bits, r, st, cw), m, n, s, dtype, partials)
 
 
 def qgemm(x2d: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: int, group_size: int,
@@ -108,6 +108,11 @@ def qgemm(x2d: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: 
 def plan(m: int, n: int, k: int, dtype, bits: int, group_size: int):
     """f(x2d, w, scales, biases) -> y with the launch arguments computed once (compiles the cubin if needed)."""
     return _launch(config(m, n, k, bits), m, n, dtype, bits, group_size)
+
+
+def plan_partials(m: int, n: int, k: int, dtype, bits: int, group_size: int):
+    """f(x2d, w, scales, biases) -> fp32 partial sums [split, m, n] of plan's configuration (split may be 1)."""
+    return _launch(config(m, n, k, bits), m, n, dtype, bits, group_size, partials=True)
 
 
 _checked: dict[tuple, bool] = {}

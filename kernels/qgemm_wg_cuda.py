@@ -115,10 +115,13 @@ def cubin(bits: int, group_size: int, bf16: bool, bn: int, stages: int, split: b
     return name, _cubins[key]
 
 
-def launcher(name: str, code: bytes, grid: tuple, nth: int, smem: int, m: int, n: int, split: int, dtype):
+def launcher(name: str, code: bytes, grid: tuple, nth: int, smem: int, m: int, n: int, split: int, dtype,
+             partials: bool = False):
     """f(x2d, w, scales, biases) -> y [m, n] for a precompiled GEMM cubin taking (x, w, scales, biases, out, M, N,
     K); with split > 1 the kernel writes fp32 partials [split, m, n] that qgemm_cuda's reduce kernel sums. Shared
-    by the two warpgroup GEMMs (this one and kernels/qgemm_rs_cuda.py)."""
+    by the two warpgroup GEMMs (this one and kernels/qgemm_rs_cuda.py). partials=True (a cubin built with its
+    split flag): f returns those partials [split, m, n] themselves, for an epilogue kernel to sum
+    (kernels/gemm_epilogue.py)."""
     def run(x2d, w, sc, bi, shapes, dtypes):
         return mx.fast.precompiled_cuda_kernel(
             name=name, compiled_source=code, inputs=[x2d, w, sc, bi], output_shapes=shapes, output_dtypes=dtypes,
@@ -126,6 +129,8 @@ def launcher(name: str, code: bytes, grid: tuple, nth: int, smem: int, m: int, n
             ensure_row_contiguous=True)[0]
 
     shp = [(m, n)]
+    if partials:
+        return lambda x2d, w, sc, bi: run(x2d, w, sc, bi, [(split, m, n)], [mx.float32])
     if split == 1:
         return lambda x2d, w, sc, bi: run(x2d, w, sc, bi, shp, [dtype])
     red, wshp, odt = qgemm_cuda.reduce_kernel(), [(split, m, n)], [dtype]
@@ -138,13 +143,13 @@ def launcher(name: str, code: bytes, grid: tuple, nth: int, smem: int, m: int, n
     return f
 
 
-def _launch(cfg, m, n, dtype, bits, group_size):
+def _launch(cfg, m, n, dtype, bits, group_size, partials: bool = False):
     bn, st, s, wgs, mt = cfg["BN"], cfg["stages"], cfg["split"], cfg["WGS"], cfg["MT"]
     ws = cfg["ws"]
-    name, code = cubin(bits, group_size, dtype == mx.bfloat16, bn, st, s > 1, wgs, mt, cfg["probe"], ws)
+    name, code = cubin(bits, group_size, dtype == mx.bfloat16, bn, st, s > 1 or partials, wgs, mt, cfg["probe"], ws)
     nth = 128 * (wgs + ws)
     grid = (-(-m // (64 * wgs * mt)) * nth, n // bn, s)
-    return launcher(name, code, grid, nth, smem_bytes(bits, bn, st, wgs, mt, ws), m, n, s, dtype)
+    return launcher(name, code, grid, nth, smem_bytes(bits, bn, st, wgs, mt, ws), m, n, s, dtype, partials)
 
 
 def qgemm(x2d: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: int, group_size: int,
@@ -159,6 +164,11 @@ def plan(m: int, n: int, k: int, dtype, bits: int, group_size: int):
     """A callable f(x2d, w, scales, biases) -> y with every launch argument computed once (compiles the
     template's cubin if it is not cached yet: start-up warm-up calls this for the model's shapes)."""
     return _launch(config(m, n, k, bits), m, n, dtype, bits, group_size)
+
+
+def plan_partials(m: int, n: int, k: int, dtype, bits: int, group_size: int):
+    """f(x2d, w, scales, biases) -> fp32 partial sums [split, m, n] of plan's configuration (split may be 1)."""
+    return _launch(config(m, n, k, bits), m, n, dtype, bits, group_size, partials=True)
 
 
 _checked: dict[tuple, bool] = {}

@@ -284,17 +284,78 @@ def cpu_dequant_route(m: int, weight_elements: int) -> bool:
     return m >= CPU_SMALL_DEQUANT_ROWS and weight_elements <= CPU_SMALL_MAX_ELEMENTS
 
 
+def _key(b, x, w, scales, biases, bits, group_size) -> tuple:
+    return (b, x.shape, w.shape, scales.shape, biases.shape, x.dtype, w.dtype, scales.dtype, bits, group_size,
+            os.environ.get("JANG_QGEMM"), os.environ.get("JANG_QGEMM_BITS"), os.environ.get("JANG_QGEMM_SPLIT"),
+            os.environ.get("JANG_QGEMM_IMPL"), os.environ.get("JANG_GEMV_TC"), os.environ.get("JANG_QGEMM3_MAX_ROWS"),
+            os.environ.get("JANG_QGEMM3_MIN_ROWS_8BIT"), os.environ.get("JANG_QGEMM_WG"),
+            os.environ.get("JANG_QGEMM_WG_MIN_ROWS"), os.environ.get("JANG_QGEMM_WG_MAX_ROWS"),
+            os.environ.get("JANG_QGEMM_RS"), os.environ.get("JANG_QGEMM_RS_ROWS"))
+
+
+def _cuda_plan(key, m, k, x, w, scales, bits, group_size) -> tuple:
+    """(route, prepared kernel call or None) for this CUDA case, picked and cached on first use."""
+    route, fn = _routes.get(key, (None, None))
+    if route is not None:
+        return route, fn
+    from . import qgemm_cuda, qgemm_rs_cuda, qgemm_wg_cuda
+
+    route = _cuda_route(m, x, w, bits, group_size, scales.dtype)
+    if route == "rs" and not qgemm_rs_cuda.ready(x.dtype, scales.dtype, bits, group_size):
+        route = _cuda_route(m, x, w, bits, group_size, scales.dtype, rs=False)
+    if route == "wg" and not qgemm_wg_cuda.ready(x.dtype, scales.dtype, bits, group_size):
+        route = _cuda_route(m, x, w, bits, group_size, scales.dtype, wg=False, rs=False)
+    impl = qgemm_for(x, w, bits, group_size) if route == "qgemm" else None
+    if route == "qgemm" and not impl.ready(x.dtype, scales.dtype, bits, group_size, m):
+        route = "reference"
+    fn = None
+    if route == "gemv":
+        fn = gemv_plan(m, x, w, scales, bits, group_size)
+        route = "gemv" if fn is not None else "reference"   # 5-8 rows, tensor-core self-test failed
+    elif route == "qgemm" and impl is qgemm_cuda:
+        fn = qgemm_cuda.plan(m, w.shape[0], k, x.dtype, bits, group_size, scales.itemsize)
+    elif route == "qgemm":
+        fn = impl.plan(m, w.shape[0], k, x.dtype, bits, group_size)
+    elif route == "wg":
+        fn = qgemm_wg_cuda.plan(m, w.shape[0], k, x.dtype, bits, group_size)
+    elif route == "rs":
+        fn = qgemm_rs_cuda.plan(m, w.shape[0], k, x.dtype, bits, group_size)
+    _routes[key] = (route, fn)
+    return route, fn
+
+
+_partial_plans: dict[tuple, object] = {}
+
+
+def partials_plan(x2d: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: int, group_size: int):
+    """f(x2d, w, scales, biases) -> float32 partial sums [S, M, N] over S slices of K (y = their sum, rounded to
+    x's dtype) on the CUDA route qmm takes for this case, or None where that route has no such form (the GEMVs,
+    cuBLAS, mx.quantized_matmul, qgemm v1/v2, off CUDA). Epilogue kernels sum them (kernels/gemm_epilogue.py)."""
+    b = backend.for_op("qmm")
+    if b != "cuda" or x2d.ndim != 2:
+        return None
+    key = _key(b, x2d, w, scales, biases, bits, group_size)
+    if key in _partial_plans:
+        return _partial_plans[key]
+    _check(x2d, w, scales, biases, bits, group_size)
+    from . import qgemm3_cuda, qgemm_rs_cuda, qgemm_wg_cuda
+
+    m, k = x2d.shape
+    route, _ = _cuda_plan(key, m, k, x2d, w, scales, bits, group_size)
+    mod = {"rs": qgemm_rs_cuda, "wg": qgemm_wg_cuda}.get(route)
+    if route == "qgemm" and qgemm_for(x2d, w, bits, group_size) is qgemm3_cuda:
+        mod = qgemm3_cuda
+    plan = mod.plan_partials(m, w.shape[0], k, x2d.dtype, bits, group_size) if mod is not None else None
+    _partial_plans[key] = plan
+    return plan
+
+
 def qmm(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: int, group_size: int) -> mx.array:
     """x: [..., K] activations; w: [N, K*bits/32] uint32 packed; scales/biases: [N, K/group_size].
 
     Returns [..., N] in x's dtype."""
     b = backend.for_op("qmm")
-    key = (b, x.shape, w.shape, scales.shape, biases.shape, x.dtype, w.dtype, scales.dtype, bits, group_size,
-           os.environ.get("JANG_QGEMM"), os.environ.get("JANG_QGEMM_BITS"), os.environ.get("JANG_QGEMM_SPLIT"),
-           os.environ.get("JANG_QGEMM_IMPL"), os.environ.get("JANG_GEMV_TC"), os.environ.get("JANG_QGEMM3_MAX_ROWS"),
-           os.environ.get("JANG_QGEMM3_MIN_ROWS_8BIT"), os.environ.get("JANG_QGEMM_WG"),
-           os.environ.get("JANG_QGEMM_WG_MIN_ROWS"), os.environ.get("JANG_QGEMM_WG_MAX_ROWS"),
-           os.environ.get("JANG_QGEMM_RS"), os.environ.get("JANG_QGEMM_RS_ROWS"))
+    key = _key(b, x, w, scales, biases, bits, group_size)
     route, fn = _routes.get(key, (None, None))
     if route is None:  # first call with these shapes: check the arguments once and pick the path
         _check(x, w, scales, biases, bits, group_size)
@@ -308,32 +369,7 @@ def qmm(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: int,
             return qmm_dequant_matmul(x, w, scales, biases, bits, group_size)
         return qmm_reference(x, w, scales, biases, bits, group_size)
     if b == "cuda":
-        from . import qgemm_cuda
-
-        if route is None:
-            from . import qgemm_rs_cuda, qgemm_wg_cuda
-
-            route = _cuda_route(m, x, w, bits, group_size, scales.dtype)
-            if route == "rs" and not qgemm_rs_cuda.ready(x.dtype, scales.dtype, bits, group_size):
-                route = _cuda_route(m, x, w, bits, group_size, scales.dtype, rs=False)
-            if route == "wg" and not qgemm_wg_cuda.ready(x.dtype, scales.dtype, bits, group_size):
-                route = _cuda_route(m, x, w, bits, group_size, scales.dtype, wg=False, rs=False)
-            impl = qgemm_for(x, w, bits, group_size) if route == "qgemm" else None
-            if route == "qgemm" and not impl.ready(x.dtype, scales.dtype, bits, group_size, m):
-                route = "reference"
-            fn = None
-            if route == "gemv":
-                fn = gemv_plan(m, x, w, scales, bits, group_size)
-                route = "gemv" if fn is not None else "reference"   # 5-8 rows, tensor-core self-test failed
-            elif route == "qgemm" and impl is qgemm_cuda:
-                fn = qgemm_cuda.plan(m, w.shape[0], k, x.dtype, bits, group_size, scales.itemsize)
-            elif route == "qgemm":
-                fn = impl.plan(m, w.shape[0], k, x.dtype, bits, group_size)
-            elif route == "wg":
-                fn = qgemm_wg_cuda.plan(m, w.shape[0], k, x.dtype, bits, group_size)
-            elif route == "rs":
-                fn = qgemm_rs_cuda.plan(m, w.shape[0], k, x.dtype, bits, group_size)
-            _routes[key] = (route, fn)
+        route, fn = _cuda_plan(key, m, k, x, w, scales, bits, group_size)
         if fn is not None:
             return fn(x.reshape(m, k), w, scales, biases).reshape(*lead, w.shape[0])
         if route == "dequant":

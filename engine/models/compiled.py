@@ -28,7 +28,8 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from jang_serve.kernels import paged_attention_decode, qkv_store
+from jang_serve.kernels import gemm_epilogue, paged_attention_decode, qkv_store
+from jang_serve.kernels.qmm import GEMV_ROWS
 from jang_serve.kernels.qkv_store import qkv_rope_store
 from jang_serve.kernels.qmm_fused import qkv_rope, qmm_fused, rope_inv_freq
 
@@ -85,7 +86,33 @@ class CompiledBlock:
                     return (*r, True)
             return (*pre(x, positions), False)
 
+        def pre_normed(xn, positions):
+            """pre on an input already normed by the previous block's epilogue (post_n)."""
+            if norm_qkv and rope_inv is not None:
+                q = attn.qkv_fused
+                return qkv_rope(xn, q.weight, q.scales, q.biases, q.bits, q.group_size, n_heads=attn.n_heads,
+                                n_kv=attn.n_kv, head_dim=attn.hd, positions=positions, inv_freq=rope_inv,
+                                rope=attn.rope)
+            if norm_qkv:
+                return attn.split_rotate(attn.qkv_fused.joint(xn), positions)
+            return attn.qkv(xn, positions)
+
+        def post_n(x, o, norm_next):
+            """post, and norm_next applied to its output: (h, norm_next(h)). Each residual add and the norm
+            after it are one epilogue kernel after a quantized GEMM where that serves (kernels/gemm_epilogue.py)."""
+            h, hn = _plus_norm(attn.o_proj, o.reshape(x.shape[0], -1), x, post_ln)
+            if "gate_up_fused" in mlp:
+                g, u = mlp.gate_up_fused(hn)
+                a = mlp.act(g) * u
+            else:
+                a = mlp.act(mlp.gate_proj(hn)) * mlp.up_proj(hn)
+            return _plus_norm(mlp.down_proj, a, h, norm_next)
+
         self.pre_eager, self.post_eager, self.pre_store = pre, post, pre_store
+        self.pre_normed, self.post_n = pre_normed, post_n
+        # post_n serves the links of steps with more rows than the fused decode GEMVs take (models/compiled.py
+        # _norm_ahead): a plain MLP between plain RMSNorms
+        self.norm_ahead_ok = type(mlp) is MLP and _plain_norm(post_ln)
         self.pre, self.post = mx.compile(pre), mx.compile(post)
         self.link = None  # post of this block + pre of the next, one compiled call (set by compile_blocks)
         self.next: CompiledBlock | None = None
@@ -124,8 +151,13 @@ class CompiledBlock:
                     return att(q, k, v, blk, off, tables, lens, *kv, stored=stored)
             else:
                 post, pre, att = self.post_eager, self.next.pre_store, self.next.attend_eager(kv_quant)
+                nxt = self.next
 
                 def g(x, o, positions, blk, off, tables, lens, *kv):
+                    if _norm_ahead(self, x):
+                        h, hn = self.post_n(x, o, nxt.block.input_layernorm)
+                        q, k, v = nxt.pre_normed(hn, positions)
+                        return (h, *att(q, k, v, blk, off, tables, lens, *kv))
                     h = post(x, o)
                     q, k, v, stored = pre(h, positions, kv, blk, off, kv_quant)
                     return (h, *att(q, k, v, blk, off, tables, lens, *kv, stored=stored))
@@ -137,6 +169,9 @@ class CompiledBlock:
         post, pre = self.post_eager, nxt.pre_eager
 
         def link(x, o, positions):
+            if _norm_ahead(self, x):
+                h, hn = self.post_n(x, o, nxt.block.input_layernorm)
+                return (h, *nxt.pre_normed(hn, positions))
             h = post(x, o)
             return (h, *pre(h, positions))
 
@@ -160,6 +195,8 @@ class CompiledBlock:
             if self.fused["rope"]:   # the folded steps' q/k/v + KV store (kernels/qkv_store.py)
                 qf = a.qkv_fused
                 qkv_store.ready(x.dtype, qf.bits, qf.group_size, a.n_heads, a.n_kv, a.hd, norm=True)
+            if _norm_ahead(self, x):   # the links' residual + norm epilogue (kernels/gemm_epilogue.py)
+                gemm_epilogue.ready(x.dtype, self.block.post_attention_layernorm.eps)
         q, k, v = pre(x, positions)
         o = attn_backend.attend(a.layer, q, k, v, scale=a.scale, window=a.window)
         return post(x, o)
@@ -223,6 +260,23 @@ def _folded_chain(blocks, x, positions, be):
         else:
             x = c.post(x, o)
     return x
+
+
+def _norm_ahead(c: CompiledBlock, x) -> bool:
+    """Whether c's links end in post_n (its output and the next block's input norm at once): more rows than the
+    fused decode GEMVs take (kernels.qmm_fused folds the norms into those), and plain norms on both sides."""
+    nxt = c.next
+    return (x.shape[0] > GEMV_ROWS and c.norm_ahead_ok and nxt is not None
+            and _plain_norm(nxt.block.input_layernorm))
+
+
+def _plus_norm(lin, a, r, norm):
+    """(r + lin(a), norm(r + lin(a))): after a plain quantized linear, one epilogue kernel where it serves."""
+    if type(lin) is QLinear and "bias" not in lin and _plain_norm(norm):
+        return gemm_epilogue.qmm_add_norm(a, lin.weight, lin.scales, lin.biases, lin.bits, lin.group_size, r,
+                                          norm.weight, norm.eps)
+    h = _plus(lin, a, r)
+    return h, norm(h)
 
 
 def _flat(p):
