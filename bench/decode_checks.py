@@ -4,7 +4,10 @@ the same greedy tokens from a bf16 JANG_4M-like toy model with
   base        compiled decode, one compiled call per layer, KV written by scatters
   kv_write    + the in-place KV write kernel (kernels/kv_write.py)
   qkv_store   + k and v stored by the q/k/v + RoPE GEMV itself (kernels/qkv_store.py; the scalar GEMV's rows)
-for a batch of six prompts and for one prompt alone (batch 1, where the scalar GEMV and the store serve).
+for a batch of six prompts and for one prompt alone (batch 1, where the scalar GEMV and the store serve); and
+at 24 and 64 sequences (the tiled GEMMs' rows: qgemm3, the register-operand GEMM)
+  base        JANG_GEMM_EPILOGUE=0: residual adds and RMSNorms as separate ops
+  epilogue    the links' residual + RMSNorm after the GEMMs' partial sums in one kernel (kernels/gemm_epilogue.py)
 
     python3 bench/decode_checks.py OUT.json
 """
@@ -25,12 +28,13 @@ from jang_serve.engine.engine_config import EngineConfig  # noqa: E402
 from jang_serve.engine.engine_core import EngineCore  # noqa: E402
 from jang_serve.engine.models.compiled import compile_blocks  # noqa: E402
 from jang_serve.engine.sampling_params import SamplingParams  # noqa: E402
-from jang_serve.kernels import backend, kv_write, qkv_store  # noqa: E402
+from jang_serve.kernels import backend, gemm_epilogue, kv_write, qkv_store  # noqa: E402
 
 
 def run(model, cfg, prompts, sp):
     compile_blocks(model, on=False)   # fresh traces: a trace keeps the kernels it was made with
-    core = EngineCore((model, None, cfg), EngineConfig(kv_memory_gb=0.5, max_num_seqs=8, enable_prefix_caching=False))
+    core = EngineCore((model, None, cfg), EngineConfig(kv_memory_gb=0.5, max_num_seqs=max(8, len(prompts)),
+                                                       enable_prefix_caching=False))
     out = core.generate(prompts, sp)
     first = model.model.layers[0].compiled
     return out, (first.folded_calls if first is not None else 0)
@@ -52,11 +56,19 @@ def main():
         res[f"{batch}/kv_write"] = run(model, cfg, ps, sp)
         os.environ["JANG_QKV_STORE"] = "1"
         res[f"{batch}/qkv_store"] = run(model, cfg, ps, sp)
+    for n in (24, 64):
+        ps = E.prompts_for(n, 23, cfg["vocab_size"], 6)
+        os.environ["JANG_GEMM_EPILOGUE"] = "0"
+        res[f"batch{n}/base"] = run(model, cfg, ps, sp)
+        os.environ["JANG_GEMM_EPILOGUE"] = "1"
+        res[f"batch{n}/epilogue"] = run(model, cfg, ps, sp)
     out = {k: dict(same_tokens=v[0] == res[k.split("/")[0] + "/base"][0], folded_steps=v[1]) for k, v in res.items()}
     out["kv_write_ready"] = kv_write.ready()
     out["qkv_store_verdicts"] = {str(k[1:]): v for k, v in qkv_store._checked.items()}
+    out["gemm_epilogue_verdicts"] = {str(k): v for k, v in gemm_epilogue._checked.items()}
     out["ok"] = all(v["same_tokens"] for k, v in out.items() if isinstance(v, dict) and "same_tokens" in v) \
-        and out["kv_write_ready"] and all(qkv_store._checked.values()) and bool(qkv_store._checked)
+        and out["kv_write_ready"] and all(qkv_store._checked.values()) and bool(qkv_store._checked) \
+        and all(gemm_epilogue._checked.values()) and bool(gemm_epilogue._checked)
     print(json.dumps(out), flush=True)
     Path(sys.argv[1]).write_text(json.dumps(out, indent=1) + "\n")
     return 0 if out["ok"] else 1

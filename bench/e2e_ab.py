@@ -1,4 +1,4 @@
-"""Batch-1 decode A/B of an environment switch inside one process, rounds interleaved.
+"""Decode A/B of an environment switch inside one process, rounds interleaved (batch 1, or --nseq sequences).
 
 Separate processes cannot compare host-bound runs: on the device machine our graph build plus MLX's dispatch
 of one step varied by up to 40% between identical processes (bench/results/prefetch-h100.json). Here one
@@ -38,15 +38,17 @@ def main() -> int:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--gen", type=int, default=128)
     ap.add_argument("--tiny", action="store_true", help="a 2-layer toy config (CPU smoke test)")
+    ap.add_argument("--nseq", type=int, default=1, help="concurrent sequences (prompts of --prompt tokens each)")
     ap.add_argument("--note", default="")
     args = ap.parse_args()
     cfg = TINY if args.tiny else LLAMA3_8B
     on_gpu = mx.default_device().type == mx.DeviceType.gpu
     model = ours(cfg, random_weights(cfg, mx.bfloat16 if on_gpu else mx.float32), "jang4m")
-    p1, warm = prompts_for(1, args.prompt, cfg["vocab_size"], 1), prompts_for(1, args.prompt, cfg["vocab_size"], 3)
+    p1 = prompts_for(args.nseq, args.prompt, cfg["vocab_size"], 1)
+    warm = prompts_for(args.nseq, args.prompt, cfg["vocab_size"], 3)
     values = args.values.split(",")
     res = dict(benchmark="e2e_ab", date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               device=device_name(), mlx=version("mlx"), env=args.env, values=values, note=args.note,
+               device=device_name(), mlx=version("mlx"), env=args.env, values=values, note=args.note, nseq=args.nseq,
                method=__doc__.split("\n\n")[1].replace("\n", " "), runs=[])
     for rnd in range(args.rounds):
         for v in values:
@@ -55,7 +57,8 @@ def main() -> int:
             run_ours(model, cfg, warm, args.gen, 4.0, 2048)
             r = run_ours(model, cfg, p1, args.gen, 4.0, 2048)
             tl = sorted(t for t, _ in r["timeline_ms_tokens"][5:])
-            row = dict(round=rnd, value=v, decode_tok_s=r["decode_tok_s"], host_ms=r.get("pipelined_host_ms"),
+            row = dict(round=rnd, value=v, decode_tok_s=r["decode_tok_s"], tok_s=r["tok_s"],
+                       host_ms=r.get("pipelined_host_ms"),
                        median_step_ms=tl[len(tl) // 2])
             res["runs"].append(row)
             print(json.dumps(row), flush=True)
