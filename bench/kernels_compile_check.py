@@ -1,7 +1,7 @@
 """Compile the CUDA kernel sources with the local nvcc (no GPU needed) the way mx.fast.cuda_kernel
 wraps them, for a set of template arguments; print registers / spills from ptxas.
 
-    .venv/bin/python bench/kernels_compile_check.py [qmm|fused|tc|qgemm|qgemm3|wg|rs|paged|all]
+    .venv/bin/python bench/kernels_compile_check.py [qmm|fused|tc|qgemm|qgemm3|wg|rs|paged|epilogue|all]
 
 A stand-in for MLX's device header (Shape) is used; everything else is the real source.
 """
@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 
-from jang_serve.kernels import (cuda_common, paged_cuda, paged_v2_cuda, qgemm3_cuda, qgemm_cuda, qgemm_rs_cuda,
+from jang_serve.kernels import (cuda_common, gemm_epilogue, paged_cuda, paged_v2_cuda, qgemm3_cuda, qgemm_cuda, qgemm_rs_cuda,
                                 qgemm_rs_source, qgemm_wg_cuda, qgemm_wg_source, qgemv_tc_cuda, qgemv_tc_source,
                                 qmm_cuda)
 
@@ -240,6 +240,17 @@ def check_paged():
     return ok
 
 
+def check_epilogue():
+    ok = True
+    for dt in ("bfloat16", "float16"):
+        for vpt in (1, 2, 4):
+            src = build("add_norm", gemm_epilogue.SOURCE, "#define JANG_EPS 1e-05f\n",
+                        [("ws", "float32"), ("r", dt), ("nw", dt)], [("h", dt), ("hn", dt)],
+                        [("T", dt), ("VPT", vpt)])
+            ok &= compile_one(f"add_norm {dt} VPT={vpt}", src)
+    return ok
+
+
 if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else "all"
     ok = True
@@ -259,4 +270,6 @@ if __name__ == "__main__":
         ok &= check_rs()
     if what in ("paged", "all"):
         ok &= check_paged()
+    if what in ("epilogue", "all"):
+        ok &= check_epilogue()
     sys.exit(0 if ok else 1)

@@ -30,28 +30,35 @@ from .qmm import partials_plan, qmm
 
 log = logging.getLogger("jang_serve.kernels")
 
-THREADS = 256
+MAX_THREADS = 1024
 
 SOURCE = r"""
-  // One block per row. ws [S, M, N] float32 partial sums; r [M, N] residual; nw [N] norm weight.
+  // One block per row, VPT chunks of 4 values per thread (h kept in registers between the two passes).
+  // ws [S, M, N] float32 partial sums; r [M, N] residual; nw [N] norm weight.
   const int row = blockIdx.x, M = r_shape[0], N = r_shape[1], S = ws_shape[0];
   const float* wr = ws + (size_t)row * N;
   const T* rr = r + (size_t)row * N;
   T* hr = h + (size_t)row * N;
+  float hv[VPT][4];
   float ss = 0.f;
-  for (int j = threadIdx.x * 4; j < N; j += blockDim.x * 4) {
-    float4 a = *reinterpret_cast<const float4*>(wr + j);
-    for (int s = 1; s < S; ++s) {   // the splits in order, as qgemm_cuda's reduce kernel sums them
-      const float4 b = *reinterpret_cast<const float4*>(wr + (size_t)s * M * N + j);
-      a.x += b.x; a.y += b.y; a.z += b.z; a.w += b.w;
-    }
-    const float v[4] = {a.x, a.y, a.z, a.w};
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const T hv = static_cast<T>(static_cast<float>(static_cast<T>(v[i])) + static_cast<float>(rr[j + i]));
-      hr[j + i] = hv;
-      const float f = static_cast<float>(hv);
-      ss += f * f;
+  for (int c = 0; c < VPT; ++c) {
+    const int j = (c * blockDim.x + threadIdx.x) * 4;
+    if (j < N) {
+      float4 a = *reinterpret_cast<const float4*>(wr + j);
+#pragma unroll 4
+      for (int s = 1; s < S; ++s) {   // the splits in order, as qgemm_cuda's reduce kernel sums them
+        const float4 b = *reinterpret_cast<const float4*>(wr + (size_t)s * M * N + j);
+        a.x += b.x; a.y += b.y; a.z += b.z; a.w += b.w;
+      }
+      const float v[4] = {a.x, a.y, a.z, a.w};
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const T x = static_cast<T>(static_cast<float>(static_cast<T>(v[i])) + static_cast<float>(rr[j + i]));
+        hr[j + i] = x;
+        hv[c][i] = static_cast<float>(x);
+        ss += hv[c][i] * hv[c][i];
+      }
     }
   }
   __shared__ float part[32];
@@ -68,14 +75,25 @@ SOURCE = r"""
   __syncthreads();
   const float inv = rsqrtf(part[0] / (float)N + JANG_EPS);
   T* nr = hn + (size_t)row * N;
-  for (int j = threadIdx.x * 4; j < N; j += blockDim.x * 4) {
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {   // each thread reads back its own h: no barrier needed
-      const T y = static_cast<T>(static_cast<float>(hr[j + i]) * inv);
-      nr[j + i] = static_cast<T>(static_cast<float>(nw[j + i]) * static_cast<float>(y));
+  for (int c = 0; c < VPT; ++c) {
+    const int j = (c * blockDim.x + threadIdx.x) * 4;
+    if (j < N) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const T y = static_cast<T>(hv[c][i] * inv);
+        nr[j + i] = static_cast<T>(static_cast<float>(nw[j + i]) * static_cast<float>(y));
+      }
     }
   }
 """
+
+
+def launch_shape(n: int) -> tuple[int, int]:
+    """(threads per block, chunks of 4 values per thread) for rows of n values: one pass where n <= 4096."""
+    threads = min(MAX_THREADS, -(-(n // 4) // 32) * 32)
+    return threads, -(-n // (4 * threads))
+
 
 _kernels: dict[float, object] = {}
 _checked: dict[tuple, bool] = {}
@@ -103,14 +121,17 @@ def add_norm_reference(y, residual, norm_weight, eps):
 def reduce_add_norm(ws: mx.array, residual: mx.array, norm_weight: mx.array, eps: float):
     """The kernel: ws [S, M, N] float32, residual [M, N] (bf16/fp16), norm_weight [N] -> (h, hn)."""
     m, n = residual.shape
-    return tuple(_kernel(float(eps))(inputs=[ws, residual, norm_weight], template=[("T", residual.dtype)],
-                                     grid=(m * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
-                                     output_shapes=[(m, n), (m, n)], output_dtypes=[residual.dtype] * 2))
+    threads, vpt = launch_shape(n)
+    return tuple(_kernel(float(eps))(inputs=[ws, residual, norm_weight],
+                                     template=[("T", residual.dtype), ("VPT", vpt)], grid=(m * threads, 1, 1),
+                                     threadgroup=(threads, 1, 1), output_shapes=[(m, n), (m, n)],
+                                     output_dtypes=[residual.dtype] * 2))
 
 
 def supported(residual: mx.array, norm_weight: mx.array) -> bool:
-    return (residual.ndim == 2 and residual.dtype in (mx.bfloat16, mx.float16) and residual.shape[1] % 4 == 0
-            and norm_weight.shape == (residual.shape[1],) and norm_weight.dtype == residual.dtype)
+    n = residual.shape[-1]
+    return (residual.ndim == 2 and residual.dtype in (mx.bfloat16, mx.float16) and n % 4 == 0
+            and n <= 16 * 4 * MAX_THREADS and norm_weight.shape == (n,) and norm_weight.dtype == residual.dtype)
 
 
 def qmm_add_norm(a, w, scales, biases, bits, group_size, residual, norm_weight, eps):
@@ -124,10 +145,11 @@ def qmm_add_norm(a, w, scales, biases, bits, group_size, residual, norm_weight, 
 
 
 def self_test(dtype, eps: float) -> tuple[bool, str]:
-    """The kernel against the composition on random partials: 1 and 3 splits, N a multiple of 4 but not of
-    the block's 1024-value stride. h must match exactly; hn within bf16/fp16 rounding of MLX's rms_norm."""
+    """The kernel against the composition on random partials: 1-3 splits, N a multiple of 4 but not of 128, and
+    past one chunk per thread (5000 values). h must match exactly; hn within bf16/fp16 rounding of MLX's
+    rms_norm."""
     worst = 0.0
-    for s, m, n in ((1, 3, 1028), (3, 5, 4096)):
+    for s, m, n in ((1, 3, 1028), (3, 5, 4096), (2, 2, 5000)):
         ws = mx.random.normal((s, m, n)) * 2.0
         r = (mx.random.normal((m, n)) * 3.0).astype(dtype)
         nw = (1.0 + 0.1 * mx.random.normal((n,))).astype(dtype)
