@@ -5,7 +5,8 @@
 On the random-weight Llama-3-8B-shaped model of bench/e2e_gpu.py (optionally fewer layers: the host's work per
 layer is what is measured), `nseq` sequences decoding: each step's lazy graph is built (Python, compiled-call
 replay), then dispatched with mx.async_eval while the GPU is idle (so the dispatch is not waiting for
-anything), then waited for. Medians per step and per layer, with the MLX_* environment recorded: run it once
+anything), then waited for; then the same steps pipelined as the engine runs them (step t+1 built and
+dispatched while the GPU runs step t, whose tokens are read after). Medians per step and per layer, with the MLX_* environment recorded: run it once
 per setting (MLX reads its settings once per process), or under `py-spy record --native` to see where the
 dispatch goes:
 
@@ -90,6 +91,25 @@ def main():
         build.append(t1 - t0)
         dispatch.append(t2 - t1)
         wait.append(t3 - t2)
+    # pipelined, as the engine runs: step t+1 built and dispatched while the GPU still runs step t
+    pbuild, pdispatch, pwait, prev = [], [], [], None
+    mx.synchronize()
+    t_start = time.perf_counter()
+    for _ in range(a.steps):
+        t0 = time.perf_counter()
+        tok = sm.step()
+        t1 = time.perf_counter()
+        mx.async_eval(tok, sm.pool.arrays())
+        t2 = time.perf_counter()
+        if prev is not None:
+            prev.tolist()
+        t3 = time.perf_counter()
+        prev = tok
+        pbuild.append(t1 - t0)
+        pdispatch.append(t2 - t1)
+        pwait.append(t3 - t2)
+    prev.tolist()
+    step_ms = 1e3 * (time.perf_counter() - t_start) / a.steps
     med = lambda v: round(1e3 * statistics.median(v[3:]), 3)  # noqa: E731
     ops = op_count([sm.step()] + sm.pool.arrays()[:2])
     mx.eval(sm.pool.arrays())
@@ -97,7 +117,9 @@ def main():
                quant=a.quant, env={k: v for k, v in os.environ.items() if k.startswith(("MLX_", "JANG_"))},
                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                build_ms=med(build), dispatch_ms=med(dispatch), gpu_wait_ms=med(wait),
-               dispatch_ms_per_layer=round(med(dispatch) / a.layers, 3), graph_ops=ops)
+               dispatch_ms_per_layer=round(med(dispatch) / a.layers, 3),
+               pipelined=dict(build_ms=med(pbuild), dispatch_ms=med(pdispatch), wait_ms=med(pwait),
+                              step_ms=round(step_ms, 3)), graph_ops=ops)
     print(json.dumps(res), flush=True)
     Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
 
