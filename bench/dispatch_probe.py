@@ -6,9 +6,10 @@ On the random-weight Llama-3-8B-shaped model of bench/e2e_gpu.py (optionally few
 layer is what is measured), `nseq` sequences decoding: each step's lazy graph is built (Python, compiled-call
 replay), then dispatched with mx.async_eval while the GPU is idle (so the dispatch is not waiting for
 anything), then waited for; then the same steps pipelined as the engine runs them (step t+1 built and
-dispatched while the GPU runs step t, whose tokens are read after). Medians per step and per layer, with the MLX_* environment recorded: run it once
-per setting (MLX reads its settings once per process), or under `py-spy record --native` to see where the
-dispatch goes:
+dispatched while the GPU runs step t, whose tokens are read after). Medians per step and per layer, with the
+MLX_* environment recorded: run it once per setting (MLX reads its settings once per process), or under
+`py-spy record --native` to see where the dispatch goes (on the H100 host, 1 kHz native sampling fell behind
+and was killed before it wrote anything: use a lower rate):
 
     py-spy record --native -r 1000 -f raw -o SPY.txt -- python3 bench/dispatch_probe.py OUT.json
     python3 bench/dispatch_probe.py --summarize SPY.txt [--under async_eval] > top.txt
