@@ -4,10 +4,10 @@
       h  = residual + qmm(a, w, ...)                    the residual stream
       hn = mx.fast.rms_norm(h, norm_weight, eps)        the next matmul's input
 
-At 9-256 rows a quantized decoder layer ran, besides its GEMMs, two adds, two RMSNorms and the GEMMs' split-K
-reduce kernels as separate GPU ops (64 sequences, Llama-3-8B shapes, H100: 293 us of RMSNorm, 206 us of adds
-and 353 us of reduces per step, and MLX's host-side dispatch of each op). Where the CUDA GEMM that
-`kernels.qmm` picks for the case can hand out its float32 partial sums (`qmm.partials_plan`: the
+At 16-256 rows (the tiled GEMMs' rows) a quantized decoder layer ran, besides its GEMMs, two adds, two RMSNorms
+and the GEMMs' split-K reduce kernels as separate GPU ops (64 sequences, Llama-3-8B shapes, H100: 293 us of
+RMSNorm, 206 us of adds and 353 us of reduces per step, and MLX's host-side dispatch of each op). Where the CUDA
+GEMM that `kernels.qmm` picks for the case can hand out its float32 partial sums (`qmm.partials_plan`: the
 register-operand and warpgroup GEMMs and qgemm3, split or not), one kernel here finishes the job: per row, it
 sums the partials, rounds to x's dtype (the GEMM's own output), adds the residual and rounds again (as
 `y + residual` does), then applies the RMSNorm exactly as MLX's kernel writes it (sum of squares in float32,
