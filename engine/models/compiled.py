@@ -101,12 +101,7 @@ class CompiledBlock:
             """post, and norm_next applied to its output: (h, norm_next(h)). Each residual add and the norm
             after it are one epilogue kernel after a quantized GEMM where that serves (kernels/gemm_epilogue.py)."""
             h, hn = _plus_norm(attn.o_proj, o.reshape(x.shape[0], -1), x, post_ln)
-            if "gate_up_fused" in mlp:
-                g, u = mlp.gate_up_fused(hn)
-                a = mlp.act(g) * u
-            else:
-                a = mlp.act(mlp.gate_proj(hn)) * mlp.up_proj(hn)
-            return _plus_norm(mlp.down_proj, a, h, norm_next)
+            return _plus_norm(mlp.down_proj, mlp.hidden(hn), h, norm_next)
 
         self.pre_eager, self.post_eager, self.pre_store = pre, post, pre_store
         self.pre_normed, self.post_n = pre_normed, post_n

@@ -130,11 +130,15 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
         self.act = ACTIVATIONS[act]
 
-    def __call__(self, x):
+    def hidden(self, x):
+        """act(gate(x)) * up(x): the input of down_proj."""
         if "gate_up_fused" in self:
             g, u = self.gate_up_fused(x)
-            return self.down_proj(self.act(g) * u)
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+            return self.act(g) * u
+        return self.act(self.gate_proj(x)) * self.up_proj(x)
+
+    def __call__(self, x):
+        return self.down_proj(self.hidden(x))
 
 
 def _gelu_tanh(x):
