@@ -2,11 +2,14 @@
 
 Separate processes cannot compare host-bound runs: on the device machine our graph build plus MLX's dispatch
 of one step varied by up to 40% between identical processes (bench/results/prefetch-h100.json). Here one
-random-weight Llama-3-8B-shaped JANG_4M model (as bench/e2e_gpu.py makes it) runs the batch-1 decode with the
-switch at each value in turn, for several rounds; every run gets fresh compiled traces and a warm-up run of
-the same shapes first, so both values see the same phases of the host.
+random-weight Llama-3-8B-shaped JANG_4M (or --quant bf16) model (as bench/e2e_gpu.py makes it) runs the
+batch-1 decode with the switch at each value in turn, for several rounds; every run gets fresh compiled traces
+and a warm-up run of the same shapes first, so both values see the same phases of the host.
 
     python3 bench/e2e_ab.py OUT.json --env JANG_QKV_STORE --values 1,0 --rounds 4
+
+MLX's own settings are read once per process: give those to the process (`MLX_MAX_OPS_PER_BUFFER=60 python3 ...`),
+with --values naming one value of an unused --env; the JSON records the process's MLX_* environment.
 """
 
 from __future__ import annotations
@@ -39,16 +42,19 @@ def main() -> int:
     ap.add_argument("--gen", type=int, default=128)
     ap.add_argument("--tiny", action="store_true", help="a 2-layer toy config (CPU smoke test)")
     ap.add_argument("--nseq", type=int, default=1, help="concurrent sequences (prompts of --prompt tokens each)")
+    ap.add_argument("--quant", choices=("jang4m", "bf16"), default="jang4m", help="the model's weights")
     ap.add_argument("--note", default="")
     args = ap.parse_args()
     cfg = TINY if args.tiny else LLAMA3_8B
     on_gpu = mx.default_device().type == mx.DeviceType.gpu
-    model = ours(cfg, random_weights(cfg, mx.bfloat16 if on_gpu else mx.float32), "jang4m")
+    model = ours(cfg, random_weights(cfg, mx.bfloat16 if on_gpu else mx.float32),
+                 None if args.quant == "bf16" else args.quant)
     p1 = prompts_for(args.nseq, args.prompt, cfg["vocab_size"], 1)
     warm = prompts_for(args.nseq, args.prompt, cfg["vocab_size"], 3)
     values = args.values.split(",")
     res = dict(benchmark="e2e_ab", date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               device=device_name(), mlx=version("mlx"), env=args.env, values=values, note=args.note, nseq=args.nseq,
+               device=device_name(), mlx=version("mlx"), quant=args.quant, env=args.env, values=values, note=args.note,
+               nseq=args.nseq, mlx_env={k: v for k, v in os.environ.items() if k.startswith("MLX_")},
                method=__doc__.split("\n\n")[1].replace("\n", " "), runs=[])
     for rnd in range(args.rounds):
         for v in values:
