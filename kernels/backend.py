@@ -8,6 +8,7 @@ failed is marked off and runs the reference (see `disable`).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 
@@ -25,6 +26,20 @@ def relerr(a: mx.array, b: mx.array) -> float:
     if not mx.all(mx.isfinite(a)).item():
         return float("inf")
     return (mx.sqrt(mx.sum((a - b) ** 2)) / mx.maximum(mx.sqrt(mx.sum(b * b)), 1e-30)).item()
+
+
+def kernel_name(name: str, source: str, header: str = "") -> str:
+    """name + a digest of the kernel's text. MLX keeps compiled custom kernels on disk (its PTX cache, one per MLX
+    version) under the kernel's name and template arguments, across processes: a name must never stand for two
+    texts (another model's defines, such as its norm eps or RoPE head count, or another release's source), or a
+    later process runs the earlier one's kernel."""
+    digest = hashlib.sha1((header + "\0" + source).encode()).hexdigest()[:10]
+    return f"{name}_{digest}"
+
+
+def cuda_kernel(name: str, source: str, header: str = "", **kw):
+    """`mx.fast.cuda_kernel` under `kernel_name(name, source, header)`."""
+    return mx.fast.cuda_kernel(name=kernel_name(name, source, header), source=source, header=header, **kw)
 
 
 def _gpu_backend() -> str | None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from . import backend
 from .cuda_common import HEADER
 
 SOURCE = r"""
@@ -56,7 +57,7 @@ _kernel = None
 def _get():
     global _kernel
     if _kernel is None:
-        _kernel = mx.fast.cuda_kernel(name="jang_dequant", input_names=["w", "scales", "biases"], output_names=["y"],
+        _kernel = backend.cuda_kernel(name="jang_dequant", input_names=["w", "scales", "biases"], output_names=["y"],
                                       source=SOURCE, header=HEADER)
     return _kernel
 

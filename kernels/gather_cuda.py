@@ -23,6 +23,7 @@ import math
 
 import mlx.core as mx
 
+from . import backend
 from .cuda_common import HEADER
 
 SOURCE = r"""
@@ -221,7 +222,7 @@ _kernel = None
 def kernel():
     global _kernel
     if _kernel is None:
-        _kernel = mx.fast.cuda_kernel(
+        _kernel = backend.cuda_kernel(
             name="jang_gather_qgemv",
             input_names=["x", "w", "scales", "biases", "xi", "ei"],
             output_names=["y"],

@@ -107,7 +107,7 @@ def enabled() -> bool:
 def _kernel(eps: float):
     k = _kernels.get(eps)
     if k is None:
-        k = _kernels[eps] = mx.fast.cuda_kernel(
+        k = _kernels[eps] = backend.cuda_kernel(
             name=f"jang_add_norm_{len(_kernels)}", input_names=["ws", "r", "nw"], output_names=["h", "hn"],
             source=SOURCE, header=f"#define JANG_EPS {float(eps)!r}f\n")
     return k

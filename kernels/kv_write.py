@@ -69,7 +69,7 @@ _ready: bool | None = None
 def _get():
     global _kernel
     if _kernel is None:
-        _kernel = mx.fast.cuda_kernel(name="jang_kv_write", input_names=["q", "k", "v", "blk", "off", "kpool", "vpool"],
+        _kernel = backend.cuda_kernel(name="jang_kv_write", input_names=["q", "k", "v", "blk", "off", "kpool", "vpool"],
                                       output_names=["qo"], source=SOURCE, ensure_row_contiguous=False)
     return _kernel
 

@@ -22,6 +22,7 @@ import os
 
 import mlx.core as mx
 
+from . import backend
 from . import paged_v2_cuda as v2
 from .cuda_common import HEADER as COMMON
 from .paged_v1_source import HEADER, SOURCE_COMBINE, SOURCE_F, SOURCE_Q  # HEADER / SOURCE_*: re-exported
@@ -36,16 +37,16 @@ def _get(name: str):
     if name not in _kernels:
         hdr = COMMON + HEADER
         if name == "f":
-            k = mx.fast.cuda_kernel(name="jang_paged_decode_f",
+            k = backend.cuda_kernel(name="jang_paged_decode_f",
                                     input_names=["q", "k", "v", "tables", "lens", "scale"],
                                     output_names=["po", "pm", "pl"], source=SOURCE_F, header=hdr)
         elif name == "q":
-            k = mx.fast.cuda_kernel(name="jang_paged_decode_q",
+            k = backend.cuda_kernel(name="jang_paged_decode_q",
                                     input_names=["q", "kq", "ks", "kb", "vq", "vs", "vb", "tables",
                                                  "lens", "scale"],
                                     output_names=["po", "pm", "pl"], source=SOURCE_Q, header=hdr)
         else:
-            k = mx.fast.cuda_kernel(name="jang_paged_combine", input_names=["po", "pm", "pl"],
+            k = backend.cuda_kernel(name="jang_paged_combine", input_names=["po", "pm", "pl"],
                                     output_names=["out"], source=SOURCE_COMBINE, header=hdr)
         _kernels[name] = k
     return _kernels[name]

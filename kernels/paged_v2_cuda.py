@@ -30,6 +30,7 @@ import numpy as np
 
 import mlx.core as mx
 
+from . import backend
 from .cuda_common import HEADER as COMMON
 
 HEADER = r"""
@@ -383,7 +384,7 @@ def _get(quant: bool):
     if name not in _kernels:
         ins = (["q", "kq", "ks", "kb", "vq", "vs", "vb"] if quant else ["q", "k", "v"]) + \
             ["tables", "lens", "scale", "cnt"]
-        _kernels[name] = mx.fast.cuda_kernel(
+        _kernels[name] = backend.cuda_kernel(
             name=f"jang_paged_decode_v2_{name}", input_names=ins, output_names=["out", "po", "pm", "pl"],
             source=SOURCE_Q if quant else SOURCE_F, header=COMMON + HEADER)
     return _kernels[name]

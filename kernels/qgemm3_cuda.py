@@ -34,6 +34,7 @@ import os
 
 import mlx.core as mx
 
+from . import backend
 from . import qgemm_cuda
 from .cuda_common import launch_smem
 from .qgemm_cuda import HEADER as QG_HEADER
@@ -271,7 +272,7 @@ def kernel(smem: int):
     """One compiled kernel object per dynamic shared memory size (fixed when the kernel is made)."""
     smem = launch_smem(smem)
     if smem not in _kernels:
-        _kernels[smem] = mx.fast.cuda_kernel(name="jang_qgemm3", input_names=["x", "w", "scales", "biases"],
+        _kernels[smem] = backend.cuda_kernel(name="jang_qgemm3", input_names=["x", "w", "scales", "biases"],
                                              output_names=["y"], source=SOURCE, header=HEADER, shared_memory=smem)
     return _kernels[smem]
 

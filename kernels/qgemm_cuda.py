@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from . import backend
 from .backend import relerr
 from .cuda_common import HEADER as COMMON
 from .qgemm_config import (BK, BN, MAX_STAGES, MIN_K_PER_SPLIT, SMEM_LIMIT, TARGET_BLOCKS,  # noqa: F401 (re-exported)
@@ -327,7 +328,7 @@ _reduce_kernel = None
 def kernel():
     global _kernel
     if _kernel is None:
-        _kernel = mx.fast.cuda_kernel(name="jang_qgemm2", input_names=["x", "w", "scales", "biases"],
+        _kernel = backend.cuda_kernel(name="jang_qgemm2", input_names=["x", "w", "scales", "biases"],
                                       output_names=["y"], source=SOURCE, header=HEADER)
     return _kernel
 
@@ -335,7 +336,7 @@ def kernel():
 def reduce_kernel():
     global _reduce_kernel
     if _reduce_kernel is None:
-        _reduce_kernel = mx.fast.cuda_kernel(name="jang_qgemm2_reduce", input_names=["ws"], output_names=["y"],
+        _reduce_kernel = backend.cuda_kernel(name="jang_qgemm2_reduce", input_names=["ws"], output_names=["y"],
                                              source=REDUCE_SOURCE, header=HEADER)
     return _reduce_kernel
 

@@ -22,6 +22,7 @@ import os
 
 import mlx.core as mx
 
+from . import backend
 from .cuda_common import HEADER as COMMON
 from .qgemm_cuda import MMA  # mma16816, pack2
 
@@ -206,7 +207,7 @@ _no_init_value = False
 def kernel():
     global _kernel
     if _kernel is None:
-        _kernel = mx.fast.cuda_kernel(name="jang_qgemm", input_names=["x", "w", "scales", "biases"],
+        _kernel = backend.cuda_kernel(name="jang_qgemm", input_names=["x", "w", "scales", "biases"],
                                       output_names=["y"], source=SOURCE, header=HEADER)
     return _kernel
 

@@ -31,6 +31,7 @@ import os
 
 import mlx.core as mx
 
+from . import backend
 from .backend import relerr
 from .cuda_common import launch_smem
 from .qgemv_tc_source import HEADER, SOURCE
@@ -96,7 +97,7 @@ def kernel(epi: int = 0, norm: bool = False, eps: float = 1e-5, rope: tuple[int,
             defines += f"#define JANG_EPS {float(eps)!r}f\n"
         if rope:
             defines += f"#define JANG_HD {rope[0]}\n#define JANG_NROT {rope[1]}\n"
-        k = _kernels[key] = mx.fast.cuda_kernel(name=f"jang_qgemv_tc_{len(_kernels)}",
+        k = _kernels[key] = backend.cuda_kernel(name=f"jang_qgemv_tc_{len(_kernels)}",
                                                 input_names=_fused_names(epi, norm), output_names=["y"],
                                                 source=SOURCE, header=defines + HEADER, shared_memory=smem)
     return k

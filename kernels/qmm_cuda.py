@@ -35,6 +35,7 @@ import math
 
 import mlx.core as mx
 
+from . import backend
 from .cuda_common import HEADER, launch_bounds
 from .qgemv_source import SOURCE  # re-exported: the fused variants and the benches read it
 
@@ -82,7 +83,7 @@ def kernel(bits: int):
         return _override
     bounded = bits in BOUNDED_BITS
     if bounded not in _kernels:
-        _kernels[bounded] = mx.fast.cuda_kernel(
+        _kernels[bounded] = backend.cuda_kernel(
             name="jang_qgemv" if bounded else "jang_qgemv_u",
             input_names=["x", "w", "scales", "biases"],
             output_names=["y"],

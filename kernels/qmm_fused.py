@@ -92,7 +92,7 @@ def _kernel(bits: int, epi: int, norm: bool, eps: float, rope: tuple[int, ...] |
         defines, names = qmm_cuda.fused_variant(epi, norm, eps, rope)
         store = "w" if rope and len(rope) > 2 else ""
         tag = f"e{epi}n{int(norm)}{store}{'' if bounded else 'u'}" + (f"_{len(_kernels)}" if norm or rope else "")
-        k = _kernels[key] = mx.fast.cuda_kernel(name=f"jang_qgemv_fused_{tag}", input_names=names,
+        k = _kernels[key] = backend.cuda_kernel(name=f"jang_qgemv_fused_{tag}", input_names=names,
                                                 output_names=["y"], source=qmm_cuda.SOURCE,
                                                 header=defines + qmm_cuda.header(bits))
     return k
