@@ -8,6 +8,7 @@ for a batch of six prompts and for one prompt alone (batch 1, where the scalar G
 at 24 and 64 sequences (the tiled GEMMs' rows: qgemm3, the register-operand GEMM)
   base        JANG_GEMM_EPILOGUE=0: residual adds and RMSNorms as separate ops
   epilogue    the links' residual + RMSNorm after the GEMMs' partial sums in one kernel (kernels/gemm_epilogue.py)
+  qkv_epi     + the q/k/v GEMM's partial sums, RoPE and the KV store in one kernel (kernels/qkv_epilogue.py)
 
     python3 bench/decode_checks.py OUT.json
 """
@@ -28,7 +29,7 @@ from jang_serve.engine.engine_config import EngineConfig  # noqa: E402
 from jang_serve.engine.engine_core import EngineCore  # noqa: E402
 from jang_serve.engine.models.compiled import compile_blocks  # noqa: E402
 from jang_serve.engine.sampling_params import SamplingParams  # noqa: E402
-from jang_serve.kernels import backend, gemm_epilogue, kv_write, qkv_store  # noqa: E402
+from jang_serve.kernels import backend, gemm_epilogue, kv_write, qkv_epilogue, qkv_store  # noqa: E402
 
 
 def run(model, cfg, prompts, sp):
@@ -58,17 +59,21 @@ def main():
         res[f"{batch}/qkv_store"] = run(model, cfg, ps, sp)
     for n in (24, 64):
         ps = E.prompts_for(n, 23, cfg["vocab_size"], 6)
-        os.environ["JANG_GEMM_EPILOGUE"] = "0"
+        os.environ["JANG_GEMM_EPILOGUE"], os.environ["JANG_QKV_EPILOGUE"] = "0", "0"
         res[f"batch{n}/base"] = run(model, cfg, ps, sp)
         os.environ["JANG_GEMM_EPILOGUE"] = "1"
         res[f"batch{n}/epilogue"] = run(model, cfg, ps, sp)
+        os.environ["JANG_QKV_EPILOGUE"] = "1"
+        res[f"batch{n}/qkv_epi"] = run(model, cfg, ps, sp)
     out = {k: dict(same_tokens=v[0] == res[k.split("/")[0] + "/base"][0], folded_steps=v[1]) for k, v in res.items()}
     out["kv_write_ready"] = kv_write.ready()
     out["qkv_store_verdicts"] = {str(k[1:]): v for k, v in qkv_store._checked.items()}
     out["gemm_epilogue_verdicts"] = {str(k): v for k, v in gemm_epilogue._checked.items()}
+    out["qkv_epilogue_verdicts"] = {str(k[1:]): v for k, v in qkv_epilogue._checked.items()}
     out["ok"] = all(v["same_tokens"] for k, v in out.items() if isinstance(v, dict) and "same_tokens" in v) \
         and out["kv_write_ready"] and all(qkv_store._checked.values()) and bool(qkv_store._checked) \
-        and all(gemm_epilogue._checked.values()) and bool(gemm_epilogue._checked)
+        and all(gemm_epilogue._checked.values()) and bool(gemm_epilogue._checked) \
+        and all(qkv_epilogue._checked.values()) and bool(qkv_epilogue._checked)
     print(json.dumps(out), flush=True)
     Path(sys.argv[1]).write_text(json.dumps(out, indent=1) + "\n")
     return 0 if out["ok"] else 1

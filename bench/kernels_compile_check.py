@@ -1,7 +1,7 @@
 """Compile the CUDA kernel sources with the local nvcc (no GPU needed) the way mx.fast.cuda_kernel
 wraps them, for a set of template arguments; print registers / spills from ptxas.
 
-    .venv/bin/python bench/kernels_compile_check.py [qmm|fused|tc|qgemm|qgemm3|wg|rs|paged|epilogue|all]
+    .venv/bin/python bench/kernels_compile_check.py [qmm|fused|tc|qgemm|qgemm3|wg|rs|paged|epilogue|qkv|all]
 
 A stand-in for MLX's device header (Shape) is used; everything else is the real source.
 """
@@ -14,9 +14,9 @@ import subprocess
 import sys
 import tempfile
 
-from jang_serve.kernels import (cuda_common, gemm_epilogue, paged_cuda, paged_v2_cuda, qgemm3_cuda, qgemm_cuda, qgemm_rs_cuda,
-                                qgemm_rs_source, qgemm_wg_cuda, qgemm_wg_source, qgemv_tc_cuda, qgemv_tc_source,
-                                qmm_cuda)
+from jang_serve.kernels import (cuda_common, gemm_epilogue, paged_cuda, paged_v2_cuda, qgemm3_cuda, qgemm_cuda,
+                                qgemm_rs_cuda, qgemm_rs_source, qgemm_wg_cuda, qgemm_wg_source, qgemv_tc_cuda,
+                                qgemv_tc_source, qkv_epilogue, qmm_cuda)
 
 STUB = """
 #include <cstdint>
@@ -251,6 +251,19 @@ def check_epilogue():
     return ok
 
 
+def check_qkv():
+    """kernels/qkv_epilogue.py: with llama3 frequencies and with a plain base."""
+    ok = True
+    for dt in ("bfloat16", "float16"):
+        for freqs, log2b in ((1, 0.0), (0, 19.931568569324174)):
+            hdr = f"#define JANG_FREQS {freqs}\n#define JANG_LOG2BASE {log2b!r}f\n#define JANG_SCALE 1.0f\n"
+            src = build("qkv_epi", qkv_epilogue.SOURCE, hdr,
+                        [("ws", "float32"), ("pos", "int32"), ("fr", "float32"), ("blk", "int32"), ("off", "int32"),
+                         ("kpool", dt), ("vpool", dt)], [("y", dt)], [("T", dt), ("HD", 128), ("NQ", 32), ("NKV", 8)])
+            ok &= compile_one(f"qkv_epi {dt} freqs={freqs}", src)
+    return ok
+
+
 if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else "all"
     ok = True
@@ -270,6 +283,8 @@ if __name__ == "__main__":
         ok &= check_rs()
     if what in ("paged", "all"):
         ok &= check_paged()
+    if what in ("qkv", "all"):
+        ok &= check_qkv()
     if what in ("epilogue", "all"):
         ok &= check_epilogue()
     sys.exit(0 if ok else 1)

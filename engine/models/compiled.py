@@ -28,8 +28,9 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from jang_serve.kernels import gemm_epilogue, paged_attention_decode, qkv_store
+from jang_serve.kernels import gemm_epilogue, paged_attention_decode, qkv_epilogue, qkv_store
 from jang_serve.kernels.qmm import GEMV_ROWS
+from jang_serve.kernels.qkv_epilogue import qkv_rope_store_rows
 from jang_serve.kernels.qkv_store import qkv_rope_store
 from jang_serve.kernels.qmm_fused import qkv_rope, qmm_fused, rope_inv_freq
 
@@ -97,6 +98,18 @@ class CompiledBlock:
                 return attn.split_rotate(attn.qkv_fused.joint(xn), positions)
             return attn.qkv(xn, positions)
 
+        def pre_normed_store(xn, positions, kv, blk, off, kv_quant):
+            """pre_normed, with the layer's k and v stored into its plain pools by the q/k/v GEMM's epilogue kernel
+            where kernels/qkv_epilogue.py serves (after its eager self-test): (q, k, v, stored)."""
+            if norm_qkv and kv_quant is None:
+                q = attn.qkv_fused
+                r = qkv_rope_store_rows(xn, q.weight, q.scales, q.biases, q.bits, q.group_size, n_heads=attn.n_heads,
+                                        n_kv=attn.n_kv, head_dim=attn.hd, positions=positions, rope=attn.rope,
+                                        k_pool=kv[0], v_pool=kv[1], blocks=blk, offsets=off)
+                if r is not None:
+                    return (*r, True)
+            return (*pre_normed(xn, positions), False)
+
         def post_n(x, o, norm_next):
             """post, and norm_next applied to its output: (h, norm_next(h)). Each residual add and the norm
             after it are one epilogue kernel after a quantized GEMM where that serves (kernels/gemm_epilogue.py)."""
@@ -104,7 +117,7 @@ class CompiledBlock:
             return _plus_norm(mlp.down_proj, mlp.hidden(hn), h, norm_next)
 
         self.pre_eager, self.post_eager, self.pre_store = pre, post, pre_store
-        self.pre_normed, self.post_n = pre_normed, post_n
+        self.pre_normed, self.pre_normed_store, self.post_n = pre_normed, pre_normed_store, post_n
         # post_n serves the links of steps with more rows than the fused decode GEMVs take (models/compiled.py
         # _norm_ahead): a plain MLP between plain RMSNorms
         self.norm_ahead_ok = type(mlp) is MLP and _plain_norm(post_ln)
@@ -151,8 +164,8 @@ class CompiledBlock:
                 def g(x, o, positions, blk, off, tables, lens, *kv):
                     if _norm_ahead(self, x):
                         h, hn = self.post_n(x, o, nxt.block.input_layernorm)
-                        q, k, v = nxt.pre_normed(hn, positions)
-                        return (h, *att(q, k, v, blk, off, tables, lens, *kv))
+                        q, k, v, stored = nxt.pre_normed_store(hn, positions, kv, blk, off, kv_quant)
+                        return (h, *att(q, k, v, blk, off, tables, lens, *kv, stored=stored))
                     h = post(x, o)
                     q, k, v, stored = pre(h, positions, kv, blk, off, kv_quant)
                     return (h, *att(q, k, v, blk, off, tables, lens, *kv, stored=stored))
@@ -192,6 +205,8 @@ class CompiledBlock:
                 qkv_store.ready(x.dtype, qf.bits, qf.group_size, a.n_heads, a.n_kv, a.hd, norm=True)
             if _norm_ahead(self, x):   # the links' residual + norm epilogue (kernels/gemm_epilogue.py)
                 gemm_epilogue.ready(x.dtype, self.block.post_attention_layernorm.eps)
+            if self.fused["norm_qkv"] and x.shape[0] > GEMV_ROWS:   # the folded links' q/k/v epilogue
+                qkv_epilogue.ready(x.dtype, a.n_heads, a.n_kv, a.hd, a.rope)
         q, k, v = pre(x, positions)
         o = attn_backend.attend(a.layer, q, k, v, scale=a.scale, window=a.window)
         return post(x, o)
