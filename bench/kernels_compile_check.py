@@ -259,7 +259,7 @@ def check_qkv():
             hdr = f"#define JANG_FREQS {freqs}\n#define JANG_LOG2BASE {log2b!r}f\n#define JANG_SCALE 1.0f\n"
             src = build("qkv_epi", qkv_epilogue.SOURCE, hdr,
                         [("ws", "float32"), ("pos", "int32"), ("fr", "float32"), ("blk", "int32"), ("off", "int32"),
-                         ("kpool", dt), ("vpool", dt)], [("y", dt)], [("T", dt), ("HD", 128), ("NQ", 32), ("NKV", 8)])
+                         ("kpool", dt), ("vpool", dt)], [("q", dt), ("kv", dt)], [("T", dt), ("HD", 128), ("NQ", 32), ("NKV", 8)])
             ok &= compile_one(f"qkv_epi {dt} freqs={freqs}", src)
     return ok
 

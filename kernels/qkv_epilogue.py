@@ -14,7 +14,9 @@ bench/results/epilogue-h100.json). The GEMM `kernels.qmm` picks hands out its fl
 (`qmm.partials_plan`, as for kernels/gemm_epilogue.py); one thread per (row, rotated pair j, j + hd/2) sums them
 in split order and rounds to x's dtype (the GEMM's own output), rotates q and k heads with mx.fast.rope's
 arithmetic (inv_freq = 1/freqs[j] or exp2(-j/(hd/2) * log2(base)), theta = scale * position * inv_freq, float cos
-and sin, one rounding), writes y, and writes each k and v row to its pool slot too. q, k and v are y's views.
+and sin, one rounding), writes q to an output of its own (row-contiguous: the attention kernel takes it as it is;
+a view of a joint output cost a copy kernel per layer) and k and v to another, and each k and v row to its pool
+slot too.
 
 The store is in place, as kernels/kv_write.py's: MLX does not know of it, so whatever reads the pools must take
 this kernel's output (the paged decode attention takes q). It serves plain 16-bit pools of x's dtype and a plain
@@ -66,11 +68,15 @@ SOURCE = r"""
     ta = static_cast<T>(x1 * cs - x2 * sn);
     tb = static_cast<T>(x1 * sn + x2 * cs);
   }
-  T* yr = y + (size_t)m * N;
-  yr[n1] = ta;
-  yr[n2] = tb;
-  if (h >= NQ) {                  // k heads, then v heads: also to the pool slot [blk, off], in place
+  if (h < NQ) {                   // q: its own row-contiguous output (the attention takes it without a copy)
+    T* qr = q + ((size_t)m * NQ + h) * HD + j;
+    qr[0] = ta;
+    qr[HH] = tb;
+  } else {                        // k heads, then v heads: to kv, and to the pool slot [blk, off] in place
     const int kh = h - NQ;
+    T* kr = kv + ((size_t)m * 2 * NKV + kh) * HD + j;
+    kr[0] = ta;
+    kr[HH] = tb;
     T* pool = const_cast<T*>(kh < NKV ? kpool : vpool);
     const size_t dst = (((size_t)blk[m] * kpool_shape[1] + off[m]) * NKV + kh % NKV) * HD + j;
     pool[dst] = ta;
@@ -112,13 +118,14 @@ def _kernel(with_freqs: bool, log2base: float, scale: float):
         header = (f"#define JANG_FREQS {int(with_freqs)}\n#define JANG_LOG2BASE {_f32(log2base)}\n"
                   f"#define JANG_SCALE {_f32(scale)}\n")
         k = _kernels[key] = backend.cuda_kernel(
-            name="jang_qkv_epi", input_names=["ws", "pos", "fr", "blk", "off", "kpool", "vpool"], output_names=["y"],
+            name="jang_qkv_epi", input_names=["ws", "pos", "fr", "blk", "off", "kpool", "vpool"], output_names=["q", "kv"],
             source=SOURCE, header=header, ensure_row_contiguous=False)
     return k
 
 
 def epilogue(ws, positions, rope, k_pool, v_pool, blocks, offsets, n_heads: int, n_kv: int, head_dim: int, dtype):
-    """The kernel: ws [S, M, N] float32 -> y [M, N] in dtype (q and k rotated; k and v also stored)."""
+    """The kernel: ws [S, M, N] float32 -> (q [M, n_heads, hd], kv [M, 2 n_kv, hd]) in dtype (q and k rotated; k and
+    v also stored)."""
     freqs, log2base, scale = rope_params(rope)
     if freqs is None:
         freqs = _dummy.get(0)
@@ -129,7 +136,7 @@ def epilogue(ws, positions, rope, k_pool, v_pool, blocks, offsets, n_heads: int,
         inputs=[ws, positions, freqs, blocks, offsets, k_pool, v_pool],
         template=[("T", dtype), ("HD", head_dim), ("NQ", n_heads), ("NKV", n_kv)],
         grid=(-(-(n // 2) // THREADS) * THREADS, m, 1), threadgroup=(THREADS, 1, 1),
-        output_shapes=[(m, n)], output_dtypes=[dtype])[0]
+        output_shapes=[(m, n_heads, head_dim), (m, 2 * n_kv, head_dim)], output_dtypes=[dtype, dtype])
 
 
 def _key(dtype, n_heads, n_kv, head_dim, rope) -> tuple:
@@ -159,11 +166,9 @@ def qkv_rope_store_rows(xn, w, scales, biases, bits, group_size, *, n_heads, n_k
     plan = partials_plan(xn, w, scales, biases, bits, group_size)
     if plan is None:
         return None
-    y = epilogue(plan(xn, w, scales, biases), positions, rope, k_pool, v_pool, blocks, offsets, n_heads, n_kv,
-                 head_dim, xn.dtype)
-    y = y.reshape(xn.shape[0], n_heads + 2 * n_kv, head_dim)
-    nrot = n_heads + n_kv
-    return y[:, :n_heads], y[:, n_heads:nrot], y[:, nrot:]
+    q, kv = epilogue(plan(xn, w, scales, biases), positions, rope, k_pool, v_pool, blocks, offsets, n_heads, n_kv,
+                     head_dim, xn.dtype)
+    return q, kv[:, :n_kv], kv[:, n_kv:]
 
 
 def reference(xn, w, scales, biases, bits, group_size, n_heads, n_kv, head_dim, positions, rope, k_pool, v_pool,
@@ -189,7 +194,8 @@ def self_test(dtype, n_heads: int, n_kv: int, head_dim: int, rope) -> tuple[bool
         pools = [mx.random.normal((m + 3, 4, n_kv, head_dim)).astype(dtype) for _ in range(2)]
         copies = [p + 0 for p in pools]   # own buffers: the kernel writes them in place
         mx.eval(ws, pos, blk, off, pools, copies)
-        y = epilogue(ws, pos, rope, copies[0], copies[1], blk, off, n_heads, n_kv, head_dim, dtype)
+        gq, gkv = epilogue(ws, pos, rope, copies[0], copies[1], blk, off, n_heads, n_kv, head_dim, dtype)
+        got = mx.concatenate([gq, gkv], axis=1)
         acc = ws[0]
         for i in range(1, s):
             acc = acc + ws[i]
@@ -197,7 +203,6 @@ def self_test(dtype, n_heads: int, n_kv: int, head_dim: int, rope) -> tuple[bool
         qk = rope(want[:, :n_heads + n_kv], pos)
         v = want[:, n_heads + n_kv:]
         kp, vp = kv_write.reference(pools[0], pools[1], qk[:, n_heads:], v, blk, off)
-        got = y.reshape(m, n_heads + 2 * n_kv, head_dim)
         mx.eval(got, qk, kp, vp, copies)
         if not (mx.array_equal(got[:, n_heads + n_kv:], v).item() and mx.array_equal(copies[1], vp).item()):
             return False, f"v or the v pool differs from the composition at {s} splits, {m} rows"
