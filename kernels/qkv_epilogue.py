@@ -118,8 +118,8 @@ def _kernel(with_freqs: bool, log2base: float, scale: float):
         header = (f"#define JANG_FREQS {int(with_freqs)}\n#define JANG_LOG2BASE {_f32(log2base)}\n"
                   f"#define JANG_SCALE {_f32(scale)}\n")
         k = _kernels[key] = backend.cuda_kernel(
-            name="jang_qkv_epi", input_names=["ws", "pos", "fr", "blk", "off", "kpool", "vpool"], output_names=["q", "kv"],
-            source=SOURCE, header=header, ensure_row_contiguous=False)
+            name="jang_qkv_epi", input_names=["ws", "pos", "fr", "blk", "off", "kpool", "vpool"],
+            output_names=["q", "kv"], source=SOURCE, header=header, ensure_row_contiguous=False)
     return k
 
 

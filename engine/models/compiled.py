@@ -16,7 +16,9 @@ A decode step then runs in one of two ways (`decode_chain`):
   - every later step ("folded"): the KV write and the paged decode attention go inside the traced
     graph too: one compiled call per layer and nothing eager between them (the whole chain as ONE
     compiled call was measured no faster, bench/results/e2e-h100.json other_runs
-    "fde611b-fresh-processes", and was dropped). Block tables are padded to a few widths
+    "fde611b-fresh-processes", and was dropped). Past the GEMV rows a link ends in the next block's input norm
+    (kernels/gemm_epilogue.py) and its q/k/v GEMM's partials go through RoPE and the KV store in one kernel
+    (kernels/qkv_epilogue.py). Block tables are padded to a few widths
     (engine/model_runner.table_width), so a sequence's growth retraces every 16 blocks at most.
     Paged pools without a KV transform only.
 MLX traces once per input shapes and replays the recorded graph afterwards (and fuses its elementwise
