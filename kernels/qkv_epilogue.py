@@ -104,7 +104,9 @@ def rope_params(rope) -> tuple | None:
     freqs = rope._freqs
     if freqs is None and not rope.base:
         return None
-    return freqs, float(np.float32(math.log2(rope.base))) if freqs is None else 0.0, float(np.float32(rope.scale))
+    # MLX keeps base as a float32 and passes log2 of it (taken in double) to its kernel as a float32
+    log2base = float(np.float32(math.log2(np.float32(rope.base)))) if freqs is None else 0.0
+    return freqs, log2base, float(np.float32(rope.scale))
 
 
 def _f32(v: float) -> str:

@@ -57,6 +57,9 @@ def test_the_kernel_copies_mx_fast_ropes_arithmetic():
     assert E.rope_params(RoPE(64, traditional=True)) is None          # another pairing of the values
     freqs, log2b, scale = E.rope_params(RoPE(64, 500000.0))
     assert freqs is None and log2b == float(np.float32(math.log2(500000.0))) and scale == 1.0
+    odd = E.rope_params(RoPE(64, 10000.008))[1]                     # a base float32 cannot hold: rounded first
+    assert odd == float(np.float32(math.log2(np.float32(10000.008))))
+    assert odd != float(np.float32(math.log2(10000.008)))              # (where the order of the roundings shows)
     lin = E.rope_params(RoPE(64, 10000.0, scaling={"type": "linear", "factor": 4.0}))
     assert lin[2] == 0.25
     l3 = RoPE(64, 500000.0, scaling={"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 8192})
