@@ -86,3 +86,18 @@ def disable(backend: str, op: str, reason: str) -> None:
 
 def disabled() -> set[tuple[str, str]]:
     return set(_disabled)
+
+
+def verdict(checked: dict, key, test, what: str) -> bool:
+    """A kernel's self-test, run once per key: test() -> (ok, why); an exception (no NVRTC, a compile or launch
+    error) is a failure. A failure is logged ("kernels: cuda WHAT KEY disabled (WHY)") and the caller keeps its
+    other path. Evaluates arrays: call it outside traces."""
+    if key not in checked:
+        try:
+            ok, why = test()
+        except Exception as e:  # noqa: BLE001 - a kernel that does not compile or run is a failed self-test
+            ok, why = False, f"{type(e).__name__}: {str(e)[:500]}"
+        if not ok:
+            log.warning("kernels: cuda %s %s disabled (%s)", what, key, why)
+        checked[key] = ok
+    return checked[key]

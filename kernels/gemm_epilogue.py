@@ -20,15 +20,12 @@ self-test) the composition above runs: the specification. `ready` evaluates arra
 
 from __future__ import annotations
 
-import logging
 import os
 
 import mlx.core as mx
 
 from . import backend
 from .qmm import partials_plan, qmm
-
-log = logging.getLogger("jang_serve.kernels")
 
 MAX_THREADS = 1024
 
@@ -170,15 +167,6 @@ def self_test(dtype, eps: float) -> tuple[bool, str]:
 def ready(dtype, eps: float) -> bool:
     """Checked once per (dtype, eps) on first use (evaluates arrays: outside traces); a failure logs and keeps
     the composition."""
-    key = (dtype, float(eps))
-    if key not in _checked:
-        if not enabled() or dtype not in (mx.bfloat16, mx.float16):
-            return False
-        try:
-            ok, why = self_test(dtype, eps)
-        except Exception as e:  # noqa: BLE001 - a kernel that does not compile or run is a failed self-test
-            ok, why = False, repr(e)
-        if not ok:
-            log.warning("kernels: GEMM add + RMSNorm epilogue off for %s (%s)", dtype, why)
-        _checked[key] = ok
-    return _checked[key]
+    if not enabled() or dtype not in (mx.bfloat16, mx.float16):
+        return False
+    return backend.verdict(_checked, (dtype, float(eps)), lambda: self_test(dtype, eps), "GEMM add + RMSNorm epilogue")

@@ -39,7 +39,7 @@ import os
 
 import mlx.core as mx
 
-from . import nvrtc, qgemm_cuda
+from . import backend, nvrtc, qgemm_cuda
 from .qgemm_wg_source import kernel_name, source
 
 BK = 64
@@ -203,18 +203,7 @@ def ready_checked(name: str, checked: dict, test, dtype, sdtype, bits: int, grou
     (no NVRTC, not a Hopper GPU, a mismatch) turns it off, logged, and the route falls back."""
     if sdtype != dtype:
         return False
-    key = (dtype, bits, group_size)
-    if key not in checked:
-        try:
-            ok, why = test(dtype, bits, group_size)
-        except Exception as e:  # no NVRTC, a compile or launch error: keep serving through the fallback
-            ok, why = False, f"{type(e).__name__}: {str(e)[:500]}"
-        if not ok:
-            import logging
-
-            logging.getLogger("jang_serve.kernels").warning("kernels: cuda %s %s disabled (%s)", name, key, why)
-        checked[key] = ok
-    return checked[key]
+    return backend.verdict(checked, (dtype, bits, group_size), lambda: test(dtype, bits, group_size), name)
 
 
 def ready(dtype, sdtype, bits: int, group_size: int) -> bool:

@@ -27,7 +27,6 @@ and the caller runs the composition. `ready` evaluates arrays: call it outside t
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 
@@ -36,8 +35,6 @@ import numpy as np
 
 from . import backend, kv_write
 from .qmm import partials_plan, qmm
-
-log = logging.getLogger("jang_serve.kernels")
 
 THREADS = 128
 
@@ -223,13 +220,5 @@ def ready(dtype, n_heads: int, n_kv: int, head_dim: int, rope) -> bool:
     keeps the composition."""
     if rope_params(rope) is None or not enabled() or dtype not in (mx.bfloat16, mx.float16):
         return False
-    key = _key(dtype, n_heads, n_kv, head_dim, rope)
-    if key not in _checked:
-        try:
-            ok, why = self_test(dtype, n_heads, n_kv, head_dim, rope)
-        except Exception as e:  # noqa: BLE001 - a kernel that does not compile or run is a failed self-test
-            ok, why = False, repr(e)[:300]
-        if not ok:
-            log.warning("kernels: q/k/v RoPE + KV store epilogue off for %s (%s)", key, why)
-        _checked[key] = ok
-    return _checked[key]
+    return backend.verdict(_checked, _key(dtype, n_heads, n_kv, head_dim, rope),
+                           lambda: self_test(dtype, n_heads, n_kv, head_dim, rope), "q/k/v RoPE + KV store epilogue")
